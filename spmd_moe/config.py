@@ -1,0 +1,372 @@
+"""Configuration: the model (SPEC §1), the workload, the parallel layout (SPEC §2).
+
+Frozen dataclasses, validated in one place each (``validate``), with errors that name the
+field and the allowed values. Sources, later ones winning: a built-in preset, a JSON file
+(SPEC field names flat or under ``"model"``, the seed paper's own names as aliases, batch
+and sequence length under ``"input"``), then ``--set key=value`` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError, LayoutError
+
+DTYPES = ("bfloat16", "float32")
+WORKLOADS = ("prefill", "decode")
+INITS = ("host", "device")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The transformer of SPEC §1. ``head_dim = d_model / n_heads``."""
+
+    vocab_size: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    n_experts: int
+    d_ff: int
+    top_k: int = 2
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dtype: str = "bfloat16"
+    max_seq_len: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> "ModelConfig":
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "n_experts", "d_ff",
+                     "top_k", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ConfigError("d_model", f"{self.d_model} must be divisible by "
+                                         f"n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError("n_heads", f"head dim d_model/n_heads = {self.head_dim} must be "
+                                         "even (RoPE rotates halves)")
+        if self.top_k > self.n_experts:
+            raise ConfigError("top_k", f"{self.top_k} must be in [1, n_experts={self.n_experts}]")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(name, f"{value!r} must be a positive number")
+        return self
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What is run: a batch of ``batch_size`` sequences of ``seq_len`` tokens.
+
+    ``pad_fraction`` left-pads synthetic inputs (see data.synthetic_input). ``decode``
+    generates ``new_tokens`` tokens per sequence after the prefill; a sequence stops early
+    at ``eos_id`` when one is set. ``micro_batches`` splits each rank's sequences for the
+    pipeline (0: as many as there are stages).
+    """
+
+    batch_size: int = 1
+    seq_len: int = 16
+    pad_fraction: float = 0.0
+    workload: str = "prefill"
+    new_tokens: int = 0
+    eos_id: int | None = None
+    micro_batches: int = 0
+
+    def validate(self, model: ModelConfig) -> "WorkloadConfig":
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("seq_len", self.seq_len)
+        if not isinstance(self.pad_fraction, (int, float)) or not 0 <= self.pad_fraction < 1:
+            raise ConfigError("pad_fraction", f"{self.pad_fraction!r} must be in [0, 1)")
+        if self.workload not in WORKLOADS:
+            raise ConfigError("workload", f"{self.workload!r} is not one of "
+                                          f"{', '.join(WORKLOADS)}")
+        if not isinstance(self.new_tokens, int) or self.new_tokens < 0:
+            raise ConfigError("new_tokens", f"{self.new_tokens!r} must be an integer >= 0")
+        if self.workload == "decode" and self.new_tokens < 1:
+            raise ConfigError("new_tokens", "decode needs new_tokens >= 1 (--new-tokens N)")
+        if self.eos_id is not None and not (isinstance(self.eos_id, int)
+                                            and 0 <= self.eos_id < model.vocab_size):
+            raise ConfigError("eos_id", f"{self.eos_id!r} must be a token id in "
+                                        f"[0, vocab_size={model.vocab_size})")
+        if not isinstance(self.micro_batches, int) or self.micro_batches < 0:
+            raise ConfigError("micro_batches", f"{self.micro_batches!r} must be an integer >= 0 "
+                                               "(0: one per pipeline stage)")
+        check_sequence_fits(model, self.seq_len, self.new_tokens if self.workload == "decode"
+                            else 0, field_name="seq_len")
+        return self
+
+
+def check_sequence_fits(model: ModelConfig, prompt_len: int, new_tokens: int,
+                        field_name: str) -> None:
+    """Refuse prompts that, with the tokens asked for, outgrow ``max_seq_len``."""
+    if prompt_len + new_tokens > model.max_seq_len:
+        extra = f" + new_tokens {new_tokens}" if new_tokens else ""
+        raise ConfigError(field_name, f"prompt length {prompt_len}{extra} = "
+                                      f"{prompt_len + new_tokens} exceeds max_seq_len="
+                                      f"{model.max_seq_len}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How ranks are arranged (SPEC §2): ``pp`` stages, each of ``ep`` expert-parallel or
+    ``tp`` tensor-parallel ranks. World rank ``r`` sits in stage ``r // group``, group rank
+    ``r % group`` where ``group = ep * tp`` (one of the two is 1)."""
+
+    ep: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def group(self) -> int:
+        return self.ep * self.tp
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.group
+
+    @property
+    def kind(self) -> str:
+        return "tp" if self.tp > 1 else "ep"
+
+    def __str__(self) -> str:
+        if self.tp > 1:
+            return f"tp={self.tp},pp={self.pp}"
+        return f"ep={self.ep},pp={self.pp}"
+
+    @classmethod
+    def parse(cls, text: str | None, world_size: int) -> "Layout":
+        """``"ep=4,pp=2"`` or ``"tp=8,pp=2"``; missing parts are filled from the world size
+        (default: ``ep`` = world size, ``pp`` = 1)."""
+        parts: dict[str, int] = {}
+        for item in (text or "").replace(" ", "").split(","):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            if key not in ("ep", "tp", "pp") or not sep:
+                raise LayoutError("layout", f"{item!r}: expected ep=N, tp=N and/or pp=N, "
+                                            "e.g. 'ep=4,pp=2' or 'tp=8,pp=2'")
+            try:
+                parts[key] = int(value)
+            except ValueError:
+                raise LayoutError("layout", f"{item!r}: {value!r} is not an integer") from None
+            if parts[key] < 1:
+                raise LayoutError("layout", f"{key}={parts[key]} must be >= 1")
+        if parts.get("ep", 1) > 1 and parts.get("tp", 1) > 1:
+            raise LayoutError("layout", "use either ep (expert parallel) or tp (tensor "
+                                        "parallel baseline) within a stage, not both")
+        pp = parts.get("pp")
+        group = parts.get("tp", parts.get("ep"))
+        if pp is None:
+            pp = world_size // group if group and world_size % group == 0 else 1
+        if group is None:
+            group = world_size // pp if world_size % pp == 0 else 1
+        if "tp" in parts:
+            return cls(ep=1, tp=group, pp=pp)
+        return cls(ep=group, tp=1, pp=pp)
+
+    def validate(self, model: ModelConfig, world_size: int) -> "Layout":
+        if self.world_size != world_size:
+            raise LayoutError("layout", f"{self} needs pp*{self.kind} = {self.world_size} "
+                                        f"ranks but the world size is {world_size}")
+        if model.n_experts % self.ep:
+            raise LayoutError("layout", f"ep={self.ep} must divide n_experts="
+                                        f"{model.n_experts}")
+        if model.n_heads % self.tp:
+            raise LayoutError("layout", f"tp={self.tp} must divide n_heads={model.n_heads}")
+        if model.d_ff % self.tp:
+            raise LayoutError("layout", f"tp={self.tp} must divide d_ff={model.d_ff}")
+        if self.pp > model.n_layers:
+            raise LayoutError("layout", f"pp={self.pp} stages is more than n_layers="
+                                        f"{model.n_layers}")
+        return self
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides the communicator: model, workload, seed, init mode.
+
+    ``layout`` is the text given by the preset, file or command line (resolved against the
+    world size by :meth:`Layout.parse`). ``init="device"`` draws weights on the device with
+    the backend's own generator: fast at paper size, but NOT the weights of SPEC §1.
+    """
+
+    model: ModelConfig
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    layout: str | None = None
+    seed: int = 0
+    init: str = "host"
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        self.workload.validate(self.model)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("seed", f"{self.seed!r} must be an integer >= 0")
+        if self.init not in INITS:
+            raise ConfigError("init", f"{self.init!r} is not one of {', '.join(INITS)}")
+        return self
+
+
+# --- presets -------------------------------------------------------------------------
+
+PRESETS: dict[str, RunConfig] = {
+    # Odd, small sizes that catch indexing mistakes; E=12 divides among 1, 2, 3, 4, 6 ranks.
+    "tiny": RunConfig(
+        ModelConfig(vocab_size=101, d_model=32, n_heads=4, n_layers=3, n_experts=12, d_ff=40,
+                    max_seq_len=64),
+        WorkloadConfig(batch_size=5, seq_len=11)),
+    # A CPU demo: a few seconds per forward at 4 ranks.
+    "small": RunConfig(
+        ModelConfig(vocab_size=2048, d_model=256, n_heads=8, n_layers=4, n_experts=8,
+                    d_ff=1024, max_seq_len=1024),
+        WorkloadConfig(batch_size=8, seq_len=256)),
+    # The paper's model and batch (SPEC §1), deployed expert-parallel.
+    "paper": RunConfig(
+        ModelConfig(vocab_size=100256, d_model=4096, n_heads=32, n_layers=16, n_experts=16,
+                    d_ff=16384, max_seq_len=16384),
+        WorkloadConfig(batch_size=128, seq_len=10000)),
+}
+PRESETS["paper-baseline"] = replace(PRESETS["paper"], layout="tp=8,pp=2")
+
+# --- loading -------------------------------------------------------------------------
+
+# The seed paper's JSON names (SPEC §5) and a few spellings users type.
+ALIASES = {
+    "num_layers": "n_layers", "experts_per_layer": "n_experts",
+    "token_dimension": "d_model", "mlp_hidden_size": "d_ff", "attention_heads": "n_heads",
+    "precision": "dtype", "sequence_length": "seq_len", "vocab": "vocab_size",
+    "num_experts": "n_experts", "hidden_size": "d_model", "batch": "batch_size",
+}
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32",
+                 "float32": "float32", "f32": "float32"}
+MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+WORKLOAD_FIELDS = {f.name: f for f in fields(WorkloadConfig)}
+RUN_FIELDS = {"seed", "init", "layout"}
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, f"{value!r} must be a positive integer")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a JSON or ``--set`` value into the field's type, naming the field on failure."""
+    if key == "dtype":
+        text = str(value).lower()
+        if text not in DTYPE_ALIASES:
+            raise ConfigError("dtype", f"{value!r} is not one of {', '.join(DTYPES)}")
+        return DTYPE_ALIASES[text]
+    spec = MODEL_FIELDS.get(key) or WORKLOAD_FIELDS.get(key)
+    kind = spec.type if spec else {"seed": "int", "init": "str", "layout": "str"}[key]
+    kind = str(kind)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if "None" in kind:
+            return None
+        raise ConfigError(key, "needs a value")
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"{value!r} is not a valid {kind.split(' ')[0]}") from None
+    return str(value)
+
+
+def _canonical(key: str) -> str:
+    key = ALIASES.get(key, key)
+    if key not in MODEL_FIELDS and key not in WORKLOAD_FIELDS and key not in RUN_FIELDS:
+        known = sorted(set(MODEL_FIELDS) | set(WORKLOAD_FIELDS) | RUN_FIELDS)
+        raise ConfigError(key, f"unknown setting; known: {', '.join(known)}")
+    return key
+
+
+def apply_settings(config: RunConfig, settings: dict[str, Any]) -> RunConfig:
+    """Overlay ``{field: value}`` (SPEC or paper names) on ``config``; returns a new one."""
+    model, workload, run = {}, {}, {}
+    for raw_key, value in settings.items():
+        key = _canonical(raw_key)
+        value = _coerce(key, value)
+        if key in MODEL_FIELDS:
+            model[key] = value
+        elif key in WORKLOAD_FIELDS:
+            workload[key] = value
+        else:
+            run[key] = value
+    return replace(config, model=replace(config.model, **model),
+                   workload=replace(config.workload, **workload), **run)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["d_model=64", "dtype=float32"]`` -> ``{"d_model": "64", "dtype": "float32"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", f"{item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def settings_from_json(data: Any, source: str) -> tuple[str | None, dict[str, Any]]:
+    """Flatten a config document into ``(base preset, settings)``.
+
+    Accepts SPEC names flat or under ``"model"``, ``"input"`` for the workload, and the seed
+    paper's format as it is. The base preset is ``data["preset"]`` or ``"paper"``, so the
+    paper's JSON, which names no vocabulary or top-k, gets the paper's.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(source, "a config file must hold a JSON object")
+    data = dict(data)
+    preset = data.pop("preset", None)
+    settings: dict[str, Any] = {}
+    for section in ("model", "input", "workload", "run"):
+        # "workload" is also a flat field ("prefill" | "decode"): only objects are sections.
+        if isinstance(data.get(section), dict):
+            settings.update(data.pop(section))
+        elif section in ("model", "input", "run") and section in data:
+            raise ConfigError(f"{source}: {section}", "must be a JSON object")
+    layout = data.pop("layout", None)
+    if isinstance(layout, dict):
+        layout = ",".join(f"{k}={v}" for k, v in layout.items())
+    if layout is not None:
+        settings["layout"] = layout
+    settings.update(data)
+    return preset, settings
+
+
+def build_run_config(preset: str | None = None, config_file: str | None = None,
+                     sets: list[str] | None = None, **overrides: Any) -> RunConfig:
+    """Preset, then file, then ``--set`` items, then keyword overrides; validated."""
+    settings: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file) as handle:
+                data = json.load(handle)
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError("--config", f"{config_file} is not valid JSON: {exc}") from None
+        file_preset, settings = settings_from_json(data, config_file)
+        if preset is None:
+            preset = file_preset or "paper"
+    preset = preset or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
+    settings.update(parse_set(sets or []))
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return apply_settings(PRESETS[preset], settings).validate()
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    """A JSON-able record of the config (for reports)."""
+    return dataclasses.asdict(config)

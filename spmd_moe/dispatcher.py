@@ -1,0 +1,174 @@
+"""Token dispatch and combine: getting each routed row to its expert and back.
+
+Phases, as methods so that each is timed (and later overlapped) on its own:
+
+    dispatch_preprocess -> permute -> exchange_counts -> token_dispatch -> dispatch_postprocess
+        ... experts ...
+    combine_preprocess -> token_combine -> combine_postprocess -> reduce
+
+:class:`AlltoallDispatcher` (expert parallel): rows are sorted by destination expert, the
+per-expert row counts are exchanged with one Alltoall, the rows go by Alltoallv, are
+regrouped by local expert, and come back the same way in reverse.
+:class:`AllreduceDispatcher` (tensor-parallel baseline): every rank holds every expert's
+slice of F, so rows stay put and the partial expert outputs are summed by allreduce.
+
+Padding never reaches here: tokens are packed (model.py). Notation: T tokens on this rank,
+k top-k, R = T*k routed rows, P ranks in the stage, E experts, El experts per rank, d width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import F32, Backend
+from .transport import allreduce_bytes
+
+
+@dataclass
+class DispatchPlan:
+    """Bookkeeping for one layer's dispatch and combine on one rank (host arrays are small,
+    backend arrays are per row)."""
+
+    order: object                          # [R] pair index t*k+j of each send row, by expert
+    tokens_per_expert_host: np.ndarray     # [E] rows this rank sends to each expert
+    send_counts_host: np.ndarray           # [P] rows to each rank
+    recv_counts_host: np.ndarray | None = None        # [P] rows from each rank
+    recv_by_expert_host: np.ndarray | None = None     # [P, El] rows from each rank per expert
+    tokens_per_local_expert_host: np.ndarray | None = None  # [El] rows each local expert gets
+    expert_order: object | None = None     # [Rr] received row of each expert-grouped row
+
+
+class Dispatcher:
+    """The layout-independent halves: sort by expert, gather, un-permute and weight."""
+
+    def __init__(self, backend: Backend, comm, transport, n_experts: int, top_k: int,
+                 local_experts: range):
+        self.bk, self.comm, self.transport = backend, comm, transport
+        self.n_experts, self.top_k = n_experts, top_k
+        self.local_experts = local_experts
+        self.peers = comm.Get_size()
+        self.rank = comm.Get_rank()
+
+    def dispatch_preprocess(self, top_experts) -> DispatchPlan:
+        """top_experts: int32 [T, k] -> the sort order and counts (one device->host copy of
+        E counts: the bulk-synchronous loop needs them on the host for MPI)."""
+        xp = self.bk.xp
+        flat = top_experts.reshape(-1)                                     # [R]
+        order = xp.argsort(flat, kind="stable") if xp is np else xp.argsort(flat)
+        per_expert = self.bk.to_host(xp.bincount(flat, minlength=self.n_experts))
+        per_expert = per_expert.astype(np.int64)
+        send_counts = per_expert.reshape(self.peers, -1).sum(axis=1) if self.peers > 1 \
+            else np.array([per_expert.sum()], dtype=np.int64)
+        return DispatchPlan(order, per_expert, send_counts)
+
+    def permute(self, x, plan: DispatchPlan):
+        """x: [T, d] -> send rows [R, d], grouped by expert (hence by destination rank)."""
+        return x[plan.order // self.top_k]
+
+    def combine_postprocess(self, rows, plan: DispatchPlan, weights):
+        """rows: [R, d] in send order, weights: float32 [T, k] -> moe float32 [T, d]:
+        un-permute, then the weighted sum over each token's k experts in float32."""
+        xp = self.bk.xp
+        n_tokens = weights.shape[0]
+        unsorted = xp.empty_like(rows)
+        unsorted[plan.order] = rows
+        unsorted = unsorted.reshape(n_tokens, self.top_k, -1)              # [T, k, d]
+        moe = weights[:, 0, None] * unsorted[:, 0].astype(F32)
+        for j in range(1, self.top_k):
+            moe += weights[:, j, None] * unsorted[:, j].astype(F32)
+        return moe
+
+
+
+class AlltoallDispatcher(Dispatcher):
+    """Expert parallel: Alltoallv to the experts' ranks and back."""
+
+    def exchange_counts(self, plan: DispatchPlan) -> int:
+        """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
+        by_peer = plan.tokens_per_expert_host.reshape(self.peers, -1)        # [P, El]
+        plan.recv_by_expert_host = self.transport.alltoall_counts(self.comm, by_peer)
+        plan.recv_counts_host = plan.recv_by_expert_host.sum(axis=1)
+        plan.tokens_per_local_expert_host = plan.recv_by_expert_host.sum(axis=0)
+        return by_peer[np.arange(self.peers) != self.rank].nbytes
+
+    def token_dispatch(self, send_rows, plan: DispatchPlan):
+        """send rows [R, d] -> received rows [Rr, d] grouped by source rank, then expert."""
+        return self.transport.alltoallv(self.comm, send_rows, plan.send_counts_host,
+                                        plan.recv_counts_host)
+
+    def dispatch_postprocess(self, recv_rows, plan: DispatchPlan):
+        """Regroup received rows by local expert (a no-op with one expert per rank)."""
+        if len(self.local_experts) == 1:
+            return recv_rows
+        counts = plan.recv_by_expert_host                                   # [P, El]
+        starts = displacements_2d(counts)                                   # [P, El]
+        lengths = counts.T.ravel()                                          # expert-major
+        group_starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=group_starts[1:])
+        index = (np.repeat(starts.T.ravel() - group_starts, lengths)
+                 + np.arange(int(lengths.sum()), dtype=np.int64))
+        plan.expert_order = self.bk.asarray(index)
+        return recv_rows[plan.expert_order]
+
+    def combine_preprocess(self, expert_rows, plan: DispatchPlan):
+        """Expert outputs back into received order (source rank, then expert)."""
+        if plan.expert_order is None:
+            return expert_rows
+        back = self.bk.xp.empty_like(expert_rows)
+        back[plan.expert_order] = expert_rows
+        return back
+
+    def token_combine(self, rows, plan: DispatchPlan):
+        """The reverse Alltoallv: expert outputs go back to the ranks that sent the rows."""
+        return self.transport.alltoallv(self.comm, rows, plan.recv_counts_host,
+                                        plan.send_counts_host)
+
+    def reduce(self, moe):
+        return moe
+
+    def reduce_bytes(self, moe) -> int:
+        return 0
+
+    def bytes_to_peers(self, counts_host: np.ndarray, row_bytes: int) -> int:
+        mask = np.arange(self.peers) != self.rank
+        return int(counts_host[mask].sum()) * row_bytes
+
+
+class AllreduceDispatcher(Dispatcher):
+    """Tensor-parallel baseline: all experts local (a slice of F each); rows stay put and the
+    partial outputs are summed across the tensor-parallel group."""
+
+    def exchange_counts(self, plan: DispatchPlan) -> int:
+        plan.tokens_per_local_expert_host = plan.tokens_per_expert_host
+        return 0
+
+    def token_dispatch(self, send_rows, plan: DispatchPlan):
+        return send_rows
+
+    def dispatch_postprocess(self, recv_rows, plan: DispatchPlan):
+        return recv_rows
+
+    def combine_preprocess(self, expert_rows, plan: DispatchPlan):
+        return expert_rows
+
+    def token_combine(self, rows, plan: DispatchPlan):
+        return rows
+
+    def reduce(self, moe):
+        """Sum the float32 partial outputs over the TP group."""
+        return self.transport.allreduce_sum(self.comm, moe)
+
+    def reduce_bytes(self, moe) -> int:
+        return allreduce_bytes(moe.nbytes, self.peers)
+
+    def bytes_to_peers(self, counts_host: np.ndarray, row_bytes: int) -> int:
+        return 0
+
+
+def displacements_2d(counts: np.ndarray) -> np.ndarray:
+    """Start row of each (source, expert) block in row-major (source-major) order."""
+    flat = counts.ravel()
+    starts = np.zeros(len(flat), dtype=np.int64)
+    np.cumsum(flat[:-1], out=starts[1:])
+    return starts.reshape(counts.shape)

@@ -1,0 +1,283 @@
+"""The bulk-synchronous layer loop (SPEC §3), one loop for every layout.
+
+Per layer: attention -> router -> permute -> count exchange -> dispatch -> experts ->
+combine -> un-permute and weighted sum -> residual. The layout decides who owns what
+(topology.py) and how rows meet experts (dispatcher.py); the loop does not branch on it
+beyond the TP allreduce after attention.
+
+Pipeline (``pp`` > 1): each rank's sequences are split into micro-batches; stage s runs
+micro-batch m through its layers and sends the hidden rows to stage s+1 at the same group
+rank, then takes m+1. Stages overlap (fill, steady state, drain); the bubble is reported.
+
+Decode: the prefill fills a per-rank KV cache of the rank's sequences; each step embeds one
+token per live sequence, runs every layer (dispatch and combine included) and takes the
+greedy argmax on the last stage, which sends the tokens back to stage 0.
+
+Notation: B batch, T packed tokens of a micro-batch on this rank, d width, V vocabulary,
+L layers, E experts, N new tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import F32, Backend, PhaseTimer
+from .config import RunConfig
+from .data import Batch
+from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
+from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
+from .moe_layer import moe_forward
+from .topology import Topology
+from .transport import allreduce_bytes
+from .weights import ModelWeights, build_weights
+
+# The order phases appear in reports.
+PHASES = ("embed", "stage_recv", "attention", "attn_allreduce", "router", "permute",
+          "count_exchange", "dispatch", "experts", "combine", "unpermute", "residual",
+          "lm_head", "sample", "stage_send", "token_return")
+HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-step tags needed
+
+
+class KVCache:
+    """Keys and values of this rank's sequences for its stage's layers, preallocated.
+
+    Sequence i (local index) owns rows ``[i*capacity, (i+1)*capacity)`` of each layer's
+    ``[n_seqs*capacity, h, Dh]`` arrays; its real tokens sit at the row of their position.
+    Nothing is ever reallocated: a write past ``capacity`` is a bug and asserts.
+    """
+
+    def __init__(self, bk: Backend, layers: range, first_seq: int, n_seqs: int, capacity: int,
+                 heads: int, head_dim: int):
+        self.first_seq, self.n_seqs, self.capacity = first_seq, n_seqs, capacity
+        shape = (n_seqs * capacity, heads, head_dim)
+        self.keys = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
+        self.values = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
+        self.lengths_host = np.zeros(n_seqs, dtype=np.int64)  # filled positions per sequence
+        self.bk = bk
+
+    @staticmethod
+    def nbytes(n_layers: int, n_seqs: int, capacity: int, heads: int, head_dim: int,
+               itemsize: int) -> int:
+        return 2 * n_layers * n_seqs * capacity * heads * head_dim * itemsize
+
+    def slots(self, packed: Packed) -> np.ndarray:
+        """First cache row of each of ``packed``'s sequences [b]."""
+        return (packed.seqs - self.first_seq) * self.capacity
+
+    def write(self, layer: int, packed: Packed, k, v) -> None:
+        """Store k, v [T, h, Dh] of ``packed``'s new tokens at their positions."""
+        local = packed.seqs - self.first_seq
+        first = self.lengths_host[local]
+        assert (first + packed.lengths_host <= self.capacity).all(), "KV cache overflow"
+        rows = np.repeat(self.slots(packed) + first - packed.starts_host, packed.lengths_host)
+        rows = rows + np.arange(packed.n_tokens)
+        rows = self.bk.asarray(rows)
+        self.keys[layer][rows] = k
+        self.values[layer][rows] = v
+
+    def advance(self, packed: Packed) -> None:
+        """Record that ``packed``'s tokens are now in the cache (after the last layer)."""
+        self.lengths_host[packed.seqs - self.first_seq] += packed.lengths_host
+
+
+@dataclass
+class StageOutput:
+    """What one rank produced in a prefill: its last-stage rows (empty elsewhere)."""
+
+    seqs: list[np.ndarray] = field(default_factory=list)   # per micro-batch [b]
+    hidden: list[object] = field(default_factory=list)     # per micro-batch [T, d]
+    logits: list[object] = field(default_factory=list)     # per micro-batch float32 [b, V]
+    expert_counts: np.ndarray | None = None                 # [L, E] this rank's rows
+
+
+class Engine:
+    """One rank's share of the model and the loop that runs it."""
+
+    def __init__(self, config: RunConfig, topo: Topology, bk: Backend, transport,
+                 weights: ModelWeights | None = None):
+        self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
+        self.transport = transport
+        self.weights = weights if weights is not None else build_weights(
+            topo, bk, config.seed, config.init)
+        kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
+        self.dispatcher = kind(bk, topo.stage_comm, transport, self.model.n_experts,
+                               self.model.top_k, topo.experts)
+        self.heads = len(topo.heads)
+        self.scale = float(self.model.head_dim) ** -0.5
+
+    # --- one layer ---------------------------------------------------------------------
+
+    def attention(self, layer: int, x, packed: Packed, rope, cache: KVCache | None):
+        """x: [T, d] -> attention output [T, d]: storage dtype, or a float32 partial sum
+        over this rank's heads under TP."""
+        bk, lw, dh = self.bk, self.weights.layers[layer], self.model.head_dim
+        n = x.shape[0]
+        a = rms_norm(bk, x, lw.attn_norm, self.model.norm_eps)
+        q = bk.matmul(a, lw.wq).reshape(n, self.heads, dh)                # [T, h, Dh]
+        k = bk.matmul(a, lw.wk).reshape(n, self.heads, dh)
+        v = bk.matmul(a, lw.wv).reshape(n, self.heads, dh)
+        q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
+        if cache is None:
+            keys, values = k, v
+            k_starts, k_lengths = packed.starts_host, packed.lengths_host
+        else:
+            cache.write(layer, packed, k, v)
+            keys, values = cache.keys[layer], cache.values[layer]
+            k_starts = cache.slots(packed)
+            k_lengths = cache.lengths_host[packed.seqs - cache.first_seq] + packed.lengths_host
+        att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys, values,
+                               k_starts, k_lengths, self.scale)           # [T, h*Dh]
+        return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
+
+    def layer(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
+              cache: KVCache | None, counts: np.ndarray):
+        """x: [T, d] -> x after this layer, [T, d]; adds this rank's routed rows to
+        ``counts[layer]``."""
+        bk, lw = self.bk, self.weights.layers[layer]
+        with timer.phase("attention"):
+            att = self.attention(layer, x, packed, rope, cache)
+        if self.topo.layout.tp > 1:
+            with timer.phase("attn_allreduce"):
+                att = self.transport.allreduce_sum(self.topo.stage_comm, att)
+            timer.add_bytes("attn_allreduce", allreduce_bytes(att.nbytes, self.topo.layout.tp))
+        with timer.phase("attention"):
+            h = bk.store(x.astype(F32) + att.astype(F32))
+        with timer.phase("router"):
+            b = rms_norm(bk, h, lw.moe_norm, self.model.norm_eps)
+        moe, tokens_per_expert = moe_forward(self.dispatcher, b, lw, self.model.top_k, timer)
+        if self.topo.writes_outputs:
+            counts[layer] += tokens_per_expert
+        with timer.phase("residual"):
+            return bk.store(h.astype(F32) + moe)
+
+    # --- a pass of new tokens through this rank's stage ---------------------------------
+
+    def stage_pass(self, packed: Packed, tokens_host: np.ndarray | None, timer: PhaseTimer,
+                   cache: KVCache | None, counts: np.ndarray):
+        """Run ``packed``'s new tokens through this stage: embed (first stage) or receive
+        them from the previous stage, run the layers, then send them on (returns None) or,
+        on the last stage, return the hidden rows [T, d]."""
+        topo, bk, d = self.topo, self.bk, self.model.d_model
+        if topo.is_first_stage:
+            with timer.phase("embed"):
+                x = embed(bk, self.weights.embed, bk.asarray(tokens_host))
+        else:
+            with timer.phase("stage_recv"):
+                x = self.transport.recv(topo.pipe_comm, (packed.n_tokens, d), bk.dtype,
+                                        source=topo.stage - 1, tag=HIDDEN_TAG)
+        rope = rope_tables(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
+        for layer in topo.layers:
+            x = self.layer(layer, x, packed, rope, timer, cache, counts)
+        if cache is not None:
+            cache.advance(packed)
+        if topo.is_last_stage:
+            return x
+        with timer.phase("stage_send"):
+            self.pending.append(self.transport.isend(topo.pipe_comm, x, topo.stage + 1,
+                                                     HIDDEN_TAG))
+        timer.add_bytes("stage_send", x.nbytes)
+        return None
+
+    def finish_sends(self, timer: PhaseTimer) -> None:
+        with timer.phase("stage_send"):
+            for request in self.pending:
+                request.Wait()
+        self.pending = []
+
+    def logits_of(self, hidden, packed: Packed, timer: PhaseTimer):
+        """Last-token logits [b, V] float32 of each sequence in ``packed``."""
+        with timer.phase("lm_head"):
+            last = hidden[self.bk.asarray(packed.last_rows_host)]
+            return lm_head(self.bk, last, self.weights.final_norm, self.weights.lm_head,
+                           self.model.norm_eps)
+
+    # --- prefill -----------------------------------------------------------------------
+
+    def micro_batches(self, batch_size: int) -> list[np.ndarray]:
+        return [np.arange(r.start, r.stop) for r in
+                self.topo.micro_batches(batch_size, self.config.workload.micro_batches)]
+
+    def prefill(self, batch: Batch, timer: PhaseTimer, cache: KVCache | None = None,
+                keep_hidden: bool = True) -> StageOutput:
+        """The forward pass of SPEC §1 over this rank's share of ``batch``.
+
+        Every rank holds the whole ``batch`` (host). Returns, on last-stage ranks, the
+        hidden rows and last-token logits of the rank's sequences; everywhere, the rank's
+        routed-row counts per (layer, expert).
+        """
+        self.pending = []
+        lengths = batch.lengths
+        out = StageOutput(expert_counts=np.zeros((self.model.n_layers, self.model.n_experts),
+                                                 dtype=np.int64))
+        for seqs in self.micro_batches(batch.batch_size):
+            packed = pack(self.bk, seqs, lengths[seqs])
+            ids = batch.real_ids(seqs) if self.topo.is_first_stage else None
+            hidden = self.stage_pass(packed, ids, timer, cache, out.expert_counts)
+            if hidden is not None:
+                out.seqs.append(seqs)
+                out.logits.append(self.logits_of(hidden, packed, timer))
+                out.hidden.append(hidden if keep_hidden else None)
+        self.finish_sends(timer)
+        return out
+
+    # --- decode ------------------------------------------------------------------------
+
+    def new_cache(self, batch: Batch, new_tokens: int) -> KVCache:
+        """A cache for this rank's sequences, sized for the longest prompt plus N tokens."""
+        mine = self.topo.sequences(batch.batch_size)
+        capacity = int(batch.lengths.max()) + new_tokens
+        return KVCache(self.bk, self.topo.layers, mine.start, len(mine), capacity, self.heads,
+                       self.model.head_dim)
+
+    def sample(self, logits, timer: PhaseTimer) -> np.ndarray:
+        """Greedy tokens [b] (host int64) from float32 logits [b, V]; ties: lowest id."""
+        with timer.phase("sample"):
+            return self.bk.to_host(self.bk.xp.argmax(logits, axis=-1)).astype(np.int64)
+
+    def decode_step(self, micro: list[np.ndarray], last_tokens: list[np.ndarray],
+                    cache: KVCache, timer: PhaseTimer, counts: np.ndarray) -> list[np.ndarray]:
+        """One token per live sequence through every stage.
+
+        ``last_tokens[m]`` (read with one stage only; with several, stage 0 receives them
+        from the last stage): the token each sequence of micro-batch m took last step, -1
+        once it has stopped. Returns the new tokens per
+        micro-batch on the last stage (-1 for stopped sequences), empty arrays elsewhere.
+        """
+        topo, new = self.topo, []
+        self.pending = []
+        for m, seqs in enumerate(micro):
+            if topo.layout.pp == 1:
+                tokens = last_tokens[m]
+            else:
+                # Stage 0 gets the tokens from the last stage; each stage passes them on
+                # ahead of the hidden rows, so every stage knows which sequences are live.
+                source = topo.layout.pp - 1 if topo.is_first_stage else topo.stage - 1
+                with timer.phase("token_return" if topo.is_first_stage else "stage_recv"):
+                    tokens = self.transport.recv(topo.pipe_comm, (len(seqs), 1), np.int64,
+                                                 source=source, tag=TOKENS_TAG)[:, 0]
+                if not topo.is_last_stage:
+                    self.pending.append(self.transport.isend(
+                        topo.pipe_comm, tokens[:, None], topo.stage + 1, TOKENS_TAG))
+            live = tokens >= 0
+            seqs_live = seqs[live]
+            positions = cache.lengths_host[seqs_live - cache.first_seq]
+            packed = pack(self.bk, seqs_live, np.ones(len(seqs_live), dtype=np.int64), positions)
+            hidden = self.stage_pass(packed, tokens[live], timer, cache, counts)
+            if hidden is None:
+                new.append(np.zeros(0, dtype=np.int64))
+                continue
+            chosen = np.full(len(seqs), -1, dtype=np.int64)
+            chosen[live] = self.sample(self.logits_of(hidden, packed, timer), timer)
+            new.append(chosen)
+        self.finish_sends(timer)
+        return new
+
+    def return_tokens(self, tokens: list[np.ndarray], timer: PhaseTimer) -> None:
+        """Last stage -> first stage: the tokens each micro-batch's next step embeds."""
+        if self.topo.layout.pp == 1 or not self.topo.is_last_stage:
+            return
+        with timer.phase("token_return"):
+            for chosen in tokens:
+                self.pending.append(self.transport.isend(self.topo.pipe_comm, chosen[:, None], 0,
+                                                         TOKENS_TAG))

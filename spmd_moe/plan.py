@@ -1,0 +1,109 @@
+"""``spmd-moe plan``: what a layout places where and what each rank must hold, move and
+compute, before any GPU or MPI job is started; layouts that cannot work are refused.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from .config import Layout, RunConfig
+from .costs import GIB, RankCost, plan_costs
+from .errors import LayoutError
+
+
+def _span(r: range) -> str:
+    if len(r) == 0:
+        return "-"
+    return str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+
+
+def plan_rows(costs: list[RankCost], limit: int = 64) -> list[RankCost]:
+    """All ranks for small worlds; one representative per stage for large ones."""
+    if len(costs) <= limit:
+        return costs
+    seen, rows = set(), []
+    for cost in costs:
+        if cost.stage not in seen:
+            seen.add(cost.stage)
+            rows.append(cost)
+    return rows
+
+
+def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
+                device_bytes: float) -> str:
+    model, work = config.model, config.workload
+    lines = [
+        f"model: L={model.n_layers} d={model.d_model} H={model.n_heads} E={model.n_experts} "
+        f"F={model.d_ff} top-{model.top_k} V={model.vocab_size} {model.dtype}",
+        f"batch: {work.batch_size} x {work.seq_len} tokens"
+        + (f", decode {work.new_tokens} tokens" if work.workload == "decode" else ""),
+        f"layout: {layout} on {layout.world_size} ranks ({layout.pp} stage(s) x "
+        f"{layout.group} {'tensor' if layout.tp > 1 else 'expert'}-parallel rank(s)); "
+        "routing assumed balanced",
+        "",
+        f"{'rank':>5} {'stage':>5} {layout.kind + '-rank':>7} {'layers':>7} {'experts':>7} "
+        f"{'seqs':>7} {'tokens':>9} {'weights':>8} {'activ.':>8} {'KV':>7} {'total':>8} "
+        f"{'TFLOP':>8} {'send/layer':>11}",
+    ]
+    rows = plan_rows(costs)
+    for c in rows:
+        send = sum(v for k, v in c.send_bytes_per_layer.items() if k != "stage_send")
+        lines.append(
+            f"{c.rank:>5} {c.stage:>5} {c.group_rank:>7} {_span(c.layers):>7} "
+            f"{_span(c.experts):>7} {_span(c.sequences):>7} {c.tokens:>9} "
+            f"{c.weight_bytes / GIB:>7.2f}G {c.activation_bytes / GIB:>7.2f}G "
+            f"{c.kv_bytes / GIB:>6.2f}G {c.memory_bytes / GIB:>7.2f}G "
+            f"{c.total_flops / 1e12:>8.2f} {send / 1e6:>9.1f}MB")
+    if len(rows) < len(costs):
+        lines.append(f"  ({len(costs)} ranks: one row per stage shown; ranks of a stage "
+                     "differ only in experts and sequences)")
+    worst = max(costs, key=lambda c: c.memory_bytes)
+    per_layer = worst.send_bytes_per_layer
+    flops = costs[0].flops
+    lines += [
+        "",
+        f"memory: max {worst.memory_bytes / GIB:.2f} GiB per rank (rank {worst.rank}) of "
+        f"{device_bytes / GIB:.0f} GiB",
+        "bytes sent per rank per layer: " + ", ".join(
+            f"{k} {v / 1e6:.1f} MB" for k, v in per_layer.items()),
+        "FLOPs per rank per forward (rank 0): " + ", ".join(
+            f"{k} {v / 1e12:.2f} T" for k, v in flops.items()) +
+        f"; total {sum(c.total_flops for c in costs) / 1e15:.3f} PFLOP over all ranks",
+    ]
+    return "\n".join(lines)
+
+
+def check_fit(costs: list[RankCost], device_bytes: float) -> None:
+    worst = max(costs, key=lambda c: c.memory_bytes)
+    if worst.memory_bytes > device_bytes:
+        raise LayoutError("layout", (
+            f"rank {worst.rank} needs {worst.memory_bytes / GIB:.1f} GiB (weights "
+            f"{worst.weight_bytes / GIB:.1f}, activations {worst.activation_bytes / GIB:.1f}, "
+            f"KV {worst.kv_bytes / GIB:.1f}) but a device has {device_bytes / GIB:.0f} GiB: "
+            "use more ranks, more stages or more micro-batches"))
+
+
+def make_plan(config: RunConfig, world_size: int, layout_text: str | None,
+              backend: str = "cupy") -> tuple[Layout, list[RankCost]]:
+    """Validate the layout for ``world_size`` and cost every rank (synthetic batch)."""
+    if world_size < 1:
+        raise LayoutError("--world-size", f"{world_size} must be >= 1")
+    layout = Layout.parse(layout_text, world_size).validate(config.model, world_size)
+    work = config.workload
+    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
+    new_tokens = work.new_tokens if work.workload == "decode" else 0
+    return layout, plan_costs(config, layout, lengths, backend, new_tokens)
+
+
+def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
+               device_bytes: float, backend: str = "cupy") -> int:
+    layout, costs = make_plan(config, world_size, layout_text, backend)
+    print(format_plan(config, layout, costs, device_bytes), flush=True)
+    try:
+        check_fit(costs, device_bytes)
+    except LayoutError as exc:
+        print(f"spmd-moe: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print("fits: yes")
+    return 0

@@ -1,0 +1,198 @@
+"""Where the time goes: per-phase times over ranks, throughput, bytes, expert load, MFU.
+
+:func:`build_report` is collective (every rank sends its own summary to rank 0) and returns
+the report dict on rank 0, ``None`` elsewhere; :func:`format_report` renders the table rank
+0 prints. Phase times are each rank's mean over the timed iterations; the report gives the
+mean and the max of those over ranks (the max is what a bulk-synchronous loop waits for).
+"""
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+
+from . import __version__
+from .config import to_dict
+from .costs import layer_flops
+from .data import Batch, write_text
+from .engine import PHASES
+from .runner import RunResult, Session, Timing
+
+
+def _mean_timing(timings: list[Timing]) -> dict:
+    """One rank's per-iteration means: phases (s), bytes, counters, wall (s)."""
+    n = max(1, len(timings))
+    phases: dict[str, float] = {}
+    sent: dict[str, float] = {}
+    counters: dict[str, float] = {}
+    for t in timings:
+        for key, value in t.phases.items():
+            phases[key] = phases.get(key, 0.0) + value / n
+        for key, value in t.bytes_sent.items():
+            sent[key] = sent.get(key, 0.0) + value / n
+        for key, value in t.counters.items():
+            counters[key] = counters.get(key, 0.0) + value / n
+    return {"phases": phases, "bytes": sent, "counters": counters,
+            "wall": [t.wall for t in timings]}
+
+
+def rank_flops(session: Session, batch: Batch, expert_rows: float) -> float:
+    """FLOPs this rank did in one forward pass, from the real lengths and the rows its
+    experts actually processed."""
+    topo, model = session.topo, session.config.model
+    lengths = batch.lengths[topo.sequences(batch.batch_size).start:
+                            topo.sequences(batch.batch_size).stop]
+    per_layer = layer_flops(model, int(lengths.sum()), lengths, len(topo.heads), 0.0,
+                            len(topo.ff_columns))
+    flops = (per_layer["attention_proj"] + per_layer["attention_core"]
+             + per_layer["router"]) * len(topo.layers)
+    flops += 2.0 * expert_rows * 2 * model.d_model * len(topo.ff_columns)
+    if topo.is_last_stage and topo.writes_outputs:
+        flops += 2.0 * len(lengths) * model.d_model * model.vocab_size
+    return flops
+
+
+def _over_ranks(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "max": float(np.max(values))}
+
+
+def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[str, float]]:
+    names = [p for p in PHASES if any(p in s[key] for s in summaries)]
+    return {p: {stat: v * 1e3 for stat, v in
+                _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
+
+
+def build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
+    """Collective over the world; the report on rank 0, ``None`` elsewhere."""
+    topo, config = session.topo, session.config
+    world = topo.world
+    decode = bool(result.step_timings)
+    mine = _mean_timing(result.timings)
+    mine["flops"] = rank_flops(session, batch, mine["counters"].get("expert_rows", 0.0))
+    mine["peak"] = session.peak_flops
+    if decode:
+        steps = _mean_timing(result.step_timings)
+        mine["step_phases"] = steps["phases"]
+        mine["step_walls"] = steps["wall"]
+        mine["step_bytes"] = steps["bytes"]
+    counts = np.zeros_like(result.expert_counts)
+    world.Reduce(result.expert_counts, counts, root=0)
+    summaries = world.gather(mine, root=0)
+    if topo.rank != 0:
+        return None
+
+    walls = np.asarray(summaries[0]["wall"])           # identical on all ranks (barriers)
+    wall = float(walls.mean())
+    tokens = batch.n_tokens
+    layout = topo.layout
+    micro = config.workload.micro_batches or layout.pp
+    flops = [s["flops"] for s in summaries]
+    peak = float(np.mean([s["peak"] for s in summaries]))
+    bytes_total = [sum(s["bytes"].values()) for s in summaries]
+    load = []
+    for layer in range(config.model.n_layers):
+        row = counts[layer].astype(np.float64)
+        mean = row.mean()
+        load.append({"layer": layer, "max": int(row.max()), "mean": float(mean),
+                     "max_over_mean": float(row.max() / mean) if mean else 0.0})
+    report = {
+        "version": __version__,
+        "workload": "decode" if decode else "prefill",
+        "layout": str(layout),
+        "world_size": topo.size,
+        "backend": {"name": session.backend.name, "reason": session.backend_choice.reason,
+                    "device": session.backend_choice.device_name or platform.processor()
+                    or platform.machine(), "kernels": session.backend.kernels is not None},
+        "transport": {"name": session.transport_choice.name,
+                      "reason": session.transport_choice.reason},
+        "mpi": {"library": session.library.version, "cuda_aware": session.library.cuda_aware,
+                "cuda_reason": session.library.cuda_reason},
+        "config": to_dict(config),
+        "batch_size": batch.batch_size,
+        "seq_len": batch.seq_len,
+        "tokens": tokens,
+        "iterations": len(walls),
+        "wall_s": wall,
+        "wall_s_min": float(walls.min()),
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "phases_ms": _phase_table(summaries),
+        "bytes_sent_per_rank": {**_over_ranks(bytes_total), "by_phase": {
+            p: _over_ranks([s["bytes"].get(p, 0.0) for s in summaries])
+            for p in PHASES if any(p in s["bytes"] for s in summaries)}},
+        "expert_load": load,
+        "flops_per_rank": _over_ranks(flops),
+        "achieved_tflops_per_rank": float(np.mean(flops)) / wall / 1e12 if wall else 0.0,
+        "peak_tflops": peak / 1e12,
+        "peak_source": session.peak_source,
+        "mfu": float(np.sum(flops)) / (wall * peak * len(flops)) if wall and peak else 0.0,
+        "pipeline": {"stages": layout.pp, "micro_batches": micro,
+                     "bubble_fraction_ideal": (layout.pp - 1) / (micro + layout.pp - 1),
+                     "stage_recv_ms": _over_ranks([s["phases"].get("stage_recv", 0.0) * 1e3
+                                                   for s in summaries])},
+    }
+    if decode:
+        step_walls = np.asarray(summaries[0]["step_walls"]) * 1e3
+        generated = batch.batch_size * (len(step_walls))
+        small = ("count_exchange", "dispatch", "combine")
+        step_table = _phase_table(summaries, "step_phases")
+        step_mean = float(step_walls.mean()) if len(step_walls) else 0.0
+        report["decode"] = {
+            "new_tokens": len(step_walls) + 1,
+            "ttft_ms": wall * 1e3,
+            "per_token_ms": ({"mean": step_mean, "p50": float(np.percentile(step_walls, 50)),
+                              "p99": float(np.percentile(step_walls, 99))}
+                             if len(step_walls) else {}),
+            "decode_tokens_per_s": generated / (step_walls.sum() / 1e3)
+            if len(step_walls) else 0.0,
+            "step_phases_ms": step_table,
+            "alltoall_share": (sum(step_table.get(p, {}).get("max", 0.0) for p in small)
+                               / step_mean if step_mean else 0.0),
+        }
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The table rank 0 prints."""
+    lines = [
+        f"spmd-moe {report['workload']}: layout {report['layout']} on {report['world_size']} "
+        f"rank(s), backend {report['backend']['name']} ({report['backend']['device']}), "
+        f"transport {report['transport']['name']}",
+        f"  tokens {report['tokens']}  wall {report['wall_s'] * 1e3:.1f} ms (mean of "
+        f"{report['iterations']})  {report['tokens_per_s']:,.0f} tokens/s",
+        f"  {report['achieved_tflops_per_rank'] * 1e3:.2f} GFLOP/s per rank, MFU "
+        f"{report['mfu'] * 100:.1f}% of {report['peak_tflops'] * 1e3:.1f} GFLOP/s "
+        f"({report['peak_source']})",
+        f"  bytes sent per rank: mean {report['bytes_sent_per_rank']['mean'] / 1e6:.3f} MB, "
+        f"max {report['bytes_sent_per_rank']['max'] / 1e6:.3f} MB",
+    ]
+    pipe = report["pipeline"]
+    if pipe["stages"] > 1:
+        lines.append(f"  pipeline: {pipe['stages']} stages x {pipe['micro_batches']} "
+                     f"micro-batches, ideal bubble {pipe['bubble_fraction_ideal'] * 100:.0f}%, "
+                     f"waiting on previous stage {pipe['stage_recv_ms']['mean']:.1f} ms mean")
+    load = report["expert_load"]
+    if load:
+        worst = max(load, key=lambda r: r["max_over_mean"])
+        lines.append(f"  expert load max/mean: worst layer {worst['layer']} "
+                     f"{worst['max_over_mean']:.2f}, mean over layers "
+                     f"{np.mean([r['max_over_mean'] for r in load]):.2f}")
+    lines.append(f"  {'phase':<16}{'mean ms':>12}{'max ms':>12}")
+    for name, stats in report["phases_ms"].items():
+        lines.append(f"  {name:<16}{stats['mean']:>12.3f}{stats['max']:>12.3f}")
+    if "decode" in report:
+        dec = report["decode"]
+        per = dec["per_token_ms"]
+        lines.append(f"  decode: {dec['new_tokens']} tokens, time to first token "
+                     f"{dec['ttft_ms']:.1f} ms" + (
+                         f", per token mean {per['mean']:.2f} ms p50 {per['p50']:.2f} "
+                         f"p99 {per['p99']:.2f}, {dec['decode_tokens_per_s']:,.0f} tokens/s, "
+                         f"dispatch+combine {dec['alltoall_share'] * 100:.0f}% of a step"
+                         if per else ""))
+        for name, stats in dec["step_phases_ms"].items():
+            lines.append(f"    step {name:<11}{stats['mean']:>12.3f}{stats['max']:>12.3f}")
+    return "\n".join(lines)
+
+
+def write_report(path: str, report: dict) -> None:
+    write_text(path, json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""Top-k softmax router (SPEC §1), in float32.
+
+``p = softmax(b Wr)``; the k largest p win, ties going to the lower expert index; the
+winners' weights are renormalised to sum to one. Top-k is k passes of argmax (which returns
+the first maximum, hence the tie rule) rather than a sort: k is small, and both backends
+agree on argmax's tie behaviour, not on sort stability.
+
+Notation: T tokens, d width, E experts, k top-k.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import F32, Backend
+
+
+def route(bk: Backend, b, w_router, top_k: int):
+    """b: [T, d] (storage dtype), w_router: [d, E] ->
+    ``experts`` int32 [T, k] (best first) and ``weights`` float32 [T, k]."""
+    xp = bk.xp
+    logits = bk.matmul(b, w_router, out_dtype=F32)                    # [T, E]
+    probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    n_tokens = probs.shape[0]
+    rows = xp.arange(n_tokens)
+    experts = xp.empty((n_tokens, top_k), dtype=np.int32)
+    chosen = xp.empty((n_tokens, top_k), dtype=F32)
+    remaining = probs.copy()
+    for j in range(top_k):
+        best = xp.argmax(remaining, axis=-1)                          # [T]
+        experts[:, j] = best
+        chosen[:, j] = probs[rows, best]
+        remaining[rows, best] = -np.inf
+    weights = chosen / chosen.sum(axis=-1, keepdims=True)
+    return experts, weights
