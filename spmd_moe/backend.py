@@ -99,7 +99,14 @@ class Backend:
             self.xp = cupy
         else:
             self.xp = np
-        self.kernels = None  # fused GPU kernels, attached by spmd_moe.kernels when usable
+        # Fused GPU kernels (an object with attention, expert_ffn, gather_rows,
+        # unpermute_weighted) or None: the generic array code runs instead.
+        self.kernels = None
+        self.kernels_reason = "NumPy backend: generic array code"
+        if self.name == "cupy":
+            from . import kernels
+
+            kernels.attach(self)
 
     # --- placement -------------------------------------------------------------------
 

@@ -11,10 +11,12 @@ import sys
 import traceback
 from dataclasses import replace
 
+from . import bench, compare, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
 from .errors import ConfigError, SpmdMoeError, collective
 
 GIB = 1 << 30
+MPI_COMMANDS = ("run", "info", "bench", "compare")   # the commands that run under mpiexec
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -80,6 +82,10 @@ def build_parser() -> ArgumentParser:
     plan.add_argument("--backend", default="cupy", choices=("cupy", "numpy"),
                       help="whose weight storage to count (default cupy)")
     plan.set_defaults(func=cmd_plan)
+    perfmodel.add_arguments(plan)
+
+    bench.add_parser(commands)
+    compare.add_parser(commands)
 
     info = commands.add_parser("info", help="MPI library, CUDA-awareness, GPUs, backend, "
                                             "transport")
@@ -95,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except ConfigError as exc:
-        return report_error(exc, uses_mpi=bool(argv) and argv[0] in ("run", "info"))
+        return report_error(exc, uses_mpi=bool(argv) and argv[0] in MPI_COMMANDS)
     except SystemExit as exc:  # -h / --help
         return int(exc.code or 0)
     try:
         return args.func(args)
     except SpmdMoeError as exc:
-        return report_error(exc, uses_mpi=args.command in ("run", "info"))
+        return report_error(exc, uses_mpi=args.command in MPI_COMMANDS)
     except Exception:
-        return abort_job(uses_mpi=args.command in ("run", "info"))
+        return abort_job(uses_mpi=args.command in MPI_COMMANDS)
 
 
 def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
@@ -208,6 +214,8 @@ def cmd_plan(args) -> int:
     from .plan import print_plan
 
     config = config_from_args(args)
+    if args.predict:
+        return perfmodel.cmd_predict(args, config)
     return print_plan(config, args.world_size, args.layout or config.layout,
                       args.device_memory * GIB, args.backend)
 

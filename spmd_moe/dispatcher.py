@@ -64,11 +64,15 @@ class Dispatcher:
 
     def permute(self, x, plan: DispatchPlan):
         """x: [T, d] -> send rows [R, d], grouped by expert (hence by destination rank)."""
+        if self.bk.kernels is not None:
+            return self.bk.kernels.gather_rows(x, plan.order, self.top_k)
         return x[plan.order // self.top_k]
 
     def combine_postprocess(self, rows, plan: DispatchPlan, weights):
         """rows: [R, d] in send order, weights: float32 [T, k] -> moe float32 [T, d]:
         un-permute, then the weighted sum over each token's k experts in float32."""
+        if self.bk.kernels is not None:
+            return self.bk.kernels.unpermute_weighted(rows, plan.order, weights)
         xp = self.bk.xp
         n_tokens = weights.shape[0]
         unsorted = xp.empty_like(rows)

@@ -13,3 +13,4 @@ def kernel_status() -> str:
 def attach(backend) -> None:
     """Leave ``backend.kernels`` as None: no fused kernels yet."""
     backend.kernels = None
+    backend.kernels_reason = kernel_status()

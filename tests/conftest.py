@@ -1,0 +1,43 @@
+"""Shared test set-up.
+
+- Under ``mpiexec -n N`` (N > 1), a failing test aborts the whole MPI job: otherwise the
+  failing rank leaves the others waiting forever in the next collective.
+- ``@pytest.mark.gpu`` tests are skipped cleanly unless a CUDA device is usable.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+def _world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def gpu_available() -> bool:
+    from spmd_moe.backend import probe_cupy
+
+    return probe_cupy()[0] is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(item.get_closest_marker("gpu") for item in items) and not gpu_available():
+        skip = pytest.mark.skip(reason="no usable CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        world = _world()
+        if world.Get_size() > 1:
+            print(f"\n[rank {world.Get_rank()}] {item.nodeid} failed:\n{report.longreprtext}",
+                  file=sys.stderr, flush=True)
+            world.Abort(1)
