@@ -4,13 +4,13 @@ Phases, as methods so that each is timed (and later overlapped) on its own:
 
     dispatch_preprocess -> permute -> exchange_counts -> token_dispatch -> dispatch_postprocess
         ... experts ...
-    combine_preprocess -> token_combine -> combine_postprocess -> reduce
+    combine_preprocess -> token_combine -> combine_postprocess
 
 :class:`AlltoallDispatcher` (expert parallel): rows are sorted by destination expert, the
 per-expert row counts are exchanged with one Alltoall, the rows go by Alltoallv, are
 regrouped by local expert, and come back the same way in reverse.
 :class:`AllreduceDispatcher` (tensor-parallel baseline): every rank holds every expert's
-slice of F, so rows stay put and the partial expert outputs are summed by allreduce.
+slice of F, so rows stay put and each row's partial expert outputs are summed by allreduce.
 
 Padding never reaches here: tokens are packed (model.py). Notation: T tokens on this rank,
 k top-k, R = T*k routed rows, P ranks in the stage, E experts, El experts per rank, d width.
@@ -77,7 +77,7 @@ class Dispatcher:
         n_tokens = weights.shape[0]
         unsorted = xp.empty_like(rows)
         unsorted[plan.order] = rows
-        unsorted = unsorted.reshape(n_tokens, self.top_k, -1)              # [T, k, d]
+        unsorted = unsorted.reshape(n_tokens, self.top_k, rows.shape[1])   # [T, k, d]
         moe = weights[:, 0, None] * unsorted[:, 0].astype(F32)
         for j in range(1, self.top_k):
             moe += weights[:, j, None] * unsorted[:, j].astype(F32)
@@ -87,6 +87,8 @@ class Dispatcher:
 
 class AlltoallDispatcher(Dispatcher):
     """Expert parallel: Alltoallv to the experts' ranks and back."""
+
+    partial_dtype = None   # expert outputs are whole: stored in the storage dtype
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
@@ -128,20 +130,23 @@ class AlltoallDispatcher(Dispatcher):
         return self.transport.alltoallv(self.comm, rows, plan.recv_counts_host,
                                         plan.send_counts_host)
 
-    def reduce(self, moe):
-        return moe
+    def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
+        """Bytes of dispatched rows that leave this rank."""
+        return self._to_peers(plan.send_counts_host, rows)
 
-    def reduce_bytes(self, moe) -> int:
-        return 0
+    def combine_bytes(self, rows, plan: DispatchPlan) -> int:
+        return self._to_peers(plan.recv_counts_host, rows)
 
-    def bytes_to_peers(self, counts_host: np.ndarray, row_bytes: int) -> int:
-        mask = np.arange(self.peers) != self.rank
-        return int(counts_host[mask].sum()) * row_bytes
+    def _to_peers(self, counts_host: np.ndarray, rows) -> int:
+        others = np.arange(self.peers) != self.rank
+        return int(counts_host[others].sum()) * int(rows.shape[1]) * rows.dtype.itemsize
 
 
 class AllreduceDispatcher(Dispatcher):
     """Tensor-parallel baseline: all experts local (a slice of F each); rows stay put and the
     partial outputs are summed across the tensor-parallel group."""
+
+    partial_dtype = F32    # partial sums stay float32 until the allreduce has added them
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         plan.tokens_per_local_expert_host = plan.tokens_per_expert_host
@@ -157,17 +162,16 @@ class AllreduceDispatcher(Dispatcher):
         return expert_rows
 
     def token_combine(self, rows, plan: DispatchPlan):
-        return rows
+        """Sum each row's float32 partial outputs over the TP group, then round: the whole
+        expert output ``GELU(b W1) W2`` is then stored in dtype before the weighted sum, as
+        SPEC §1 has it (and as Megatron reduces permuted rows before un-permuting)."""
+        return self.bk.store(self.transport.allreduce_sum(self.comm, rows))
 
-    def reduce(self, moe):
-        """Sum the float32 partial outputs over the TP group."""
-        return self.transport.allreduce_sum(self.comm, moe)
-
-    def reduce_bytes(self, moe) -> int:
-        return allreduce_bytes(moe.nbytes, self.peers)
-
-    def bytes_to_peers(self, counts_host: np.ndarray, row_bytes: int) -> int:
+    def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
         return 0
+
+    def combine_bytes(self, rows, plan: DispatchPlan) -> int:
+        return allreduce_bytes(int(rows.shape[0]) * int(rows.shape[1]) * 4, self.peers)
 
 
 def displacements_2d(counts: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ L layers, E experts, N new tokens.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,17 @@ PHASES = ("embed", "stage_recv", "attention", "attn_allreduce", "router", "permu
           "count_exchange", "dispatch", "experts", "combine", "unpermute", "residual",
           "lm_head", "sample", "stage_send", "token_return")
 HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-step tags needed
+FAULT_ENV = "SPMD_MOE_FAULT"
+
+
+def injected_fault(rank: int) -> int | None:
+    """``SPMD_MOE_FAULT=RANK:LAYER`` makes that rank raise at that layer: how the tests
+    prove that a rank failing mid-run takes the job down instead of deadlocking it."""
+    spec = os.environ.get(FAULT_ENV, "")
+    fault_rank, _, fault_layer = spec.partition(":")
+    if spec and int(fault_rank) == rank:
+        return int(fault_layer)
+    return None
 
 
 class KVCache:
@@ -105,6 +117,7 @@ class Engine:
                                self.model.top_k, topo.experts)
         self.heads = len(topo.heads)
         self.scale = float(self.model.head_dim) ** -0.5
+        self.fault_layer = injected_fault(topo.rank)
 
     # --- one layer ---------------------------------------------------------------------
 
@@ -135,11 +148,15 @@ class Engine:
         """x: [T, d] -> x after this layer, [T, d]; adds this rank's routed rows to
         ``counts[layer]``."""
         bk, lw = self.bk, self.weights.layers[layer]
+        if layer == self.fault_layer:
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.topo.rank} at "
+                               f"layer {layer}")
         with timer.phase("attention"):
             att = self.attention(layer, x, packed, rope, cache)
         if self.topo.layout.tp > 1:
             with timer.phase("attn_allreduce"):
-                att = self.transport.allreduce_sum(self.topo.stage_comm, att)
+                # Summed in float32, then rounded once, as the whole product would be.
+                att = bk.store(self.transport.allreduce_sum(self.topo.stage_comm, att))
             timer.add_bytes("attn_allreduce", allreduce_bytes(att.nbytes, self.topo.layout.tp))
         with timer.phase("attention"):
             h = bk.store(x.astype(F32) + att.astype(F32))

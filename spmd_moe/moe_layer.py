@@ -27,25 +27,21 @@ def moe_forward(dispatcher: Dispatcher, b, lw: LayerWeights, top_k: int, timer: 
         send = dispatcher.permute(b, plan)                                   # [R, d]
     with timer.phase("count_exchange"):
         timer.add_bytes("count_exchange", dispatcher.exchange_counts(plan))
-    row_bytes = int(b.shape[1]) * b.dtype.itemsize
     with timer.phase("dispatch"):
         received = dispatcher.token_dispatch(send, plan)                     # [Rr, d]
-    timer.add_bytes("dispatch", dispatcher.bytes_to_peers(plan.send_counts_host, row_bytes))
+    timer.add_bytes("dispatch", dispatcher.dispatch_bytes(send, plan))
     with timer.phase("permute"):
         grouped = dispatcher.dispatch_postprocess(received, plan)
     with timer.phase("experts"):
         experts = [lw.experts[e] for e in dispatcher.local_experts]
-        out = run_experts(bk, grouped, plan.tokens_per_local_expert_host, experts)
+        out = run_experts(bk, grouped, plan.tokens_per_local_expert_host, experts,
+                          dispatcher.partial_dtype)
     timer.count("expert_rows", grouped.shape[0])
     with timer.phase("unpermute"):
         back = dispatcher.combine_preprocess(out, plan)
     with timer.phase("combine"):
         returned = dispatcher.token_combine(back, plan)                      # [R, d]
-    if plan.recv_counts_host is not None:
-        timer.add_bytes("combine", dispatcher.bytes_to_peers(plan.recv_counts_host, row_bytes))
+    timer.add_bytes("combine", dispatcher.combine_bytes(back, plan))
     with timer.phase("unpermute"):
         moe = dispatcher.combine_postprocess(returned, plan, weights)       # [T, d] f32
-    with timer.phase("combine"):
-        moe = dispatcher.reduce(moe)
-    timer.add_bytes("combine", dispatcher.reduce_bytes(moe))
     return moe, plan.tokens_per_expert_host.astype(np.int64)

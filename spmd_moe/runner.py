@@ -206,21 +206,23 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     micro = engine.micro_batches(batch.batch_size)
     returns: list = []
 
-    def after_sampling(chosen: list[np.ndarray]) -> list[np.ndarray]:
-        """The tokens the next step embeds: -1 for stopped sequences."""
+    def after_sampling(chosen: list[np.ndarray], step: int) -> list[np.ndarray]:
+        """The tokens step ``step + 1`` embeds (-1 for stopped sequences), sent to the first
+        stage. Nothing is sent after the last step: an unreceived message would linger."""
         inputs = [np.where(c == eos_id, -1, c) if eos_id is not None else c for c in chosen]
-        engine.return_tokens(inputs, timer_holder[0])
-        returns.extend(engine.pending)
-        engine.pending = []
+        if step + 1 < new_tokens:
+            engine.return_tokens(inputs, timer_holder[0])
+            returns.extend(engine.pending)
+            engine.pending = []
         return inputs
 
     timer_holder: list = [None]
 
     def prefill(timer):
         timer_holder[0] = timer
-        out = engine.prefill(batch, timer, cache, keep_hidden=False)
+        out = engine.prefill(batch, timer, cache, keep_hidden=collect)
         chosen = [engine.sample(logits, timer) for logits in out.logits]
-        return out, chosen, after_sampling(chosen)
+        return out, chosen, after_sampling(chosen, 0)
 
     (out, chosen, inputs), prefill_timing = _timed(session, prefill)
     generated = [chosen]
@@ -230,7 +232,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
         def one_step(timer, inputs=inputs):
             timer_holder[0] = timer
             new = engine.decode_step(micro, inputs, cache, timer, counts)
-            return new, after_sampling(new) if topo.is_last_stage else inputs
+            return new, after_sampling(new, step) if topo.is_last_stage else inputs
 
         (new, inputs), timing = _timed(session, one_step)
         if topo.is_last_stage:
@@ -241,7 +243,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
         request.Wait()
     outputs = None
     if collect:
-        outputs = gather_prefill(session, batch, out, with_hidden=False)
+        outputs = gather_prefill(session, batch, out)
         tokens = gather_tokens(session, batch, generated, new_tokens)
         if outputs is not None:
             outputs["tokens"] = tokens

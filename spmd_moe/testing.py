@@ -1,0 +1,52 @@
+"""Helpers the test suites share: run a layout through the Python API and hold its outputs
+to the float64 reference of SPEC §1 with the tolerances the project promises."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import RunConfig
+from .data import Batch
+from .reference import reference_forward
+from .runner import open_session, run_decode, run_prefill
+
+# Relative error bounds against the float64 reference (README, docs/ARCHITECTURE.md).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """Relative Frobenius error ||got - want|| / ||want|| in float64."""
+    want = np.asarray(want, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(got, dtype=np.float64) - want)
+                 / max(np.linalg.norm(want), 1e-300))
+
+
+def check_against_reference(outputs: dict, reference: dict, dtype: str) -> dict[str, float]:
+    """Assert ``hidden`` and ``logits`` match within the dtype's bound and (float32)
+    ``expert_counts`` match exactly; returns the errors."""
+    errors = {key: relative_error(outputs[key], reference[key]) for key in ("hidden", "logits")
+              if key in outputs}
+    for key, error in errors.items():
+        assert np.isfinite(error) and error < TOLERANCE[dtype], f"{key}: {error:.3g}"
+    if "hidden" in outputs:
+        assert outputs["hidden"].dtype == np.float32
+    if dtype == "float32":
+        assert np.array_equal(outputs["expert_counts"], reference["expert_counts"]), (
+            outputs["expert_counts"], reference["expert_counts"])
+    return errors
+
+
+def run_layout(comm, config: RunConfig, batch: Batch, layout: str | None = None,
+               decode_tokens: int = 0, eos_id: int | None = None):
+    """Run prefill (or decode with ``decode_tokens``) on ``comm``; outputs on rank 0."""
+    session = open_session(config, comm, batch, layout=layout, backend="numpy",
+                           new_tokens=decode_tokens)
+    try:
+        if decode_tokens:
+            return run_decode(session, batch, decode_tokens, eos_id).outputs
+        return run_prefill(session, batch).outputs
+    finally:
+        session.close()
+
+
+def reference_for(config: RunConfig, batch: Batch) -> dict:
+    return reference_forward(config.model, batch.ids, batch.mask, config.seed)

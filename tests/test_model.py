@@ -1,0 +1,117 @@
+"""The dense blocks against SPEC §1 written out in float64."""
+import math
+
+import numpy as np
+import pytest
+
+from spmd_moe.backend import Backend, BackendChoice, erfc_numpy
+from spmd_moe.model import apply_rope, causal_attention, pack, rms_norm, rope_tables
+
+
+def bk(dtype="float32"):
+    return Backend(BackendChoice("numpy", "test"), dtype)
+
+
+def rel(a, b):
+    return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+
+
+def test_pack_positions_and_starts():
+    packed = pack(bk(), np.array([4, 7, 9]), np.array([3, 1, 2]), np.array([0, 5, 2]))
+    assert packed.starts_host.tolist() == [0, 3, 4]
+    assert packed.positions.tolist() == [0, 1, 2, 5, 2, 3]
+    assert packed.last_rows_host.tolist() == [2, 3, 5]
+    assert packed.n_tokens == 6
+
+
+def test_rms_norm():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    g = rng.standard_normal(16).astype(np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    assert rel(rms_norm(bk(), x, g, 1e-5), want) < 1e-6
+
+
+def test_rope_is_the_rotate_half_convention():
+    rng = np.random.default_rng(2)
+    pos = np.array([0, 1, 7, 300], dtype=np.int32)
+    u = rng.standard_normal((4, 3, 8)).astype(np.float32)
+    cos, sin = rope_tables(bk(), pos, 8, 10000.0)
+    got = apply_rope(bk(), u, cos, sin)
+    inv = 10000.0 ** (-2 * np.arange(4) / 8)
+    want = np.empty_like(u, dtype=np.float64)
+    for t, p in enumerate(pos):
+        ang = np.concatenate([p * inv, p * inv])
+        rot = np.concatenate([-u[t, :, 4:], u[t, :, :4]], axis=-1)
+        want[t] = u[t] * np.cos(ang) + rot * np.sin(ang)
+    assert rel(got, want) < 1e-6
+    assert np.allclose(got[0], u[0])  # position 0 is the identity
+
+
+def naive_attention(q, k, v, q_len, k_len, scale):
+    """One sequence: query r sits at position k_len - q_len + r."""
+    out = np.zeros((q_len, q.shape[1] * q.shape[2]))
+    for h in range(q.shape[1]):
+        s = q[:, h].astype(np.float64) @ k[:, h].T.astype(np.float64) * scale
+        for r in range(q_len):
+            s[r, k_len - q_len + r + 1:] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, h * q.shape[2]:(h + 1) * q.shape[2]] = p @ v[:, h]
+    return out
+
+
+@pytest.mark.parametrize("q_lengths, k_lengths", [
+    ([5, 1, 9], [5, 1, 9]),        # prefill, uneven lengths
+    ([1, 1, 1], [4, 11, 2]),       # decode step against a cache
+    ([3, 0, 2], [7, 6, 2]),        # chunk of new tokens after a prefix; an empty sequence
+])
+def test_causal_attention_matches_the_masked_softmax(q_lengths, k_lengths):
+    rng = np.random.default_rng(3)
+    heads, dh, scale = 3, 8, 8 ** -0.5
+    q_starts = np.concatenate([[0], np.cumsum(q_lengths)[:-1]])
+    k_starts = np.concatenate([[0], np.cumsum(k_lengths)[:-1]]) + 2   # keys need not start at 0
+    q = rng.standard_normal((sum(q_lengths), heads, dh)).astype(np.float32)
+    k = rng.standard_normal((sum(k_lengths) + 2, heads, dh)).astype(np.float32)
+    v = rng.standard_normal((sum(k_lengths) + 2, heads, dh)).astype(np.float32)
+    got = causal_attention(bk(), q, q_starts, np.array(q_lengths), k, v, k_starts,
+                           np.array(k_lengths), scale)
+    for i, (nq, nk) in enumerate(zip(q_lengths, k_lengths)):
+        if nq == 0:
+            continue
+        q0, k0 = q_starts[i], k_starts[i]
+        want = naive_attention(q[q0:q0 + nq], k[k0:k0 + nk], v[k0:k0 + nk], nq, nk, scale)
+        assert rel(got[q0:q0 + nq], want) < 1e-6
+
+
+def test_long_sequences_use_query_blocks_and_still_match():
+    # 1200 keys x 4 heads: the score tile is split into query blocks (see model.py).
+    rng = np.random.default_rng(4)
+    n, heads, dh = 1200, 4, 8
+    q, k, v = (rng.standard_normal((n, heads, dh)).astype(np.float32) for _ in range(3))
+    starts, lengths = np.array([0]), np.array([n])
+    got = causal_attention(bk(), q, starts, lengths, k, v, starts, lengths, 0.3)
+    rows = [0, 1, 873, 874, n - 1]
+    want = naive_attention(q, k, v, n, n, 0.3)
+    assert rel(got[rows], want[rows]) < 1e-6
+
+
+def test_erfc_and_gelu_to_float32_accuracy():
+    x = np.linspace(-9, 9, 20001).astype(np.float32)
+    want = np.array([math.erfc(float(t)) for t in x])
+    assert np.max(np.abs(erfc_numpy(x) - want) / np.maximum(want, 1e-30)) < 2e-7
+    gelu = bk().gelu(x)
+    want_gelu = np.array([0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in x.astype(float)])
+    assert np.max(np.abs(gelu - want_gelu)) < 1e-6
+    assert np.all(np.isfinite(gelu)) and gelu[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bf16_matmul_accumulates_in_float32():
+    b = bk("bfloat16")
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((16, 4096)).astype(b.dtype)
+    w = b.param(rng.standard_normal((4096, 8)).astype(b.dtype))
+    got = b.matmul(a, w, out_dtype=np.float32)
+    want = a.astype(np.float64) @ w.astype(np.float64)
+    assert got.dtype == np.float32 and rel(got, want) < 1e-6
+    assert b.matmul(a, w).dtype == b.dtype
