@@ -118,8 +118,10 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     row = d * item
     if layout.tp > 1:
         allreduce = 2 * (layout.tp - 1) / layout.tp
+        # Float32 partial sums: attention output [T, d], expert outputs per routed row
+        # [T*k, d] (reduced before the weighted sum, see dispatcher.AllreduceDispatcher).
         send = {"attn_allreduce": tokens * d * 4 * allreduce,
-                "combine": tokens * d * 4 * allreduce}
+                "combine": tokens * k * d * 4 * allreduce}
     else:
         off_rank = (layout.ep - 1) / layout.ep
         send = {"dispatch": tokens * k * off_rank * row,
