@@ -81,6 +81,9 @@ def build_parser() -> ArgumentParser:
                       help="memory per device to check against (default 80, an H100)")
     plan.add_argument("--backend", default="cupy", choices=("cupy", "numpy"),
                       help="whose weight storage to count (default cupy)")
+    plan.add_argument("--hbm-gbps", type=float, default=3350.0,
+                      help="device memory bandwidth for the decode-step floor (default 3350, "
+                           "the H100 SXM datasheet)")
     plan.set_defaults(func=cmd_plan)
     perfmodel.add_arguments(plan)
 
@@ -217,7 +220,7 @@ def cmd_plan(args) -> int:
     if args.predict:
         return perfmodel.cmd_predict(args, config)
     return print_plan(config, args.world_size, args.layout or config.layout,
-                      args.device_memory * GIB, args.backend)
+                      args.device_memory * GIB, args.backend, args.hbm_gbps)
 
 
 # --- info ------------------------------------------------------------------------------

@@ -136,3 +136,25 @@ def plan_costs(config: RunConfig, layout, lengths: np.ndarray, backend: str = "c
                new_tokens: int = 0) -> list[RankCost]:
     return [rank_cost(config, Grid(layout, config.model, r), lengths, backend, new_tokens)
             for r in range(layout.world_size)]
+
+
+def decode_step_bytes(config: RunConfig, grid: Grid, context: int) -> dict[str, float]:
+    """Device bytes one rank must read for one decode step of its sequences, each with a
+    ``context``-token KV cache: its stage's KV cache, its attention weights, its experts'
+    weights (all assumed hit: every expert gets rows from a batch of any size), the router
+    and, on the last stage, the LM head. The memory-bandwidth floor is this over HBM speed.
+    """
+    model = config.model
+    item = 2 if model.dtype == "bfloat16" else 4
+    d, width = model.d_model, len(grid.heads) * model.head_dim
+    n_layers = len(grid.layers)
+    seqs = len(grid.sequences(config.workload.batch_size))
+    out = {
+        "kv_cache": 2.0 * n_layers * seqs * context * width * item,
+        "attention_weights": n_layers * 4.0 * d * width * item,
+        "expert_weights": n_layers * len(grid.experts) * 2.0 * d * len(grid.ff_columns) * item,
+        "router": n_layers * float(d * model.n_experts * item),
+    }
+    if grid.is_last_stage:
+        out["lm_head"] = float(d * model.vocab_size * item)
+    return out

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 
 from .config import Layout, RunConfig
-from .costs import GIB, RankCost, plan_costs
+from .costs import GIB, RankCost, decode_step_bytes, plan_costs
 from .errors import LayoutError
+from .topology import Grid
 
 
 def _span(r: range) -> str:
@@ -31,7 +32,9 @@ def plan_rows(costs: list[RankCost], limit: int = 64) -> list[RankCost]:
 
 
 def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
-                device_bytes: float) -> str:
+                device_bytes: float, hbm_gbps: float = 3350.0) -> str:
+    """The plan's text. ``hbm_gbps``: device memory bandwidth for the decode floor (default
+    the H100 SXM datasheet's 3.35 TB/s; pass a measured copy bandwidth when known)."""
     model, work = config.model, config.workload
     lines = [
         f"model: L={model.n_layers} d={model.d_model} H={model.n_heads} E={model.n_experts} "
@@ -71,6 +74,15 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
             f"{k} {v / 1e12:.2f} T" for k, v in flops.items()) +
         f"; total {sum(c.total_flops for c in costs) / 1e15:.3f} PFLOP over all ranks",
     ]
+    if work.workload == "decode":
+        grid = Grid(layout, model, worst.rank)
+        context = work.seq_len + work.new_tokens
+        step = decode_step_bytes(config, grid, context)
+        total = sum(step.values())
+        lines.append(
+            f"decode step (rank {worst.rank}, {context}-token context): reads "
+            f"{total / 1e9:.2f} GB (" + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in step.items())
+            + f"); bandwidth floor {total / (hbm_gbps * 1e9) * 1e3:.2f} ms at {hbm_gbps:.0f} GB/s")
     return "\n".join(lines)
 
 
@@ -97,9 +109,9 @@ def make_plan(config: RunConfig, world_size: int, layout_text: str | None,
 
 
 def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
-               device_bytes: float, backend: str = "cupy") -> int:
+               device_bytes: float, backend: str = "cupy", hbm_gbps: float = 3350.0) -> int:
     layout, costs = make_plan(config, world_size, layout_text, backend)
-    print(format_plan(config, layout, costs, device_bytes), flush=True)
+    print(format_plan(config, layout, costs, device_bytes, hbm_gbps), flush=True)
     try:
         check_fit(costs, device_bytes)
     except LayoutError as exc:

@@ -168,3 +168,11 @@ def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):
     assert result.returncode != 0
     assert "injected fault (SPMD_MOE_FAULT) on rank 1 at layer 1" in result.stderr
     assert not out.exists()
+
+
+def test_plan_decode_step_floor():
+    result = spmd_moe("plan", "--preset", "paper", "--world-size", "16", "--workload",
+                      "decode", "--new-tokens", "16", "--hbm-gbps", "3000")
+    assert result.returncode == 0, result.stderr
+    # 16 layers x 8 sequences x 10016 tokens x 4096 x (K, V) x 2 bytes = 21.01 GB.
+    assert "kv_cache 21.01" in result.stdout and "at 3000 GB/s" in result.stdout
