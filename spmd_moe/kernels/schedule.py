@@ -1,0 +1,185 @@
+"""Host-side launch planning for the fused kernels: pure NumPy, testable without a GPU.
+
+- :func:`attention_schedule`: the tile list of the flash-attention kernel (one tile per
+  sequence and block of ``BLOCK_M`` queries, grouped by sequence and longest first within
+  it, split over key blocks when there are too few tiles to fill the device) and the
+  combine list that merges the splits.
+- :func:`attention_variant`: which compiled kernel serves a head dim and dtype.
+- :func:`ffn_row_chunk`: rows of the expert FFN per pass under a hidden-activation budget.
+- :func:`row_vector_bytes` and :func:`row_block`: vector width and block shape of the
+  permutation kernels.
+
+The constants mirror the ``#define`` lines of flash_attention.cu (a test checks that).
+Notation: b sequences, BM queries per tile, BN keys per key block, h heads, D head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK_M = 64              # queries per tile (4 warps x 16 rows of mma.m16n8k16)
+BLOCK_N = 64              # keys per key block
+TILE_FIELDS = 8           # int32 per tile descriptor (layout in flash_attention.cu)
+COMBINE_FIELDS = 4        # int32 per combine descriptor
+BF16_THREADS = 128
+F32_THREADS = 64
+COMBINE_THREADS = 128
+SMEM_PAD = 8              # bf16 elements of padding per shared-memory row
+PADDED_HEAD_DIMS = (16, 32, 64, 128)   # head dims the kernels are instantiated for
+
+# Split-K policy: split tiles over their key blocks when fewer than SPLIT_TARGET_PER_SM CTAs
+# per SM would run (about two waves at two resident CTAs per SM), keeping at least
+# MIN_SPLIT_BLOCKS key blocks per split so that each split amortises its partial write.
+SPLIT_TARGET_PER_SM = 4
+MIN_SPLIT_BLOCKS = 4
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """A compiled flash-attention kernel: its name, padded head dim, threads, shared bytes."""
+
+    kernel: str
+    combine_kernel: str
+    padded_dim: int
+    threads: int
+    shared_bytes: int
+
+
+def attention_variant(head_dim: int, dtype_name: str) -> AttentionVariant:
+    """The kernel for head dim ``head_dim`` (even, <= 128) and dtype ``bfloat16`` or
+    ``float32``. The head dim is padded to the next of PADDED_HEAD_DIMS; bf16 rows load in
+    16-byte copies when ``head_dim % 8 == 0``, else in 4-byte ones."""
+    if head_dim % 2 or not 0 < head_dim <= PADDED_HEAD_DIMS[-1]:
+        raise ValueError(f"fused attention supports even head dims up to "
+                         f"{PADDED_HEAD_DIMS[-1]}, not {head_dim} (SPMD_MOE_KERNELS=0 runs "
+                         f"the generic array code)")
+    padded = next(p for p in PADDED_HEAD_DIMS if p >= head_dim)
+    if dtype_name == "bfloat16":
+        copy = "v16" if head_dim % 8 == 0 else "v4"
+        # Q [BM] + double-buffered K and V [2 x 2 x BN] rows of (padded + pad) bf16.
+        shared = (BLOCK_M + 4 * BLOCK_N) * (padded + SMEM_PAD) * 2
+        return AttentionVariant(f"flash_attention_bf16_d{padded}_{copy}",
+                                "attention_combine_bf16", padded, BF16_THREADS, shared)
+    if dtype_name == "float32":
+        # Q [BM][padded + 1] + K and V [BN][padded] float.
+        shared = (BLOCK_M * (padded + 1) + 2 * BLOCK_N * padded) * 4
+        return AttentionVariant(f"flash_attention_f32_d{padded}", "attention_combine_f32",
+                                padded, F32_THREADS, shared)
+    raise ValueError(f"fused attention supports bfloat16 and float32, not {dtype_name}")
+
+
+@dataclass
+class AttentionSchedule:
+    """``tiles`` int32 [n_tiles, TILE_FIELDS], ``combine`` int32 [n_groups, COMBINE_FIELDS],
+    ``n_slots`` partial slots (rows of the split workspace, each [h, BM, D])."""
+
+    tiles: np.ndarray
+    combine: np.ndarray
+    n_slots: int
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def attention_schedule(q_starts: np.ndarray, q_lengths: np.ndarray, k_starts: np.ndarray,
+                       k_lengths: np.ndarray, heads: int, n_sm: int,
+                       block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> AttentionSchedule:
+    """Tiles for sequences with ``q_lengths[i]`` queries at packed rows ``q_starts[i]..`` and
+    ``k_lengths[i]`` keys at ``k_starts[i]..`` (int arrays [b]); query r of sequence i sees
+    keys ``0 .. k_len - q_len + r``. Tile row r sees keys ``<= diag + r``, so a tile needs
+    key blocks ``0 .. ceil((diag + n_rows) / BN)``: fully masked blocks are never visited.
+    """
+    q_starts, q_lengths, k_starts, k_lengths = (np.asarray(a, dtype=np.int64) for a in (
+        q_starts, q_lengths, k_starts, k_lengths))
+    assert q_starts.shape == q_lengths.shape == k_starts.shape == k_lengths.shape
+    assert (q_lengths >= 0).all() and (q_lengths <= k_lengths).all(), \
+        "every sequence needs at least as many keys as queries"
+    assert (q_starts + q_lengths).max(initial=0) <= INT32_MAX
+    assert (k_starts + k_lengths).max(initial=0) <= INT32_MAX
+
+    # One tile per (sequence, block of BM queries): [n] arrays.
+    per_seq = _cdiv(q_lengths, block_m)
+    seq = np.repeat(np.arange(len(q_lengths)), per_seq)
+    first_tile = np.cumsum(per_seq) - per_seq
+    q_offset = (np.arange(len(seq)) - first_tile[seq]) * block_m
+    n_rows = np.minimum(block_m, q_lengths[seq] - q_offset)
+    diag = k_lengths[seq] - q_lengths[seq] + q_offset
+    n_blocks = _cdiv(diag + n_rows, block_n)
+
+    # Split-K where the device would otherwise sit idle (decode: b x h CTAs over long caches).
+    target = SPLIT_TARGET_PER_SM * n_sm
+    want = _cdiv(target, len(seq) * heads) if len(seq) and len(seq) * heads < target else 1
+    splits = np.clip(np.minimum(want, n_blocks // MIN_SPLIT_BLOCKS), 1, None)
+
+    # Split s of a tile with nb blocks in n pieces covers blocks [s*nb//n, (s+1)*nb//n).
+    piece_tile = np.repeat(np.arange(len(seq)), splits)
+    piece_first = np.cumsum(splits) - splits
+    piece_index = np.arange(len(piece_tile)) - piece_first[piece_tile]
+    nb, n = n_blocks[piece_tile], splits[piece_tile]
+    kb_begin = piece_index * nb // n
+    kb_end = (piece_index + 1) * nb // n
+    is_split = n > 1
+    # Partial slots are numbered piece by piece, so a tile's splits hold consecutive slots.
+    slot = np.where(is_split, np.cumsum(is_split) - 1, -1)
+
+    tiles = np.zeros((len(piece_tile), TILE_FIELDS), dtype=np.int64)
+    tiles[:, 0] = (q_starts[seq] + q_offset)[piece_tile]
+    tiles[:, 1] = n_rows[piece_tile]
+    tiles[:, 2] = k_starts[seq][piece_tile]
+    tiles[:, 3] = diag[piece_tile]
+    tiles[:, 4] = kb_begin
+    tiles[:, 5] = kb_end
+    tiles[:, 6] = slot
+    # Grouped by sequence (the kernel runs head by head, so CTAs in flight share one
+    # sequence's K/V in L2), longest first within it: the causal triangle's long tiles
+    # start early and the short ones fill the tail.
+    tiles = tiles[np.lexsort((-(kb_end - kb_begin), seq[piece_tile]))]
+
+    split_tiles = np.flatnonzero(splits > 1)
+    combine = np.zeros((len(split_tiles), COMBINE_FIELDS), dtype=np.int64)
+    combine[:, 0] = (q_starts[seq] + q_offset)[split_tiles]
+    combine[:, 1] = n_rows[split_tiles]
+    combine[:, 2] = slot[piece_first[split_tiles]]
+    combine[:, 3] = splits[split_tiles]
+    assert tiles.max(initial=0) <= INT32_MAX
+    return AttentionSchedule(tiles.astype(np.int32), combine.astype(np.int32),
+                             int(is_split.sum()))
+
+
+def ffn_row_chunk(n_rows: int, d_ff: int, itemsize: int, workspace_bytes: int) -> int:
+    """Rows per pass of the expert FFN so that the [rows, F] hidden chunk fits in
+    ``workspace_bytes``: all rows when they fit, else a multiple of 128 (whole GEMM tiles)."""
+    if n_rows * d_ff * itemsize <= workspace_bytes:
+        return max(n_rows, 1)
+    rows = workspace_bytes // (d_ff * itemsize)
+    return max(128, rows // 128 * 128)
+
+
+def row_vector_bytes(row_bytes: int, *pointers: int) -> int:
+    """Widest copy (16, 4 or 2 bytes) that divides the row length and every base address."""
+    for width in (16, 4, 2):
+        if row_bytes % width == 0 and all(p % width == 0 for p in pointers):
+            return width
+    raise ValueError(f"rows of {row_bytes} bytes are not a whole number of 16-bit elements")
+
+
+def row_block(row_vecs: int, threads: int = 128) -> tuple[int, int]:
+    """Block shape (x, y) for the row kernels: x threads walk a row's ``row_vecs`` vectors
+    (a power of two, at most ``threads``), y rows per block fill the rest."""
+    x = 1
+    while x < min(row_vecs, threads):
+        x *= 2
+    return x, threads // x
+
+
+def row_grid(n_rows: int, rows_per_block: int, n_sm: int) -> int:
+    """Blocks for a grid-stride loop over rows: enough for the rows, capped at a few waves."""
+    return max(1, min(_cdiv(n_rows, rows_per_block), 32 * n_sm))

@@ -1,0 +1,789 @@
+"""The fused CUDA kernels (spmd_moe/kernels).
+
+Without a GPU (CI):
+- every source compiles with NVRTC for sm_90a and sm_80; the attention kernel is built on
+  tensor-core instructions and does not spill at head dim 128; every kernel name the
+  launch code can ask for exists;
+- the host-side planning (tile lists, split-K, variants, chunking, vector widths) against
+  NumPy, with a float64 emulation of the kernels' tiled online softmax over the schedule;
+- the launch code (fused.py) on a fake device: NumPy emulations of each kernel behind it,
+  every launch checked against the kernel's PTX parameter types, outputs poisoned;
+- the ``SPMD_MOE_KERNELS=0``, NumPy-backend and no-device paths of attach().
+
+With a GPU (``@pytest.mark.gpu``): the same kernel-against-float64 tests on the compiled
+kernels, random shapes and lengths, outputs poisoned with NaN so that an unwritten element
+fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from spmd_moe import kernels
+from spmd_moe.backend import BF16, F32
+from spmd_moe.kernels import schedule as sch
+from spmd_moe.kernels.compile import KERNEL_DIR, SOURCES, compile_source, entry_points, source
+
+ARCHS = ("sm_90a", "sm_80")
+
+
+# --- compilation (no GPU) ------------------------------------------------------------------
+
+_compiled: dict = {}
+
+
+def compiled(name: str, arch: str):
+    """One NVRTC compile per (source, arch) for the whole module, with ptxas statistics."""
+    if (name, arch) not in _compiled:
+        _compiled[name, arch] = compile_source(name, arch, extra_options=("--ptxas-options=-v",))
+    return _compiled[name, arch]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", SOURCES)
+def test_source_compiles_to_cubin(name, arch):
+    result = compiled(name, arch)
+    assert len(result.cubin) > 1000
+    assert result.cubin[:4] == b"\x7fELF"
+    assert "warning" not in result.log.lower(), result.log
+
+
+def test_compile_all_gives_every_source():
+    binaries = kernels.compile_all("sm_90a")
+    assert set(binaries) == set(SOURCES)
+    assert all(b[:4] == b"\x7fELF" for b in binaries.values())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_runs_on_tensor_cores(arch):
+    ptx = compiled("flash_attention.cu", arch).ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
+    assert "cp.async.cg.shared.global" in ptx
+
+
+def test_paper_attention_kernel_does_not_spill():
+    """Head dim 128 keeps its Q fragments and O accumulator in registers."""
+    log = compiled("flash_attention.cu", "sm_90a").log
+    entry = re.search(r"Compiling entry function 'flash_attention_bf16_d128_v16'.*?"
+                      r"(\d+) bytes spill stores", log, re.DOTALL)
+    assert entry is not None, log
+    assert entry.group(1) == "0"
+
+
+def test_sources_need_no_headers():
+    for name in SOURCES:
+        assert not re.search(r"^\s*#include", source(name), re.MULTILINE), name
+
+
+def test_every_launch_name_exists():
+    entries = {name: set(entry_points(compiled(name, "sm_80").ptx)) for name in SOURCES}
+    attention = entries["flash_attention.cu"]
+    for head_dim in range(2, 129, 2):
+        for dtype in ("bfloat16", "float32"):
+            variant = sch.attention_variant(head_dim, dtype)
+            assert variant.kernel in attention
+            assert variant.combine_kernel in attention
+    assert {"gelu_bf16_inplace", "gelu_f32_inplace"} <= entries["expert_ffn.cu"]
+    permute = entries["permute.cu"]
+    assert {f"gather_rows_v{w}" for w in (16, 4, 2)} <= permute
+    assert {"inverse_permutation", "unpermute_weighted_bf16_v16", "unpermute_weighted_bf16_v2",
+            "unpermute_weighted_f32_v16", "unpermute_weighted_f32_v4"} <= permute
+
+
+def test_python_constants_match_the_kernel_source():
+    text = (KERNEL_DIR / "flash_attention.cu").read_text()
+    defined = dict(re.findall(r"^#define (\w+) (\d+)", text, re.MULTILINE))
+    for name in ("BLOCK_M", "BLOCK_N", "TILE_FIELDS", "COMBINE_FIELDS", "BF16_THREADS",
+                 "F32_THREADS", "COMBINE_THREADS", "SMEM_PAD"):
+        assert int(defined[name]) == getattr(sch, name), name
+    assert sch.BF16_THREADS == 32 * sch.BLOCK_M // 16    # one warp per 16 query rows
+    assert sch.F32_THREADS == sch.BLOCK_M                # one thread per query row
+
+
+# --- attach() without a GPU --------------------------------------------------------------
+
+class FakeBackend:
+    def __init__(self, on_gpu: bool):
+        self.on_gpu = on_gpu
+        self.kernels = "unset"
+        self.kernels_reason = "unset"
+
+
+def test_env_switch_disables_kernels(monkeypatch):
+    monkeypatch.setenv("SPMD_MOE_KERNELS", "0")
+    backend = FakeBackend(on_gpu=True)
+    kernels.attach(backend)
+    assert backend.kernels is None
+    assert "SPMD_MOE_KERNELS=0" in backend.kernels_reason
+    assert "SPMD_MOE_KERNELS=0" in kernels.kernel_status()
+    assert "\n" not in kernels.kernel_status()
+
+
+def test_numpy_backend_gets_no_kernels(monkeypatch):
+    monkeypatch.delenv("SPMD_MOE_KERNELS", raising=False)
+    backend = FakeBackend(on_gpu=False)
+    kernels.attach(backend)
+    assert backend.kernels is None and "NumPy" in backend.kernels_reason
+
+
+def test_no_device_is_a_reason_not_a_crash(monkeypatch):
+    from spmd_moe.backend import probe_cupy
+
+    if probe_cupy()[0] is not None:
+        pytest.skip("a CUDA device is usable here")
+    monkeypatch.delenv("SPMD_MOE_KERNELS", raising=False)
+    backend = FakeBackend(on_gpu=True)
+    kernels.attach(backend)
+    assert backend.kernels is None
+    assert backend.kernels_reason.startswith("unavailable")
+    assert kernels.kernel_status() == backend.kernels_reason
+
+
+# --- host-side planning (no GPU) -----------------------------------------------------------
+
+def test_attention_variant_choice():
+    assert sch.attention_variant(8, "bfloat16").kernel == "flash_attention_bf16_d16_v16"
+    assert sch.attention_variant(6, "bfloat16").kernel == "flash_attention_bf16_d16_v4"
+    assert sch.attention_variant(40, "bfloat16").kernel == "flash_attention_bf16_d64_v16"
+    assert sch.attention_variant(128, "bfloat16").kernel == "flash_attention_bf16_d128_v16"
+    assert sch.attention_variant(32, "float32").kernel == "flash_attention_f32_d32"
+    for bad in (0, 7, 130, 256):
+        with pytest.raises(ValueError, match="head dim"):
+            sch.attention_variant(bad, "bfloat16")
+    with pytest.raises(ValueError, match="float16"):
+        sch.attention_variant(64, "float16")
+    # Shared memory fits an sm_80 (163 KiB) and an H100 (227 KiB) block.
+    for head_dim in (16, 32, 64, 128):
+        for dtype in ("bfloat16", "float32"):
+            assert sch.attention_variant(head_dim, dtype).shared_bytes <= 163 * 1024
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def random_sequences(rng, n_seqs, max_len, decode=False, gap=0):
+    """Packed q rows and (possibly cache-laid-out) k rows: host int64 arrays [b]."""
+    k_lengths = rng.integers(1, max_len + 1, n_seqs)
+    q_lengths = np.ones(n_seqs, np.int64) if decode else np.minimum(
+        k_lengths, rng.integers(1, max_len + 1, n_seqs))
+    if not decode and rng.random() < 0.5:
+        q_lengths = k_lengths.copy()                     # a plain prefill
+    q_starts = np.concatenate([[0], np.cumsum(q_lengths)[:-1]])
+    k_slot = k_lengths + gap                             # cache rows with unused tails
+    k_starts = np.concatenate([[0], np.cumsum(k_slot)[:-1]])
+    return q_starts, q_lengths, k_starts, k_lengths
+
+
+def reference_attention(q, q_starts, q_lengths, k, v, k_starts, k_lengths, scale):
+    """Float64 causal attention, the semantics of model.causal_attention. -> [Tq, h*D]."""
+    n_q, heads, head_dim = q.shape
+    out = np.zeros((n_q, heads, head_dim))
+    for q0, nq, k0, nk in zip(q_starts, q_lengths, k_starts, k_lengths):
+        if nq == 0:
+            continue
+        qs = q[q0:q0 + nq].astype(np.float64)                           # [nq, h, D]
+        ks = k[k0:k0 + nk].astype(np.float64)
+        vs = v[k0:k0 + nk].astype(np.float64)
+        scores = np.einsum("qhd,khd->hqk", qs, ks) * scale               # [h, nq, nk]
+        visible = np.arange(nk)[None, :] <= (nk - nq + np.arange(nq))[:, None]
+        scores = np.where(visible, scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[q0:q0 + nq] = np.einsum("hqk,khd->qhd", p, vs)
+    return out.reshape(n_q, heads * head_dim)
+
+
+# Float64 NumPy emulations of each kernel, argument for argument (pointers are arrays).
+# They model what the CUDA code computes (tiles, causal bound, base-2 online softmax,
+# split partials and their merge, the permutation's float32 operation order), not how;
+# with a fake device they run the launch code of fused.py without a GPU.
+
+def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, head_dim,
+                            scale_log2):
+    """out [Tq, h*D] (rows of whole tiles), part_o [slots, h, BM, D], part_lse [slots, h, BM]."""
+    out3 = out.reshape(out.shape[0], heads, head_dim)
+    for q_row0, n_rows, k_row0, diag, kb_begin, kb_end, slot, _ in tiles[:n_tiles]:
+        rows = np.arange(n_rows)
+        qs = q[q_row0:q_row0 + n_rows].astype(np.float64)                # [r, h, D]
+        row_max = np.full((heads, n_rows), -np.inf)
+        row_sum = np.zeros((heads, n_rows))
+        acc = np.zeros((heads, n_rows, head_dim))
+        key_end = diag + n_rows
+        for kb in range(kb_begin, kb_end):
+            keys = np.arange(kb * sch.BLOCK_N, min((kb + 1) * sch.BLOCK_N, key_end))
+            ks = k[k_row0 + keys].astype(np.float64)                     # [n, h, D]
+            vs = v[k_row0 + keys].astype(np.float64)
+            s = np.einsum("rhd,nhd->hrn", qs, ks) * float(scale_log2)
+            s = np.where(keys[None, None, :] > diag + rows[None, :, None], -np.inf, s)
+            new_max = np.maximum(row_max, s.max(-1))
+            shift = np.where(new_max == -np.inf, 0.0, new_max)
+            rescale = np.exp2(row_max - shift)
+            p = np.exp2(s - shift[..., None])
+            row_sum = row_sum * rescale + p.sum(-1)
+            acc = acc * rescale[..., None] + np.einsum("hrn,nhd->hrd", p, vs)
+            row_max = new_max
+        if slot < 0:
+            out3[q_row0:q_row0 + n_rows] = (acc / row_sum[..., None]).transpose(1, 0, 2)
+        else:
+            seen = row_sum > 0
+            safe = np.where(seen, row_sum, 1.0)
+            part_o[slot, :, :n_rows] = np.where(seen[..., None], acc / safe[..., None], 0.0)
+            part_lse[slot, :, :n_rows] = np.where(seen, row_max + np.log2(safe), -np.inf)
+
+
+def emulate_attention_combine(part_o, part_lse, combine, out, heads, head_dim):
+    out3 = out.reshape(out.shape[0], heads, head_dim)
+    for q_row0, n_rows, slot0, n_splits in combine:
+        lse = part_lse[slot0:slot0 + n_splits, :, :n_rows].astype(np.float64)   # [s, h, r]
+        o = part_o[slot0:slot0 + n_splits, :, :n_rows].astype(np.float64)       # [s, h, r, D]
+        w = np.where(lse == -np.inf, 0.0, np.exp2(lse - lse.max(0)))
+        merged = (w[..., None] * o).sum(0) / w.sum(0)[..., None]                 # [h, r, D]
+        out3[q_row0:q_row0 + n_rows] = merged.transpose(1, 0, 2)
+
+
+def emulate_gelu(x, n):
+    from spmd_moe.backend import erfc_numpy
+
+    flat = x.reshape(-1)[:n]
+    xf = flat.astype(np.float32)
+    flat[...] = 0.5 * xf * erfc_numpy(xf * np.float32(-0.7071067811865476))
+
+
+def emulate_gather_rows(x, order, out, n_rows, row_vecs, top_k, width):
+    assert row_vecs * width == out.shape[1] * out.dtype.itemsize
+    src = x.view(np.uint8).reshape(x.shape[0], -1)
+    out.view(np.uint8).reshape(n_rows, -1)[...] = src[order // top_k]
+
+
+def emulate_inverse_permutation(order, inverse, n):
+    inverse[order[:n]] = np.arange(n, dtype=np.int32)
+
+
+def emulate_unpermute_weighted(rows, inverse, weights, out, n_tokens, d, top_k):
+    pairs = inverse.reshape(n_tokens, top_k)
+    for j in range(top_k):
+        term = weights[:, j, None] * rows[pairs[:, j]].astype(np.float32)
+        out[...] = term if j == 0 else out + term
+
+
+def run_schedule(schedule, q, k, v, scale):
+    """Both attention kernels over ``schedule`` -> [Tq, h*D] float64, NaN where unwritten."""
+    n_q, heads, head_dim = q.shape
+    out = np.full((n_q, heads * head_dim), np.nan)
+    part_o = np.full((max(schedule.n_slots, 1), heads, sch.BLOCK_M, head_dim), np.nan)
+    part_lse = np.full((max(schedule.n_slots, 1), heads, sch.BLOCK_M), np.nan)
+    emulate_flash_attention(q, k, v, out, part_o, part_lse, schedule.tiles, schedule.n_tiles,
+                            heads, head_dim, scale * np.log2(np.e))
+    emulate_attention_combine(part_o, part_lse, schedule.combine, out, heads, head_dim)
+    return out
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_schedule_emulation_matches_reference(case):
+    rng = np.random.default_rng(case)
+    decode = case % 3 == 0
+    heads, head_dim = int(rng.integers(1, 4)), int(rng.choice([8, 16, 32]))
+    lengths = random_sequences(rng, int(rng.integers(1, 6)), int(rng.choice([5, 70, 400])),
+                               decode=decode, gap=int(rng.integers(0, 3)))
+    # Few SMs: long tiles stay whole; many SMs: the schedule splits them (split-K).
+    n_sm = int(rng.choice([1, 1000]))
+    schedule = sch.attention_schedule(*lengths, heads=heads, n_sm=n_sm)
+    n_q = int(lengths[1].sum())
+    n_k = int((lengths[2] + lengths[3]).max()) + 2
+    q = rng.standard_normal((n_q, heads, head_dim))
+    k = rng.standard_normal((n_k, heads, head_dim))
+    v = rng.standard_normal((n_k, heads, head_dim))
+    scale = head_dim ** -0.5
+    got = run_schedule(schedule, q, k, v, scale)
+    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def tiles_by_field(schedule):
+    names = ("q_row0", "n_rows", "k_row0", "diag", "kb_begin", "kb_end", "slot")
+    return {n: schedule.tiles[:, i].astype(np.int64) for i, n in enumerate(names)}
+
+
+def test_schedule_covers_each_query_once_and_skips_masked_blocks():
+    rng = np.random.default_rng(7)
+    q_starts, q_lengths, k_starts, k_lengths = random_sequences(rng, 9, 300)
+    for n_sm in (1, 1000):
+        schedule = sch.attention_schedule(q_starts, q_lengths, k_starts, k_lengths, heads=2,
+                                          n_sm=n_sm)
+        t = tiles_by_field(schedule)
+        assert (t["n_rows"] >= 1).all() and (t["n_rows"] <= sch.BLOCK_M).all()
+        # Whole tiles write rows directly; split tiles through exactly one combine group.
+        written = np.zeros(int(q_lengths.sum()), np.int64)
+        for q0, n, slot in zip(t["q_row0"], t["n_rows"], t["slot"]):
+            if slot < 0:
+                written[q0:q0 + n] += 1
+        for q0, n, slot0, splits in schedule.combine:
+            written[q0:q0 + n] += 1
+            pieces = np.flatnonzero((t["slot"] >= slot0) & (t["slot"] < slot0 + splits))
+            assert len(pieces) == splits
+            ranges = sorted(zip(t["kb_begin"][pieces], t["kb_end"][pieces]))
+            assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert (written == 1).all()
+        # The last visited block holds a visible key; no block past the causal bound.
+        key_end = t["diag"] + t["n_rows"]
+        last_whole = t["slot"] < 0
+        assert ((t["kb_end"][last_whole] - 1) * sch.BLOCK_N < key_end[last_whole]).all()
+        assert (t["kb_end"] * sch.BLOCK_N < key_end + sch.BLOCK_N).all()
+        assert set(np.unique(t["slot"][t["slot"] >= 0])) == set(range(schedule.n_slots))
+
+
+def test_schedule_orders_tiles_by_sequence_longest_first():
+    q_lengths = np.array([200, 130, 64])
+    starts = np.concatenate([[0], np.cumsum(q_lengths)[:-1]])
+    schedule = sch.attention_schedule(starts, q_lengths, starts, q_lengths, heads=32, n_sm=1)
+    t = tiles_by_field(schedule)
+    seq_of_tile = np.searchsorted(starts, t["q_row0"], side="right") - 1
+    assert (np.diff(seq_of_tile) >= 0).all()
+    work = t["kb_end"] - t["kb_begin"]
+    for s in range(3):
+        assert (np.diff(work[seq_of_tile == s]) <= 0).all()
+
+
+def test_split_k_only_when_the_device_would_idle():
+    # Paper prefill: 8 x 10000 tokens, 32 heads -> 1256 tiles x 32 heads: never split.
+    lengths = np.full(8, 10000)
+    starts = np.arange(8) * 10000
+    prefill = sch.attention_schedule(starts, lengths, starts, lengths, heads=32, n_sm=132)
+    assert prefill.n_slots == 0 and len(prefill.combine) == 0
+    assert prefill.n_tiles == 8 * -(-10000 // sch.BLOCK_M)
+    # Decode of 8 sequences against 10000 cached keys: 256 CTAs on 132 SMs -> split.
+    ones = np.ones(8, np.int64)
+    decode = sch.attention_schedule(np.arange(8), ones, starts, lengths, heads=32, n_sm=132)
+    assert decode.n_slots > 0 and len(decode.combine) == 8
+    assert decode.n_tiles * 32 >= sch.SPLIT_TARGET_PER_SM * 132
+    # A short cache is not worth splitting.
+    short = sch.attention_schedule(np.arange(8), ones, starts, np.full(8, 100), heads=32,
+                                   n_sm=132)
+    assert short.n_slots == 0
+
+
+def test_schedule_of_nothing():
+    empty = np.zeros(0, np.int64)
+    schedule = sch.attention_schedule(empty, empty, empty, empty, heads=4, n_sm=132)
+    assert schedule.n_tiles == 0 and schedule.tiles.shape == (0, sch.TILE_FIELDS)
+    zero_q = sch.attention_schedule([0], [0], [0], [5], heads=4, n_sm=132)
+    assert zero_q.n_tiles == 0
+
+
+def test_schedule_rejects_more_queries_than_keys():
+    with pytest.raises(AssertionError, match="as many keys as queries"):
+        sch.attention_schedule([0], [5], [0], [4], heads=1, n_sm=1)
+
+
+def test_ffn_row_chunk_bounds_the_hidden():
+    # Everything fits: one pass.
+    assert sch.ffn_row_chunk(1000, 40, 2, 512 << 20) == 1000
+    # Paper: 160000 rows x F 16384 bf16 is 5 GB; 512 MiB gives 16384-row passes.
+    rows = sch.ffn_row_chunk(160000, 16384, 2, 512 << 20)
+    assert rows == 16384 and rows * 16384 * 2 <= 512 << 20
+    for n_rows, d_ff, itemsize, budget in [(10**6, 1000, 4, 10**8), (5000, 3, 2, 1000)]:
+        rows = sch.ffn_row_chunk(n_rows, d_ff, itemsize, budget)
+        assert rows % 128 == 0 and rows >= 128
+        assert rows * d_ff * itemsize <= max(budget, 128 * d_ff * itemsize)
+
+
+def test_row_vector_bytes_and_block():
+    assert sch.row_vector_bytes(4096 * 2, 256, 512) == 16
+    assert sch.row_vector_bytes(4096 * 2, 256, 516) == 4
+    assert sch.row_vector_bytes(10 * 2, 256, 256) == 4
+    assert sch.row_vector_bytes(11 * 2, 256, 256) == 2
+    assert sch.row_block(512) == (128, 1)
+    assert sch.row_block(4) == (4, 32)
+    assert sch.row_block(5) == (8, 16)
+    assert sch.row_block(1) == (1, 128)
+    assert sch.row_grid(10**6, 1, 132) == 32 * 132
+    assert sch.row_grid(3, 32, 132) == 1
+
+
+# --- the launch code on a fake device (no GPU) ----------------------------------------------
+
+class FakeArray(np.ndarray):
+    """A NumPy array posing as a CuPy one: ``.data.ptr`` and ``.get()``."""
+
+    @property
+    def data(self):
+        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    def get(self):
+        return np.asarray(self)
+
+
+class FakeCupy:
+    """The part of CuPy that fused.py uses, on NumPy. New arrays come poisoned (NaN, or -7
+    for integers) so that an element no kernel writes shows up."""
+
+    @staticmethod
+    def _wrap(a):
+        return np.asarray(a).view(FakeArray)
+
+    def empty(self, shape, dtype):
+        a = np.empty(shape, dtype=dtype)
+        a[...] = -7 if np.dtype(dtype).kind in "iu" else np.nan
+        return self._wrap(a)
+
+    def full(self, shape, value, dtype):
+        return self._wrap(np.full(shape, value, dtype=dtype))
+
+    def asarray(self, a, dtype=None):
+        return self._wrap(np.array(a, dtype=dtype))
+
+    def ascontiguousarray(self, a, dtype=None):
+        return self._wrap(np.ascontiguousarray(a, dtype=dtype))
+
+    def matmul(self, a, b, out=None):
+        """float32 accumulation, result rounded to the inputs' dtype, as cuBLAS does."""
+        result = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)).astype(a.dtype)
+        if out is None:
+            return self._wrap(result)
+        assert out.flags.c_contiguous and out.shape == result.shape
+        out[...] = result
+        return out
+
+
+_PTX_TYPE = {np.dtype(np.int32): "u32", np.dtype(np.int64): "u64", np.dtype(np.float32): "f32"}
+
+
+class FakeKernel:
+    """A compiled kernel's stand-in: checks each launch's arguments against the parameter
+    types in the PTX (a Python int or a wrong-width scalar would be a silent bug on the
+    GPU), the shared-memory opt-in, then runs the kernel's emulation."""
+
+    def __init__(self, name: str, params: list[str], emulate):
+        self.name, self.params, self.emulate = name, params, emulate
+        self.max_dynamic_shared_size_bytes = 48 << 10
+        self.launches = 0
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert len(args) == len(self.params), (self.name, len(args), self.params)
+        for i, (arg, ptype) in enumerate(zip(args, self.params)):
+            if isinstance(arg, np.ndarray):
+                assert ptype == "u64", (self.name, i, "array passed for", ptype)
+            else:
+                assert isinstance(arg, np.generic), (self.name, i, type(arg))
+                assert _PTX_TYPE[arg.dtype] == ptype, (self.name, i, arg.dtype, ptype)
+        assert shared_mem <= self.max_dynamic_shared_size_bytes, (self.name, shared_mem)
+        assert all(g >= 1 for g in grid) and np.prod(block) <= 1024
+        self.launches += 1
+        self.emulate(grid, block, *args)
+
+
+class FakeModule:
+    def __init__(self, source_name: str):
+        ptx = compiled(source_name, "sm_80").ptx
+        self.params = {m.group(1): re.findall(r"\.param \.(\w+)", m.group(2))
+                       for m in re.finditer(r"\.visible \.entry (\w+)\(([^)]*)\)", ptx)}
+        self.kernels: dict[str, FakeKernel] = {}
+
+    def get_function(self, name: str) -> FakeKernel:
+        if name not in self.kernels:
+            self.kernels[name] = FakeKernel(name, self.params[name], _emulation(name))
+        return self.kernels[name]
+
+
+def _emulation(name: str):
+    """The emulation of kernel ``name`` plus checks of its launch shape."""
+    if name.startswith("flash_attention_"):
+        def run(grid, block, q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, d, scale):
+            assert grid == (int(n_tiles) * int(heads),)
+            assert block == ((sch.BF16_THREADS if "bf16" in name else sch.F32_THREADS),)
+            emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, int(n_tiles),
+                                    int(heads), int(d), scale)
+        return run
+    if name.startswith("attention_combine_"):
+        def run(grid, block, part_o, part_lse, combine, out, heads, d):
+            assert grid == (len(combine) * int(heads),)
+            emulate_attention_combine(part_o, part_lse, combine, out, int(heads), int(d))
+        return run
+    if name.startswith("gelu_"):
+        return lambda grid, block, x, n: emulate_gelu(x, int(n))
+    if name.startswith("gather_rows_v"):
+        width = int(name.rsplit("_v", 1)[1])
+        return lambda grid, block, x, order, out, n_rows, row_vecs, top_k: emulate_gather_rows(
+            x, order, out, int(n_rows), int(row_vecs), int(top_k), width)
+    if name == "inverse_permutation":
+        return lambda grid, block, order, inverse, n: emulate_inverse_permutation(
+            order, inverse, int(n))
+    if name.startswith("unpermute_weighted_"):
+        return lambda grid, block, rows, inverse, weights, out, n_tokens, d, top_k: \
+            emulate_unpermute_weighted(rows, inverse, weights, out, int(n_tokens), int(d),
+                                       int(top_k))
+    raise AssertionError(f"no emulation for {name}")
+
+
+def make_fake_fused():
+    from spmd_moe.kernels.fused import FusedKernels
+
+    return FusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10, load=FakeModule)
+
+
+def test_fused_kernels_refuse_old_devices():
+    from spmd_moe.kernels.fused import FusedKernels
+
+    with pytest.raises(RuntimeError, match="sm_80"):
+        FusedKernels(FakeCupy(), "75", n_sm=40, shared_limit=64 << 10, load=FakeModule)
+
+
+def test_attention_schedule_is_kept_for_a_pass_and_rebuilt_for_new_lengths():
+    fused, fake = make_fake_fused(), FakeCupy()
+    rng = np.random.default_rng(0)
+    q = fake.asarray(rng.standard_normal((10, 2, 16)).astype(BF16))
+    k = fake.asarray(rng.standard_normal((20, 2, 16)).astype(BF16))
+    fused.attention(q, [0], [10], k, k, [0], [10], 0.25)
+    first = fused._schedule
+    fused.attention(q, [0], [10], k, k, [0], [10], 0.25)          # the next layer
+    assert fused._schedule is first
+    second = fused.attention(q, [0], [10], k, k, [0], [20], 0.25)  # the next decode step
+    assert fused._schedule is not first
+    want = reference_attention(np.asarray(q), [0], [10], np.asarray(k), np.asarray(k), [0],
+                               [20], 0.25)
+    assert relative_error(second, want) < 1e-2
+    kernel = fused.attention_module.kernels["flash_attention_bf16_d16_v16"]
+    assert kernel.launches == 3 and kernel.max_dynamic_shared_size_bytes == 48 << 10
+
+
+def test_large_shared_memory_is_opted_in():
+    fused, fake = make_fake_fused(), FakeCupy()
+    q = fake.asarray(np.ones((3, 1, 128), BF16))
+    fused.attention(q, [0], [3], q, q, [0], [3], 0.1)
+    kernel = fused.attention_module.kernels["flash_attention_bf16_d128_v16"]
+    assert kernel.max_dynamic_shared_size_bytes == sch.attention_variant(
+        128, "bfloat16").shared_bytes > 48 << 10
+
+
+def test_expert_ffn_runs_one_gelu_per_chunk():
+    fused, fake = make_fake_fused(), FakeCupy()
+    fused.ffn_workspace_bytes = 128 * 40 * 2                      # 3 passes: 128, 128, 44
+    x, w1, w2 = (fake.asarray(np.ones(shape, BF16)) for shape in ((300, 24), (24, 40), (40, 24)))
+    fused.expert_ffn(x, w1, w2)
+    assert fused.ffn_module.kernels["gelu_bf16_inplace"].launches == 3
+
+
+def test_ffn_workspace_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SPMD_MOE_FFN_WORKSPACE_MB", "32")
+    assert make_fake_fused().ffn_workspace_bytes == 32 << 20
+
+
+class FakeCublas:
+    """cublasGemmEx on host memory: column-major operands at raw pointers, leading
+    dimensions, type codes, host alpha/beta, as the C library reads them."""
+
+    TYPES = {0: np.dtype(np.float32), 14: BF16}
+
+    def __init__(self):
+        self.mode = 1   # device pointer mode: the call must switch to host and back
+
+    def getPointerMode(self, handle):
+        return self.mode
+
+    def setPointerMode(self, handle, mode):
+        self.mode = mode
+
+    @staticmethod
+    def _matrix(ptr, dtype, ld, cols):
+        """Column-major [ld, cols] at ptr."""
+        buf = (ctypes.c_char * (ld * cols * dtype.itemsize)).from_address(ptr)
+        return np.frombuffer(buf, dtype).reshape(cols, ld).T
+
+    def gemmEx(self, handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb,
+               beta, c, ctype, ldc, compute, algo):
+        assert self.mode == 0 and transa == transb == 0 and compute == 68
+        assert lda >= m and ldb >= k and ldc >= m
+        alpha = ctypes.c_float.from_address(alpha).value
+        beta = ctypes.c_float.from_address(beta).value
+        a = self._matrix(a, self.TYPES[atype], lda, k)[:m].astype(np.float32)
+        b = self._matrix(b, self.TYPES[btype], ldb, n)[:k].astype(np.float32)
+        out = self._matrix(c, self.TYPES[ctype], ldc, n)
+        out.flags.writeable = True
+        # beta = 0: C is not read (cuBLAS's rule), so NaN poison in it does not leak through.
+        out[:m] = alpha * (a @ b) + (beta * out[:m].astype(np.float32) if beta else 0)
+
+
+def test_cublas_gemm_to_f32_computes_the_row_major_product(monkeypatch):
+    import cupy
+
+    from spmd_moe.kernels.fused import cublas_gemm_to_f32
+
+    fake = FakeCublas()
+    monkeypatch.setitem(vars(cupy.cuda), "cublas", fake)   # not getattr: that loads libcublas
+    monkeypatch.setattr(cupy.cuda.device, "get_cublas_handle", lambda: 7)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 12)).astype(BF16).view(FakeArray)        # [M, K]
+    b = rng.standard_normal((12, 3)).astype(BF16).view(FakeArray)        # [K, N]
+    out = np.full((5, 3), np.nan, np.float32).view(FakeArray)
+    cublas_gemm_to_f32(a, b, out)
+    want = np.asarray(a, np.float32) @ np.asarray(b, np.float32)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)
+    assert fake.mode == 1
+
+
+# --- kernels against float64 NumPy: on the fake device everywhere, on the GPU where usable ---
+
+@pytest.fixture(params=["fake", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request):
+    """(array module, FusedKernels): the NumPy emulations behind the real launch code, and,
+    where a CUDA device is usable, the compiled kernels."""
+    if request.param == "fake":
+        return FakeCupy(), make_fake_fused()
+    import cupy
+
+    loaded, reason = kernels.load_kernels()
+    assert loaded is not None, reason
+    return cupy, loaded
+
+
+def poisoned(xp, shape, dtype):
+    """An array of NaN on the device (made on the host: CuPy's fill may lack a bf16 loop),
+    so that any element a kernel leaves unwritten fails the comparison."""
+    return xp.asarray(np.full(shape, np.nan, dtype=dtype))
+
+
+def reference_ffn(x, w1, w2):
+    from spmd_moe.backend import erfc_numpy
+
+    h = x.astype(np.float64) @ w1.astype(np.float64)
+    return (0.5 * h * erfc_numpy(-h / np.sqrt(2))) @ w2.astype(np.float64)
+
+
+def dtype_id(value):
+    """Readable test ids for dtype parameters."""
+    return {BF16: "bf16", F32: "f32"}.get(value) if isinstance(value, np.dtype) else None
+
+
+def tolerance(dtype) -> float:
+    """Relative Frobenius error allowed: bf16 storage (8-bit mantissa) or float32."""
+    return 1e-2 if dtype == BF16 else 1e-5
+
+
+ATTENTION_CASES = [(head_dim, dtype, mode) for head_dim in (8, 16, 32, 64, 128)
+                   for dtype in (BF16, F32) for mode in ("prefill", "decode")]
+# 4-byte row copies (6), and head dims padded to the next instantiation (40, 96).
+ATTENTION_CASES += [(6, BF16, "prefill"), (40, BF16, "decode"), (96, BF16, "prefill")]
+
+
+@pytest.mark.parametrize("head_dim,dtype,mode", ATTENTION_CASES, ids=dtype_id)
+def test_flash_attention_matches_float64(device, head_dim, dtype, mode):
+    xp, fused = device
+    rng = np.random.default_rng(head_dim * 7 + len(mode))
+    heads = int(rng.integers(1, 5))
+    lengths = random_sequences(rng, int(rng.integers(1, 7)), int(rng.choice([37, 300, 1500])),
+                               decode=mode == "decode", gap=int(rng.integers(0, 5)))
+    n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
+    q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
+    k = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
+    v = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
+    scale = head_dim ** -0.5
+    out = poisoned(xp, (n_q, heads * head_dim), dtype)
+    fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
+                    scale, out=out)
+    got = out.get().astype(np.float64)
+    assert np.isfinite(got).all(), "rows left unwritten"
+    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
+    assert relative_error(got, want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+def test_flash_attention_split_k_decode(device, dtype):
+    """Few sequences against long caches: the schedule splits, the combine merges."""
+    xp, fused = device
+    rng = np.random.default_rng(3)
+    k_lengths = np.array([5000, 1, 3000, 64])
+    q_lengths = np.ones(4, np.int64)
+    k_starts = np.array([0, 5000, 6000, 9000])
+    schedule = sch.attention_schedule(np.arange(4), q_lengths, k_starts, k_lengths, heads=2,
+                                      n_sm=fused.n_sm)
+    assert schedule.n_slots > 0
+    q = rng.standard_normal((4, 2, 64)).astype(dtype)
+    k = rng.standard_normal((9064, 2, 64)).astype(dtype)
+    v = rng.standard_normal((9064, 2, 64)).astype(dtype)
+    out = poisoned(xp, (4, 128), dtype)
+    fused.attention(xp.asarray(q), np.arange(4), q_lengths, xp.asarray(k), xp.asarray(v),
+                    k_starts, k_lengths, 0.125, out=out)
+    want = reference_attention(q, np.arange(4), q_lengths, k, v, k_starts, k_lengths, 0.125)
+    assert relative_error(out.get(), want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_flash_attention_split_k_prefill(device, dtype, head_dim, monkeypatch):
+    """Splits of 64-query tiles (partials from every warp, rows with no visible key in a
+    split), forced by pretending the device has many SMs."""
+    xp, fused = device
+    monkeypatch.setattr(fused, "n_sm", 100000)
+    rng = np.random.default_rng(head_dim)
+    lengths = (np.array([0, 900]), np.array([900, 700]), np.array([0, 900]),
+               np.array([900, 1000]))
+    assert sch.attention_schedule(*lengths, heads=2, n_sm=100000).n_slots > 0
+    q = rng.standard_normal((1600, 2, head_dim)).astype(dtype)
+    k = rng.standard_normal((1900, 2, head_dim)).astype(dtype)
+    v = rng.standard_normal((1900, 2, head_dim)).astype(dtype)
+    out = poisoned(xp, (1600, 2 * head_dim), dtype)
+    fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
+                    head_dim ** -0.5, out=out)
+    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], head_dim ** -0.5)
+    assert relative_error(out.get(), want) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(BF16, None), (F32, None), (BF16, F32)],
+                         ids=dtype_id)
+@pytest.mark.parametrize("n_rows,d,d_ff", [(1, 32, 40), (300, 64, 200), (1000, 256, 1024)])
+def test_expert_ffn_matches_float64(device, dtype, out_dtype, n_rows, d, d_ff, monkeypatch):
+    xp, fused = device
+    rng = np.random.default_rng(n_rows)
+    x = rng.standard_normal((n_rows, d)).astype(dtype)
+    w1 = (rng.standard_normal((d, d_ff)) * d ** -0.5).astype(dtype)
+    w2 = (rng.standard_normal((d_ff, d)) * d_ff ** -0.5).astype(dtype)
+    # A small workspace forces several row chunks (and a short last one).
+    monkeypatch.setattr(fused, "ffn_workspace_bytes", 128 * d_ff * dtype.itemsize)
+    out = poisoned(xp, (n_rows, d), out_dtype or dtype)
+    fused.expert_ffn(xp.asarray(x), xp.asarray(w1), xp.asarray(w2), out_dtype, out=out)
+    assert relative_error(out.get(), reference_ffn(x, w1, w2)) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("n_tokens,d,top_k", [(37, 32, 2), (500, 4096, 2), (9, 11, 3),
+                                              (64, 10, 1), (0, 8, 2)])
+def test_permutation_matches_numpy(device, dtype, n_tokens, d, top_k):
+    """Bit for bit: a gather is a copy, and the weighted sum does the NumPy path's float32
+    operations in the same order."""
+    xp, fused = device
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((n_tokens, d)).astype(dtype)
+    order = np.argsort(rng.integers(0, 8, n_tokens * top_k), kind="stable")   # [R]
+    sent = poisoned(xp, (n_tokens * top_k, d), dtype)
+    fused.gather_rows(xp.asarray(x), xp.asarray(order), top_k, out=sent)
+    np.testing.assert_array_equal(sent.get(), x[order // top_k])
+
+    rows = rng.standard_normal((n_tokens * top_k, d)).astype(dtype)          # expert outputs
+    weights = rng.random((n_tokens, top_k)).astype(np.float32)
+    moe = poisoned(xp, (n_tokens, d), F32)
+    fused.unpermute_weighted(xp.asarray(rows), xp.asarray(order), xp.asarray(weights),
+                             out=moe)
+    unsorted = np.empty_like(rows)
+    unsorted[order] = rows
+    unsorted = unsorted.reshape(n_tokens, top_k, d)
+    want = weights[:, 0, None] * unsorted[:, 0].astype(np.float32)
+    for j in range(1, top_k):
+        want += weights[:, j, None] * unsorted[:, j].astype(np.float32)
+    np.testing.assert_array_equal(moe.get(), want)
+
+
+@pytest.mark.gpu
+def test_cupy_backend_attaches_the_kernels(monkeypatch):
+    from spmd_moe.backend import Backend, choose_backend
+
+    monkeypatch.delenv("SPMD_MOE_KERNELS", raising=False)
+    backend = Backend(choose_backend("cupy"), "bfloat16")
+    assert backend.kernels is not None, backend.kernels_reason
+    assert "fused" in backend.kernels_reason
