@@ -76,7 +76,8 @@ def build_parser() -> ArgumentParser:
     plan = commands.add_parser("plan", help="placement, memory, bytes and FLOPs per rank; "
                                             "no GPU or MPI job needed")
     add_config_arguments(plan)
-    plan.add_argument("--world-size", type=int, required=True, help="number of ranks")
+    plan.add_argument("--world-size", type=int,
+                      help="number of ranks (required unless --predict --paper-deployments)")
     plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
                       help="memory per device to check against (default 80, an H100)")
     plan.add_argument("--backend", default="cupy", choices=("cupy", "numpy"),
@@ -217,6 +218,8 @@ def cmd_plan(args) -> int:
     from .plan import print_plan
 
     config = config_from_args(args)
+    if args.world_size is None and not (args.predict and args.paper_deployments):
+        raise ConfigError("--world-size", "required: the number of ranks to plan for")
     if args.predict:
         return perfmodel.cmd_predict(args, config)
     return print_plan(config, args.world_size, args.layout or config.layout,

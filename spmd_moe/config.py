@@ -215,9 +215,10 @@ class RunConfig:
 # --- presets -------------------------------------------------------------------------
 
 PRESETS: dict[str, RunConfig] = {
-    # Odd, small sizes that catch indexing mistakes; E=12 divides among 1, 2, 3, 4, 6 ranks.
+    # Odd, small sizes that catch indexing mistakes; E=12 divides among 1, 2, 3, 4, 6 ranks
+    # and 5 layers allow up to 5 stages (pp=4 x ep=4 on 16 ranks), not evenly.
     "tiny": RunConfig(
-        ModelConfig(vocab_size=101, d_model=32, n_heads=4, n_layers=3, n_experts=12, d_ff=40,
+        ModelConfig(vocab_size=101, d_model=32, n_heads=4, n_layers=5, n_experts=12, d_ff=40,
                     max_seq_len=64),
         WorkloadConfig(batch_size=5, seq_len=11)),
     # A CPU demo: a few seconds per forward at 4 ranks.

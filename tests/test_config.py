@@ -117,7 +117,7 @@ def test_layout_parse(text, world, expected):
     ("ep=3", 4, "needs pp\\*ep = 3 ranks but the world size is 4"),
     ("ep=5", 5, "ep=5 must divide n_experts=12"),
     ("tp=3", 3, "tp=3 must divide n_heads=4"),
-    ("ep=1,pp=4", 4, "pp=4 stages is more than n_layers=3"),
+    ("ep=1,pp=6", 6, "pp=6 stages is more than n_layers=5"),
 ])
 def test_layouts_that_cannot_work_are_refused(text, world, match):
     model = PRESETS["tiny"].model

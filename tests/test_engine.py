@@ -80,5 +80,5 @@ def test_kv_cache_never_grows_past_its_preallocation():
 
         engine.stage_pass(pack(session.backend, np.array([1]), np.array([2]), np.array([6])),
                           np.array([1, 2]), session.backend.timer(), cache,
-                          np.zeros((3, 12), np.int64))
+                          np.zeros((5, 12), np.int64))
     session.close()

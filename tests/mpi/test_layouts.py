@@ -17,12 +17,12 @@ from spmd_moe.testing import check_against_reference, reference_for, run_layout
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
 
-# n_layers=5 lets pp be 2..5 with layers not divisible by pp; E=12, H=4, F=40 (tiny).
-BASE = ["n_layers=5"]
+# tiny: L=5 lets pp be 2..5 with layers not divisible by pp; E=12, H=4, F=40.
+BASE: list[str] = []
 
 
 def layouts(size: int) -> list[str]:
-    """Expert-parallel and tensor-parallel layouts of tiny(L=5) on ``size`` ranks."""
+    """Expert-parallel and tensor-parallel layouts of tiny on ``size`` ranks."""
     found = []
     for pp in range(1, size + 1):
         if size % pp:
