@@ -10,6 +10,18 @@ expert sum run in float32.
 NumPy has no bfloat16 GEMM, so on the NumPy backend weights are kept as float32 arrays that
 hold bf16-rounded values (``param``): the same numbers, BLAS speed. Activations are real
 bf16 arrays on both backends, so what travels over MPI is 16-bit words.
+
+bfloat16 on CuPy (ml_dtypes' dtype, CuPy 14) is handled here, in one place:
+
+- GEMMs: ``matmul`` sends bf16 operands to one ``cublasGemmEx`` (float32 accumulation) that
+  writes bf16 or float32 directly: CuPy's own matmul has no float32 output for bf16 inputs.
+  Batched (3-D by 3-D) bf16 products, which CuPy refuses, run on float32 copies.
+- Special functions: ``erfc``/``gelu`` compute in float32 (CuPy's erfc has no bf16 loop);
+  ``gelu`` is one fused elementwise kernel on the GPU.
+- Data movement: ``take_rows``/``put_rows`` gather and scatter 16-bit words, so they do not
+  depend on which indexing kernels CuPy instantiates for bf16; ``argmax`` compares in float32.
+- :func:`bf16_census` lists, op by op, what the installed CuPy does with bf16 (bin/gpu-check
+  prints it), so a gap shows up as a line, not as a crash mid-run.
 """
 from __future__ import annotations
 
@@ -89,6 +101,8 @@ class Backend:
         self.name = choice.name
         self.dtype = storage_dtype(dtype)
         self.dtype_name = dtype
+        self._gemm: CublasGemm | None = None
+        self._gelu_kernel = None
         if self.name == "cupy":
             import cupy
 
@@ -97,8 +111,10 @@ class Backend:
                 warnings.warn(f"more ranks than GPUs on this node: ranks share device "
                               f"{choice.device_id} (fine for tests, not for measurements)")
             self.xp = cupy
+            self.matmul_path = "cublasGemmEx (bf16 in, float32 accumulate)"
         else:
             self.xp = np
+            self.matmul_path = "NumPy float32 BLAS on bf16-rounded values"
         # Fused GPU kernels (an object with attention, expert_ffn, gather_rows,
         # unpermute_weighted) or None: the generic array code runs instead.
         self.kernels = None
@@ -114,13 +130,21 @@ class Backend:
     def on_gpu(self) -> bool:
         return self.name == "cupy"
 
+    @property
+    def stream(self):
+        """The compute stream (CuPy's current stream) on the GPU; None on NumPy."""
+        return self.xp.cuda.get_current_stream() if self.on_gpu else None
+
     def asarray(self, host: np.ndarray, dtype: np.dtype | None = None):
         """Host array -> backend array (a copy on the GPU, a view when possible on NumPy)."""
         arr = self.xp.asarray(host)
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
     def to_host(self, arr) -> np.ndarray:
-        return arr.get() if self.on_gpu else np.asarray(arr)
+        """Backend (or host) array -> host array; synchronises the device when it copies."""
+        if isinstance(arr, np.ndarray) or not self.on_gpu:
+            return np.asarray(arr)
+        return arr.get()
 
     def param(self, host: np.ndarray):
         """A weight in its compute form: bf16 on the GPU; on NumPy float32 holding the same
@@ -137,36 +161,244 @@ class Backend:
         if self.on_gpu:
             self.xp.cuda.get_current_stream().synchronize()
 
+    # --- data movement that must not depend on bf16 support --------------------------
+    # Gathers and scatters copy bits: on the GPU they run on the 16-bit words, so they
+    # work whatever CuPy's indexing kernels support for bfloat16.
+
+    def take_rows(self, x, index):
+        """``x[index]`` along axis 0. x: [n, ...]; index: int backend array [m] ->
+        [m, ...] in x's dtype."""
+        if self.on_gpu and x.dtype.itemsize == 2 and x.dtype != np.float16:
+            return x.view(np.uint16)[index].view(x.dtype)
+        return x[index]
+
+    def put_rows(self, out, index, rows) -> None:
+        """``out[index] = rows`` along axis 0 (rows in out's dtype)."""
+        if self.on_gpu and out.dtype.itemsize == 2 and out.dtype != np.float16:
+            assert rows.dtype == out.dtype, (rows.dtype, out.dtype)
+            out.view(np.uint16)[index] = rows.view(np.uint16)
+        else:
+            out[index] = rows
+
+    def argmax(self, x, axis: int = -1):
+        """First index of the maximum (ties: lowest index) as int64; bf16 is compared in
+        float32 (exact: every bf16 is a float32)."""
+        if x.dtype not in (F32, np.dtype(np.float64)):
+            x = x.astype(F32)
+        return self.xp.argmax(x, axis=axis)
+
     # --- math ------------------------------------------------------------------------
 
     def matmul(self, a, b, out_dtype: np.dtype | None = None):
         """``a @ b`` with float32 accumulation; the result in the storage dtype unless
-        ``out_dtype`` is given (float32 for partial sums that are reduced later)."""
-        out_dtype = self.dtype if out_dtype is None else out_dtype
-        if self.on_gpu:
-            if out_dtype == F32 and a.dtype != F32:
-                return self.xp.matmul(a.astype(F32), b.astype(F32))
-            return self.xp.matmul(a, b).astype(out_dtype, copy=False)
-        return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(
+        ``out_dtype`` is given (float32 for partial sums that are reduced later).
+
+        a: [..., K] (leading dims are flattened for the GEMM), b: [K, N]. On the GPU, bf16
+        operands go to one cublasGemmEx call that writes bf16 or float32 directly: CuPy's
+        matmul has no float32 output for bf16 inputs, and upcasting the weights on every
+        call would cost a full copy of them.
+        """
+        out_dtype = self.dtype if out_dtype is None else np.dtype(out_dtype)
+        if not self.on_gpu:
+            return np.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(
+                out_dtype, copy=False)
+        xp = self.xp
+        if b.ndim == 2 and a.ndim >= 2 and a.dtype == b.dtype == BF16 \
+                and out_dtype in (BF16, F32):
+            lead = a.shape[:-1]
+            out = self._gemm_bf16(a.reshape(-1, a.shape[-1]), b, out_dtype)
+            if out is not None:
+                return out.reshape(*lead, b.shape[1])
+        # float32 operands, mixed dtypes, batched (CuPy's batched matmul has no bf16 path:
+        # it raises TypeError) or a refused GemmEx: a float32 GEMM on float32 copies.
+        return xp.matmul(a.astype(F32, copy=False), b.astype(F32, copy=False)).astype(
             out_dtype, copy=False)
 
+    def _gemm_bf16(self, a, b, out_dtype):
+        """cublasGemmEx, or None (after one warning) where cuBLAS refuses it."""
+        if self._gemm is None:
+            self._gemm = CublasGemm(self.xp)
+        if not self._gemm.usable:
+            return None
+        try:
+            return self._gemm(a, b, out_dtype)
+        except Exception as exc:  # CUBLASError (e.g. NOT_SUPPORTED) or a missing libcublas
+            self._gemm.usable = False
+            self.matmul_path = (f"CuPy float32 matmul on upcast copies (cublasGemmEx failed: "
+                                f"{type(exc).__name__}: {exc})")
+            warnings.warn(f"bf16 GEMM fell back to float32 copies: {self.matmul_path}")
+            return None
+
     def erfc(self, x):
-        """Complementary error function of a float32 array."""
+        """Complementary error function, computed in float32 (CuPy's erfc has no bf16
+        loop; bf16 input is widened first)."""
         if self.on_gpu:
             import cupyx.scipy.special
 
-            return cupyx.scipy.special.erfc(x)
+            return cupyx.scipy.special.erfc(x.astype(F32, copy=False))
         return erfc_numpy(x)
 
-    def gelu(self, x):
-        """Exact (erf) GELU of a float32 array, written as ``x/2 * erfc(-x/sqrt 2)`` so that
-        large negative inputs do not cancel."""
-        return 0.5 * x * self.erfc(x * np.float32(-0.7071067811865476))
+    def gelu(self, x, out=None):
+        """Exact (erf) GELU in float32, written as ``x/2 * erfc(-x/sqrt 2)`` so that large
+        negative inputs do not cancel. ``out`` (float32, x's shape; may be x itself) takes
+        the result without a new allocation. On the GPU it is one elementwise kernel: the
+        unfused form makes four float32 temporaries of x's size (40 GiB for one expert's
+        hidden layer at paper size)."""
+        if self.on_gpu:
+            if self._gelu_kernel is None:
+                self._gelu_kernel = self.xp.ElementwiseKernel(
+                    "float32 x", "float32 y",
+                    "y = 0.5f * x * erfcf(x * -0.70710678118654752f)", "spmd_moe_gelu_erfc")
+            x = x.astype(F32, copy=False)
+            return self._gelu_kernel(x) if out is None else self._gelu_kernel(x, out)
+        value = 0.5 * x * self.erfc(x * np.float32(-0.7071067811865476))
+        if out is None:
+            return value
+        out[...] = value
+        return out
 
     # --- timing ----------------------------------------------------------------------
 
     def timer(self) -> "PhaseTimer":
         return PhaseTimer(self)
+
+
+# cuBLAS / CUDA library enum values (cublas_api.h, library_types.h): part of the C ABI.
+CUDA_R_32F, CUDA_R_16BF = 0, 14
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_OP_N = 0
+CUBLAS_POINTER_MODE_HOST = 0
+_CUDA_TYPE = {BF16: CUDA_R_16BF, F32: CUDA_R_32F}
+
+
+class CublasGemm:
+    """Row-major ``C[m, n] = A[m, k] @ B[k, n]`` by one ``cublasGemmEx``: bf16 A and B,
+    float32 accumulation (CUBLAS_COMPUTE_32F), bf16 or float32 C.
+
+    cuBLAS is column-major: the row-major C is the column-major C^T = B^T A^T, so the call
+    passes B first with the dimensions swapped, and nothing is transposed or copied.
+    """
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.usable = True
+        self._one = np.ones(1, dtype=F32)     # host scalars: read during the call
+        self._zero = np.zeros(1, dtype=F32)
+
+    def __call__(self, a, b, out_dtype, out=None):
+        """``a @ b`` as a new [m, n] array of ``out_dtype``, or written into ``out`` (a
+        C-contiguous [m, n] array of that dtype, e.g. a row block of a larger output)."""
+        cp = self.cupy
+        cublas = cp.cuda.cublas                # loads libcublas on first use
+        a = cp.ascontiguousarray(a)
+        b = cp.ascontiguousarray(b)
+        m, k = a.shape
+        k2, n = b.shape
+        assert k == k2, (a.shape, b.shape)
+        assert max(m, n, k) < 2 ** 31, "cuBLAS dimensions are C ints"
+        if out is None:
+            out = cp.empty((m, n), dtype=out_dtype)
+        assert out.shape == (m, n) and out.dtype == out_dtype and out.flags.c_contiguous
+        if m == 0 or n == 0:
+            return out
+        if k == 0:
+            out.fill(0)
+            return out
+        handle = cp.cuda.device.get_cublas_handle()
+        mode = cublas.getPointerMode(handle)
+        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+        try:
+            cublas.gemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k,
+                          self._one.ctypes.data, b.data.ptr, _CUDA_TYPE[b.dtype], n,
+                          a.data.ptr, _CUDA_TYPE[a.dtype], k,
+                          self._zero.ctypes.data, out.data.ptr, _CUDA_TYPE[out.dtype], n,
+                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        finally:
+            cublas.setPointerMode(handle, mode)
+        return out
+
+
+def bf16_census(bk: Backend) -> dict[str, str]:
+    """Which bfloat16 operations work on this backend, op by op: ``"ok"``, ``"wrong: ..."``
+    or ``"error: ..."``. The raw ``bk.xp`` calls show what the array library supports; the
+    ``bk.`` entries are the backend's own paths, which the engine relies on. Small arrays;
+    for ``spmd-moe info``-style diagnostics and bin/gpu-check, never on a hot path."""
+    xp = bk.xp
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((6, 8), dtype=np.float32).astype(BF16)      # [6, 8]
+    other = rng.standard_normal((8, 5), dtype=np.float32).astype(BF16)     # [8, 5]
+    index_host = np.array([4, 0, 5, 1], dtype=np.int64)
+    results: dict[str, str] = {}
+
+    def check(name, fn, want=None, rtol=0.0):
+        try:
+            got = fn()
+            if want is not None:
+                got_host = bk.to_host(got).astype(np.float64)
+                want64 = np.asarray(want, dtype=np.float64)
+                if got_host.shape != want64.shape:
+                    results[name] = f"wrong: shape {got_host.shape} != {want64.shape}"
+                    return
+                err = float(np.max(np.abs(got_host - want64))) if want64.size else 0.0
+                scale = float(np.max(np.abs(want64))) if want64.size else 1.0
+                if not err <= rtol * max(scale, 1e-30):
+                    results[name] = f"wrong: max abs error {err:.3g} (scale {scale:.3g})"
+                    return
+            results[name] = "ok"
+        except Exception as exc:  # the point: record whatever the library raises
+            results[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+    x = xp.asarray(host)
+    w = xp.asarray(other)
+    index = xp.asarray(index_host)
+    f32 = host.astype(np.float32)
+    ref_mm = f32 @ other.astype(np.float32)
+    check("asarray/to_host round trip", lambda: x, host)
+    check("astype bf16->f32", lambda: x.astype(F32), f32)
+    check("astype f32->bf16", lambda: xp.asarray(f32).astype(BF16), host)
+    check("exp", lambda: xp.exp(x), np.exp(f32).astype(BF16), rtol=1e-2)
+    check("max", lambda: x.max(axis=-1), f32.max(axis=-1))
+    check("sum", lambda: x.sum(axis=-1), f32.sum(axis=-1), rtol=5e-2)
+    check("argmax", lambda: xp.argmax(x, axis=-1), f32.argmax(axis=-1))
+    check("take x[index]", lambda: x[index], host[index_host])
+    check("concatenate", lambda: xp.concatenate([x, x]), np.concatenate([host, host]))
+
+    def scatter():
+        out = xp.zeros((6, 8), dtype=BF16)
+        out[index] = x[:4]
+        return out
+
+    want_scatter = np.zeros((6, 8), dtype=BF16)
+    want_scatter[index_host] = host[:4]
+    check("scatter out[index] = rows", scatter, want_scatter)
+    check("matmul 2-D bf16", lambda: xp.matmul(x, w), ref_mm, rtol=2e-2)
+    check("matmul 3-D bf16 (batched)", lambda: xp.matmul(x[None], w[None]), ref_mm[None],
+          rtol=2e-2)
+    if bk.on_gpu:
+        def cupyx_erfc():
+            import cupyx.scipy.special
+
+            return cupyx.scipy.special.erfc(x)
+
+        check("cupyx erfc", cupyx_erfc, erfc_numpy(f32), rtol=1e-2)
+    wb, xb = bk.param(other), bk.asarray(host)
+    check("bk.matmul -> float32", lambda: bk.matmul(xb, wb, out_dtype=F32), ref_mm, rtol=1e-5)
+    check("bk.matmul -> bf16", lambda: bk.matmul(xb, wb, out_dtype=BF16),
+          ref_mm.astype(BF16), rtol=1e-2)
+    check("bk.gelu", lambda: bk.gelu(xb.astype(F32)),
+          0.5 * f32 * erfc_numpy(f32 * np.float32(-0.7071067811865476)), rtol=1e-6)
+    check("bk.erfc bf16", lambda: bk.erfc(xb), erfc_numpy(f32), rtol=1e-6)
+    check("bk.argmax bf16", lambda: bk.argmax(xb), f32.argmax(axis=-1))
+    check("bk.take_rows", lambda: bk.take_rows(xb, index), host[index_host])
+
+    def put_rows():
+        out = xp.zeros((6, 8), dtype=BF16)
+        bk.put_rows(out, index, xb[:4])
+        return out
+
+    check("bk.put_rows", put_rows, want_scatter)
+    return results
 
 
 def erfc_numpy(x: np.ndarray) -> np.ndarray:

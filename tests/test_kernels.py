@@ -575,59 +575,6 @@ def test_ffn_workspace_from_the_environment(monkeypatch):
     assert make_fake_fused().ffn_workspace_bytes == 32 << 20
 
 
-class FakeCublas:
-    """cublasGemmEx on host memory: column-major operands at raw pointers, leading
-    dimensions, type codes, host alpha/beta, as the C library reads them."""
-
-    TYPES = {0: np.dtype(np.float32), 14: BF16}
-
-    def __init__(self):
-        self.mode = 1   # device pointer mode: the call must switch to host and back
-
-    def getPointerMode(self, handle):
-        return self.mode
-
-    def setPointerMode(self, handle, mode):
-        self.mode = mode
-
-    @staticmethod
-    def _matrix(ptr, dtype, ld, cols):
-        """Column-major [ld, cols] at ptr."""
-        buf = (ctypes.c_char * (ld * cols * dtype.itemsize)).from_address(ptr)
-        return np.frombuffer(buf, dtype).reshape(cols, ld).T
-
-    def gemmEx(self, handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb,
-               beta, c, ctype, ldc, compute, algo):
-        assert self.mode == 0 and transa == transb == 0 and compute == 68
-        assert lda >= m and ldb >= k and ldc >= m
-        alpha = ctypes.c_float.from_address(alpha).value
-        beta = ctypes.c_float.from_address(beta).value
-        a = self._matrix(a, self.TYPES[atype], lda, k)[:m].astype(np.float32)
-        b = self._matrix(b, self.TYPES[btype], ldb, n)[:k].astype(np.float32)
-        out = self._matrix(c, self.TYPES[ctype], ldc, n)
-        out.flags.writeable = True
-        # beta = 0: C is not read (cuBLAS's rule), so NaN poison in it does not leak through.
-        out[:m] = alpha * (a @ b) + (beta * out[:m].astype(np.float32) if beta else 0)
-
-
-def test_cublas_gemm_to_f32_computes_the_row_major_product(monkeypatch):
-    import cupy
-
-    from spmd_moe.kernels.fused import cublas_gemm_to_f32
-
-    fake = FakeCublas()
-    monkeypatch.setitem(vars(cupy.cuda), "cublas", fake)   # not getattr: that loads libcublas
-    monkeypatch.setattr(cupy.cuda.device, "get_cublas_handle", lambda: 7)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((5, 12)).astype(BF16).view(FakeArray)        # [M, K]
-    b = rng.standard_normal((12, 3)).astype(BF16).view(FakeArray)        # [K, N]
-    out = np.full((5, 3), np.nan, np.float32).view(FakeArray)
-    cublas_gemm_to_f32(a, b, out)
-    want = np.asarray(a, np.float32) @ np.asarray(b, np.float32)
-    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)
-    assert fake.mode == 1
-
-
 # --- kernels against float64 NumPy: on the fake device everywhere, on the GPU where usable ---
 
 @pytest.fixture(params=["fake", pytest.param("gpu", marks=pytest.mark.gpu)])

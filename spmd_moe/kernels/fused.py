@@ -44,38 +44,14 @@ def _dtype_name(dtype) -> str:
     raise AssertionError(f"fused kernels take bfloat16 or float32 arrays, not {dtype}")
 
 
-# cuBLAS enum values (cublas_api.h, library_types.h): part of the C ABI.
-CUBLAS_OP_N = 0
-CUBLAS_POINTER_MODE_HOST = 0
-CUDA_R_32F = 0
-CUDA_R_16BF = 14
-CUBLAS_COMPUTE_32F = 68
-CUBLAS_GEMM_DEFAULT_TENSOR_OP = 99
-
-
 def cublas_gemm_to_f32(a, b, out) -> None:
-    """out[M, N] float32 = a[M, K] @ b[K, N] for C-contiguous bf16 a, b: one cublasGemmEx
-    with float32 accumulation and float32 output (cupy.matmul would round to bf16). Runs
-    on the current stream (CuPy sets it on its cuBLAS handle per call)."""
+    """out[M, N] float32 = a[M, K] @ b[K, N] for bf16 a, b: the backend's one cublasGemmEx
+    (float32 accumulation and output; cupy.matmul would round to bf16)."""
     import cupy
 
-    cublas = cupy.cuda.cublas
-    (m, k), n = a.shape, b.shape[1]
-    assert a.dtype == b.dtype == BF16 and out.dtype == F32, (a.dtype, b.dtype, out.dtype)
-    assert b.shape[0] == k and out.shape == (m, n), (a.shape, b.shape, out.shape)
-    assert a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)   # host scalars
-    handle = cupy.cuda.device.get_cublas_handle()
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
-    try:
-        # cuBLAS is column-major: row-major [M, N] is column-major [N, M], so out^T = b^T a^T.
-        cublas.gemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k,
-                      one.ctypes.data, b.data.ptr, CUDA_R_16BF, n, a.data.ptr, CUDA_R_16BF, k,
-                      zero.ctypes.data, out.data.ptr, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT_TENSOR_OP)
-    finally:
-        cublas.setPointerMode(handle, mode)
+    from ..backend import CublasGemm
+
+    CublasGemm(cupy)(a, b, F32, out=out)
 
 
 def _output(cp, out, shape: tuple, dtype):

@@ -1,0 +1,233 @@
+"""``spmd-moe bench`` on the NumPy backend at tiny sizes: every phase timed, FLOPs as counted
+by hand, the SPEC §7 target rows, the transport comparison under mpiexec, and no torch needed.
+Times are checked for being measured (positive), never for being fast."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from spmd_moe import bench
+from spmd_moe.backend import Backend, choose_backend
+from spmd_moe.bench import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES, BenchShape,
+                            layer_flops, layer_targets, run_layer_step, run_transport)
+from spmd_moe.costs import layer_flops as engine_layer_flops
+from spmd_moe.errors import ConfigError
+from spmd_moe.transport import HostMpiTransport
+
+TINY = dict(seqs=3, seq_len=7, d_model=24, d_ff=40, heads=4, experts=4, top_k=2)
+TINY_ARGS = ["--seqs", "3", "--seq-len", "7", "--d-model", "24", "--d-ff", "40", "--heads",
+             "4", "--experts", "4", "--top-k", "2", "--iters", "2", "--warmup", "1", "--quiet"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numpy_backend(dtype="bfloat16"):
+    return Backend(choose_backend("numpy"), dtype)
+
+
+def hand_count(seqs, seq_len, d, d_ff, experts, rows):
+    """FLOPs written out the long way: loops over sequences and query positions."""
+    tokens = seqs * seq_len
+    pairs = sum(i + 1 for _ in range(seqs) for i in range(seq_len))   # causal (query, key)
+    return {
+        "attn_qkv": 3 * (2 * tokens * d * d),       # three [T, d] x [d, d] products
+        "attn_core": pairs * (2 * d + 2 * d),       # q.k over all heads, then p*v
+        "attn_out": 2 * tokens * d * d,
+        "router": 2 * tokens * d * experts,
+        "experts": 2 * rows * d * d_ff + 2 * rows * d_ff * d,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    return run_layer_step(numpy_backend(), BenchShape(**TINY), iters=2, warmup=1, peer="none")
+
+
+def test_every_phase_is_timed(tiny_result):
+    assert tiny_result["kind"] == "layer_step"
+    for phase in LAYER_PHASES:
+        st = tiny_result["phases_ms"][phase]
+        assert len(st["all"]) == 2 and all(t > 0 for t in st["all"]), phase
+        assert st["min"] <= st["mean"] <= st["max"]
+    steps = np.array(tiny_result["step_ms"]["all"])
+    by_phase = np.sum([tiny_result["phases_ms"][p]["all"] for p in LAYER_PHASES], axis=0)
+    assert np.allclose(steps, by_phase)
+    attention = np.sum([tiny_result["phases_ms"][p]["all"] for p in ATTENTION_PHASES], axis=0)
+    assert np.allclose(tiny_result["attention_ms"]["all"], attention)
+    assert all(t > 0 for t in tiny_result["step_wall_ms"]["all"])
+    assert tiny_result["output_finite"]
+
+
+def test_flops_match_a_hand_count(tiny_result):
+    want = hand_count(3, 7, 24, 40, 4, rows=3 * 7 * 2)
+    flops = tiny_result["flops"]
+    for phase in LAYER_PHASES:
+        assert flops[phase] == want.get(phase, 0), phase
+    assert flops["step"] == sum(want.values())
+    assert flops["attention"] == sum(want[p] for p in ("attn_qkv", "attn_core", "attn_out"))
+
+
+def test_flops_agree_with_the_engines_accounting():
+    shape = BenchShape(**TINY, rows=50)
+    ours = layer_flops(shape)
+    model = shape.model()
+    lengths = np.full(shape.seqs, shape.seq_len)
+    engine = engine_layer_flops(model, shape.tokens, lengths, shape.heads, 50, shape.d_ff)
+    assert ours["attn_qkv"] + ours["attn_out"] == engine["attention_proj"]
+    assert ours["attn_core"] == engine["attention_core"]
+    assert ours["router"] == engine["router"]
+    assert ours["experts"] == engine["experts"] == hand_count(3, 7, 24, 40, 4, 50)["experts"]
+
+
+def test_paper_shapes_are_spec_s_60_tflop():
+    flops = layer_flops(BenchShape())
+    assert BenchShape().expert_rows == 160_000
+    assert sum(flops.values()) / 1e12 == pytest.approx(60.2, abs=0.1)   # 60.25
+    assert flops == {**{p: 0.0 for p in LAYER_PHASES},
+                     **hand_count(8, 10000, 4096, 16384, 16, 160_000)}
+
+
+def test_rates_and_mfu_follow_from_flops_and_times(tiny_result):
+    r = tiny_result
+    peak = r["peak"]["tflops"]
+    assert peak > 0 and r["floor_ms"] == pytest.approx(r["flops"]["step"] / (peak * 1e12) * 1e3)
+    for phase in ("attn_qkv", "attn_core", "attn_out", "router", "experts"):
+        tflops = r["flops"][phase] / (r["phases_ms"][phase]["mean"] / 1e3) / 1e12
+        assert r["tflops"][phase] == pytest.approx(tflops)
+        assert r["mfu"][phase] == pytest.approx(tflops / peak)
+    assert "permute" not in r["tflops"]             # no FLOPs counted, no rate claimed
+
+
+def test_targets_are_reported_not_asserted(tiny_result):
+    names = [row["name"] for row in tiny_result["targets"]]
+    assert names == ["whole step vs PyTorch eager", "attention vs SDPA",
+                     "expert FFN vs two GEMMs", "whole step vs matmul floor"]
+    no_peer = [row for row in tiny_result["targets"] if row["reference_ms"] is None]
+    assert len(no_peer) == 3 and all(row["status"].startswith("n/a") for row in no_peer)
+    assert tiny_result["peer"] == {"available": False, "reason": "--peer none"}
+    json.dumps(tiny_result)                          # the JSON file can hold it
+
+
+def test_target_statuses():
+    result = {"phases_ms": {"attn_core": {"mean": 13.0}, "experts": {"mean": 10.0}},
+              "step_ms": {"mean": 100.0}, "floor_ms": 76.0,
+              "peer": {"phases_ms": {"sdpa": {"mean": 10.0}, "ffn_gemms": {"mean": 10.0},
+                                     "eager_step": {"mean": 127.0}}}}
+    rows = {row["name"]: row for row in layer_targets(result)}
+    assert rows["attention vs SDPA"]["ratio"] == pytest.approx(1.3)
+    assert rows["attention vs SDPA"]["status"] == "required met, aim not"
+    assert rows["expert FFN vs two GEMMs"]["status"] == "aim met"
+    assert rows["whole step vs PyTorch eager"]["status"] == "required met, aim not"
+    assert rows["whole step vs matmul floor"]["ratio"] == pytest.approx(100 / 76)
+    result["phases_ms"]["attn_core"]["mean"] = 15.0
+    assert {r["name"]: r for r in layer_targets(result)}["attention vs SDPA"]["status"] == \
+        "missed"
+
+
+def test_expert_rows_can_differ_from_routed_rows():
+    for rows in (5, 100):
+        result = run_layer_step(numpy_backend("float32"), BenchShape(**TINY, rows=rows,
+                                dtype="float32"), iters=1, warmup=0, peer="none")
+        assert result["shape"]["expert_rows"] == rows
+        assert result["flops"]["experts"] == 4 * rows * 24 * 40
+        assert result["output_finite"]
+
+
+def test_bad_shapes_name_the_flag():
+    with pytest.raises(ConfigError, match="--heads"):
+        BenchShape(**{**TINY, "heads": 5}).validate()
+    with pytest.raises(ConfigError, match="--top-k"):
+        BenchShape(**{**TINY, "top_k": 5}).validate()
+    with pytest.raises(ConfigError, match="--rows"):
+        BenchShape(**TINY, rows=0).validate()
+    BenchShape(**{**TINY, "heads": 5}).validate(layer_step=False)   # transport: no heads
+
+
+def test_memory_is_checked_before_allocating():
+    with pytest.raises(ConfigError, match="GiB"):
+        run_layer_step(numpy_backend(), BenchShape(), peer="none", memory_limit=1 << 30)
+
+
+def test_transport_on_one_rank_returns_every_row():
+    bk = numpy_backend()
+    transport = HostMpiTransport(bk)
+    result = run_transport(MPI.COMM_SELF, bk, transport, BenchShape(**TINY), iters=2, warmup=1)
+    transport.free()
+    assert result["roundtrip_ok"] and result["rows_received"] == [3 * 7 * 2]
+    assert set(result["phases_max_ms"]) == set(TRANSPORT_PHASES)
+    assert result["dispatch_combine_ms"]["mean"] > 0 and result["raw_alltoallv_ms"]["mean"] > 0
+    assert result["bytes_sent_per_rank"]["dispatch"]["mean"] == 0     # nothing leaves a rank
+
+
+# --- the command --------------------------------------------------------------------------
+
+def run_cli(args, tmp_path, ranks=None, block_torch=True, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if block_torch:
+        # A torch that cannot be imported, first on the path: the bench must not need it.
+        fake = tmp_path / "no_torch" / "torch"
+        fake.mkdir(parents=True, exist_ok=True)
+        (fake / "__init__.py").write_text("raise ImportError('torch blocked by the test')\n")
+        env["PYTHONPATH"] = f"{tmp_path / 'no_torch'}{os.pathsep}{ROOT}"
+    command = [sys.executable, "-m", "spmd_moe", "bench", *args]
+    if ranks:
+        command = ["mpiexec", "-n", str(ranks), *command]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=tmp_path)
+
+
+def test_cli_layer_step_without_torch(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli(TINY_ARGS + ["--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["kind"] == "layer_step"
+    assert set(result["phases_ms"]) == set(LAYER_PHASES)
+    assert all(result["phases_ms"][p]["mean"] > 0 for p in LAYER_PHASES)
+    assert result["flops"]["step"] == sum(hand_count(3, 7, 24, 40, 4, 42).values())
+    assert result["peer"]["available"] is False
+    assert "torch blocked by the test" in result["peer"]["reason"]
+    assert "SPEC §7 targets" in proc.stdout and "attn_core" in proc.stdout
+
+
+def test_cli_transport_at_two_ranks(tmp_path):
+    out = tmp_path / "transport.json"
+    proc = run_cli(["--transport-only", "--seqs", "2", "--seq-len", "9", "--d-model", "16",
+                    "--experts", "4", "--iters", "2", "--warmup", "1", "--quiet",
+                    "--json", str(out)], tmp_path, ranks=2)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["kind"] == "transport" and result["world_size"] == 2
+    assert result["transport"]["name"] == "mpi-host"
+    assert result["roundtrip_ok"] is True
+    assert sum(result["rows_received"]) == 2 * 2 * 9 * 2          # every routed row arrives
+    assert set(result["phases_max_ms"]) == set(TRANSPORT_PHASES)
+    assert all(result["phases_max_ms"][p]["mean"] > 0 for p in TRANSPORT_PHASES)
+    assert result["dispatch_combine_ms"]["mean"] > 0 and result["raw_alltoallv_ms"]["mean"] > 0
+    assert result["ratio"] == pytest.approx(result["dispatch_combine_ms"]["mean"]
+                                            / result["raw_alltoallv_ms"]["mean"])
+    assert result["target"]["required"] == 1.2
+    assert "rows came back intact: yes" in proc.stdout
+
+
+def test_cli_refuses_the_layer_step_under_mpiexec(tmp_path):
+    proc = run_cli(TINY_ARGS, tmp_path, ranks=2)
+    assert proc.returncode == 2
+    assert proc.stderr.count("spmd-moe: error: bench:") == 1       # rank 0 only
+    assert "--transport-only" in proc.stderr
+
+
+def test_cli_bad_flag_is_one_line(tmp_path):
+    proc = run_cli(TINY_ARGS + ["--heads", "5"], tmp_path)
+    assert proc.returncode == 2
+    assert "spmd-moe: error: --heads:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torch_peer_when_importable():
+    pytest.importorskip("torch")
+    peer = bench.torch_peer(BenchShape(**TINY), iters=1, warmup=0, on_gpu=False)
+    assert peer["available"] and not peer["errors"], peer
+    assert set(peer["phases_ms"]) == {"sdpa", "ffn_gemms", "ffn_gelu", "eager_step"}
