@@ -1,12 +1,1124 @@
-"""``spmd-moe plan --predict``: placeholder until its issue lands."""
+"""``spmd-moe plan --predict``: a performance model of this engine on a GPU cluster.
+
+Inputs: the model and workload (config), a layout, a cluster (GPUs per node; NVLink and
+InfiniBand bandwidth and latency per GPU; :class:`Cluster`) and kernel rates (GEMM,
+attention, expert FFN, memory bandwidth, per-operation overhead; :class:`Rates`, defaults
+from an H100 until ``--calibration`` replaces them). Output: per-phase time of a layer,
+per-stage time, the pipeline's makespan and bubble, tokens/s, and "ms/token" in its three
+readings. docs/CLUSTER.md derives the equations; in short:
+
+- compute, per rank, layer and micro-batch: each GEMM ``max(flops / rate, bytes / hbm)``
+  (a roofline: bandwidth-bound at decode, compute-bound at prefill), FLOPs from
+  :func:`costs.layer_flops`; elementwise work (norms, RoPE, residuals, un-fused GELU) as
+  passes over float32 arrays at ``hbm``; plus ``op_us`` per array operation.
+- communication, from the bytes :func:`costs.rank_cost` says each rank sends, spread over
+  peers as balanced routing spreads them: Alltoallv (dispatch, combine, count exchange)
+  ``sum_peers alpha + max(intra bytes / B_nvlink, inter bytes / B_ib)``, sends and receives
+  alike (ranks placed ``r // gpus_per_node``, as bin/launch maps them); ring allreduce
+  ``2 (P-1) alpha + bytes_sent / B`` with B the slowest link of the ring; stage to stage
+  ``alpha + bytes / B``.
+- bulk-synchronous layer: a phase lasts as long as the slowest rank of the stage needs.
+- pipeline: stage s starts micro-batch m when it has finished m-1 and m has arrived from
+  s-1 (``C[s][m] = max(C[s-1][m] + hop, C[s][m-1]) + tau[s][m]``); the makespan is the
+  last stage's last finish; the bubble is the share of it the busiest stage sits idle.
+- decode step: the same pipeline with one token per live sequence, attention reading a KV
+  cache of ``seq_len + new_tokens/2`` positions per sequence (the mean over the steps).
+
+Nothing overlaps communication with computation, because the engine does not. Routing is
+balanced unless ``--routing-imbalance`` says how much busier the busiest expert rank is
+(:func:`measured_imbalance` reads it off a run's ``expert_counts``). ``--against REPORT``
+sets a prediction beside a measured run; :func:`measure_cpu_rates` and
+:func:`measure_mpi_links` calibrate the model on a CPU machine (bin/calibrate-local).
+
+Notation: t tokens of a micro-batch on one rank, T the stage's tokens of it, d width,
+w = heads*Dh this rank's attention width, f this rank's F slice, E experts, El local
+experts, k top-k, s storage bytes, p parameter bytes, P ranks in a stage, M micro-batches.
+"""
 from __future__ import annotations
 
-from .errors import ConfigError
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+import numpy as np
+
+from .config import Layout, RunConfig
+from .costs import GIB, layer_flops, rank_cost
+from .errors import ConfigError, LayoutError
+from .topology import Grid
+
+# --- the cluster ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """GPUs per node, and per-GPU, per-direction link bandwidth (bytes/s) and latency (s)
+    inside a node (NVLink) and between nodes (the GPU's own InfiniBand NIC)."""
+
+    name: str
+    gpus_per_node: int
+    intra_bandwidth: float
+    intra_latency: float
+    inter_bandwidth: float
+    inter_latency: float
+    nodes: int | None = None
+    source: str = ""
+
+    def node_of(self, rank: int) -> int:
+        """Ranks fill nodes in order (bin/launch: --map-by ppr:G:node / -ppn G)."""
+        return rank // self.gpus_per_node
+
+    def link(self, a: int, b: int) -> tuple[float, float]:
+        """(bandwidth, latency) between world ranks ``a`` and ``b``."""
+        if self.node_of(a) == self.node_of(b):
+            return self.intra_bandwidth, self.intra_latency
+        return self.inter_bandwidth, self.inter_latency
+
+
+CLUSTERS = {
+    # docs/CLUSTER.md gives the sources: DGX/HGX H100 (NVLink 4: 18 links x 25 GB/s = 450
+    # GB/s per direction per GPU; one ConnectX-7 400 Gb/s NDR NIC per GPU).
+    "h100-ib": Cluster("h100-ib", gpus_per_node=8, intra_bandwidth=450e9, intra_latency=3e-6,
+                       inter_bandwidth=400e9 / 8, inter_latency=5e-6, nodes=32,
+                       source="built-in: HGX H100 8-GPU nodes, NVLink 4, 400 Gb/s NDR per "
+                              "GPU (nominal, see docs/CLUSTER.md)"),
+}
+
+_CLUSTER_KEYS = {"name", "gpus_per_node", "nodes", "intra_node", "inter_node", "source",
+                 "comment"}
+_LINK_KEYS = {"bandwidth_gbytes_per_s", "bandwidth_gbits_per_s", "latency_us", "comment"}
+
+
+def _number(where: str, value: Any, integer: bool = False, minimum: float = 0.0,
+            strict: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok or not math.isfinite(value):
+        kind = "a positive integer" if integer else (
+            "a positive number" if strict else f"a number >= {minimum:g}")
+        raise ConfigError(where, f"{value!r} must be {kind}")
+    return int(value) if integer else float(value)
+
+
+def cluster_from_dict(data: Any, source: str = "cluster") -> Cluster:
+    """A cluster from its JSON form (docs/CLUSTER.md)::
+
+        {"name": "my-cluster", "gpus_per_node": 8, "nodes": 32,
+         "intra_node": {"bandwidth_gbytes_per_s": 450, "latency_us": 3},
+         "inter_node": {"bandwidth_gbits_per_s": 400, "latency_us": 5}}
+
+    Errors name the field (``cluster.inter_node.latency_us: ...``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, "a cluster description must be a JSON object")
+    unknown = sorted(set(data) - _CLUSTER_KEYS)
+    if unknown:
+        raise ConfigError(f"cluster.{unknown[0]}", f"unknown field; known: "
+                                                   f"{', '.join(sorted(_CLUSTER_KEYS))}")
+    for key in ("gpus_per_node", "intra_node", "inter_node"):
+        if key not in data:
+            raise ConfigError(f"cluster.{key}", "missing")
+    gpus = _number("cluster.gpus_per_node", data["gpus_per_node"], integer=True)
+    nodes = data.get("nodes")
+    if nodes is not None:
+        nodes = _number("cluster.nodes", nodes, integer=True)
+    links = {}
+    for section in ("intra_node", "inter_node"):
+        link = data[section]
+        where = f"cluster.{section}"
+        if not isinstance(link, dict):
+            raise ConfigError(where, "must be an object with bandwidth_gbytes_per_s (or "
+                                     "bandwidth_gbits_per_s) and latency_us")
+        unknown = sorted(set(link) - _LINK_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", f"unknown field; known: "
+                                                       f"{', '.join(sorted(_LINK_KEYS))}")
+        given = [k for k in ("bandwidth_gbytes_per_s", "bandwidth_gbits_per_s") if k in link]
+        if len(given) != 1:
+            raise ConfigError(f"{where}.bandwidth_gbytes_per_s",
+                              "give exactly one of bandwidth_gbytes_per_s (GB/s) and "
+                              "bandwidth_gbits_per_s (Gb/s)")
+        value = _number(f"{where}.{given[0]}", link[given[0]])
+        bandwidth = value * 1e9 if given[0] == "bandwidth_gbytes_per_s" else value * 1e9 / 8
+        if "latency_us" not in link:
+            raise ConfigError(f"{where}.latency_us", "missing")
+        latency = _number(f"{where}.latency_us", link["latency_us"], minimum=0.0,
+                          strict=False) * 1e-6
+        links[section] = (bandwidth, latency)
+    name = data.get("name", source)
+    if not isinstance(name, str):
+        raise ConfigError("cluster.name", f"{name!r} must be a string")
+    return Cluster(name, gpus, links["intra_node"][0], links["intra_node"][1],
+                   links["inter_node"][0], links["inter_node"][1], nodes,
+                   str(data.get("source", f"file {source}")))
+
+
+def cluster_to_dict(cluster: Cluster) -> dict:
+    return {"name": cluster.name, "gpus_per_node": cluster.gpus_per_node,
+            "nodes": cluster.nodes, "source": cluster.source,
+            "intra_node": {"bandwidth_gbytes_per_s": cluster.intra_bandwidth / 1e9,
+                           "latency_us": cluster.intra_latency * 1e6},
+            "inter_node": {"bandwidth_gbytes_per_s": cluster.inter_bandwidth / 1e9,
+                           "latency_us": cluster.inter_latency * 1e6}}
+
+
+def load_cluster(name_or_path: str | None) -> Cluster:
+    """A built-in cluster by name (``h100-ib``) or a JSON file."""
+    if not name_or_path:
+        return CLUSTERS["h100-ib"]
+    if name_or_path in CLUSTERS:
+        return CLUSTERS[name_or_path]
+    data = _read_json(name_or_path, "--cluster",
+                      f"not a built-in cluster ({', '.join(CLUSTERS)}) nor a readable file")
+    return cluster_from_dict(data, name_or_path)
+
+
+def _read_json(path: str, flag: str, missing: str) -> Any:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(flag, f"{path!r}: {missing}") from None
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(flag, f"{path} is not valid JSON: {exc}") from None
+
+
+# --- kernel rates --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rates:
+    """What one device sustains. ``expert_tflops``: the expert FFN (two GEMMs and the
+    GELU) as one unit; 0 means "GEMM rate, GELU fused" on the GPU and "GEMM rate plus
+    un-fused GELU passes" on NumPy. ``op_us``: fixed cost per array operation (a kernel
+    launch, a NumPy call). ``source`` says where each number came from."""
+
+    gemm_tflops: float
+    attention_tflops: float
+    hbm_gbps: float
+    expert_tflops: float = 0.0
+    op_us: float = 0.0
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def gemm(self) -> float:
+        return self.gemm_tflops * 1e12
+
+    @property
+    def attention(self) -> float:
+        return self.attention_tflops * 1e12
+
+    @property
+    def expert(self) -> float:
+        return (self.expert_tflops or self.gemm_tflops) * 1e12
+
+    @property
+    def hbm(self) -> float:
+        return self.hbm_gbps * 1e9
+
+
+_DEFAULT_SOURCE = "default (H100 SXM bf16 assumption; replace with --calibration)"
+# docs/CLUSTER.md: SPEC §7's 790 TFLOP/s GEMM floor; FlashAttention-2/cuDNN-class causal
+# attention at Dh=128 (~500 TFLOP/s counting causal FLOPs); 3.35 TB/s HBM3 at ~90%; ~8 us
+# per CuPy kernel launch from Python.
+DEFAULT_RATES = Rates(gemm_tflops=790.0, attention_tflops=500.0, hbm_gbps=3000.0,
+                      expert_tflops=0.0, op_us=8.0,
+                      source={k: _DEFAULT_SOURCE for k in
+                              ("gemm_tflops", "attention_tflops", "hbm_gbps", "op_us")})
+RATE_KEYS = ("gemm_tflops", "attention_tflops", "hbm_gbps", "expert_tflops", "op_us")
+# Other spellings of the same rates (all carry their unit, so none can be mistaken).
+RATE_ALIASES = {
+    "gemm_tflops": ("gemm_tflops", "matmul_tflops", "dense_tflops"),
+    "attention_tflops": ("attention_tflops", "attn_tflops", "attn_core_tflops"),
+    "hbm_gbps": ("hbm_gbps", "memory_gbps", "hbm_bandwidth_gbps", "memory_bandwidth_gbps"),
+    "expert_tflops": ("expert_tflops", "expert_ffn_tflops", "ffn_tflops"),
+    "op_us": ("op_us", "launch_us", "op_overhead_us"),
+}
+# ``spmd-moe bench --json`` (layer step): its per-phase TFLOP/s and the measured matmul peak.
+BENCH_PATHS = {
+    "gemm_tflops": (("tflops", "attn_qkv"), ("peak", "tflops")),
+    "attention_tflops": (("tflops", "attn_core"),),
+    "expert_tflops": (("tflops", "experts"),),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _find_key(data: Any, names: tuple[str, ...], depth: int = 0):
+    """The first value under one of ``names``, searching nested objects breadth-first;
+    (value, dotted path) or None."""
+    if not isinstance(data, dict) or depth > 4:
+        return None
+    for name in names:
+        if name in data:
+            return data[name], name
+    for key, value in data.items():
+        found = _find_key(value, names, depth + 1)
+        if found is not None:
+            return found[0], f"{key}.{found[1]}"
+    return None
+
+
+def rates_from_dict(data: Any, source: str = "calibration", base: Rates = DEFAULT_RATES) -> Rates:
+    """Rates from a calibration JSON, tolerant of its layout. In order:
+
+    1. the documented form ``{"rates": {"gemm_tflops": .., "attention_tflops": ..,
+       "hbm_gbps": .., ["expert_tflops": .., "op_us": ..]}}`` (bin/calibrate-local writes
+       it; a few unit-carrying spellings are accepted, RATE_ALIASES);
+    2. ``spmd-moe bench --json`` layer-step output: ``tflops.attn_qkv`` (else the measured
+       ``peak.tflops``) as the GEMM rate, ``tflops.attn_core`` as attention,
+       ``tflops.experts`` as the expert FFN;
+    3. the rate names anywhere else in the document (nested up to 4 levels);
+    4. a ``spmd-moe run --report`` JSON: its measured ``peak_tflops`` as the GEMM rate.
+
+    Rates not found keep their defaults; ``source`` says which came from where. A rate that
+    is found but not a positive number is refused, naming its path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(source, "a calibration must be a JSON object")
+    found: dict[str, float] = {}
+    sources = dict(base.source)
+
+    def take(key: str, value: Any, path: str) -> None:
+        zero_ok = key in ("expert_tflops", "op_us")
+        found[key] = _number(f"{source}: {path}", value, minimum=0.0, strict=not zero_ok)
+        sources[key] = f"{source}: {path}"
+
+    if "rates" in data:
+        if not isinstance(data["rates"], dict):
+            raise ConfigError(f"{source}: rates", "must be an object {gemm_tflops, "
+                                                  "attention_tflops, hbm_gbps}")
+        for key in RATE_KEYS:
+            for name in RATE_ALIASES[key]:
+                if name in data["rates"]:
+                    take(key, data["rates"][name], f"rates.{name}")
+                    break
+    if isinstance(data.get("tflops"), dict):
+        for key, paths in BENCH_PATHS.items():
+            for path in paths:
+                value = data.get(path[0], {}).get(path[1]) if isinstance(
+                    data.get(path[0]), dict) else None
+                if key not in found and _is_number(value):
+                    take(key, value, ".".join(path))
+    for key in RATE_KEYS:
+        if key not in found:
+            hit = _find_key({k: v for k, v in data.items() if k != "rates"},
+                            RATE_ALIASES[key])
+            if hit is not None:
+                take(key, *hit)
+    if "gemm_tflops" not in found and _is_number(data.get("peak_tflops")):
+        take("gemm_tflops", data["peak_tflops"], "peak_tflops")
+    if not found:
+        raise ConfigError(source, "no rate found: expected {\"rates\": {\"gemm_tflops\", "
+                                  "\"attention_tflops\", \"hbm_gbps\"}} (docs/CLUSTER.md)")
+    return replace(base, **found, source=sources)
+
+
+def load_rates(path: str | None) -> Rates:
+    if not path:
+        return DEFAULT_RATES
+    return rates_from_dict(_read_json(path, "--calibration", "file not found"), path)
+
+
+# --- compute ---------------------------------------------------------------------------
+
+# Bytes one elementwise pass over a float32 array moves per element (two reads, a write).
+PASS_BYTES = 12
+# Un-fused elementwise passes per element of [t, d] (or [t, w], [t, E], [R, f]) arrays,
+# counted in model.py, router.py, moe_layer.py and backend.gelu's NumPy form.
+PASSES = {
+    "norm": 5,            # astype, x*x, mean, *inv, *gain
+    "rope": 9,            # per q and k: concat of negated halves, 2 products, a sum
+    "residual": 3,        # astype, add, store
+    "softmax": 5,         # max, subtract, exp, sum, divide over [t, E]
+    "topk": 3,            # argmax, gather, mask per k over [t, E]
+    "unpermute": 3,       # per k: astype, weight, accumulate over [t, d]
+    "gelu_numpy": 40,     # erfc in float64: ~30 float64 passes ~ 40 float32-pass equivalents
+}
+# Array operations per phase (each costs ``op_us``): a count of the calls the engine makes.
+OPS = {"attention": 40, "attention_per_sequence": 14, "router": 27, "permute": 8,
+       "count_exchange": 2, "dispatch": 2, "experts_per_expert": 8, "combine": 2,
+       "unpermute": 10, "residual": 3, "embed": 1, "lm_head": 12, "stage_send": 1}
+
+
+def gemm_time(m: float, k: int, n: int, rate: float, hbm: float, in_bytes: int,
+              weight_bytes: int, out_bytes: int) -> float:
+    """[m, k] x [k, n]: compute- or memory-bound, whichever is slower."""
+    if m <= 0:
+        return 0.0
+    flops = 2.0 * m * k * n
+    moved = m * k * in_bytes + k * n * weight_bytes + m * n * out_bytes
+    return max(flops / rate, moved / hbm)
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """What one rank of a layout computes per layer, independent of the batch."""
+
+    d: int
+    width: int          # heads * Dh on this rank
+    heads: int
+    head_dim: int
+    ff: int             # F slice
+    experts: int        # E
+    local_experts: int  # El (all E under TP)
+    top_k: int
+    vocab: int
+    item: int           # storage bytes
+    param_item: int     # weight bytes as the backend keeps them
+    tp: int
+    numpy: bool
+
+
+def rank_shape(config: RunConfig, grid: Grid, backend: str) -> RankShape:
+    model = config.model
+    item = 2 if model.dtype == "bfloat16" else 4
+    return RankShape(model.d_model, len(grid.heads) * model.head_dim, len(grid.heads),
+                     model.head_dim, len(grid.ff_columns), model.n_experts, len(grid.experts),
+                     model.top_k, model.vocab_size, item,
+                     4 if backend == "numpy" else item, grid.layout.tp, backend == "numpy")
+
+
+def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np.ndarray,
+                  routed_rows: float, context: np.ndarray | None = None) -> dict[str, float]:
+    """Seconds of computation per phase for one layer on one rank.
+
+    ``lengths``: new tokens of each of the rank's sequences in this micro-batch;
+    ``routed_rows``: rows its experts process; ``context``: for a decode step, the keys each
+    sequence attends to (None: a prefill, keys = the new tokens).
+    """
+    s, p, d, w, f = shape.item, shape.param_item, shape.d, shape.width, shape.ff
+    t = int(np.sum(lengths))
+    hbm, op = rates.hbm, rates.op_us * 1e-6
+    k = shape.top_k
+    flops = layer_flops(config.model, t, lengths, shape.heads, routed_rows, f)
+    passes = lambda n_passes, elements: n_passes * elements * PASS_BYTES / hbm  # noqa: E731
+
+    # Attention: q, k, v, o projections; the core; norm, RoPE, residual add.
+    partial = 4 if shape.tp > 1 else s        # TP: float32 partial sums for the allreduce
+    proj = 3 * gemm_time(t, d, w, rates.gemm, hbm, s, p, s) + \
+        gemm_time(t, w, d, rates.gemm, hbm, s, p, partial)
+    if context is None:
+        core_flops = flops["attention_core"]
+        core_bytes = 4 * t * w * s
+    else:
+        keys = float(np.sum(context))
+        core_flops = 4.0 * w * keys                   # q.K and p.V for one query per sequence
+        core_bytes = 2 * keys * w * s + 2 * t * w * s
+    core = max(core_flops / rates.attention, core_bytes / hbm) if t else 0.0
+    n_seqs = int(np.count_nonzero(lengths))
+    attention = proj + core + passes(PASSES["norm"] + PASSES["residual"], t * d) + \
+        passes(PASSES["rope"], t * w)
+    attention += op * (OPS["attention"] + (OPS["attention_per_sequence"] * n_seqs
+                                           if shape.numpy else 1))
+
+    router = gemm_time(t, d, shape.experts, rates.gemm, hbm, s, p, 4) + \
+        passes(PASSES["norm"], t * d) + \
+        passes(PASSES["softmax"] + PASSES["topk"] * k, t * shape.experts) + op * OPS["router"]
+    permute = 2 * t * k * d * s / hbm + op * OPS["permute"]
+
+    # Experts: El experts, routed_rows rows between them, two GEMMs and a GELU each.
+    rows = routed_rows
+    expert_bytes = (shape.local_experts * 2 * d * f * p
+                    + rows * (2 * d * s + 2 * f * s))
+    experts = max(flops["experts"] / rates.expert, expert_bytes / hbm) if rows else 0.0
+    if shape.numpy and not rates.expert_tflops:
+        experts += passes(PASSES["gelu_numpy"], rows * f)
+    experts += op * OPS["experts_per_expert"] * shape.local_experts
+
+    unpermute = (2 * t * k * d * s) / hbm + passes(PASSES["unpermute"] * k, t * d) + \
+        op * OPS["unpermute"]
+    residual = passes(PASSES["residual"], t * d) + op * OPS["residual"]
+    return {"attention": attention, "router": router, "permute": permute,
+            "experts": experts, "unpermute": unpermute, "residual": residual}
+
+
+def embed_time(shape: RankShape, rates: Rates, tokens: int) -> float:
+    return 2 * tokens * shape.d * shape.item / rates.hbm + rates.op_us * 1e-6 * OPS["embed"]
+
+
+def lm_head_time(shape: RankShape, rates: Rates, sequences: int) -> float:
+    if sequences == 0:
+        return 0.0
+    return gemm_time(sequences, shape.d, shape.vocab, rates.gemm, rates.hbm, shape.item,
+                     shape.param_item, 4) + rates.op_us * 1e-6 * OPS["lm_head"]
+
+
+# --- communication ---------------------------------------------------------------------
+
+def alltoallv_time(cluster: Cluster, ranks: list[int], sent: list[float]) -> float:
+    """A balanced Alltoallv among world ``ranks``: rank i sends ``sent[i]`` bytes in all,
+    split evenly over its P-1 peers. Each rank pays the latency of every peer and moves its
+    NVLink and InfiniBand shares (sent and received) at once; the slowest rank sets the
+    time."""
+    peers = len(ranks)
+    if peers < 2:
+        return 0.0
+    worst = 0.0
+    for i, me in enumerate(ranks):
+        out = {"intra": 0.0, "inter": 0.0}
+        into = {"intra": 0.0, "inter": 0.0}
+        latency = 0.0
+        for j, other in enumerate(ranks):
+            if j == i:
+                continue
+            _, alpha = cluster.link(me, other)
+            kind = "intra" if cluster.node_of(me) == cluster.node_of(other) else "inter"
+            out[kind] += sent[i] / (peers - 1)
+            into[kind] += sent[j] / (peers - 1)
+            latency += alpha
+        moving = max(out["intra"] / cluster.intra_bandwidth, into["intra"] /
+                     cluster.intra_bandwidth, out["inter"] / cluster.inter_bandwidth,
+                     into["inter"] / cluster.inter_bandwidth)
+        worst = max(worst, latency + moving)
+    return worst
+
+
+def allreduce_time(cluster: Cluster, ranks: list[int], sent: float) -> float:
+    """Ring allreduce in which each rank sends ``sent`` bytes (2 (P-1)/P of the buffer):
+    2 (P-1) steps of the ring's slowest link."""
+    peers = len(ranks)
+    if peers < 2:
+        return 0.0
+    one_node = len({cluster.node_of(r) for r in ranks}) == 1
+    bandwidth, alpha = ((cluster.intra_bandwidth, cluster.intra_latency) if one_node
+                        else (cluster.inter_bandwidth, cluster.inter_latency))
+    return 2 * (peers - 1) * alpha + sent / bandwidth
+
+
+def p2p_time(cluster: Cluster, source: int, dest: int, nbytes: float) -> float:
+    bandwidth, alpha = cluster.link(source, dest)
+    return alpha + nbytes / bandwidth
+
+
+# --- the prediction --------------------------------------------------------------------
+
+COMPUTE_PHASES = ("attention", "router", "permute", "experts", "unpermute", "residual")
+COMM_PHASES = ("attn_allreduce", "count_exchange", "dispatch", "combine")
+LAYER_ORDER = ("attention", "attn_allreduce", "router", "permute", "count_exchange",
+               "dispatch", "experts", "combine", "unpermute", "residual")
+
+
+@dataclass
+class _StagePass:
+    """One stage running one micro-batch: its time and what each rank spent per phase."""
+
+    seconds: float
+    per_rank: list[dict[str, float]]     # phase -> seconds, per group rank
+    hop: float                           # sending the result to the next stage
+    layer: dict[str, float]              # one layer's phases (max over ranks)
+
+
+def _micro_lengths(config: RunConfig, layout: Layout, lengths: np.ndarray,
+                   rank: int) -> list[np.ndarray]:
+    grid = Grid(layout, config.model, rank)
+    return [lengths[r.start:r.stop] for r in
+            grid.micro_batches(len(lengths), config.workload.micro_batches)]
+
+
+def scaled_bytes(costs: list, tokens: list[int], n_layers: int, tp: int,
+                 imbalance: float = 1.0) -> list[dict[str, float]]:
+    """Bytes each rank of a stage sends per layer for one micro-batch (``tokens[g]``: group
+    rank g's new tokens in it), scaled from ``costs`` (:func:`costs.rank_cost` of the whole
+    forward): every entry is linear in the rank's tokens, except the expert-parallel
+    combine, which is linear in the rows the rank's experts received (the stage's tokens,
+    times ``imbalance`` for the busiest rank). ``stage_send`` is the one message per stage
+    pass (costs.py spreads it over the stage's layers)."""
+    stage_tokens, stage_total = sum(tokens), sum(c.tokens for c in costs)
+    out = []
+    for g, cost in enumerate(costs):
+        own = tokens[g] / cost.tokens if cost.tokens else 0.0
+        routed = stage_tokens / stage_total if stage_total else 0.0
+        row = {}
+        for key, value in cost.send_bytes_per_layer.items():
+            if key == "stage_send":
+                row[key] = value * n_layers * own
+            elif key == "combine" and tp == 1:
+                row[key] = value * routed * imbalance
+            else:
+                row[key] = value * own
+        out.append(row)
+    return out
+
+
+def bytes_per_micro_batch(config: RunConfig, layout: Layout, lengths: np.ndarray) -> list:
+    """For every world rank, per micro-batch, the bytes the model moves per layer (balanced
+    routing): ``[rank][m] -> {"dispatch" | "combine" | "attn_allreduce" | "stage_send":
+    bytes}``. Summed over micro-batches they are :func:`costs.rank_cost`'s."""
+    out = []
+    for rank in range(layout.world_size):
+        grid = Grid(layout, config.model, rank)
+        stage = [grid.stage * layout.group + g for g in range(layout.group)]
+        costs = [rank_cost(config, Grid(layout, config.model, r), lengths) for r in stage]
+        micro = [_micro_lengths(config, layout, lengths, r) for r in stage]
+        out.append([scaled_bytes(costs, [int(mb[m].sum()) for mb in micro], len(grid.layers),
+                                 layout.tp)[grid.group_rank] for m in range(len(micro[0]))])
+    return out
+
+
+def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
+                backend: str, stage: int, micro: list[list[np.ndarray]], m: int,
+                costs: list, decode_context: float | None, imbalance: float) -> _StagePass:
+    """Stage ``stage`` running micro-batch ``m`` (``micro[g][m]``: the lengths of group
+    rank g's sequences in it). ``imbalance``: routed rows of a stage's busiest expert rank
+    over the mean (1: balanced routing); the bulk-synchronous stage runs at its pace."""
+    group = layout.group
+    ranks = [stage * group + g for g in range(group)]
+    grids = [Grid(layout, config.model, r) for r in ranks]
+    n_layers = len(grids[0].layers)
+    new = [np.ones(len(micro[g][m]), dtype=np.int64) if decode_context is not None
+           else micro[g][m] for g in range(group)]
+    tokens = [int(x.sum()) for x in new]
+    stage_tokens = sum(tokens)
+    k = config.model.top_k
+    sent = scaled_bytes(costs, tokens, n_layers, layout.tp, imbalance)
+    per_rank = []
+    for g, grid in enumerate(grids):
+        shape = rank_shape(config, grid, backend)
+        routed_rows = (tokens[g] * k if layout.tp > 1
+                       else stage_tokens * k / layout.ep * imbalance)
+        context = None
+        if decode_context is not None:
+            context = np.full(len(new[g]), decode_context)
+        phases = layer_compute(config, shape, rates, new[g], routed_rows, context)
+        per_rank.append(phases)
+    # Communication: the same time for every rank of the stage (collectives).
+    comm: dict[str, float] = {}
+    if layout.tp > 1:
+        comm["attn_allreduce"] = allreduce_time(cluster, ranks, max(
+            s.get("attn_allreduce", 0.0) for s in sent))
+        comm["combine"] = allreduce_time(cluster, ranks, max(s.get("combine", 0.0)
+                                                             for s in sent))
+    elif group > 1:
+        local = len(grids[0].experts)
+        comm["count_exchange"] = alltoallv_time(cluster, ranks, [8.0 * local * (group - 1)]
+                                                * group)
+        comm["dispatch"] = alltoallv_time(cluster, ranks, [s["dispatch"] for s in sent])
+        comm["combine"] = alltoallv_time(cluster, ranks, [s["combine"] for s in sent])
+    op = rates.op_us * 1e-6
+    for name in comm:
+        comm[name] += op * OPS.get(name, 2)
+    layer = {name: max(p[name] for p in per_rank) for name in COMPUTE_PHASES}
+    layer.update(comm)
+    for phases in per_rank:
+        phases.update(comm)
+        for name in list(phases):
+            phases[name] *= n_layers
+    seconds = sum(layer.values()) * n_layers
+    shape0 = rank_shape(config, grids[0], backend)
+    if grids[0].is_first_stage:
+        embed = max(embed_time(shape0, rates, t) for t in tokens)
+        seconds += embed
+        for phases in per_rank:
+            phases["embed"] = embed
+    if grids[0].is_last_stage:
+        head = max(lm_head_time(shape0, rates, len(new[g])) if grids[g].writes_outputs
+                   else 0.0 for g in range(group))
+        seconds += head
+        for phases in per_rank:
+            phases["lm_head"] = head
+        hop = 0.0
+    else:
+        hop = max(p2p_time(cluster, r, r + group, s.get("stage_send", 0.0))
+                  for r, s in zip(ranks, sent))
+        hop += op * OPS["stage_send"]
+        for phases, s in zip(per_rank, sent):
+            phases["stage_send"] = op * OPS["stage_send"]
+    return _StagePass(seconds, per_rank, hop, layer)
+
+
+def _pipeline(passes: list[list[_StagePass]]) -> tuple[float, list[list[float]]]:
+    """Makespan of stages x micro-batches in order, and each (stage, micro-batch)'s wait
+    for its input (what the engine reports as stage_recv)."""
+    stages, micro = len(passes), len(passes[0])
+    finish = [[0.0] * micro for _ in range(stages)]
+    wait = [[0.0] * micro for _ in range(stages)]
+    for s in range(stages):
+        for m in range(micro):
+            ready = finish[s][m - 1] if m else 0.0
+            arrive = finish[s - 1][m] + passes[s - 1][m].hop if s else 0.0
+            start = max(ready, arrive)
+            wait[s][m] = max(0.0, arrive - ready) if s else 0.0
+            finish[s][m] = start + passes[s][m].seconds
+    return max(finish[s][-1] for s in range(stages)), wait
+
+
+def _run(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates, backend: str,
+         lengths: np.ndarray, decode_context: float | None, imbalance: float) -> dict:
+    """Simulate one prefill (``decode_context`` None) or one decode step."""
+    group = layout.group
+    micro = {r: _micro_lengths(config, layout, lengths, r) for r in range(layout.world_size)}
+    costs = {r: rank_cost(config, Grid(layout, config.model, r), lengths, backend)
+             for r in range(layout.world_size)}
+    passes = []
+    for s in range(layout.pp):
+        ranks = range(s * group, (s + 1) * group)
+        stage_micro = [micro[r] for r in ranks]
+        stage_costs = [costs[r] for r in ranks]
+        passes.append([_stage_pass(config, layout, cluster, rates, backend, s, stage_micro, m,
+                                   stage_costs, decode_context, imbalance)
+                       for m in range(len(stage_micro[0]))])
+    makespan, wait = _pipeline(passes)
+    totals: list[dict[str, float]] = []
+    for s, row in enumerate(passes):
+        for g in range(group):
+            phases: dict[str, float] = {}
+            for m, stage_pass in enumerate(row):
+                for name, value in stage_pass.per_rank[g].items():
+                    phases[name] = phases.get(name, 0.0) + value
+                if s:
+                    phases["stage_recv"] = phases.get("stage_recv", 0.0) + wait[s][m]
+            totals.append(phases)
+    busy = [sum(p.seconds for p in row) for row in passes]
+    # The largest micro-batch's layer on the busiest stage: the "per layer" table.
+    busiest = int(np.argmax(busy))
+    biggest = max(passes[busiest], key=lambda p: p.seconds)
+    return {"makespan": makespan, "stage_busy": busy, "rank_phases": totals,
+            "layer": biggest.layer, "hop": max(p.hop for row in passes for p in row),
+            "micro_batches": len(passes[0])}
+
+
+def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
+            backend: str = "cupy", device_bytes: float = 80 * GIB,
+            imbalance: float = 1.0) -> dict:
+    """The prediction for one deployment (a JSON-able dict; format_prediction prints it).
+
+    Prefill of the config's batch (all tokens real) through the pipeline, then one decode
+    step of the same batch at a context of ``seq_len + new_tokens/2`` (new_tokens: the
+    config's, or 128 when the workload is a prefill). ``imbalance`` (>= 1): the busiest
+    expert rank's routed rows over the mean, for expert-parallel layouts (1: balanced, as
+    costs.py and the paper assume; a real run's is in its report and output file).
+    """
+    if not imbalance >= 1.0:
+        raise ConfigError("--routing-imbalance", f"{imbalance!r} must be >= 1 (max/mean)")
+    model, work = config.model, config.workload
+    world = layout.world_size
+    if cluster.nodes is not None and world > cluster.nodes * cluster.gpus_per_node:
+        raise LayoutError("layout", f"{layout} needs {world} GPUs but cluster {cluster.name} "
+                                    f"has {cluster.nodes} nodes x {cluster.gpus_per_node} "
+                                    f"(cluster.nodes)")
+    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
+    tokens = int(lengths.sum())
+    prefill = _run(config, layout, cluster, rates, backend, lengths, None, imbalance)
+    new_tokens = work.new_tokens if work.workload == "decode" else 128
+    context = work.seq_len + new_tokens / 2
+    step = _run(config, layout, cluster, rates, backend, lengths, context, imbalance)
+    wall = prefill["makespan"]
+    costs = [rank_cost(config, Grid(layout, model, r), lengths, backend,
+                       new_tokens if work.workload == "decode" else 0) for r in range(world)]
+    memory = max(c.memory_bytes for c in costs)
+    rank_phases = prefill["rank_phases"]
+    names = [p for p in ("embed", "stage_recv") + LAYER_ORDER + ("lm_head", "stage_send")
+             if any(p in r for r in rank_phases)]
+    phases_ms = {p: {"mean": float(np.mean([r.get(p, 0.0) for r in rank_phases])) * 1e3,
+                     "max": float(np.max([r.get(p, 0.0) for r in rank_phases])) * 1e3}
+                 for p in names}
+    busiest = max(prefill["stage_busy"])
+    comm_layer = sum(v for n, v in prefill["layer"].items() if n in COMM_PHASES)
+    layer_total = sum(prefill["layer"].values())
+    tokens_per_s = tokens / wall if wall else 0.0
+    decode_ms = step["makespan"] * 1e3
+    sent = {key: max(c.send_bytes_per_layer.get(key, 0.0) for c in costs)
+            for key in sorted({k for c in costs for k in c.send_bytes_per_layer})}
+    return {
+        "layout": str(layout),
+        "world_size": world,
+        "nodes": -(-world // cluster.gpus_per_node),
+        "backend": backend,
+        "routing_imbalance": imbalance if layout.tp == 1 else 1.0,
+        "cluster": cluster_to_dict(cluster),
+        "rates": {**{k: getattr(rates, k) for k in RATE_KEYS}, "source": rates.source},
+        "batch_size": work.batch_size,
+        "seq_len": work.seq_len,
+        "tokens": tokens,
+        "micro_batches": prefill["micro_batches"],
+        "wall_s": wall,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / world,
+        "bubble_fraction": 1.0 - busiest / wall if wall else 0.0,
+        "comm_fraction_of_layer": comm_layer / layer_total if layer_total else 0.0,
+        "layer_ms": {p: prefill["layer"][p] * 1e3 for p in LAYER_ORDER
+                     if p in prefill["layer"]},
+        "stage_busy_ms": [b * 1e3 for b in prefill["stage_busy"]],
+        "stage_hop_ms": prefill["hop"] * 1e3,
+        "phases_ms": phases_ms,
+        "bytes_sent_per_layer_max": sent,
+        "memory_gib_max": memory / GIB,
+        "fits": memory <= device_bytes,
+        "decode": {"context": context, "step_ms": decode_ms,
+                   "tokens_per_s": work.batch_size / step["makespan"] if step["makespan"]
+                   else 0.0,
+                   "layer_ms": {p: step["layer"][p] * 1e3 for p in LAYER_ORDER
+                                if p in step["layer"]}},
+        "ms_per_token": {
+            "reciprocal_throughput_us": 1e6 / tokens_per_s if tokens_per_s else 0.0,
+            "prefill_ms_per_position": wall * 1e3 / work.seq_len,
+            "decode_step_ms": decode_ms,
+        },
+    }
+
+
+# --- the paper's deployments -------------------------------------------------------------
+
+# The seed paper's claims (its text does not say at which GPU count each was measured; the
+# issue's reading: EP at 256 GPUs, the baseline tp=8,pp=2 at 16).
+PAPER_CLAIMS = {"ep": {"tokens_per_s": 450_000.0, "ms_per_token": 2.2},
+                "baseline": {"tokens_per_s": 120_000.0, "ms_per_token": 8.3}}
+PAPER_DEPLOYMENTS = (("EP, one expert per GPU", "ep=16,pp=16", 256, "ep"),
+                     ("EP, 16 GPUs", "ep=16,pp=1", 16, "ep"),
+                     ("TPxPP baseline", "tp=8,pp=2", 16, "baseline"))
+
+
+def fitting_micro_batches(config: RunConfig, layout: Layout, device_bytes: float,
+                          backend: str = "cupy") -> int:
+    """The config's micro-batch count (0: one per stage) if the layout fits the device with
+    it, else the smallest doubling of it that does (what a user would pass as
+    --micro-batches); the config's own when none fits."""
+    work = config.workload
+    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
+    first = work.micro_batches or layout.pp
+    most = max(len(Grid(layout, config.model, r).sequences(work.batch_size))
+               for r in range(layout.world_size))
+    count = first
+    while True:
+        trial = replace(config, workload=replace(work, micro_batches=count))
+        worst = max(rank_cost(trial, Grid(layout, config.model, r), lengths, backend)
+                    .memory_bytes for r in range(layout.world_size))
+        if worst <= device_bytes:
+            return count
+        if count >= most:
+            return work.micro_batches
+        count = min(most, count * 2)
+
+
+def predict_paper(config: RunConfig, cluster: Cluster, rates: Rates,
+                  backend: str = "cupy", device_bytes: float = 80 * GIB,
+                  imbalance: float = 1.0) -> list[dict]:
+    """The three deployments of the paper for ``config``'s model and batch, each with the
+    paper's claim beside it. A deployment that does not fit the device at one micro-batch
+    per stage gets the fewest micro-batches that fit (the baseline needs 4 at paper size)."""
+    rows = []
+    for label, text, world, kind in PAPER_DEPLOYMENTS:
+        layout = Layout.parse(text, world).validate(config.model, world)
+        micro = fitting_micro_batches(config, layout, device_bytes, backend)
+        run = replace(config, workload=replace(config.workload, micro_batches=micro))
+        row = predict(run, layout, cluster, rates, backend, device_bytes, imbalance)
+        row["label"] = label
+        row["paper"] = PAPER_CLAIMS[kind]
+        rows.append(row)
+    return rows
+
+
+# --- comparing with a measured run ------------------------------------------------------
+
+def measured_imbalance(expert_counts: np.ndarray, layout: Layout) -> float:
+    """The ``imbalance`` of a real run: from its ``expert_counts`` [L, E] (the output
+    file's), each layer's max over expert ranks of the rows they received over the mean,
+    averaged over layers. 1.0 for tensor-parallel layouts (every rank runs every row)."""
+    counts = np.asarray(expert_counts, dtype=np.float64)
+    if layout.tp > 1 or layout.ep == 1:
+        return 1.0
+    per_rank = counts.reshape(counts.shape[0], layout.ep, -1).sum(axis=2)   # [L, ep]
+    mean = per_rank.mean(axis=1)
+    ratios = np.where(mean > 0, per_rank.max(axis=1) / np.where(mean > 0, mean, 1), 1.0)
+    return float(ratios.mean())
+
+
+def against_report(prediction: dict, report: dict) -> dict:
+    """Predicted vs measured (a ``spmd-moe run --report`` JSON): wall time per forward and
+    each phase's max over ranks; error = predicted / measured - 1."""
+    if "phases_ms" not in report or "wall_s" not in report:
+        raise ConfigError("--against", "not a spmd-moe run --report JSON (no wall_s, "
+                                       "phases_ms)")
+    if report.get("layout") and report["layout"] != prediction["layout"]:
+        raise ConfigError("--against", f"the report ran layout {report['layout']}, the "
+                                       f"prediction is for {prediction['layout']}")
+    measured_wall = report["wall_s"]
+    rows = {}
+    for name in dict.fromkeys(list(prediction["phases_ms"]) + list(report["phases_ms"])):
+        predicted = prediction["phases_ms"].get(name, {}).get("max", 0.0)
+        measured = report["phases_ms"].get(name, {}).get("max", 0.0)
+        rows[name] = {"predicted_ms": predicted, "measured_ms": measured}
+    wall_p = prediction["wall_s"]
+    return {"layout": prediction["layout"], "world_size": prediction["world_size"],
+            "predicted_wall_ms": wall_p * 1e3, "measured_wall_ms": measured_wall * 1e3,
+            "error": wall_p / measured_wall - 1.0 if measured_wall else float("nan"),
+            "phases": rows}
+
+
+# --- printing ----------------------------------------------------------------------------
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def format_prediction(p: dict) -> str:
+    routing = ("balanced" if p["routing_imbalance"] == 1 else
+               f"busiest expert rank at {p['routing_imbalance']:.2f}x the mean")
+    lines = [
+        f"prediction: {p['layout']} on {p['world_size']} GPU(s), {p['nodes']} node(s); "
+        f"{p['batch_size']} x {p['seq_len']} tokens, {p['micro_batches']} micro-batch(es) per "
+        f"rank; backend {p['backend']}",
+        f"  cluster {_describe_cluster(p['cluster'])}",
+        "  rates " + ", ".join(f"{k} {p['rates'][k]:g}" for k in RATE_KEYS)
+        + _rate_sources(p["rates"]["source"]),
+        f"  routing: {routing}; memory: max {p['memory_gib_max']:.1f} GiB per rank"
+        + ("" if p["fits"] else "  (DOES NOT FIT the device: spmd-moe plan says why)"),
+        "  one layer, largest micro-batch, busiest stage (ms; max over the stage's ranks):",
+    ]
+    for name, ms in p["layer_ms"].items():
+        kind = "comm" if name in COMM_PHASES else "compute"
+        lines.append(f"    {name:<16}{ms:>12.3f}  {kind}")
+    lines += [
+        f"    {'total':<16}{sum(p['layer_ms'].values()):>12.3f}  "
+        f"(communication {p['comm_fraction_of_layer'] * 100:.0f}%)",
+        f"  stages: busy {', '.join(f'{b:.1f}' for b in p['stage_busy_ms'][:4])}"
+        + (" ..." if len(p["stage_busy_ms"]) > 4 else "")
+        + f" ms; stage-to-stage hop {p['stage_hop_ms']:.2f} ms; bubble "
+          f"{p['bubble_fraction'] * 100:.0f}%",
+        f"  prefill: {p['tokens']:,} tokens in {p['wall_s'] * 1e3:,.1f} ms -> "
+        f"{_fmt_rate(p['tokens_per_s'])} tokens/s ({_fmt_rate(p['tokens_per_s_per_gpu'])} "
+        "per GPU)",
+        f"  decode step (batch {p['batch_size']}, context {p['decode']['context']:.0f}): "
+        f"{p['decode']['step_ms']:.2f} ms -> {_fmt_rate(p['decode']['tokens_per_s'])} "
+        "tokens/s",
+        "  ms/token: decode step (this project's meaning) "
+        f"{p['ms_per_token']['decode_step_ms']:.2f} ms; 1/throughput "
+        f"{p['ms_per_token']['reciprocal_throughput_us']:.3f} us; prefill wall / seq_len "
+        f"{p['ms_per_token']['prefill_ms_per_position']:.3f} ms",
+    ]
+    return "\n".join(lines)
+
+
+def _describe_cluster(c: dict) -> str:
+    intra, inter = c["intra_node"], c["inter_node"]
+    nodes = f"{c['nodes']} x " if c.get("nodes") else ""
+    return (f"{c['name']}: {nodes}{c['gpus_per_node']} GPUs/node, intra "
+            f"{intra['bandwidth_gbytes_per_s']:g} GB/s {intra['latency_us']:g} us, inter "
+            f"{inter['bandwidth_gbytes_per_s']:g} GB/s {inter['latency_us']:g} us")
+
+
+def _rate_sources(source: dict) -> str:
+    kinds = sorted(set(source.values()))
+    return f" [{'; '.join(kinds)}]" if kinds else ""
+
+
+def format_paper(rows: list[dict]) -> str:
+    first = rows[0]
+    lines = [
+        f"paper-scale prediction: {first['batch_size']} x {first['seq_len']} tokens, backend "
+        f"{first['backend']}",
+        f"  cluster {_describe_cluster(first['cluster'])}",
+        "  rates " + ", ".join(f"{k} {first['rates'][k]:g}" for k in RATE_KEYS)
+        + _rate_sources(first["rates"]["source"]),
+        "",
+        f"  {'deployment':<34}{'GPUs':>5}{'M':>4}{'tokens/s':>12}{'paper':>10}{'/GPU':>9}"
+        f"{'1/thr us':>10}{'paper':>7}{'decode ms':>11}{'bubble':>8}{'comm':>6}{'fits':>6}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['label'] + ' ' + r['layout']:<34}{r['world_size']:>5}{r['micro_batches']:>4}"
+            f"{_fmt_rate(r['tokens_per_s']):>12}{_fmt_rate(r['paper']['tokens_per_s']):>10}"
+            f"{_fmt_rate(r['tokens_per_s_per_gpu']):>9}"
+            f"{r['ms_per_token']['reciprocal_throughput_us']:>10.3f}"
+            f"{r['paper']['ms_per_token']:>7.1f}{r['decode']['step_ms']:>11.2f}"
+            f"{r['bubble_fraction'] * 100:>7.0f}%{r['comm_fraction_of_layer'] * 100:>5.0f}%"
+            f"{'yes' if r['fits'] else 'NO':>6}")
+    ep256, ep16, base = rows
+    claim = PAPER_CLAIMS["ep"]["tokens_per_s"] / PAPER_CLAIMS["baseline"]["tokens_per_s"]
+    lines += [
+        "",
+        f"  ratio EP(256)/baseline(16): predicted "
+        f"{ep256['tokens_per_s'] / base['tokens_per_s']:.2f}x, paper {claim:.2f}x; "
+        "EP(16)/baseline(16), same GPUs: "
+        f"{ep16['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+        "  'paper' ms/token: 2.2 and 8.3 are 1e6/450,000 and 1e6/120,000, i.e. the reciprocal",
+        "  throughput in microseconds (the '1/thr us' column), not a per-step latency; the",
+        "  decode column is this project's ms/token (one decode step of the whole batch).",
+    ]
+    return "\n".join(lines)
+
+
+def format_against(a: dict) -> str:
+    lines = [f"predicted vs measured: {a['layout']} on {a['world_size']} rank(s): wall "
+             f"{a['predicted_wall_ms']:.1f} vs {a['measured_wall_ms']:.1f} ms "
+             f"(error {a['error'] * 100:+.0f}%)",
+             f"  {'phase (max over ranks)':<24}{'predicted ms':>14}{'measured ms':>14}"]
+    for name, row in a["phases"].items():
+        lines.append(f"  {name:<24}{row['predicted_ms']:>14.3f}{row['measured_ms']:>14.3f}")
+    return "\n".join(lines)
+
+
+# --- the command ---------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--predict", action="store_true", help="(not built yet)")
+    group = parser.add_argument_group("performance prediction (--predict)")
+    group.add_argument("--predict", action="store_true",
+                       help="predict times on a cluster instead of printing the plan table")
+    group.add_argument("--cluster", default="h100-ib", metavar="NAME|FILE",
+                       help=f"built-in ({', '.join(CLUSTERS)}, the default) or a JSON file "
+                            "(docs/CLUSTER.md)")
+    group.add_argument("--calibration", metavar="FILE",
+                       help="kernel rates: JSON with {\"rates\": {gemm_tflops, "
+                            "attention_tflops, hbm_gbps}} (e.g. spmd-moe bench --json "
+                            "output); default: H100 assumptions")
+    group.add_argument("--paper-deployments", action="store_true",
+                       help="predict the paper's three deployments (ep=16,pp=16 on 256, "
+                            "ep=16 on 16, tp=8,pp=2 on 16) beside its claims; --world-size "
+                            "and --layout are then ignored")
+    group.add_argument("--routing-imbalance", type=float, default=1.0, metavar="F",
+                       help="expert parallel: routed rows of the busiest expert rank over "
+                            "the mean (default 1: balanced routing)")
+    group.add_argument("--against", metavar="REPORT",
+                       help="a spmd-moe run --report JSON of the same layout: print predicted "
+                            "vs measured")
+    group.add_argument("--json", dest="predict_json", metavar="FILE",
+                       help="write the prediction(s) as JSON")
 
 
-def cmd_predict(args, config) -> int:
-    raise ConfigError("--predict", "not built yet")
+def cmd_predict(args, config: RunConfig) -> int:
+    from .data import check_output_path, write_text
+
+    cluster = load_cluster(args.cluster)
+    rates = load_rates(args.calibration)
+    device_bytes = args.device_memory * GIB
+    if args.predict_json:
+        check_output_path(args.predict_json, "--json")
+    if args.paper_deployments:
+        rows = predict_paper(config, cluster, rates, args.backend, device_bytes,
+                             args.routing_imbalance)
+        print(format_paper(rows), flush=True)
+        result: Any = {"deployments": rows, "paper_claims": PAPER_CLAIMS}
+    else:
+        world = args.world_size
+        if world < 1:
+            raise LayoutError("--world-size", f"{world} must be >= 1")
+        layout = Layout.parse(args.layout or config.layout, world).validate(config.model,
+                                                                            world)
+        result = predict(config, layout, cluster, rates, args.backend, device_bytes,
+                         args.routing_imbalance)
+        print(format_prediction(result), flush=True)
+        if args.against:
+            report = _read_json(args.against, "--against", "file not found")
+            if not isinstance(report, dict):
+                raise ConfigError("--against", "not a spmd-moe run --report JSON")
+            comparison = against_report(result, report)
+            print(format_against(comparison), flush=True)
+            result = {"prediction": result, "against": comparison}
+    if args.predict_json:
+        write_text(args.predict_json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+# --- calibrating on this machine (CPU, NumPy backend) ----------------------------------------
+
+def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5) -> dict:
+    """Kernel rates of the NumPy backend on this machine, measured by every rank at once
+    (so that ranks sharing cores share them as in a run), at the shapes the engine uses for
+    ``config`` and ``layout``: the attention projections' GEMM, the attention core, one
+    expert's FFN, an elementwise pass, and a tiny operation's fixed cost. Collective; the
+    rates (mean over ranks) as a calibration dict."""
+    import time
+
+    from .backend import Backend, BackendChoice
+    from .experts import expert_ffn
+    from .model import causal_attention
+
+    model, work = config.model, config.workload
+    grid = Grid(layout, model, comm.Get_rank())
+    bk = Backend(BackendChoice("numpy", "calibration"), model.dtype)
+    rng = np.random.default_rng(comm.Get_rank())
+    micro = grid.micro_batches(work.batch_size, work.micro_batches)
+    seqs = max(1, max(len(r) for r in micro))
+    t = seqs * work.seq_len
+    d, heads, dh = model.d_model, len(grid.heads), model.head_dim
+    width, ff = heads * dh, len(grid.ff_columns)
+    stage_tokens = t * (layout.ep if layout.tp == 1 else 1)
+    rows = max(1, int(stage_tokens * model.top_k / (layout.ep * len(grid.experts))
+                      if layout.tp == 1 else t * model.top_k / model.n_experts))
+
+    def timed(fn) -> float:
+        """Mean seconds per call over ``repeats`` back-to-back calls: ranks that share a
+        core take turns, and only a mean over several turns sees the share each gets."""
+        fn()
+        comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    a = bk.store(rng.standard_normal((t, d), dtype=np.float32))
+    w = bk.param(rng.standard_normal((d, width), dtype=np.float32))
+    gemm = 2.0 * t * d * width / timed(lambda: bk.matmul(a, w))
+    q = bk.store(rng.standard_normal((t, heads, dh), dtype=np.float32))
+    starts = np.arange(seqs, dtype=np.int64) * work.seq_len
+    lens = np.full(seqs, work.seq_len, dtype=np.int64)
+    core = 2.0 * width * float((lens * (lens + 1)).sum())     # costs.attention_core_flops
+    attention = core / timed(lambda: causal_attention(bk, q, starts, lens, q, q, starts, lens,
+                                                      dh ** -0.5))
+    x = bk.store(rng.standard_normal((rows, d), dtype=np.float32))
+    w1 = bk.param(rng.standard_normal((d, ff), dtype=np.float32))
+    w2 = bk.param(rng.standard_normal((ff, d), dtype=np.float32))
+    expert = 4.0 * rows * d * ff / timed(lambda: expert_ffn(bk, x, w1, w2))
+    big = rng.standard_normal(max(t * d, 1 << 20), dtype=np.float32)
+    other = rng.standard_normal(big.shape, dtype=np.float32)
+    hbm = PASS_BYTES * big.size / timed(lambda: big * other)
+    small = np.ones(16, dtype=np.float32)
+    loops = 2000
+    op = timed(lambda: [small * small for _ in range(loops)]) / loops
+    values = np.array([gemm / 1e12, attention / 1e12, hbm / 1e9, expert / 1e12, op * 1e6])
+    mean = np.zeros_like(values)
+    from mpi4py import MPI
+
+    comm.Allreduce(values, mean, op=MPI.SUM)
+    mean /= comm.Get_size()
+    keys = ("gemm_tflops", "attention_tflops", "hbm_gbps", "expert_tflops", "op_us")
+    return {"rates": dict(zip(keys, (float(v) for v in mean))),
+            "measured": {"backend": "numpy", "dtype": model.dtype, "ranks": comm.Get_size(),
+                         "layout": str(layout), "gemm_shape": [t, d, width],
+                         "attention": {"sequences": seqs, "seq_len": work.seq_len,
+                                       "heads": heads, "head_dim": dh},
+                         "expert_shape": [rows, d, ff]}}
+
+
+def measure_mpi_links(comm, sizes: tuple[int, ...] = (8, 1 << 20, 8 << 20),
+                      repeats: int = 20) -> dict:
+    """Point-to-point latency and bandwidth between ranks 0 and 1 of ``comm`` (ping-pong,
+    while the other ranks wait in a barrier), as a cluster's intra-node link. Collective;
+    {"latency_us", "bandwidth_gbytes_per_s"} on every rank (zeros on one rank)."""
+    import time
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size < 2:
+        return {"latency_us": 0.0, "bandwidth_gbytes_per_s": 0.0}
+    times = {}
+    for n in sizes:
+        buf = np.zeros(n, dtype=np.uint8)
+        comm.Barrier()
+        if rank in (0, 1):
+            other = 1 - rank
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                if rank == 0:
+                    comm.Send(buf, dest=other, tag=7)
+                    comm.Recv(buf, source=other, tag=7)
+                else:
+                    comm.Recv(buf, source=other, tag=7)
+                    comm.Send(buf, dest=other, tag=7)
+                best = min(best, (time.perf_counter() - start) / 2)
+            times[n] = best
+        comm.Barrier()
+    result = None
+    if rank == 0:
+        latency = times[sizes[0]]
+        big = sizes[-1]
+        bandwidth = big / max(times[big] - latency, 1e-9)
+        result = {"latency_us": latency * 1e6, "bandwidth_gbytes_per_s": bandwidth / 1e9}
+    return comm.bcast(result, root=0)
