@@ -232,20 +232,14 @@ def cmd_info(args) -> int:
     from mpi4py import MPI
 
     from .backend import choose_backend, probe_cupy
-    from .transport import choose_transport, mpi_library
+    from .transport import choose_transport, mpi_library, nccl_available
 
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     library = mpi_library()
     choice = collective(comm, choose_backend, args.backend, node.Get_rank(), node.Get_size())
-    nccl = False
-    if choice.name == "cupy":
-        try:
-            from cupy.cuda import nccl as _nccl  # noqa: F401
-            nccl = True
-        except Exception:
-            nccl = False
-    transport = collective(comm, choose_transport, args.transport, choice.name, library, nccl)
+    transport = collective(comm, choose_transport, args.transport, choice.name, library,
+                           choice.name == "cupy" and nccl_available())
     cupy, why_not = probe_cupy()
     bindings = comm.gather((comm.Get_rank(), MPI.Get_processor_name(), choice.device_id), root=0)
     if comm.Get_rank() == 0:

@@ -66,7 +66,7 @@ class Dispatcher:
         """x: [T, d] -> send rows [R, d], grouped by expert (hence by destination rank)."""
         if self.bk.kernels is not None:
             return self.bk.kernels.gather_rows(x, plan.order, self.top_k)
-        return x[plan.order // self.top_k]
+        return self.bk.take_rows(x, plan.order // self.top_k)
 
     def combine_postprocess(self, rows, plan: DispatchPlan, weights):
         """rows: [R, d] in send order, weights: float32 [T, k] -> moe float32 [T, d]:
@@ -76,7 +76,7 @@ class Dispatcher:
         xp = self.bk.xp
         n_tokens = weights.shape[0]
         unsorted = xp.empty_like(rows)
-        unsorted[plan.order] = rows
+        self.bk.put_rows(unsorted, plan.order, rows)
         unsorted = unsorted.reshape(n_tokens, self.top_k, rows.shape[1])   # [T, k, d]
         moe = weights[:, 0, None] * unsorted[:, 0].astype(F32)
         for j in range(1, self.top_k):
@@ -115,14 +115,14 @@ class AlltoallDispatcher(Dispatcher):
         index = (np.repeat(starts.T.ravel() - group_starts, lengths)
                  + np.arange(int(lengths.sum()), dtype=np.int64))
         plan.expert_order = self.bk.asarray(index)
-        return recv_rows[plan.expert_order]
+        return self.bk.take_rows(recv_rows, plan.expert_order)
 
     def combine_preprocess(self, expert_rows, plan: DispatchPlan):
         """Expert outputs back into received order (source rank, then expert)."""
         if plan.expert_order is None:
             return expert_rows
         back = self.bk.xp.empty_like(expert_rows)
-        back[plan.expert_order] = expert_rows
+        self.bk.put_rows(back, plan.expert_order, expert_rows)
         return back
 
     def token_combine(self, rows, plan: DispatchPlan):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kernels
 from .backend import F32, Backend, PhaseTimer
 from .config import RunConfig
 from .data import Batch
@@ -85,8 +86,8 @@ class KVCache:
         rows = np.repeat(self.slots(packed) + first - packed.starts_host, packed.lengths_host)
         rows = rows + np.arange(packed.n_tokens)
         rows = self.bk.asarray(rows)
-        self.keys[layer][rows] = k
-        self.values[layer][rows] = v
+        self.bk.put_rows(self.keys[layer], rows, k)
+        self.bk.put_rows(self.values[layer], rows, v)
 
     def advance(self, packed: Packed) -> None:
         """Record that ``packed``'s tokens are now in the cache (after the last layer)."""
@@ -110,6 +111,7 @@ class Engine:
                  weights: ModelWeights | None = None):
         self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
         self.transport = transport
+        kernels.fit_model(bk, self.model.head_dim)
         self.weights = weights if weights is not None else build_weights(
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
@@ -205,7 +207,7 @@ class Engine:
     def logits_of(self, hidden, packed: Packed, timer: PhaseTimer):
         """Last-token logits [b, V] float32 of each sequence in ``packed``."""
         with timer.phase("lm_head"):
-            last = hidden[self.bk.asarray(packed.last_rows_host)]
+            last = self.bk.take_rows(hidden, self.bk.asarray(packed.last_rows_host))
             return lm_head(self.bk, last, self.weights.final_norm, self.weights.lm_head,
                            self.model.norm_eps)
 

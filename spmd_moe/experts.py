@@ -19,7 +19,8 @@ def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None):
     float32 accumulator of the first GEMM before rounding, as a fused kernel does."""
     if bk.kernels is not None:
         return bk.kernels.expert_ffn(x, w1, w2, out_dtype)
-    hidden = bk.store(bk.gelu(bk.matmul(x, w1, out_dtype=F32)))    # [R, F]
+    hidden = bk.matmul(x, w1, out_dtype=F32)                         # [R, F]
+    hidden = bk.store(bk.gelu(hidden, out=hidden))
     return bk.matmul(hidden, w2, out_dtype=out_dtype)                # [R, d]
 
 

@@ -64,7 +64,7 @@ def pack(bk: Backend, seqs: np.ndarray, lengths_host: np.ndarray,
 
 def embed(bk: Backend, table, ids) -> object:
     """Token ids [T] -> rows of the embedding table [T, d] (storage dtype)."""
-    return table[ids]
+    return bk.take_rows(table, ids)
 
 
 def rms_norm(bk: Backend, x, gain, eps: float):

@@ -103,7 +103,9 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
         "world_size": topo.size,
         "backend": {"name": session.backend.name, "reason": session.backend_choice.reason,
                     "device": session.backend_choice.device_name or platform.processor()
-                    or platform.machine(), "kernels": session.backend.kernels is not None},
+                    or platform.machine(), "kernels": session.backend.kernels is not None,
+                    "kernels_reason": session.backend.kernels_reason,
+                    "matmul": session.backend.matmul_path},
         "transport": {"name": session.transport_choice.name,
                       "reason": session.transport_choice.reason},
         "mpi": {"library": session.library.version, "cuda_aware": session.library.cuda_aware,
@@ -158,6 +160,8 @@ def format_report(report: dict) -> str:
         f"spmd-moe {report['workload']}: layout {report['layout']} on {report['world_size']} "
         f"rank(s), backend {report['backend']['name']} ({report['backend']['device']}), "
         f"transport {report['transport']['name']}",
+        *([f"  kernels: {report['backend']['kernels_reason']}; matmul: "
+           f"{report['backend']['matmul']}"] if report['backend']['name'] == "cupy" else []),
         f"  tokens {report['tokens']}  wall {report['wall_s'] * 1e3:.1f} ms (mean of "
         f"{report['iterations']})  {report['tokens_per_s']:,.0f} tokens/s",
         f"  {report['achieved_tflops_per_rank'] * 1e3:.2f} GFLOP/s per rank, MFU "

@@ -20,7 +20,8 @@ from .data import Batch
 from .engine import Engine
 from .errors import LayoutError, collective
 from .topology import Grid, Topology
-from .transport import MpiLibrary, TransportChoice, choose_transport, make_transport, mpi_library
+from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
+                        mpi_library, nccl_available)
 
 
 @dataclass
@@ -116,14 +117,8 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
     choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
     bk = Backend(choice, config.model.dtype)
     library = mpi_library()
-    nccl = False
-    if bk.on_gpu:
-        try:
-            from cupy.cuda import nccl as _nccl  # noqa: F401
-            nccl = True
-        except Exception:
-            nccl = False
-    transport_choice = collective(comm, choose_transport, transport, bk.name, library, nccl)
+    transport_choice = collective(comm, choose_transport, transport, bk.name, library,
+                                  bk.on_gpu and nccl_available())
 
     def memory_check() -> None:
         limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None

@@ -96,6 +96,16 @@ def mpi_library() -> MpiLibrary:
     return MpiLibrary(version, path, aware, reason)
 
 
+def nccl_available() -> bool:
+    """Whether CuPy's NCCL binding has a real libnccl behind it (CuPy imports a stub when
+    the library is missing, so importing is not enough)."""
+    try:
+        from cupy.cuda import nccl
+    except Exception:
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
 # --- choosing --------------------------------------------------------------------------
 
 @dataclass

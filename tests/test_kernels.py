@@ -734,3 +734,11 @@ def test_cupy_backend_attaches_the_kernels(monkeypatch):
     backend = Backend(choose_backend("cupy"), "bfloat16")
     assert backend.kernels is not None, backend.kernels_reason
     assert "fused" in backend.kernels_reason
+
+
+def test_unsupported_head_dim_drops_the_kernels_with_a_reason():
+    backend = SimpleNamespace(kernels=object(), kernels_reason="loaded", dtype_name="bfloat16")
+    kernels.fit_model(backend, 128)
+    assert backend.kernels is not None
+    kernels.fit_model(backend, 256)
+    assert backend.kernels is None and "head dims up to 128, not 256" in backend.kernels_reason

@@ -65,6 +65,20 @@ def attach(backend) -> None:
     backend.kernels, backend.kernels_reason = load_kernels()
 
 
+def fit_model(backend, head_dim: int) -> None:
+    """Drop the fused kernels (with the reason) when the model's head dim is one the
+    attention kernel has no variant for, before the first layer rather than in it."""
+    if backend.kernels is None:
+        return
+    from .schedule import attention_variant
+
+    try:
+        attention_variant(head_dim, backend.dtype_name)
+    except ValueError as exc:
+        backend.kernels = None
+        backend.kernels_reason = f"off for this model: {exc}"
+
+
 def kernel_status() -> str:
     """One line for ``spmd-moe info``: the fused kernels on this process's device."""
     return load_kernels()[1]
