@@ -764,6 +764,7 @@ def cmd_bench(args) -> int:
 
     from .backend import Backend, choose_backend
     from .data import check_output_path, write_text
+    from .cli import check_execution_arguments
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -772,12 +773,7 @@ def cmd_bench(args) -> int:
         shape = BenchShape(args.seqs, args.seq_len, args.rows, args.d_model, args.d_ff,
                            args.heads, args.experts, args.top_k, args.dtype).validate(
                                layer_step=not args.transport_only)
-        if args.iters < 1:
-            raise ConfigError("--iters", f"{args.iters} must be >= 1")
-        if args.warmup < 0:
-            raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
-        if args.memory_limit is not None and args.memory_limit <= 0:
-            raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
+        check_execution_arguments(args)
         if args.transport_only and shape.experts % comm.Get_size():
             raise ConfigError("--experts", f"{shape.experts} experts must divide among "
                                            f"{comm.Get_size()} ranks")

@@ -45,6 +45,34 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                             "(different weights)")
 
 
+def add_execution_arguments(parser: argparse.ArgumentParser):
+    """Options of the commands that run the engine (run, compare); returns the group."""
+    io = parser.add_argument_group("inputs, outputs and execution")
+    io.add_argument("--input", help=".npz with ids [B,S] and optional mask [B,S]")
+    io.add_argument("--report", help="JSON report to write (rank 0)")
+    io.add_argument("--warmup", type=int, default=0, help="untimed iterations (default 0)")
+    io.add_argument("--iters", type=int, default=1, help="timed iterations (default 1)")
+    io.add_argument("--backend", default="auto", help="auto | cupy | numpy")
+    io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
+    io.add_argument("--memory-limit", type=float, metavar="GIB",
+                    help="memory per rank for the pre-allocation check (default: free memory)")
+    return io
+
+
+def check_execution_arguments(args) -> None:
+    """The range checks of add_execution_arguments' numbers (raises SpmdMoeError)."""
+    if args.warmup < 0:
+        raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
+    if args.iters < 1:
+        raise ConfigError("--iters", f"{args.iters} must be >= 1")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
+
+
+def memory_limit_bytes(args) -> int | None:
+    return int(args.memory_limit * GIB) if args.memory_limit else None
+
+
 def config_from_args(args) -> RunConfig:
     return build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
                             seed=args.seed, workload=args.workload, new_tokens=args.new_tokens,
@@ -59,17 +87,9 @@ def build_parser() -> ArgumentParser:
 
     run = commands.add_parser("run", help="run prefill or decode under mpiexec (or alone)")
     add_config_arguments(run)
-    io = run.add_argument_group("inputs, outputs and execution")
-    io.add_argument("--input", help=".npz with ids [B,S] and optional mask [B,S]")
+    io = add_execution_arguments(run)
     io.add_argument("--output", help=".npz to write (rank 0): hidden, logits, expert_counts"
                                      "[, tokens]")
-    io.add_argument("--report", help="JSON report to write (rank 0)")
-    io.add_argument("--warmup", type=int, default=0, help="untimed iterations (default 0)")
-    io.add_argument("--iters", type=int, default=1, help="timed iterations (default 1)")
-    io.add_argument("--backend", default="auto", help="auto | cupy | numpy")
-    io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
-    io.add_argument("--memory-limit", type=float, metavar="GIB",
-                    help="memory per rank for the pre-allocation check (default: free memory)")
     io.add_argument("--progress", action="store_true", help="a line per timed iteration")
     run.set_defaults(func=cmd_run)
 
@@ -160,26 +180,20 @@ def shared_batch(comm, config: RunConfig, input_path: str | None):
     return comm.bcast(batch, root=0)
 
 
-def cmd_run(args) -> int:
-    from mpi4py import MPI
+def config_and_batch(comm, args, extra_check=None):
+    """Collective: the checked config of an engine-running command and its batch (an
+    ``--input`` file sets batch size and sequence length). ``extra_check(args)`` may add
+    the command's own checks (raising SpmdMoeError)."""
+    from .data import check_output_path
 
-    from .data import check_output_path, write_npz
-    from .report import build_report, format_report, write_report
-    from .runner import open_session, run_decode, run_prefill
-
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-
-    def checked_config():
+    def checked_config() -> RunConfig:
+        if extra_check is not None:
+            extra_check(args)
         config = config_from_args(args)
-        if args.warmup < 0:
-            raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
-        if args.iters < 1:
-            raise ConfigError("--iters", f"{args.iters} must be >= 1")
-        if args.memory_limit is not None and args.memory_limit <= 0:
-            raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
-        if rank == 0:
-            for path, name in ((args.output, "--output"), (args.report, "--report")):
+        check_execution_arguments(args)
+        if comm.Get_rank() == 0:
+            for path, name in ((getattr(args, "output", None), "--output"),
+                               (args.report, "--report")):
                 if path:
                     check_output_path(path, name)
         return config
@@ -190,11 +204,24 @@ def cmd_run(args) -> int:
         config = replace(config, workload=replace(config.workload,
                                                   batch_size=batch.batch_size,
                                                   seq_len=int(batch.lengths.max())))
+    return config, batch
+
+
+def cmd_run(args) -> int:
+    from mpi4py import MPI
+
+    from .data import write_npz
+    from .report import build_report, format_report, write_report
+    from .runner import open_session, run_decode, run_prefill
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    config, batch = config_and_batch(comm, args)
     workload = config.workload
     decode = workload.workload == "decode"
-    limit = int(args.memory_limit * GIB) if args.memory_limit else None
     session = open_session(config, comm, batch, backend=args.backend, transport=args.transport,
-                           new_tokens=workload.new_tokens if decode else 0, memory_limit=limit)
+                           new_tokens=workload.new_tokens if decode else 0,
+                           memory_limit=memory_limit_bytes(args))
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
                             collect=bool(args.output), progress=args.progress)

@@ -287,7 +287,7 @@ def format_comparison(result: dict) -> str:
 # --- the command -----------------------------------------------------------------------
 
 def add_parser(commands) -> None:
-    from .cli import add_config_arguments
+    from .cli import add_config_arguments, add_execution_arguments
 
     parser = commands.add_parser(
         "compare", help="run the expert-parallel deployment and the TPxPP baseline on the "
@@ -298,49 +298,27 @@ def add_parser(commands) -> None:
                                            "largest ep that fits the model)")
     group.add_argument("--baseline-layout", help="tp=N[,pp=M] (default: the largest tp "
                                                  "dividing world size, n_heads and d_ff)")
-    io = parser.add_argument_group("inputs, outputs and execution")
-    io.add_argument("--input", help=".npz with ids [B,S] and optional mask [B,S]")
-    io.add_argument("--report", help="JSON to write (rank 0): both reports and the comparison")
-    io.add_argument("--warmup", type=int, default=0, help="untimed iterations (default 0)")
-    io.add_argument("--iters", type=int, default=1, help="timed iterations (default 1)")
-    io.add_argument("--backend", default="auto", help="auto | cupy | numpy")
-    io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
-    io.add_argument("--memory-limit", type=float, metavar="GIB",
-                    help="memory per rank for the pre-allocation check (default: free memory)")
+    add_execution_arguments(parser)   # --report: both reports and the comparison
     parser.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import GIB, config_from_args, shared_batch
-    from .data import check_output_path, write_text
+    from .cli import config_and_batch, memory_limit_bytes
+    from .data import write_text
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
 
-    def checked_config() -> RunConfig:
+    def no_layout(args) -> None:
         if args.layout:
             raise ConfigError("--layout", "compare runs two layouts: use --ep-layout and "
                                           "--baseline-layout")
-        config = config_from_args(args)
-        if args.warmup < 0:
-            raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
-        if args.iters < 1:
-            raise ConfigError("--iters", f"{args.iters} must be >= 1")
-        if args.memory_limit is not None and args.memory_limit <= 0:
-            raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
-        if rank == 0 and args.report:
-            check_output_path(args.report, "--report")
-        return config
 
-    config = collective(comm, checked_config)
-    batch = shared_batch(comm, config, args.input)
-    if args.input:
-        config = replace(config, workload=replace(config.workload, batch_size=batch.batch_size,
-                                                  seq_len=int(batch.lengths.max())))
+    config, batch = config_and_batch(comm, args, no_layout)
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
-                         int(args.memory_limit * GIB) if args.memory_limit else None)
+                         memory_limit_bytes(args))
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
     agree = None
     if rank == 0:

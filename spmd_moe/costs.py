@@ -68,7 +68,7 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
               new_tokens: int = 0) -> RankCost:
     """Costs of ``grid``'s rank for a batch whose sequences have ``lengths`` real tokens."""
     model, layout = config.model, grid.layout
-    d, dh, f, e, k = model.d_model, model.head_dim, model.d_ff, model.n_experts, model.top_k
+    d, dh, e, k = model.d_model, model.head_dim, model.n_experts, model.top_k
     item = 2 if model.dtype == "bfloat16" else 4
     param_item = item if backend == "cupy" else 4   # NumPy keeps weights as float32
     lengths = np.asarray(lengths, dtype=np.int64)

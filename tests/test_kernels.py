@@ -16,7 +16,6 @@ fails.
 """
 from __future__ import annotations
 
-import ctypes
 import re
 from types import SimpleNamespace
 
