@@ -26,6 +26,8 @@ bfloat16 on CuPy (ml_dtypes' dtype, CuPy 14) is handled here, in one place:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +55,7 @@ class BackendChoice:
     device_name: str | None = None
     device_count: int = 0
     shared_device: bool = False
+    node_size: int = 1          # ranks on this node (they share its cores)
 
 
 def probe_cupy() -> tuple[Any, str]:
@@ -78,19 +81,19 @@ def choose_backend(requested: str, node_rank: int = 0, node_size: int = 1) -> Ba
     if requested not in BACKENDS:
         raise ConfigError("backend", f"{requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "numpy":
-        return BackendChoice("numpy", "requested (--backend numpy)")
+        return BackendChoice("numpy", "requested (--backend numpy)", node_size=node_size)
     cupy, why_not = probe_cupy()
     if cupy is None:
         if requested == "cupy":
             raise ConfigError("backend", f"cupy requested but {why_not}")
-        return BackendChoice("numpy", f"auto: {why_not}")
+        return BackendChoice("numpy", f"auto: {why_not}", node_size=node_size)
     count = cupy.cuda.runtime.getDeviceCount()
     device_id = node_rank % count
     props = cupy.cuda.runtime.getDeviceProperties(device_id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     return BackendChoice("cupy", "requested" if requested == "cupy" else "auto: CUDA device usable",
                          device_id=device_id, device_name=name, device_count=count,
-                         shared_device=node_size > count)
+                         shared_device=node_size > count, node_size=node_size)
 
 
 class Backend:
@@ -115,6 +118,7 @@ class Backend:
         else:
             self.xp = np
             self.matmul_path = "NumPy float32 BLAS on bf16-rounded values"
+            self.matmul_path += f"; {share_blas_threads(choice.node_size)}"
         # Fused GPU kernels (an object with attention, expert_ffn, gather_rows,
         # unpermute_weighted) or None: the generic array code runs instead.
         self.kernels = None
@@ -399,6 +403,54 @@ def bf16_census(bk: Backend) -> dict[str, str]:
 
     check("bk.put_rows", put_rows, want_scatter)
     return results
+
+
+BLAS_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+                 "MKL_Set_Num_Threads")
+
+
+def share_blas_threads(ranks_on_node: int) -> str:
+    """Give each rank ``cores / ranks on the node`` BLAS threads (at least one), unless the
+    user set a thread variable. Every rank's BLAS spawning a thread per core oversubscribes
+    the node: on 2 cores, 4 ranks ran the ``small`` preset 9x slower (docs/PERFORMANCE.md).
+    Returns a line for the report saying what was done."""
+    for name in BLAS_THREAD_ENV:
+        if os.environ.get(name):
+            return f"BLAS threads left to {name}={os.environ[name]}"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, ranks_on_node))
+    for path in _loaded_libraries(("openblas", "mkl_rt", "libblas")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in _BLAS_SETTERS:
+            setter = getattr(lib, symbol, None)
+            if setter is not None:
+                setter(ctypes.c_int(threads))
+                return (f"BLAS threads {threads} per rank ({cores} cores, {ranks_on_node} "
+                        f"rank(s) on this node)")
+    return "BLAS threads not set (no known BLAS library loaded)"
+
+
+def _loaded_libraries(fragments: tuple[str, ...]) -> list[str]:
+    """Paths of this process's loaded shared libraries whose names contain a fragment."""
+    found: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if line.count("/") else ""
+                name = os.path.basename(path)
+                if any(f in name for f in fragments) and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
 
 
 def erfc_numpy(x: np.ndarray) -> np.ndarray:

@@ -115,3 +115,17 @@ def test_bf16_matmul_accumulates_in_float32():
     want = a.astype(np.float64) @ w.astype(np.float64)
     assert got.dtype == np.float32 and rel(got, want) < 1e-6
     assert b.matmul(a, w).dtype == b.dtype
+
+
+def test_blas_threads_are_shared_among_the_node_s_ranks(monkeypatch):
+    from spmd_moe.backend import BLAS_THREAD_ENV, share_blas_threads
+
+    for name in BLAS_THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert share_blas_threads(2).startswith("BLAS threads 2 per rank (4 cores, 2 rank(s)")
+    assert share_blas_threads(8).startswith("BLAS threads 1 per rank")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert share_blas_threads(2) == "BLAS threads left to OMP_NUM_THREADS=3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    share_blas_threads(1)   # leave this process's BLAS as it was found (all cores)
