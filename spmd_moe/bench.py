@@ -119,20 +119,20 @@ class BenchShape:
 def layer_flops(shape: BenchShape) -> dict[str, float]:
     """FLOPs of each layer-step phase (multiply-add = 2; elementwise work not counted).
 
-    Q/K/V: 2*T*d*3d; causal attention: QK^T and PV over the L(L+1)/2 visible pairs of each
-    sequence, 2 * 2*d each; output projection 2*T*d*d; router 2*T*d*E; expert FFN two GEMMs,
-    2 * 2*rows*d*F. Paper shapes: 60.2 TFLOP, as SPEC §7 counts them.
+    The engine's own count (costs.layer_flops), with the four projections split into Q/K/V
+    (3/4) and output (1/4). Paper shapes: 60.2 TFLOP, as SPEC §7 counts them.
     """
-    from .costs import attention_core_flops
+    from .costs import layer_flops as rank_layer_flops
 
-    t, d = shape.tokens, shape.d_model
     lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
+    part = rank_layer_flops(shape.model(), shape.tokens, lengths, shape.heads,
+                            shape.expert_rows, shape.d_ff)
     flops = {phase: 0.0 for phase in LAYER_PHASES}
-    flops["attn_qkv"] = 2.0 * t * d * 3 * d
-    flops["attn_core"] = attention_core_flops(lengths, d)
-    flops["attn_out"] = 2.0 * t * d * d
-    flops["router"] = 2.0 * t * d * shape.experts
-    flops["experts"] = 2.0 * shape.expert_rows * 2 * d * shape.d_ff
+    flops["attn_qkv"] = part["attention_proj"] * 3 / 4
+    flops["attn_out"] = part["attention_proj"] / 4
+    flops["attn_core"] = part["attention_core"]
+    flops["router"] = part["router"]
+    flops["experts"] = part["experts"]
     return flops
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import Layout, ModelConfig, RunConfig
 from .errors import ConfigError, LayoutError, collective
+from .testing import relative_error
 
 # Relative L2 error allowed between the two deployments' logits and hidden states.
 RTOL = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -137,13 +138,6 @@ def run_deployment(config: RunConfig, comm, batch, layout: Layout,
     return result.outputs, report
 
 
-def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    scale = float(np.linalg.norm(b))
-    return float(np.linalg.norm(a - b)) / scale if scale else float(np.linalg.norm(a - b))
-
-
 def compare_outputs(ep: dict, baseline: dict, dtype: str) -> dict:
     """How far the EP outputs are from the baseline's, and whether that is agreement
     (see the module docstring for the criteria)."""
@@ -152,7 +146,7 @@ def compare_outputs(ep: dict, baseline: dict, dtype: str) -> dict:
     agree = True
     for key in ("logits", "hidden"):
         if key in ep and key in baseline:
-            err = _relative_error(ep[key], baseline[key])
+            err = relative_error(ep[key], baseline[key])
             out[f"{key}_rel_err"] = err
             out[f"{key}_max_abs_diff"] = float(np.max(np.abs(
                 ep[key].astype(np.float64) - baseline[key].astype(np.float64))))
