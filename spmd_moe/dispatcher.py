@@ -32,7 +32,7 @@ class DispatchPlan:
 
     order: object                          # [R] pair index t*k+j of each send row, by expert
     tokens_per_expert_host: np.ndarray     # [E] rows this rank sends to each expert
-    send_counts_host: np.ndarray           # [P] rows to each rank
+    send_counts_host: np.ndarray | None = None        # [P] rows to each rank (EP)
     recv_counts_host: np.ndarray | None = None        # [P] rows from each rank
     recv_by_expert_host: np.ndarray | None = None     # [P, El] rows from each rank per expert
     tokens_per_local_expert_host: np.ndarray | None = None  # [El] rows each local expert gets
@@ -57,10 +57,7 @@ class Dispatcher:
         flat = top_experts.reshape(-1)                                     # [R]
         order = xp.argsort(flat, kind="stable") if xp is np else xp.argsort(flat)
         per_expert = self.bk.to_host(xp.bincount(flat, minlength=self.n_experts))
-        per_expert = per_expert.astype(np.int64)
-        send_counts = per_expert.reshape(self.peers, -1).sum(axis=1) if self.peers > 1 \
-            else np.array([per_expert.sum()], dtype=np.int64)
-        return DispatchPlan(order, per_expert, send_counts)
+        return DispatchPlan(order, per_expert.astype(np.int64))
 
     def permute(self, x, plan: DispatchPlan):
         """x: [T, d] -> send rows [R, d], grouped by expert (hence by destination rank)."""
@@ -93,6 +90,7 @@ class AlltoallDispatcher(Dispatcher):
     def exchange_counts(self, plan: DispatchPlan) -> int:
         """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
         by_peer = plan.tokens_per_expert_host.reshape(self.peers, -1)        # [P, El]
+        plan.send_counts_host = by_peer.sum(axis=1)
         plan.recv_by_expert_host = self.transport.alltoall_counts(self.comm, by_peer)
         plan.recv_counts_host = plan.recv_by_expert_host.sum(axis=1)
         plan.tokens_per_local_expert_host = plan.recv_by_expert_host.sum(axis=0)

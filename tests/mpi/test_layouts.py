@@ -92,3 +92,13 @@ def test_decode_matches_growing_full_forward(layout):
     if WORLD.Get_rank() == 0:
         assert np.array_equal(outputs["tokens"], want), (outputs["tokens"], want)
         assert (outputs["tokens"][2, 1:] == -1).all()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_tensor_parallel_with_experts_not_divisible_by_tp():
+    # The baseline splits heads and F, never experts: E=6 over tp=4 is a valid layout.
+    config = build_run_config("tiny", sets=["dtype=float32", "n_experts=6"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    outputs = run_layout(WORLD, config, batch, layout=f"tp=4,pp={SIZE // 4}")
+    if WORLD.Get_rank() == 0:
+        check_against_reference(outputs, reference_for(config, batch), "float32")
