@@ -292,11 +292,11 @@ class Engine:
         self.finish_sends(timer)
         return new
 
-    def return_tokens(self, tokens: list[np.ndarray], timer: PhaseTimer) -> None:
-        """Last stage -> first stage: the tokens each micro-batch's next step embeds."""
+    def return_tokens(self, tokens: list[np.ndarray], timer: PhaseTimer) -> list:
+        """Last stage -> first stage: the tokens each micro-batch's next step embeds.
+        Returns the started sends; the caller waits on them once the run is done."""
         if self.topo.layout.pp == 1 or not self.topo.is_last_stage:
-            return
+            return []
         with timer.phase("token_return"):
-            for chosen in tokens:
-                self.pending.append(self.transport.isend(self.topo.pipe_comm, chosen[:, None], 0,
-                                                         TOKENS_TAG))
+            return [self.transport.isend(self.topo.pipe_comm, chosen[:, None], 0, TOKENS_TAG)
+                    for chosen in tokens]

@@ -201,23 +201,18 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     micro = engine.micro_batches(batch.batch_size)
     returns: list = []
 
-    def after_sampling(chosen: list[np.ndarray], step: int) -> list[np.ndarray]:
+    def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
         """The tokens step ``step + 1`` embeds (-1 for stopped sequences), sent to the first
         stage. Nothing is sent after the last step: an unreceived message would linger."""
         inputs = [np.where(c == eos_id, -1, c) if eos_id is not None else c for c in chosen]
         if step + 1 < new_tokens:
-            engine.return_tokens(inputs, timer_holder[0])
-            returns.extend(engine.pending)
-            engine.pending = []
+            returns.extend(engine.return_tokens(inputs, timer))
         return inputs
 
-    timer_holder: list = [None]
-
     def prefill(timer):
-        timer_holder[0] = timer
         out = engine.prefill(batch, timer, cache, keep_hidden=collect)
         chosen = [engine.sample(logits, timer) for logits in out.logits]
-        return out, chosen, after_sampling(chosen, 0)
+        return out, chosen, after_sampling(chosen, 0, timer)
 
     (out, chosen, inputs), prefill_timing = _timed(session, prefill)
     generated = [chosen]
@@ -225,9 +220,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     steps = []
     for step in range(1, new_tokens):
         def one_step(timer, inputs=inputs):
-            timer_holder[0] = timer
             new = engine.decode_step(micro, inputs, cache, timer, counts)
-            return new, after_sampling(new, step) if topo.is_last_stage else inputs
+            return new, after_sampling(new, step, timer) if topo.is_last_stage else inputs
 
         (new, inputs), timing = _timed(session, one_step)
         if topo.is_last_stage:
