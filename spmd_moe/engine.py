@@ -120,6 +120,7 @@ class Engine:
         self.heads = len(topo.heads)
         self.scale = float(self.model.head_dim) ** -0.5
         self.fault_layer = injected_fault(topo.rank)
+        self.pending: list = []   # sends to the next stage started by the current pass
 
     # --- one layer ---------------------------------------------------------------------
 

@@ -271,7 +271,7 @@ def _gather_rows(session: Session, rows: np.ndarray, counts: list[int], width: i
     return recv
 
 
-def gather_prefill(session: Session, batch: Batch, out, with_hidden: bool = True):
+def gather_prefill(session: Session, batch: Batch, out):
     """``hidden`` float32 [B, S, d] (zero at padding), ``logits`` float32 [B, V] and
     ``expert_counts`` int64 [L, E] on world rank 0; ``None`` on other ranks."""
     topo, bk, model = session.topo, session.backend, session.config.model
@@ -288,28 +288,25 @@ def gather_prefill(session: Session, batch: Batch, out, with_hidden: bool = True
         logits = np.zeros((0, vocab), dtype=np.float32)
     all_logits = _gather_rows(session, logits, [len(s) for s in sources], vocab,
                               np.dtype(np.float32))
-    hidden_rows = None
-    if with_hidden:
-        if len(mine):
-            hidden = np.concatenate([bk.to_host(x) for x in out.hidden])
-        else:
-            hidden = np.zeros((0, d), dtype=bk.dtype)
-        token_counts = [int(lengths[s.start:s.stop].sum()) for s in sources]
-        hidden_rows = _gather_rows(session, hidden, token_counts, d, bk.dtype)
+    if len(mine):
+        hidden = np.concatenate([bk.to_host(x) for x in out.hidden])
+    else:
+        hidden = np.zeros((0, d), dtype=bk.dtype)
+    token_counts = [int(lengths[s.start:s.stop].sum()) for s in sources]
+    hidden_rows = _gather_rows(session, hidden, token_counts, d, bk.dtype)
     if topo.rank != 0:
         return None
     order = np.concatenate([np.arange(s.start, s.stop) for s in sources])
     result = {"logits": np.empty((batch.batch_size, vocab), dtype=np.float32),
               "expert_counts": counts}
     result["logits"][order] = all_logits
-    if with_hidden:
-        full = np.zeros((batch.batch_size, batch.seq_len, d), dtype=np.float32)
-        row = 0
-        for seq in order:
-            n = int(lengths[seq])
-            full[seq, batch.seq_len - n:] = hidden_rows[row:row + n].astype(np.float32)
-            row += n
-        result["hidden"] = full
+    full = np.zeros((batch.batch_size, batch.seq_len, d), dtype=np.float32)
+    row = 0
+    for seq in order:
+        n = int(lengths[seq])
+        full[seq, batch.seq_len - n:] = hidden_rows[row:row + n].astype(np.float32)
+        row += n
+    result["hidden"] = full
     return result
 
 
