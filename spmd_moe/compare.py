@@ -39,13 +39,21 @@ def _divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def _fits(layout: Layout, model: ModelConfig) -> bool:
+    """Whether Layout.validate accepts ``layout`` for ``model`` (its rules, not a copy)."""
+    try:
+        layout.validate(model, layout.world_size)
+    except LayoutError:
+        return False
+    return True
+
+
 def default_ep_layout(model: ModelConfig, world_size: int) -> Layout:
     """``ep = W, pp = 1`` when it fits, else the largest ``ep`` dividing W and ``n_experts``
     with ``pp = W/ep <= n_layers``; refuses (naming the constraints) when none does."""
     for ep in _divisors_descending(world_size):
-        pp = world_size // ep
-        if model.n_experts % ep == 0 and pp <= model.n_layers:
-            return Layout(ep=ep, tp=1, pp=pp)
+        if _fits(Layout(ep=ep, tp=1, pp=world_size // ep), model):
+            return Layout(ep=ep, tp=1, pp=world_size // ep)
     raise LayoutError("--ep-layout", (
         f"no expert-parallel layout fits {world_size} ranks: ep must divide both the world "
         f"size and n_experts={model.n_experts}, and pp = {world_size}/ep must be at most "
@@ -57,9 +65,8 @@ def default_baseline_layout(model: ModelConfig, world_size: int) -> Layout:
     """The largest ``tp`` dividing W, ``n_heads`` and ``d_ff`` with ``pp = W/tp <=
     n_layers``; ``tp = 1`` (a pure pipeline) when only that fits."""
     for tp in _divisors_descending(world_size):
-        pp = world_size // tp
-        if model.n_heads % tp == 0 and model.d_ff % tp == 0 and pp <= model.n_layers:
-            return Layout(ep=1, tp=tp, pp=pp)
+        if _fits(Layout(ep=1, tp=tp, pp=world_size // tp), model):
+            return Layout(ep=1, tp=tp, pp=world_size // tp)
     raise LayoutError("--baseline-layout", (
         f"no tensor-parallel baseline fits {world_size} ranks: tp must divide the world size, "
         f"n_heads={model.n_heads} and d_ff={model.d_ff}, and pp = {world_size}/tp must be at "
