@@ -154,36 +154,6 @@ def estimate_bytes(shape: BenchShape, on_gpu: bool) -> int:
 
 # --- timing ------------------------------------------------------------------------------
 
-class Stopwatch:
-    """Elapsed milliseconds of a region: CUDA events on the compute stream (GPU) or the
-    host clock (NumPy)."""
-
-    def __init__(self, bk):
-        self.bk = bk
-
-    def __enter__(self):
-        if self.bk.on_gpu:
-            self.start, self.stop = self.bk.xp.cuda.Event(), self.bk.xp.cuda.Event()
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bk.on_gpu:
-            self.stop.record()
-        else:
-            self.t1 = time.perf_counter()
-        return False
-
-    @property
-    def ms(self) -> float:
-        if self.bk.on_gpu:
-            self.stop.synchronize()
-            return float(self.bk.xp.cuda.get_elapsed_time(self.start, self.stop))
-        return (self.t1 - self.t0) * 1e3
-
-
 def stats(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max()),
@@ -289,10 +259,10 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     walls: list[float] = []
     for i in range(warmup + iters):
         timer = bk.timer()
-        with Stopwatch(bk) as watch:
+        with timer.phase("step"):      # encloses the step's own phases
             out = step.run(timer)
         seconds = timer.totals()
-        wall = watch.ms
+        wall = seconds["step"] * 1e3
         say(f"{'warm-up' if i < warmup else 'iteration'} {i + 1 - (warmup if i >= warmup else 0)}"
             f": {wall:.1f} ms")
         if i >= warmup:
