@@ -424,7 +424,9 @@ def share_blas_threads(ranks_on_node: int) -> str:
     except AttributeError:
         cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, ranks_on_node))
-    for path in _loaded_libraries(("openblas", "mkl_rt", "libblas")):
+    blas = [p for p in loaded_libraries()
+            if any(f in os.path.basename(p) for f in ("openblas", "mkl_rt", "libblas"))]
+    for path in blas:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
@@ -438,15 +440,16 @@ def share_blas_threads(ranks_on_node: int) -> str:
     return "BLAS threads not set (no known BLAS library loaded)"
 
 
-def _loaded_libraries(fragments: tuple[str, ...]) -> list[str]:
-    """Paths of this process's loaded shared libraries whose names contain a fragment."""
+def loaded_libraries() -> list[str]:
+    """Paths of the shared libraries this process has mapped, in load order (from
+    /proc/self/maps; empty where there is none)."""
     found: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.split()[-1] if line.count("/") else ""
-                name = os.path.basename(path)
-                if any(f in name for f in fragments) and path not in found:
+                fields = line.split()
+                path = fields[-1] if len(fields) >= 6 else ""
+                if ".so" in os.path.basename(path) and path not in found:
                     found.append(path)
     except OSError:
         pass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, loaded_libraries
 from .errors import ConfigError
 
 TRANSPORTS = ("auto", "mpi-cuda", "mpi-host", "nccl")
@@ -44,18 +44,12 @@ class MpiLibrary:
 
 
 def loaded_libmpi_path() -> str | None:
-    """Path of the libmpi this process has loaded (from /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                name = os.path.basename(path)
-                if name.startswith(("libmpi.so", "libmpi_")) or name.startswith("libmpich"):
-                    if name.startswith(("libmpi_cxx", "libmpi_mpifh", "libmpi_usempi")):
-                        continue
-                    return path
-    except OSError:
-        pass
+    """Path of the libmpi this process has loaded (not its C++/Fortran bindings)."""
+    for path in loaded_libraries():
+        name = os.path.basename(path)
+        if name.startswith(("libmpi.so", "libmpi_", "libmpich")) and not name.startswith(
+                ("libmpi_cxx", "libmpi_mpifh", "libmpi_usempi")):
+            return path
     return None
 
 
