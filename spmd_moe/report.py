@@ -41,8 +41,8 @@ def rank_flops(session: Session, batch: Batch, expert_rows: float) -> float:
     """FLOPs this rank did in one forward pass, from the real lengths and the rows its
     experts actually processed."""
     topo, model = session.topo, session.config.model
-    lengths = batch.lengths[topo.sequences(batch.batch_size).start:
-                            topo.sequences(batch.batch_size).stop]
+    mine = topo.sequences(batch.batch_size)
+    lengths = batch.lengths[mine.start:mine.stop]
     per_layer = layer_flops(model, int(lengths.sum()), lengths, len(topo.heads), 0.0,
                             len(topo.ff_columns))
     flops = (per_layer["attention_proj"] + per_layer["attention_core"]
