@@ -21,7 +21,10 @@ Two measurements, both built from the engine's own functions on a real :class:`B
   ``Alltoallv`` of the same bytes in the same job; checks that every row came back.
 
 Defaults are the paper's shapes; every size has a flag, so tests run the same code tiny on
-NumPy. Results go to stdout (rank 0) and, with ``--json``, to a file. Timings are reported,
+NumPy. ``--model DIR`` takes the model's shapes and family from a checkpoint's config.json
+(grouped K/V heads, head dim, q/k norms, SwiGLU experts, router renormalisation; random
+weights: no tensor is read); the PyTorch peer then runs only for SPEC §1's layer, which is
+all it implements. Results go to stdout (rank 0) and, with ``--json``, to a file. Timings are reported,
 never asserted.
 
 Notation: B sequences, L tokens per sequence, T = B*L tokens, d width, H heads, Dh = d/H,
@@ -71,6 +74,7 @@ class BenchShape:
     experts: int = 16
     top_k: int = 2
     dtype: str = "bfloat16"
+    family: object | None = None     # a checkpoint's ModelConfig (--model): its shapes win
 
     @property
     def tokens(self) -> int:
@@ -86,7 +90,22 @@ class BenchShape:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.heads
+        return self.family.head_dim if self.family is not None else self.d_model // self.heads
+
+    @classmethod
+    def for_model(cls, model, seqs: int, seq_len: int, rows: int | None,
+                  dtype: str | None = None) -> "BenchShape":
+        """One rank's layer step of a checkpoint's model (``--model``): its sizes and
+        family; ``dtype`` defaults to the checkpoint's."""
+        return cls(seqs, seq_len, rows, model.d_model, model.d_ff, model.n_heads,
+                   model.n_experts, model.top_k, dtype or model.dtype, family=model)
+
+    @property
+    def spec_layer(self) -> bool:
+        """Whether this is SPEC §1's layer (what the PyTorch peer implements)."""
+        model = self.model()
+        return (model.kv_heads == model.n_heads and model.activation == "gelu"
+                and model.qk_norm == "none" and model.q_width == model.d_model)
 
     def validate(self, layer_step: bool = True) -> "BenchShape":
         """Check the sizes (the attention's only for the layer step), naming the flag."""
@@ -96,7 +115,8 @@ class BenchShape:
                             ("--top-k", self.top_k), ("--rows", self.expert_rows)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(flag, f"{value!r} must be a positive integer")
-        if layer_step and (self.d_model % self.heads or self.head_dim % 2):
+        if layer_step and self.family is None and (self.d_model % self.heads
+                                                   or self.head_dim % 2):
             raise ConfigError("--heads", f"d_model={self.d_model} / heads={self.heads} must be "
                                          "a whole, even head dim")
         if self.top_k > self.experts:
@@ -108,8 +128,13 @@ class BenchShape:
 
     def model(self):
         """The one-layer model of these shapes (a tiny vocabulary: no embedding is timed)."""
+        from dataclasses import replace
+
         from .config import ModelConfig
 
+        if self.family is not None:
+            return replace(self.family, vocab_size=128, n_layers=1, dtype=self.dtype,
+                           max_seq_len=self.seq_len, tie_word_embeddings=False).validate()
         return ModelConfig(vocab_size=128, d_model=self.d_model, n_heads=self.heads,
                            n_layers=1, n_experts=self.experts, d_ff=self.d_ff,
                            top_k=self.top_k, dtype=self.dtype,
@@ -119,17 +144,19 @@ class BenchShape:
 def layer_flops(shape: BenchShape) -> dict[str, float]:
     """FLOPs of each layer-step phase (multiply-add = 2; elementwise work not counted).
 
-    The engine's own count (costs.layer_flops), with the four projections split into Q/K/V
-    (3/4) and output (1/4). Paper shapes: 60.2 TFLOP, as SPEC §7 counts them.
+    The engine's own count (costs.layer_flops), with the projections split into Q/K/V and
+    output (``d x H*Dh``: 1/4 of them for SPEC §1's model). Paper shapes: 60.2 TFLOP, as
+    SPEC §7 counts them.
     """
     from .costs import layer_flops as rank_layer_flops
 
+    model = shape.model()
     lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
-    part = rank_layer_flops(shape.model(), shape.tokens, lengths, shape.heads,
-                            shape.expert_rows, shape.d_ff)
+    part = rank_layer_flops(model, shape.tokens, lengths, model.n_heads, shape.expert_rows,
+                            model.d_ff, model.kv_heads)
     flops = {phase: 0.0 for phase in LAYER_PHASES}
-    flops["attn_qkv"] = part["attention_proj"] * 3 / 4
-    flops["attn_out"] = part["attention_proj"] / 4
+    flops["attn_out"] = 2.0 * shape.tokens * model.d_model * model.q_width
+    flops["attn_qkv"] = part["attention_proj"] - flops["attn_out"]
     flops["attn_core"] = part["attention_core"]
     flops["router"] = part["router"]
     flops["experts"] = part["experts"]
@@ -140,14 +167,17 @@ def estimate_bytes(shape: BenchShape, on_gpu: bool) -> int:
     """A rough upper bound of the layer step's peak memory (checked before allocating)."""
     item = 2 if shape.dtype == "bfloat16" else 4
     param = item if on_gpu else 4
+    model = shape.model()
     t, d, f = shape.tokens, shape.d_model, shape.d_ff
+    wide, matrices = max(d, model.q_width), model.expert_matrices
     rows, routed = shape.expert_rows, shape.routed_rows
-    weights = (4 * d * d + d * shape.experts + 2 * d * f) * param
-    activations = (t * d * item * 10           # x, a, q, k, v, att, h, b, out, spare
-                   + t * d * 4 * 5             # float32 temporaries of norms, RoPE, residual
+    weights = (2 * d * model.q_width + 2 * d * model.kv_width + d * shape.experts
+               + matrices * d * f) * param
+    activations = (t * wide * item * 10        # x, a, q, k, v, att, h, b, out, spare
+                   + t * wide * 4 * 5          # float32 temporaries of norms, RoPE, residual
                    + routed * d * item * 3     # permuted rows, returned rows, un-permuted
                    + rows * d * item * 2       # expert input and output
-                   + rows * f * (4 + 4 + item))  # float32 hidden, its GELU, stored hidden
+                   + rows * f * (4 * matrices + item))  # float32 hidden(s), activation, stored
     attention = 2 * shape.seq_len * d * 4 + (64 << 20)   # generic path: one sequence's K, V
     return int(weights + activations + attention)
 
@@ -171,6 +201,7 @@ class LayerStep:
 
         from .config import Layout
         from .dispatcher import Dispatcher
+        from .engine import fit_kernels_to_family
         from .model import pack, rope_tables
         from .topology import Grid
         from .weights import build_weights
@@ -178,10 +209,11 @@ class LayerStep:
         self.bk, self.shape = bk, shape
         model = shape.model()
         self.model = model
+        fit_kernels_to_family(bk, model)     # says so when a family's piece is not fused
         grid = Grid(Layout(ep=shape.experts, tp=1, pp=1), model, 0)
         weights = build_weights(grid, bk, seed, init="device")
         self.lw = weights.layers[0]
-        self.w1, self.w2 = self.lw.experts[0]
+        self.w1, self.w2, *self.w3 = self.lw.experts[0]      # w3: SwiGLU's up projection
         xp = bk.xp
         rng = xp.random.default_rng(seed + 1)
         self.x = rng.standard_normal((shape.tokens, shape.d_model),
@@ -202,17 +234,19 @@ class LayerStep:
         """One step; returns the layer output [T, d] (storage dtype)."""
         from .backend import F32
         from .experts import expert_ffn
-        from .model import apply_rope, causal_attention, rms_norm
+        from .model import apply_rope, causal_attention, qk_norm, rms_norm
         from .router import route
 
         bk, lw, model, packed = self.bk, self.lw, self.model, self.packed
         x = self.x
-        n, heads, dh = x.shape[0], model.n_heads, model.head_dim
+        n, heads, kv_heads, dh = x.shape[0], model.n_heads, model.kv_heads, model.head_dim
         with timer.phase("attn_qkv"):
             a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
             q = bk.matmul(a, lw.wq).reshape(n, heads, dh)                       # [T, H, Dh]
-            k = bk.matmul(a, lw.wk).reshape(n, heads, dh)
-            v = bk.matmul(a, lw.wv).reshape(n, heads, dh)
+            k = bk.matmul(a, lw.wk).reshape(n, kv_heads, dh)                    # [T, Hk, Dh]
+            v = bk.matmul(a, lw.wv).reshape(n, kv_heads, dh)
+            q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
+                           model.q_width, model.kv_width)
         with timer.phase("attn_rope"):
             q, k = apply_rope(bk, q, *self.rope), apply_rope(bk, k, *self.rope)
         with timer.phase("attn_core"):
@@ -222,13 +256,14 @@ class LayerStep:
             h = bk.store(x.astype(F32) + bk.matmul(att, lw.wo).astype(F32))
         with timer.phase("router"):
             b = rms_norm(bk, h, lw.moe_norm, model.norm_eps)
-            top_experts, weights = route(bk, b, lw.router, model.top_k)         # [T, k]
+            top_experts, weights = route(bk, b, lw.router, model.top_k,
+                                         model.router_renorm)                   # [T, k]
         with timer.phase("permute"):
             plan = self.dispatcher.dispatch_preprocess(top_experts)
             send = self.dispatcher.permute(b, plan)                             # [R, d]
         rows = send if self.to_expert is None else send[self.to_expert]
         with timer.phase("experts"):
-            out = expert_ffn(bk, rows, self.w1, self.w2)                         # [rows, d]
+            out = expert_ffn(bk, rows, self.w1, self.w2, None, *self.w3)        # [rows, d]
         returned = out if self.from_expert is None else out[self.from_expert]
         with timer.phase("unpermute"):
             moe = self.dispatcher.combine_postprocess(returned, plan, weights)   # [T, d] f32
@@ -276,7 +311,11 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     del step, out
     if bk.on_gpu:
         bk.xp.get_default_memory_pool().free_all_blocks()
-    if peer == "auto":
+    if peer == "auto" and not shape.spec_layer:
+        result["peer"] = {"available": False, "reason": "the PyTorch peer implements SPEC "
+                                                        "§1's layer only (MHA, GELU experts); "
+                                                        f"not the {shape.family.family} family"}
+    elif peer == "auto":
         say("timing the PyTorch peer")
         result["peer"] = torch_peer(shape, iters, warmup, bk.on_gpu, seed)
     else:
@@ -694,23 +733,53 @@ def format_transport(result: dict) -> str:
 
 # --- the command -------------------------------------------------------------------------
 
+MODEL_SIZE_FLAGS = (("--d-model", "d_model"), ("--d-ff", "d_ff"), ("--heads", "heads"),
+                    ("--experts", "experts"), ("--top-k", "top_k"))
+
+
+def shape_from_args(args) -> BenchShape:
+    """The BenchShape of the command line: flags over the paper's defaults, or (``--model``)
+    a checkpoint's sizes, which those flags may not change."""
+    if args.model:
+        from .checkpoint import read_hf_config
+        from .families import model_config_from_hf
+
+        for flag, name in MODEL_SIZE_FLAGS:
+            if getattr(args, name) is not None:
+                raise ConfigError(flag, "fixed by --model's config.json")
+        dtype = None
+        if args.dtype is not None:
+            from .config import DTYPE_ALIASES
+
+            dtype = DTYPE_ALIASES.get(str(args.dtype).lower(), args.dtype)
+        model = model_config_from_hf(read_hf_config(args.model),
+                                     dtype if dtype in ("bfloat16", "float32") else None)
+        return BenchShape.for_model(model, args.seqs, args.seq_len, args.rows,
+                                    dtype or model.dtype)
+    defaults = BenchShape()
+    sizes = {name: getattr(args, name) if getattr(args, name) is not None
+             else getattr(defaults, name) for _, name in MODEL_SIZE_FLAGS}
+    return BenchShape(args.seqs, args.seq_len, args.rows, dtype=args.dtype or defaults.dtype,
+                      **sizes)
+
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "bench", help="one rank's layer step at paper shapes per phase, MFU and the PyTorch "
                       "peer; or --transport-only under mpiexec")
     sizes = parser.add_argument_group("shapes (default: the paper's, one rank of 16)")
     defaults = BenchShape()
+    sizes.add_argument("--model", metavar="DIR",
+                       help="take the model's sizes and family from DIR/config.json (a "
+                            "Hugging Face checkpoint; no weights are read)")
     sizes.add_argument("--seqs", type=int, default=defaults.seqs, help="sequences (default 8)")
     sizes.add_argument("--seq-len", type=int, default=defaults.seq_len,
                        help="tokens per sequence (default 10000)")
     sizes.add_argument("--rows", type=int, help="rows through the expert (default: "
                                                 "seqs*seq-len*top-k)")
-    sizes.add_argument("--d-model", type=int, default=defaults.d_model)
-    sizes.add_argument("--d-ff", type=int, default=defaults.d_ff)
-    sizes.add_argument("--heads", type=int, default=defaults.heads)
-    sizes.add_argument("--experts", type=int, default=defaults.experts)
-    sizes.add_argument("--top-k", type=int, default=defaults.top_k)
-    sizes.add_argument("--dtype", default=defaults.dtype, help="bfloat16 (default) or float32")
+    for flag, name in MODEL_SIZE_FLAGS:
+        sizes.add_argument(flag, type=int, help=f"default {getattr(defaults, name)}, or the "
+                                                "model's under --model")
+    sizes.add_argument("--dtype", help="bfloat16 (default, or the model's) or float32")
     run = parser.add_argument_group("execution and output")
     run.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
     run.add_argument("--warmup", type=int, default=1, help="untimed iterations (default 1)")
@@ -740,9 +809,7 @@ def cmd_bench(args) -> int:
     rank = comm.Get_rank()
 
     def checked() -> BenchShape:
-        shape = BenchShape(args.seqs, args.seq_len, args.rows, args.d_model, args.d_ff,
-                           args.heads, args.experts, args.top_k, args.dtype).validate(
-                               layer_step=not args.transport_only)
+        shape = shape_from_args(args).validate(layer_step=not args.transport_only)
         check_execution_arguments(args)
         if args.transport_only and shape.experts % comm.Get_size():
             raise ConfigError("--experts", f"{shape.experts} experts must divide among "

@@ -1,4 +1,5 @@
-"""``spmd-moe run | plan | info | bench | compare``: parse, build, call the engine, report.
+"""``spmd-moe run | plan | info | bench | compare | generate | export``: parse, build, call
+the engine, report.
 
 Errors a user can cause print one line on rank 0 (``spmd-moe: error: FIELD: ...``) and
 every rank exits 2, with no output file. Anything else is a fault: the failing rank prints
@@ -11,12 +12,13 @@ import sys
 import traceback
 from dataclasses import replace
 
-from . import bench, compare, perfmodel
+from . import bench, compare, generate, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
 from .errors import ConfigError, SpmdMoeError, collective
 
 GIB = 1 << 30
-MPI_COMMANDS = ("run", "info", "bench", "compare")   # the commands that run under mpiexec
+# The commands that run under mpiexec.
+MPI_COMMANDS = ("run", "info", "bench", "compare", "generate")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,6 +30,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and workload")
+    group.add_argument("--model", metavar="DIR",
+                       help="a Hugging Face model directory (config.json + safetensors): "
+                            "Mixtral, Qwen3-MoE, OLMoE or an exported SPEC model "
+                            "(docs/MODELS.md); instead of --preset/--config")
     group.add_argument("--preset", help=f"built-in config: {', '.join(PRESETS)} "
                                         "(default: tiny, or paper under --config)")
     group.add_argument("--config", help="JSON config file (SPEC names, or the paper's format)")
@@ -74,10 +80,18 @@ def memory_limit_bytes(args) -> int | None:
 
 
 def config_from_args(args) -> RunConfig:
-    return build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
-                            seed=args.seed, workload=args.workload, new_tokens=args.new_tokens,
-                            micro_batches=args.micro_batches, init=args.init,
-                            layout=getattr(args, "layout", None))
+    overrides = dict(dtype=args.dtype, seed=args.seed, workload=args.workload,
+                     new_tokens=args.new_tokens, micro_batches=args.micro_batches,
+                     init=args.init, layout=getattr(args, "layout", None))
+    if getattr(args, "model", None):
+        from .checkpoint import checkpoint_run_config
+
+        for flag, value in (("--preset", args.preset), ("--config", args.config)):
+            if value:
+                raise ConfigError(flag, "cannot be combined with --model (the model is the "
+                                        "checkpoint's; --set sets the workload)")
+        return checkpoint_run_config(args.model, args.set, **overrides)
+    return build_run_config(args.preset, args.config, args.set, **overrides)
 
 
 def build_parser() -> ArgumentParser:
@@ -110,6 +124,17 @@ def build_parser() -> ArgumentParser:
 
     bench.add_parser(commands)
     compare.add_parser(commands)
+    generate.add_parser(commands)
+
+    export = commands.add_parser("export", help="write a preset's generated weights as a "
+                                                "Hugging Face model directory (--model loads "
+                                                "it back)")
+    add_config_arguments(export)
+    export.add_argument("directory", help="the model directory to create (absent or empty)")
+    export.add_argument("--max-shard-size", type=float, metavar="MB",
+                        help="split the weights into shards of at most this size, with "
+                             "model.safetensors.index.json (default: one file)")
+    export.set_defaults(func=cmd_export)
 
     info = commands.add_parser("info", help="MPI library, CUDA-awareness, GPUs, backend, "
                                             "transport")
@@ -251,6 +276,25 @@ def cmd_plan(args) -> int:
         return perfmodel.cmd_predict(args, config)
     return print_plan(config, args.world_size, args.layout or config.layout,
                       args.device_memory * GIB, args.backend, args.hbm_gbps)
+
+
+# --- export ----------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_generated
+
+    if args.model:
+        raise ConfigError("--model", "export writes generated weights; give --preset or "
+                                     "--config")
+    config = config_from_args(args)
+    if args.max_shard_size is not None and not args.max_shard_size > 0:
+        raise ConfigError("--max-shard-size", f"{args.max_shard_size} must be > 0 MB")
+    limit = int(args.max_shard_size * 1e6) if args.max_shard_size else None
+    files = export_generated(config, args.directory, limit)
+    print(f"spmd-moe export: {config.model.family} model (L={config.model.n_layers} "
+          f"d={config.model.d_model} E={config.model.n_experts} {config.model.dtype}, seed "
+          f"{config.seed}) -> {args.directory}: {', '.join(files)}", flush=True)
+    return 0
 
 
 # --- info ------------------------------------------------------------------------------

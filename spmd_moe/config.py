@@ -17,11 +17,30 @@ from .errors import ConfigError, LayoutError
 DTYPES = ("bfloat16", "float32")
 WORKLOADS = ("prefill", "decode")
 INITS = ("host", "device")
+# What a model family may change (families.py maps checkpoint formats onto these).
+ACTIVATIONS = ("gelu", "swiglu")     # GELU(x W1) W2  |  (silu(x W1) * x W3) W2
+QK_NORMS = ("none", "head", "full")  # no q/k norm | RMSNorm per head | over the projection
+FAMILIES = ("spmd", "mixtral", "qwen3_moe", "olmoe")   # SPEC §1's, then SPEC §8's
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The transformer of SPEC §1. ``head_dim = d_model / n_heads``."""
+    """The transformer of SPEC §1, and the differences of the checkpoint families (SPEC §8).
+
+    The defaults are SPEC §1's model: ``head_dim = d_model / n_heads``, as many key/value
+    heads as query heads, GELU experts, no q/k norm, renormalised top-k weights, an untied
+    LM head. A family (families.py) changes only these fields:
+
+    - ``n_kv_heads``: key/value heads (grouped-query attention: query head h uses key/value
+      head ``h // (n_heads / n_kv_heads)``); None means ``n_heads``.
+    - ``d_head``: head dim when it is not ``d_model / n_heads`` (Qwen3-MoE); None means that.
+    - ``activation``: ``gelu`` (``GELU(x W1) W2``) or ``swiglu`` (``(silu(x W1) * x W3) W2``).
+    - ``qk_norm``: ``none``; ``head`` (RMSNorm over each head of q and k, one gain of
+      ``head_dim``); ``full`` (RMSNorm over the whole q and k projections).
+    - ``router_renorm``: divide the top-k probabilities by their sum (SPEC §1) or not.
+    - ``tie_word_embeddings``: the LM head is the embedding table transposed.
+    - ``family``: which checkpoint format names the tensors (families.FAMILIES).
+    """
 
     vocab_size: int
     d_model: int
@@ -34,25 +53,67 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "bfloat16"
     max_seq_len: int = 4096
+    n_kv_heads: int | None = None
+    d_head: int | None = None
+    activation: str = "gelu"
+    qk_norm: str = "none"
+    router_renorm: bool = True
+    tie_word_embeddings: bool = False
+    family: str = "spmd"
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def q_width(self) -> int:
+        """Width of the query projection (and of the attention output): H * Dh."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the key and of the value projection: H_kv * Dh."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def expert_matrices(self) -> int:
+        """Weight matrices per expert: W1, W2 (GELU) and W3 (SwiGLU)."""
+        return 3 if self.activation == "swiglu" else 2
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "n_experts", "d_ff",
                      "top_k", "max_seq_len"):
             _positive_int(name, getattr(self, name))
-        if self.d_model % self.n_heads:
+        for name in ("n_kv_heads", "d_head"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by "
                                          f"n_heads={self.n_heads}")
         if self.head_dim % 2:
-            raise ConfigError("n_heads", f"head dim d_model/n_heads = {self.head_dim} must be "
-                                         "even (RoPE rotates halves)")
+            field_name = "d_head" if self.d_head is not None else "n_heads"
+            raise ConfigError(field_name, f"head dim {self.head_dim} must be even (RoPE "
+                                          "rotates halves)")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError("n_kv_heads", f"{self.kv_heads} must divide n_heads="
+                                            f"{self.n_heads} (query heads share key/value "
+                                            "heads in equal groups)")
         if self.top_k > self.n_experts:
             raise ConfigError("top_k", f"{self.top_k} must be in [1, n_experts={self.n_experts}]")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name, allowed in (("activation", ACTIVATIONS), ("qk_norm", QK_NORMS),
+                              ("family", FAMILIES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of "
+                                        f"{', '.join(allowed)}")
+        for name in ("router_renorm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{getattr(self, name)!r} must be true or false")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -179,6 +240,11 @@ class Layout:
                                         f"{model.n_experts}")
         if model.n_heads % self.tp:
             raise LayoutError("layout", f"tp={self.tp} must divide n_heads={model.n_heads}")
+        if model.kv_heads % self.tp and self.tp % model.kv_heads:
+            # Each rank's query heads must use whole key/value heads: a block of them
+            # (tp divides H_kv) or one, replicated on tp/H_kv ranks (H_kv divides tp).
+            raise LayoutError("layout", f"tp={self.tp} must divide n_kv_heads="
+                                        f"{model.kv_heads} or be a multiple of it")
         if model.d_ff % self.tp:
             raise LayoutError("layout", f"tp={self.tp} must divide d_ff={model.d_ff}")
         if self.pp > model.n_layers:
@@ -194,6 +260,8 @@ class RunConfig:
     ``layout`` is the text given by the preset, file or command line (resolved against the
     world size by :meth:`Layout.parse`). ``init="device"`` draws weights on the device with
     the backend's own generator: fast at paper size, but NOT the weights of SPEC §1.
+    ``checkpoint``: a Hugging Face model directory whose safetensors hold the weights
+    (``--model DIR``, SPEC §8); None for generated weights.
     """
 
     model: ModelConfig
@@ -201,6 +269,7 @@ class RunConfig:
     layout: str | None = None
     seed: int = 0
     init: str = "host"
+    checkpoint: str | None = None
 
     def validate(self) -> "RunConfig":
         self.model.validate()
@@ -242,6 +311,7 @@ ALIASES = {
     "token_dimension": "d_model", "mlp_hidden_size": "d_ff", "attention_heads": "n_heads",
     "precision": "dtype", "sequence_length": "seq_len", "vocab": "vocab_size",
     "num_experts": "n_experts", "hidden_size": "d_model", "batch": "batch_size",
+    "head_dim": "d_head", "num_key_value_heads": "n_kv_heads",
 }
 DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32",
                  "float32": "float32", "f32": "float32"}
@@ -270,6 +340,13 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         raise ConfigError(key, "needs a value")
     try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

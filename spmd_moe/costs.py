@@ -52,15 +52,20 @@ def attention_core_flops(lengths: np.ndarray, width: int) -> float:
 
 
 def layer_flops(model: ModelConfig, tokens: int, lengths: np.ndarray, heads: int,
-                routed_rows: float, ff_width: int) -> dict[str, float]:
-    """FLOPs of one layer on one rank (multiply-add = 2)."""
+                routed_rows: float, ff_width: int, kv_heads: int | None = None
+                ) -> dict[str, float]:
+    """FLOPs of one layer on one rank (multiply-add = 2) with ``heads`` query heads and
+    ``kv_heads`` key/value heads (default: as many) of the model's head dim: Q and O
+    projections ``d x h*Dh``, K and V ``d x hk*Dh``; two (GELU) or three (SwiGLU) expert
+    matrices of ``d x ff_width``."""
     d, dh = model.d_model, model.head_dim
     width = heads * dh
+    kv_width = (heads if kv_heads is None else kv_heads) * dh
     return {
-        "attention_proj": 2.0 * tokens * d * 4 * width,
+        "attention_proj": 2.0 * tokens * d * (2 * width + 2 * kv_width),
         "attention_core": attention_core_flops(lengths, width),
         "router": 2.0 * tokens * d * model.n_experts,
-        "experts": 2.0 * routed_rows * 2 * d * ff_width,
+        "experts": 2.0 * routed_rows * model.expert_matrices * d * ff_width,
     }
 
 
@@ -75,8 +80,8 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     seqs = grid.sequences(len(lengths))
     my_lengths = lengths[seqs.start:seqs.stop]
     tokens = int(my_lengths.sum())
-    heads, ff = len(grid.heads), len(grid.ff_columns)
-    width = heads * dh
+    heads, kv_heads, ff = len(grid.heads), len(grid.kv_heads), len(grid.ff_columns)
+    width, kv_width = heads * dh, kv_heads * dh
     n_layers = len(grid.layers)
     stage_tokens = int(lengths.sum())          # a stage processes the whole batch
     if layout.tp > 1:
@@ -84,13 +89,15 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     else:
         routed = stage_tokens * k / layout.ep  # balanced: E/ep experts of E get T*k*(1/ep)
 
-    per_layer = layer_flops(model, tokens, my_lengths, heads, routed, ff)
+    per_layer = layer_flops(model, tokens, my_lengths, heads, routed, ff, kv_heads)
     flops = {part: value * n_layers for part, value in per_layer.items()}
     b_last = len(my_lengths) if grid.is_last_stage and grid.writes_outputs else 0
     flops["lm_head"] = 2.0 * b_last * d * model.vocab_size
 
-    weights = n_layers * (4 * d * width + d * e + 2 * d) * param_item
-    weights += n_layers * len(grid.experts) * 2 * d * ff * param_item
+    qk_gains = {"none": 0, "head": 2 * dh, "full": width + kv_width}[model.qk_norm]
+    weights = n_layers * (2 * d * width + 2 * d * kv_width + d * e + 2 * d + qk_gains) \
+        * param_item
+    weights += n_layers * len(grid.experts) * model.expert_matrices * d * ff * param_item
     if grid.is_first_stage:
         weights += model.vocab_size * d * item
     if grid.is_last_stage:
@@ -101,19 +108,21 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     mb_rows_in = routed / micro
     mb_rows_out = mb_tokens * k
     rows_per_expert = mb_rows_in / max(1, len(grid.experts) if layout.tp == 1 else e)
-    activations = (mb_tokens * d * item * 8               # x, a, q, k, v, att, h, b
+    wide = max(d, width)                                  # q and att are h*Dh wide
+    activations = (mb_tokens * wide * item * 8            # x, a, q, k, v, att, h, b
                    + mb_tokens * d * 4 * 2                # float32 attention partial, moe
                    + mb_tokens * dh * 4 * 2               # RoPE tables
                    + mb_rows_out * d * item * 3           # send, returned, un-permuted
                    + mb_rows_in * d * item * 3            # received, grouped, expert out
-                   + rows_per_expert * ff * (4 + item))   # one expert's hidden layer
+                   + rows_per_expert * ff * (4 * (model.expert_matrices - 1) + item))
+    # ^ one expert's hidden layer: float32 accumulator(s) (SwiGLU: gate and up) and stored
     if backend != "cupy":
         activations += 64 << 20                           # attention score blocks
     activations += b_last * model.vocab_size * 4
     kv = 0
     if new_tokens:
         capacity = int(lengths.max()) + new_tokens
-        kv = 2 * n_layers * len(my_lengths) * capacity * width * item
+        kv = 2 * n_layers * len(my_lengths) * capacity * kv_width * item
 
     row = d * item
     if layout.tp > 1:
@@ -132,6 +141,20 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
                     tokens, routed, int(weights), int(activations), int(kv), flops, send)
 
 
+def parameter_counts(model: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those one token uses): embedding, LM head (unless tied), per layer
+    attention, norms, router and E experts (top-k of them for the active count)."""
+    d, dh = model.d_model, model.head_dim
+    qk = {"none": 0, "head": 2 * dh, "full": model.q_width + model.kv_width}[model.qk_norm]
+    attention = 2 * d * model.q_width + 2 * d * model.kv_width + 2 * d + qk
+    expert = model.expert_matrices * d * model.d_ff
+    router = d * model.n_experts
+    embeddings = model.vocab_size * d * (1 if model.tie_word_embeddings else 2) + d
+    total = embeddings + model.n_layers * (attention + router + model.n_experts * expert)
+    active = embeddings + model.n_layers * (attention + router + model.top_k * expert)
+    return total, active
+
+
 def plan_costs(config: RunConfig, layout, lengths: np.ndarray, backend: str = "cupy",
                new_tokens: int = 0) -> list[RankCost]:
     return [rank_cost(config, Grid(layout, config.model, r), lengths, backend, new_tokens)
@@ -147,12 +170,14 @@ def decode_step_bytes(config: RunConfig, grid: Grid, context: int) -> dict[str, 
     model = config.model
     item = 2 if model.dtype == "bfloat16" else 4
     d, width = model.d_model, len(grid.heads) * model.head_dim
+    kv_width = len(grid.kv_heads) * model.head_dim
     n_layers = len(grid.layers)
     seqs = len(grid.sequences(config.workload.batch_size))
     out = {
-        "kv_cache": 2.0 * n_layers * seqs * context * width * item,
-        "attention_weights": n_layers * 4.0 * d * width * item,
-        "expert_weights": n_layers * len(grid.experts) * 2.0 * d * len(grid.ff_columns) * item,
+        "kv_cache": 2.0 * n_layers * seqs * context * kv_width * item,
+        "attention_weights": n_layers * 2.0 * d * (width + kv_width) * item,
+        "expert_weights": n_layers * len(grid.experts) * model.expert_matrices * d
+        * len(grid.ff_columns) * item,
         "router": n_layers * float(d * model.n_experts * item),
     }
     if grid.is_last_stage:

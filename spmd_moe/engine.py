@@ -28,7 +28,8 @@ from .backend import F32, Backend, PhaseTimer
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
-from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
+from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm, rms_norm,
+                    rope_tables)
 from .moe_layer import moe_forward
 from .topology import Topology
 from .transport import allreduce_bytes
@@ -52,6 +53,23 @@ def injected_fault(rank: int) -> int | None:
     return None
 
 
+def fit_kernels_to_family(bk: Backend, model) -> None:
+    """Say (``kernels_reason``, shown by ``info`` and the report) what a family needs that
+    the fused kernels do not do, never falling back silently: with grouped-query attention
+    they are dropped (the generic array code runs); SwiGLU experts take the generic expert
+    path (experts.expert_ffn) while attention and permutation stay fused."""
+    if bk.kernels is None:
+        return
+    if model.kv_heads != model.n_heads:
+        bk.kernels = None
+        bk.kernels_reason = (f"off for this model: the fused attention has no grouped-query "
+                             f"form ({model.n_heads} query / {model.kv_heads} key-value "
+                             "heads); the CuPy backend runs the generic array code")
+    elif model.activation != "gelu":
+        bk.kernels_reason += (f"; expert FFN: generic array code (no fused "
+                              f"{model.activation} kernel)")
+
+
 class KVCache:
     """Keys and values of this rank's sequences for its stage's layers, preallocated.
 
@@ -62,6 +80,8 @@ class KVCache:
 
     def __init__(self, bk: Backend, layers: range, first_seq: int, n_seqs: int, capacity: int,
                  heads: int, head_dim: int):
+        # ``heads`` are the key/value heads this rank holds (fewer than the query heads
+        # under grouped-query attention).
         self.first_seq, self.n_seqs, self.capacity = first_seq, n_seqs, capacity
         shape = (n_seqs * capacity, heads, head_dim)
         self.keys = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
@@ -112,12 +132,18 @@ class Engine:
         self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
         self.transport = transport
         kernels.fit_model(bk, self.model.head_dim)
+        fit_kernels_to_family(bk, self.model)
         self.weights = weights if weights is not None else build_weights(
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
         self.dispatcher = kind(bk, topo.stage_comm, transport, self.model.n_experts,
                                self.model.top_k, topo.experts)
         self.heads = len(topo.heads)
+        self.kv_heads = len(topo.kv_heads)
+        # Under TP with more ranks than K/V heads each K/V head sits on tp/H_kv ranks: a sum
+        # over the group counts it that often, and so must the width it is divided by.
+        self.kv_width_summed = self.model.kv_width * max(
+            1, topo.layout.tp // self.model.kv_heads)
         self.scale = float(self.model.head_dim) ** -0.5
         self.fault_layer = injected_fault(topo.rank)
         self.pending: list = []   # sends to the next stage started by the current pass
@@ -127,12 +153,14 @@ class Engine:
     def attention(self, layer: int, x, packed: Packed, rope, cache: KVCache | None):
         """x: [T, d] -> attention output [T, d]: storage dtype, or a float32 partial sum
         over this rank's heads under TP."""
-        bk, lw, dh = self.bk, self.weights.layers[layer], self.model.head_dim
-        n = x.shape[0]
-        a = rms_norm(bk, x, lw.attn_norm, self.model.norm_eps)
+        bk, lw, model = self.bk, self.weights.layers[layer], self.model
+        n, dh = x.shape[0], model.head_dim
+        a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
         q = bk.matmul(a, lw.wq).reshape(n, self.heads, dh)                # [T, h, Dh]
-        k = bk.matmul(a, lw.wk).reshape(n, self.heads, dh)
-        v = bk.matmul(a, lw.wv).reshape(n, self.heads, dh)
+        k = bk.matmul(a, lw.wk).reshape(n, self.kv_heads, dh)             # [T, hk, Dh]
+        v = bk.matmul(a, lw.wv).reshape(n, self.kv_heads, dh)
+        q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
+                       model.q_width, self.kv_width_summed, self.head_group_sum)
         q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
         if cache is None:
             keys, values = k, v
@@ -145,6 +173,14 @@ class Engine:
         att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys, values,
                                k_starts, k_lengths, self.scale)           # [T, h*Dh]
         return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
+
+    @property
+    def head_group_sum(self):
+        """Sum of a float32 array over the ranks that split the heads (TP), or None when
+        this rank holds every head: what a norm over a whole projection needs."""
+        if self.topo.layout.tp == 1:
+            return None
+        return lambda arr: self.transport.allreduce_sum(self.topo.stage_comm, arr)
 
     def layer(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
               cache: KVCache | None, counts: np.ndarray):
@@ -165,7 +201,7 @@ class Engine:
             h = bk.store(x.astype(F32) + att.astype(F32))
         with timer.phase("router"):
             b = rms_norm(bk, h, lw.moe_norm, self.model.norm_eps)
-        moe, tokens_per_expert = moe_forward(self.dispatcher, b, lw, self.model.top_k, timer)
+        moe, tokens_per_expert = moe_forward(self.dispatcher, b, lw, self.model, timer)
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
@@ -247,8 +283,8 @@ class Engine:
         """A cache for this rank's sequences, sized for the longest prompt plus N tokens."""
         mine = self.topo.sequences(batch.batch_size)
         capacity = int(batch.lengths.max()) + new_tokens
-        return KVCache(self.bk, self.topo.layers, mine.start, len(mine), capacity, self.heads,
-                       self.model.head_dim)
+        return KVCache(self.bk, self.topo.layers, mine.start, len(mine), capacity,
+                       self.kv_heads, self.model.head_dim)
 
     def sample(self, logits, timer: PhaseTimer) -> np.ndarray:
         """Greedy tokens [b] (host int64) from float32 logits [b, V]; ties: lowest id."""

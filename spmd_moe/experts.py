@@ -1,4 +1,5 @@
-"""The experts a rank holds: ``GELU(x W1) W2`` for the rows routed to each (SPEC §1).
+"""The experts a rank holds: ``GELU(x W1) W2`` for the rows routed to each (SPEC §1), or
+SwiGLU ``(silu(x W1) * x W3) W2`` (Mixtral, Qwen3-MoE, OLMoE: SPEC §8).
 
 Rows arrive grouped by expert (dispatcher.py); ``tokens_per_expert`` says how many rows
 each local expert has, in order. Under the TP baseline every rank holds every expert but
@@ -13,10 +14,26 @@ import numpy as np
 from .backend import F32, Backend
 
 
-def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None):
+def silu(bk: Backend, x):
+    """``x * sigmoid(x)`` of float32 x, to float32 accuracy everywhere: the sigmoid from
+    ``e = exp(-|x|)`` (never overflows) as ``1/(1+e)`` or ``e/(1+e)`` by sign (no
+    cancellation for negative x, as ``(1 + tanh(x/2))/2`` would have)."""
+    xp = bk.xp
+    e = xp.exp(-xp.abs(x))
+    return x * xp.where(x >= 0, np.float32(1.0), e) / (np.float32(1.0) + e)
+
+
+def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None, w3=None):
     """x: [R, d] -> [R, d] in the storage dtype, or ``out_dtype`` (float32 for the TP
-    baseline's partial sums, which are reduced before rounding). The GELU runs on the
-    float32 accumulator of the first GEMM before rounding, as a fused kernel does."""
+    baseline's partial sums, which are reduced before rounding). w1: [d, F], w2: [F, d];
+    with w3 [d, F] the expert is SwiGLU, ``(silu(x W1) * x W3) W2``, else ``GELU(x W1) W2``.
+    The activation (and SwiGLU's product) runs on the float32 accumulators of the first
+    GEMMs before rounding, as a fused kernel does."""
+    if w3 is not None:
+        gate = bk.matmul(x, w1, out_dtype=F32)                       # [R, F]
+        up = bk.matmul(x, w3, out_dtype=F32)                         # [R, F]
+        hidden = bk.store(silu(bk, gate) * up)
+        return bk.matmul(hidden, w2, out_dtype=out_dtype)            # [R, d]
     if bk.kernels is not None:
         return bk.kernels.expert_ffn(x, w1, w2, out_dtype)
     hidden = bk.matmul(x, w1, out_dtype=F32)                         # [R, F]
@@ -24,17 +41,19 @@ def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None):
     return bk.matmul(hidden, w2, out_dtype=out_dtype)                # [R, d]
 
 
-def run_experts(bk: Backend, rows, tokens_per_expert_host: np.ndarray,
-                experts: list[tuple[object, object]], out_dtype=None):
-    """rows: [R, d] grouped by expert -> [R, d]; ``experts[i]`` are the (w1, w2) of the
-    i-th local expert, which owns the next ``tokens_per_expert_host[i]`` rows."""
+def run_experts(bk: Backend, rows, tokens_per_expert_host: np.ndarray, experts: list[tuple],
+                out_dtype=None):
+    """rows: [R, d] grouped by expert -> [R, d]; ``experts[i]`` are the matrices of the
+    i-th local expert, ``(w1, w2)`` or, SwiGLU, ``(w1, w2, w3)``; it owns the next
+    ``tokens_per_expert_host[i]`` rows."""
     out = bk.xp.empty(rows.shape, dtype=out_dtype or rows.dtype)
     start = 0
-    for (w1, w2), count in zip(experts, tokens_per_expert_host):
+    for matrices, count in zip(experts, tokens_per_expert_host):
         count = int(count)
         if count:
+            w1, w2, *w3 = matrices
             out[start:start + count] = expert_ffn(bk, rows[start:start + count], w1, w2,
-                                                  out_dtype)
+                                                  out_dtype, *w3)
         start += count
     assert start == rows.shape[0]
     return out

@@ -1,5 +1,6 @@
-"""The dense blocks of SPEC §1 in the order data flows: embedding, RMSNorm, RoPE, causal
-attention, LM head. The MoE half of a layer lives in router.py, dispatcher.py, experts.py
+"""The dense blocks of SPEC §1 in the order data flows: embedding, RMSNorm, q/k norms (the
+checkpoint families' difference, SPEC §8), RoPE, causal attention with grouped key/value
+heads, LM head. The MoE half of a layer lives in router.py, dispatcher.py, experts.py
 and moe_layer.py; the layer loop in engine.py.
 
 Tokens are *packed*: left padding is dropped once, at the edge (data.py), and every block
@@ -8,8 +9,8 @@ start rows and lengths. Padding is thus never computed, never routed, and its hi
 zero by construction. With left padding, the causal mask of SPEC §1 restricted to a real
 query is exactly "the real keys up to and including it", which is what the packed form does.
 
-Notation: T packed tokens, b sequences, d model width, h heads (local under TP), Dh head
-dim, V vocabulary. Arrays live on the backend (``bk.xp``) unless named ``*_host``.
+Notation: T packed tokens, b sequences, d model width, h query heads and hk key/value heads
+(local under TP; h = hk in SPEC §1), g = h/hk, Dh head dim, V vocabulary. Arrays live on the backend (``bk.xp``) unless named ``*_host``.
 """
 from __future__ import annotations
 
@@ -75,6 +76,40 @@ def rms_norm(bk: Backend, x, gain, eps: float):
     return bk.store(xf * inv * gain.astype(F32))
 
 
+def rms_norm_sharded(bk: Backend, x, gain, eps: float, width: int, reduce=None):
+    """RMSNorm over a row whose ``width`` columns may be split over ranks: x [T, w] holds
+    this rank's w columns, ``reduce`` sums a float32 [T, 1] array over the ranks holding the
+    others (None: x is the whole row, and this is :func:`rms_norm`)."""
+    if reduce is None:
+        return rms_norm(bk, x, gain, eps)
+    xp = bk.xp
+    xf = x.astype(F32)
+    square_sum = reduce(xp.ascontiguousarray((xf * xf).sum(axis=-1, keepdims=True)))
+    inv = 1.0 / xp.sqrt(square_sum / np.float32(width) + np.float32(eps))
+    return bk.store(xf * inv * gain.astype(F32))
+
+
+def qk_norm(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_width: int,
+            kv_width: int, reduce=None):
+    """The q/k normalisation of a family (ModelConfig.qk_norm), before RoPE.
+
+    q: [T, h, Dh], k: [T, hk, Dh] (storage dtype) -> the same shapes.
+    ``none``: unchanged (SPEC §1, Mixtral). ``head`` (Qwen3-MoE): RMSNorm over each head's
+    Dh, gains [Dh]. ``full`` (OLMoE): RMSNorm over the whole projection, H*Dh for q and
+    H_kv*Dh for k, gains of this rank's columns; under TP a rank holds some heads only and
+    ``reduce`` sums the squares over the group. ``q_width``/``kv_width`` are the widths that
+    sum covers (a K/V head replicated on r ranks counts r times: r * H_kv*Dh).
+    """
+    if kind == "none":
+        return q, k
+    if kind == "head":
+        return rms_norm(bk, q, q_gain, eps), rms_norm(bk, k, k_gain, eps)
+    n = q.shape[0]
+    qn = rms_norm_sharded(bk, q.reshape(n, -1), q_gain, eps, q_width, reduce)   # [T, h*Dh]
+    kn = rms_norm_sharded(bk, k.reshape(n, -1), k_gain, eps, kv_width, reduce)  # [T, hk*Dh]
+    return qn.reshape(q.shape), kn.reshape(k.shape)
+
+
 def rope_tables(bk: Backend, positions, head_dim: int, theta: float):
     """cos and sin of ``[ang, ang]`` for each position: two float32 [T, 1, Dh] arrays.
     Angles are formed in float64: at 10^4 positions float32 would lose ~1e-3 rad."""
@@ -98,7 +133,9 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
                      k_lengths_host, scale: float):
     """Causal attention of packed queries against packed (or cached) keys.
 
-    q: [Tq, h, Dh]; k, v: [Tk, h, Dh] (storage dtype). Sequence i has ``q_lengths[i]``
+    q: [Tq, h, Dh]; k, v: [Tk, hk, Dh] (storage dtype), hk dividing h: query head j uses
+    key/value head ``j // (h/hk)`` (grouped-query attention; hk = h in SPEC §1).
+    Sequence i has ``q_lengths[i]``
     queries at rows ``q_starts[i]...`` and ``k_lengths[i]`` keys at rows ``k_starts[i]...``;
     its queries are the *last* ``q_lengths[i]`` of its keys' positions, so query r attends to
     keys ``0 .. k_len - q_len + r`` (prefill: q_len = k_len; a decode step: q_len = 1).
@@ -109,24 +146,31 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
                                     k_lengths_host, scale)
     xp = bk.xp
     n_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    assert group * kv_heads == heads, (q.shape, k.shape)
     out = xp.empty((n_q, heads * head_dim), dtype=bk.dtype)
     for q0, nq, k0, nk in zip(q_starts_host, q_lengths_host, k_starts_host, k_lengths_host):
         q0, nq, k0, nk = int(q0), int(nq), int(k0), int(nk)
         if nq == 0:
             continue
-        kf = k[k0:k0 + nk].astype(F32).transpose(1, 2, 0)           # [h, Dh, nk]
-        vf = v[k0:k0 + nk].astype(F32).transpose(1, 0, 2)           # [h, nk, Dh]
+        # A group's g query heads share one K/V head: their rows are stacked against it
+        # ([hk, g*r, Dh] @ [hk, Dh, nk]), so K/V are neither copied g times nor broadcast
+        # (NumPy's matmul leaves BLAS for broadcast operands).
+        kf = k[k0:k0 + nk].astype(F32).transpose(1, 2, 0)                # [hk, Dh, nk]
+        vf = v[k0:k0 + nk].astype(F32).transpose(1, 0, 2)                # [hk, nk, Dh]
         # Query blocks bound the float32 score tile to ~16 MiB.
         block = max(1, (1 << 22) // max(1, heads * nk))
         for r0 in range(0, nq, block):
             r1 = min(nq, r0 + block)
-            qf = q[q0 + r0:q0 + r1].astype(F32).transpose(1, 0, 2)  # [h, r, Dh]
-            scores = (qf @ kf) * np.float32(scale)                  # [h, r, nk]
-            query_pos = nk - nq + xp.arange(r0, r1)[:, None]        # [r, 1]
+            qf = q[q0 + r0:q0 + r1].astype(F32).transpose(1, 0, 2)          # [h, r, Dh]
+            qf = qf.reshape(kv_heads, group * (r1 - r0), head_dim)          # [hk, g*r, Dh]
+            scores = (qf @ kf) * np.float32(scale)                          # [hk, g*r, nk]
+            query_pos = nk - nq + xp.tile(xp.arange(r0, r1), group)[:, None]   # [g*r, 1]
             scores = xp.where(xp.arange(nk)[None, :] <= query_pos, scores, -np.inf)
             scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)
-            att = probs @ vf                                        # [h, r, Dh]
+            att = (probs @ vf).reshape(heads, r1 - r0, head_dim)            # [h, r, Dh]
             out[q0 + r0:q0 + r1] = bk.store(att.transpose(1, 0, 2).reshape(r1 - r0, -1))
     return out
 

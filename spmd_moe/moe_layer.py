@@ -10,18 +10,23 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import PhaseTimer
+from .config import ModelConfig
 from .dispatcher import Dispatcher
 from .experts import run_experts
 from .router import route
 from .weights import LayerWeights
 
 
-def moe_forward(dispatcher: Dispatcher, b, lw: LayerWeights, top_k: int, timer: PhaseTimer):
+def moe_forward(dispatcher: Dispatcher, b, lw: LayerWeights, model: ModelConfig,
+                timer: PhaseTimer):
     """b: [T, d] normalised hidden states (storage dtype) -> ``(moe float32 [T, d],
-    tokens_per_expert int64 [E])``, the latter counting this rank's routed rows."""
+    tokens_per_expert int64 [E])``, the latter counting this rank's routed rows. ``model``
+    says top-k and whether the router renormalises (the experts' matrices say their
+    activation)."""
     bk = dispatcher.bk
     with timer.phase("router"):
-        top_experts, weights = route(bk, b, lw.router, top_k)              # [T, k] each
+        top_experts, weights = route(bk, b, lw.router, model.top_k,
+                                     model.router_renorm)                  # [T, k] each
     with timer.phase("permute"):
         plan = dispatcher.dispatch_preprocess(top_experts)
         send = dispatcher.permute(b, plan)                                   # [R, d]

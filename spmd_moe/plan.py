@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from .config import Layout, RunConfig
-from .costs import GIB, RankCost, decode_step_bytes, plan_costs
+from .costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
 from .errors import LayoutError
 from .topology import Grid
 
@@ -36,9 +36,17 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     """The plan's text. ``hbm_gbps``: device memory bandwidth for the decode floor (default
     the H100 SXM datasheet's 3.35 TB/s; pass a measured copy bandwidth when known)."""
     model, work = config.model, config.workload
+    total, active = parameter_counts(model)
     lines = [
         f"model: L={model.n_layers} d={model.d_model} H={model.n_heads} E={model.n_experts} "
         f"F={model.d_ff} top-{model.top_k} V={model.vocab_size} {model.dtype}",
+        *([f"family: {model.family}: KV heads {model.kv_heads}, head dim {model.head_dim}, "
+           f"{model.activation} experts, q/k norm {model.qk_norm}, top-k "
+           f"{'renormalised' if model.router_renorm else 'not renormalised'}"
+           + (", tied embeddings" if model.tie_word_embeddings else "")
+           + (f" ({config.checkpoint})" if config.checkpoint else "")]
+          if model.family != "spmd" or config.checkpoint else []),
+        f"parameters: {total / 1e9:.2f} B, {active / 1e9:.2f} B active per token",
         f"batch: {work.batch_size} x {work.seq_len} tokens"
         + (f", decode {work.new_tokens} tokens" if work.workload == "decode" else ""),
         f"layout: {layout} on {layout.world_size} ranks ({layout.pp} stage(s) x "

@@ -44,10 +44,10 @@ def rank_flops(session: Session, batch: Batch, expert_rows: float) -> float:
     mine = topo.sequences(batch.batch_size)
     lengths = batch.lengths[mine.start:mine.stop]
     per_layer = layer_flops(model, int(lengths.sum()), lengths, len(topo.heads), 0.0,
-                            len(topo.ff_columns))
+                            len(topo.ff_columns), len(topo.kv_heads))
     flops = (per_layer["attention_proj"] + per_layer["attention_core"]
              + per_layer["router"]) * len(topo.layers)
-    flops += 2.0 * expert_rows * 2 * model.d_model * len(topo.ff_columns)
+    flops += 2.0 * expert_rows * model.expert_matrices * model.d_model * len(topo.ff_columns)
     if topo.is_last_stage and topo.writes_outputs:
         flops += 2.0 * len(lengths) * model.d_model * model.vocab_size
     return flops
@@ -63,6 +63,17 @@ def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[s
                 _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
 
 
+def _weights_block(session: Session, summaries: list[dict]) -> dict:
+    """Where the weights came from, and per rank the bytes read from the checkpoint and the
+    seconds it took to read (or generate) them."""
+    read = [float(s["load"][0]) for s in summaries]
+    seconds = [float(s["load"][1]) for s in summaries]
+    return {"source": session.weights_source, "dtype": session.config.model.dtype,
+            "family": session.config.model.family,
+            "bytes_read_per_rank": read, "load_s_per_rank": seconds,
+            "bytes_read": _over_ranks(read), "load_s": _over_ranks(seconds)}
+
+
 def build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
     """Collective over the world; the report on rank 0, ``None`` elsewhere."""
     topo, config = session.topo, session.config
@@ -71,6 +82,7 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
     mine = _mean_timing(result.timings)
     mine["flops"] = rank_flops(session, batch, mine["counters"].get("expert_rows", 0.0))
     mine["peak"] = session.peak_flops
+    mine["load"] = (session.load.bytes_read, session.load.seconds)
     if decode:
         steps = _mean_timing(result.step_timings)
         mine["step_phases"] = steps["phases"]
@@ -106,6 +118,7 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
                     or platform.machine(), "kernels": session.backend.kernels is not None,
                     "kernels_reason": session.backend.kernels_reason,
                     "matmul": session.backend.matmul_path},
+        "weights": _weights_block(session, summaries),
         "transport": {"name": session.transport_choice.name,
                       "reason": session.transport_choice.reason},
         "mpi": {"library": session.library.version, "cuda_aware": session.library.cuda_aware,
@@ -167,6 +180,13 @@ def format_report(report: dict) -> str:
         f"  {report['achieved_tflops_per_rank'] * 1e3:.2f} GFLOP/s per rank, MFU "
         f"{report['mfu'] * 100:.1f}% of {report['peak_tflops'] * 1e3:.1f} GFLOP/s "
         f"({report['peak_source']})",
+        f"  weights: {report['weights']['source']} ({report['weights']['family']}, "
+        f"{report['weights']['dtype']}): "
+        + (f"read {report['weights']['bytes_read']['mean'] / 1e6:.3f} MB per rank (max "
+           f"{report['weights']['bytes_read']['max'] / 1e6:.3f}), "
+           if report['weights']['bytes_read']['max'] else "")
+        + f"load {report['weights']['load_s']['mean']:.3f} s per rank (max "
+        f"{report['weights']['load_s']['max']:.3f})",
         f"  bytes sent per rank: mean {report['bytes_sent_per_rank']['mean'] / 1e6:.3f} MB, "
         f"max {report['bytes_sent_per_rank']['max'] / 1e6:.3f} MB",
     ]

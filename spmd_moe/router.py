@@ -1,7 +1,8 @@
 """Top-k softmax router (SPEC §1), in float32.
 
 ``p = softmax(b Wr)``; the k largest p win, ties going to the lower expert index; the
-winners' weights are renormalised to sum to one. Top-k is k passes of argmax (which returns
+winners' weights are renormalised to sum to one (SPEC §1, Mixtral, Qwen3-MoE with
+``norm_topk_prob``) or kept as they are (OLMoE; ``ModelConfig.router_renorm``). Top-k is k passes of argmax (which returns
 the first maximum, hence the tie rule) rather than a sort: k is small, and both backends
 agree on argmax's tie behaviour, not on sort stability.
 
@@ -14,9 +15,10 @@ import numpy as np
 from .backend import F32, Backend
 
 
-def route(bk: Backend, b, w_router, top_k: int):
+def route(bk: Backend, b, w_router, top_k: int, renormalize: bool = True):
     """b: [T, d] (storage dtype), w_router: [d, E] ->
-    ``experts`` int32 [T, k] (best first) and ``weights`` float32 [T, k]."""
+    ``experts`` int32 [T, k] (best first) and ``weights`` float32 [T, k]: the winners'
+    probabilities, divided by their sum when ``renormalize``."""
     xp = bk.xp
     logits = bk.matmul(b, w_router, out_dtype=F32)                    # [T, E]
     probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -31,5 +33,6 @@ def route(bk: Backend, b, w_router, top_k: int):
         experts[:, j] = best
         chosen[:, j] = probs[rows, best]
         remaining[rows, best] = -np.inf
-    weights = chosen / chosen.sum(axis=-1, keepdims=True)
-    return experts, weights
+    if not renormalize:
+        return experts, chosen
+    return experts, chosen / chosen.sum(axis=-1, keepdims=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import Backend, BackendChoice, choose_backend
+from .checkpoint import LoadStats, describe, load_weights, open_checkpoint
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
@@ -38,6 +39,8 @@ class Session:
     transport_choice: TransportChoice
     peak_flops: float = 0.0
     peak_source: str = ""
+    weights_source: str = ""                                   # where the weights came from
+    load: LoadStats = field(default_factory=LoadStats)         # this rank's bytes and time
 
     def close(self) -> None:
         self.transport.free()
@@ -114,6 +117,10 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
     parsed = collective(comm, lambda: Layout.parse(layout or config.layout, size).validate(
         config.model, size))
     topo = Topology(comm, parsed, config.model)
+    # A checkpoint's headers are read and checked on every rank before anything is
+    # allocated: a missing tensor or shard stops every rank here with the same error.
+    checkpoint = (collective(comm, open_checkpoint, config.checkpoint, config.model)
+                  if config.checkpoint else None)
     choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
     bk = Backend(choice, config.model.dtype)
     library = mpi_library()
@@ -127,8 +134,14 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
 
     collective(comm, memory_check)
     moved = make_transport(transport_choice, bk, comm)
-    engine = Engine(config, topo, bk, moved)
-    session = Session(config, topo, bk, moved, engine, library, choice, transport_choice)
+    started = time.perf_counter()
+    weights = load_weights(topo, bk, checkpoint) if checkpoint is not None else None
+    engine = Engine(config, topo, bk, moved, weights)
+    load = checkpoint.stats if checkpoint is not None else LoadStats(
+        seconds=time.perf_counter() - started)
+    session = Session(config, topo, bk, moved, engine, library, choice, transport_choice,
+                      weights_source=describe(config.checkpoint, config.seed, config.init),
+                      load=load)
     session.peak_flops, session.peak_source = measure_peak(bk)
     return session
 
@@ -191,11 +204,12 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
     return RunResult(outputs, timings, expert_counts=out.expert_counts)
 
 
-def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | None = None,
+def run_decode(session: Session, batch: Batch, new_tokens: int,
+               eos_id: int | list[int] | None = None,
                collect: bool = True, progress: bool = False) -> RunResult:
     """Prefill the prompts into the KV cache, then ``new_tokens`` greedy tokens per
-    sequence, one decode step at a time. A sequence that emits ``eos_id`` stops (its later
-    tokens are -1)."""
+    sequence, one decode step at a time. A sequence that emits ``eos_id`` (or one of a list of
+    them: checkpoints may name several) stops (its later tokens are -1)."""
     engine, topo = session.engine, session.topo
     cache = engine.new_cache(batch, new_tokens)
     micro = engine.micro_batches(batch.batch_size)
@@ -204,7 +218,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
         """The tokens step ``step + 1`` embeds (-1 for stopped sequences), sent to the first
         stage. Nothing is sent after the last step: an unreceived message would linger."""
-        inputs = [np.where(c == eos_id, -1, c) if eos_id is not None else c for c in chosen]
+        stops = np.atleast_1d(np.asarray([] if eos_id is None else eos_id, dtype=np.int64))
+        inputs = [np.where(np.isin(c, stops), -1, c) for c in chosen]
         if step + 1 < new_tokens:
             returns.extend(engine.return_tokens(inputs, timer))
         return inputs

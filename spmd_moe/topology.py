@@ -7,7 +7,8 @@ A stage owns a contiguous block of layers. Within a stage:
 - expert parallel: group rank ``e`` owns experts ``[e*E/ep, (e+1)*E/ep)`` of each of the
   stage's layers, a full copy of the stage's attention weights, and runs attention for its
   own contiguous block of the batch's sequences (data parallel);
-- tensor parallel: group rank ``t`` owns heads ``[t*H/tp, (t+1)*H/tp)`` and columns
+- tensor parallel: group rank ``t`` owns heads ``[t*H/tp, (t+1)*H/tp)`` (and the key/value
+  heads they use, see ``Grid.kv_heads``) and columns
   ``[t*F/tp, (t+1)*F/tp)`` of every expert's hidden layer, for all sequences.
 
 :class:`Grid` is the pure rank arithmetic (``plan`` uses it without MPI); :class:`Topology`
@@ -70,6 +71,17 @@ class Grid:
     def heads(self) -> range:
         return block_range(self.model.n_heads, self.layout.tp, self.group_rank
                            if self.layout.tp > 1 else 0)
+
+    @property
+    def kv_heads(self) -> range:
+        """Key/value heads this rank holds: all of them (EP), or under TP those its query
+        heads use: a block of H_kv/tp (tp divides H_kv) or the one head that its query
+        heads share (H_kv divides tp; that head is replicated on tp/H_kv ranks)."""
+        if self.layout.tp == 1:
+            return range(self.model.kv_heads)
+        group = self.model.n_heads // self.model.kv_heads
+        heads = self.heads
+        return range(heads.start // group, (heads.stop - 1) // group + 1)
 
     @property
     def ff_columns(self) -> range:

@@ -231,3 +231,38 @@ def test_torch_peer_when_importable():
     peer = bench.torch_peer(BenchShape(**TINY), iters=1, warmup=0, on_gpu=False)
     assert peer["available"] and not peer["errors"], peer
     assert set(peer["phases_ms"]) == {"sdpa", "ffn_gemms", "ffn_gelu", "eager_step"}
+
+
+HF_QWEN = os.path.join(ROOT, "tests", "data", "hf", "qwen3_moe")
+
+
+def test_layer_step_of_a_checkpoint_family_counts_its_shapes():
+    # Qwen3-MoE's shapes: 4 query heads of 6 (24 wide on a 16-wide model), 2 K/V heads,
+    # q/k norms per head, three expert matrices; the PyTorch peer says why it does not run.
+    from spmd_moe.checkpoint import checkpoint_run_config
+
+    model = checkpoint_run_config(HF_QWEN).model
+    shape = BenchShape.for_model(model, seqs=2, seq_len=5, rows=7, dtype="float32")
+    result = run_layer_step(numpy_backend("float32"), shape.validate(), iters=1, warmup=0)
+    assert result["output_finite"]
+    tokens, pairs = 10, 2 * sum(range(1, 6))
+    flops = result["flops"]
+    assert flops["attn_qkv"] == 2 * tokens * 16 * (24 + 2 * 12)
+    assert flops["attn_out"] == 2 * tokens * 24 * 16
+    assert flops["attn_core"] == pairs * 4 * 24
+    assert flops["experts"] == 2 * 7 * 3 * 16 * 8
+    assert not result["peer"]["available"] and "qwen3_moe" in result["peer"]["reason"]
+    assert result["shape"]["family"]["qk_norm"] == "head"
+
+
+def test_bench_model_flag_takes_the_sizes_and_refuses_changing_them():
+    common = [sys.executable, "-m", "spmd_moe", "bench", "--model", HF_QWEN, "--seqs", "2",
+              "--seq-len", "4", "--iters", "1", "--warmup", "0", "--quiet", "--backend",
+              "numpy"]
+    done = subprocess.run(common, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "d=16 H=4 F=8 E=8 k=3" in done.stdout
+    refused = subprocess.run(common + ["--d-model", "32"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2
+    assert "--d-model: fixed by --model's config.json" in refused.stderr

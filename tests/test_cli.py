@@ -176,3 +176,117 @@ def test_plan_decode_step_floor():
     assert result.returncode == 0, result.stderr
     # 16 layers x 8 sequences x 10016 tokens x 4096 x (K, V) x 2 bytes = 21.01 GB.
     assert "kv_cache 21.01" in result.stdout and "at 3000 GB/s" in result.stdout
+
+
+# --- checkpoints: --model, export, generate --------------------------------------------
+
+HF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hf")
+
+
+def test_run_model_with_an_input_file_gives_transformers_logits(tmp_path):
+    with np.load(os.path.join(HF, "olmoe", "expected.npz")) as want:
+        ids, mask, logits, tokens = want["ids"], want["mask"], want["logits"], want["tokens"]
+    np.savez(tmp_path / "in.npz", ids=ids, mask=mask)
+    out, report = tmp_path / "out.npz", tmp_path / "r.json"
+    result = spmd_moe("run", "--model", os.path.join(HF, "olmoe"), "--input",
+                      str(tmp_path / "in.npz"), "--workload", "decode", "--new-tokens", "6",
+                      "--layout", "tp=2", "--output", str(out), "--report", str(report),
+                      ranks=2)
+    assert result.returncode == 0, result.stderr
+    with np.load(out) as got:
+        err = np.linalg.norm(got["logits"] - logits) / np.linalg.norm(logits)
+        assert err < 1e-4 and np.array_equal(got["tokens"], tokens)
+    weights = json.loads(report.read_text())["weights"]
+    assert weights["family"] == "olmoe" and len(weights["bytes_read_per_rank"]) == 2
+    assert all(b > 0 for b in weights["bytes_read_per_rank"])
+    assert "weights: checkpoint" in result.stdout and "MB per rank" in result.stdout
+
+
+def test_export_then_run_model_equals_the_preset(tmp_path):
+    directory = tmp_path / "tiny-export"
+    result = spmd_moe("export", "--preset", "tiny", str(directory), "--max-shard-size", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert (directory / "model.safetensors.index.json").exists()
+    outputs = []
+    for source in (["--preset", "tiny"], ["--model", str(directory), "--set", "batch_size=5",
+                                          "--set", "seq_len=11"]):
+        out = tmp_path / f"out{len(outputs)}.npz"
+        result = spmd_moe("run", *source, "--layout", "ep=2,pp=2", "--output", str(out),
+                          ranks=4)
+        assert result.returncode == 0, result.stderr
+        with np.load(out) as data:
+            outputs.append(dict(data))
+    for key in ("hidden", "logits", "expert_counts"):
+        assert np.array_equal(outputs[0][key], outputs[1][key]), key
+
+
+def test_plan_reads_only_config_json(tmp_path):
+    shutil.copy(os.path.join(HF, "..", "..", "..", "docs", "models", "mixtral-8x7b",
+                             "config.json"), tmp_path)
+    result = spmd_moe("plan", "--model", str(tmp_path), "--world-size", "8", "--set",
+                      "batch_size=8", "--set", "seq_len=1024")
+    assert result.returncode == 0, result.stderr
+    assert "parameters: 46.70 B, 12.88 B active per token" in result.stdout
+    assert "KV heads 8, head dim 128, swiglu experts" in result.stdout
+    # ep=8: one Mixtral expert (3 x 4096 x 14336 bf16) of each of the 32 layers per rank.
+    assert "fits: yes" in result.stdout
+
+
+def copy_checkpoint(tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(os.path.join(HF, name), target)
+    return target
+
+
+BAD_CHECKPOINTS = {
+    "missing tensor": ("olmoe", lambda d: _drop_tensor(d, "model.layers.1.mlp.gate.weight"),
+                       "tensor model.layers.1.mlp.gate.weight: missing from model.safetensors"),
+    "absent shard": ("qwen3_moe",
+                     lambda d: os.remove(d / "model-00003-of-00003.safetensors"),
+                     "shard model-00003-of-00003.safetensors"),
+    "wrong shape": ("olmoe", lambda d: _edit_config(d, intermediate_size=10),
+                    "but config.json gives [10, 16]"),
+    "unimplemented field": ("mixtral", lambda d: _edit_config(d, sliding_window=16),
+                            "config.json sliding_window: 16"),
+    "unsupported family": ("mixtral", lambda d: _edit_config(d, architectures=["GPT2"]),
+                           "config.json architectures: GPT2 is not supported"),
+}
+
+
+def _drop_tensor(directory, name):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = str(directory / "model.safetensors")
+    with safe_open(path, "numpy") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k != name}
+    save_file(tensors, path)
+
+
+def _edit_config(directory, **changes):
+    data = json.loads((directory / "config.json").read_text())
+    data.update(changes)
+    (directory / "config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_refused_on_every_rank(case, tmp_path):
+    name, damage, message = BAD_CHECKPOINTS[case]
+    directory = copy_checkpoint(tmp_path, name)
+    damage(directory)
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--model", str(directory), "--output", str(out), ranks=2,
+                      per_rank_status=True)
+    check_refused(result, message, out)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "tiny"], "--preset: cannot be combined with --model"),
+    (["--set", "n_layers=2"], "--set n_layers: fixed by"),
+    (["--dtype", "float16"], "dtype: 'float16' is not one of"),
+])
+def test_model_options_that_conflict_are_refused(args, message, tmp_path):
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--model", os.path.join(HF, "mixtral"), *args, "--output",
+                      str(out), ranks=2, per_rank_status=True)
+    check_refused(result, message, out)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from spmd_moe.backend import Backend, BackendChoice, erfc_numpy
-from spmd_moe.model import apply_rope, causal_attention, pack, rms_norm, rope_tables
+from spmd_moe.model import (apply_rope, causal_attention, pack, qk_norm, rms_norm,
+                            rms_norm_sharded, rope_tables)
 
 
 def bk(dtype="float32"):
@@ -94,6 +95,58 @@ def test_long_sequences_use_query_blocks_and_still_match():
     rows = [0, 1, 873, 874, n - 1]
     want = naive_attention(q, k, v, n, n, 0.3)
     assert rel(got[rows], want[rows]) < 1e-6
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 6])
+def test_grouped_query_attention_is_attention_with_shared_kv_heads(kv_heads):
+    # Query head j uses K/V head j // (h / hk): the same as MHA with each K/V head repeated
+    # for its group (what transformers' repeat_kv does), prefill and decode alike.
+    rng = np.random.default_rng(5)
+    heads, dh, group = 6, 4, 6 // kv_heads
+    q_lengths, k_lengths = np.array([5, 1, 3]), np.array([5, 4, 3])
+    q_starts = np.array([0, 5, 6])
+    k_starts = np.array([0, 5, 9])
+    q = rng.standard_normal((9, heads, dh)).astype(np.float32)
+    k = rng.standard_normal((12, kv_heads, dh)).astype(np.float32)
+    v = rng.standard_normal((12, kv_heads, dh)).astype(np.float32)
+    got = causal_attention(bk(), q, q_starts, q_lengths, k, v, k_starts, k_lengths, 0.5)
+    want = causal_attention(bk(), q, q_starts, q_lengths, np.repeat(k, group, axis=1),
+                            np.repeat(v, group, axis=1), k_starts, k_lengths, 0.5)
+    assert rel(got, want) < 1e-6
+    # Head 5 of the first sequence, by hand.
+    kv = 5 // group
+    want5 = naive_attention(q[:5, 5:6], k[:5, kv:kv + 1], v[:5, kv:kv + 1], 5, 5, 0.5)
+    assert rel(got[:5, 5 * dh:6 * dh], want5) < 1e-6
+
+
+def test_qk_norms_of_the_families():
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((7, 4, 6)).astype(np.float32)     # [T, h, Dh]
+    k = rng.standard_normal((7, 2, 6)).astype(np.float32)     # [T, hk, Dh]
+    assert qk_norm(bk(), "none", q, k, None, None, 1e-6, 24, 12) == (q, k)
+    g_head = rng.standard_normal(6).astype(np.float32)
+    qn, kn = qk_norm(bk(), "head", q, k, g_head, g_head, 1e-6, 24, 12)   # Qwen3-MoE
+    q64 = q.astype(np.float64)
+    want = q64 / np.sqrt((q64 ** 2).mean(-1, keepdims=True) + 1e-6) * g_head
+    assert qn.shape == q.shape and rel(qn, want) < 1e-6
+    gq = rng.standard_normal(24).astype(np.float32)
+    gk = rng.standard_normal(12).astype(np.float32)
+    qn, kn = qk_norm(bk(), "full", q, k, gq, gk, 1e-6, 24, 12)           # OLMoE
+    flat = k.reshape(7, 12).astype(np.float64)
+    want = flat / np.sqrt((flat ** 2).mean(-1, keepdims=True) + 1e-6) * gk
+    assert kn.shape == k.shape and rel(kn.reshape(7, 12), want) < 1e-6
+
+
+def test_a_norm_over_columns_split_between_ranks():
+    # Two "ranks" hold halves of the row; the reduce adds their squares (TP's allreduce).
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    g = rng.standard_normal(12).astype(np.float32)
+    halves = (x[:, :5], x[:, 5:])
+    squares = sum((h.astype(np.float32) ** 2).sum(-1, keepdims=True) for h in halves)
+    parts = [rms_norm_sharded(bk(), h, g[c], 1e-5, 12, reduce=lambda _: squares)
+             for h, c in zip(halves, (slice(0, 5), slice(5, 12)))]
+    assert rel(np.concatenate(parts, axis=1), rms_norm(bk(), x, g, 1e-5)) < 1e-6
 
 
 def test_erfc_and_gelu_to_float32_accuracy():

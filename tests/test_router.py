@@ -34,3 +34,6 @@ def test_weights_are_the_renormalised_softmax():
     top = np.take_along_axis(p, order, -1)
     assert np.allclose(weights, top / top.sum(-1, keepdims=True), rtol=1e-5)
     assert experts.dtype == np.int32 and weights.dtype == np.float32
+    # OLMoE (and Qwen3-MoE without norm_topk_prob): the top-k probabilities as they are.
+    same, raw = route(bk(), b, w, top_k=3, renormalize=False)
+    assert np.array_equal(same, experts) and np.allclose(raw, top, rtol=1e-5)
