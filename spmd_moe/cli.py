@@ -18,7 +18,7 @@ from .errors import ConfigError, SpmdMoeError, collective
 
 GIB = 1 << 30
 # The commands that run under mpiexec.
-MPI_COMMANDS = ("run", "info", "bench", "compare", "generate")
+MPI_COMMANDS = ("run", "info", "bench", "compare", "generate", "export")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -281,16 +281,28 @@ def cmd_plan(args) -> int:
 # --- export ----------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    """Rank 0 writes the directory (under mpiexec the other ranks only wait for it)."""
+    from mpi4py import MPI
+
     from .checkpoint import export_generated
 
-    if args.model:
-        raise ConfigError("--model", "export writes generated weights; give --preset or "
-                                     "--config")
-    config = config_from_args(args)
-    if args.max_shard_size is not None and not args.max_shard_size > 0:
-        raise ConfigError("--max-shard-size", f"{args.max_shard_size} must be > 0 MB")
-    limit = int(args.max_shard_size * 1e6) if args.max_shard_size else None
-    files = export_generated(config, args.directory, limit)
+    comm = MPI.COMM_WORLD
+
+    def export():
+        if args.model:
+            raise ConfigError("--model", "export writes generated weights; give --preset or "
+                                         "--config")
+        config = config_from_args(args)
+        if args.max_shard_size is not None and not args.max_shard_size > 0:
+            raise ConfigError("--max-shard-size", f"{args.max_shard_size} must be > 0 MB")
+        limit = int(args.max_shard_size * 1e6) if args.max_shard_size else None
+        if comm.Get_rank() != 0:
+            return config, []
+        return config, export_generated(config, args.directory, limit)
+
+    config, files = collective(comm, export)
+    if comm.Get_rank() != 0:
+        return 0
     print(f"spmd-moe export: {config.model.family} model (L={config.model.n_layers} "
           f"d={config.model.d_model} E={config.model.n_experts} {config.model.dtype}, seed "
           f"{config.seed}) -> {args.directory}: {', '.join(files)}", flush=True)

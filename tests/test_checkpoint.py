@@ -362,3 +362,16 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(ConfigError, match="not an empty directory"):
         export_generated(build_run_config("tiny"), str(tmp_path / "taken"))
+
+
+def test_host_transpose_and_bf16_widening_are_exact():
+    from spmd_moe.checkpoint import transpose, widen_bf16
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 130), (200, 70), (64, 64)]:
+        a = rng.standard_normal(shape, dtype=np.float32)
+        assert np.array_equal(transpose(a), a.T) and transpose(a).flags.c_contiguous
+        b = a.astype(BF16)
+        t = transpose(b)
+        assert t.dtype == BF16 and t.tobytes() == np.ascontiguousarray(b.T).tobytes()
+        assert np.array_equal(widen_bf16(b), b.astype(np.float32))
