@@ -140,6 +140,8 @@ def build_parser() -> ArgumentParser:
                                             "transport")
     info.add_argument("--backend", default="auto")
     info.add_argument("--transport", default="auto")
+    info.add_argument("--model", metavar="DIR", help="also say whether the fused kernels run "
+                                                    "this checkpoint's family (config.json)")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -311,6 +313,18 @@ def cmd_export(args) -> int:
 
 # --- info ------------------------------------------------------------------------------
 
+def model_kernels(choice, model) -> str:
+    """What the backend does for ``model``'s family: the fused kernels, or which piece runs
+    the generic array code and why (the report's kernels_reason for a run of it)."""
+    from . import kernels
+    from .backend import Backend
+    from .engine import fit_kernels_to_family
+
+    bk = Backend(choice, model.dtype)
+    kernels.fit_model(bk, model.head_dim)
+    fit_kernels_to_family(bk, model)
+    return bk.kernels_reason
+
 def cmd_info(args) -> int:
     from mpi4py import MPI
 
@@ -324,6 +338,13 @@ def cmd_info(args) -> int:
     transport = collective(comm, choose_transport, args.transport, choice.name, library,
                            choice.name == "cupy" and nccl_available())
     cupy, why_not = probe_cupy()
+    model = None
+    if args.model:
+        from .checkpoint import read_hf_config
+        from .families import model_config_from_hf
+
+        model = collective(comm, lambda: model_config_from_hf(read_hf_config(args.model),
+                                                              "bfloat16"))
     bindings = comm.gather((comm.Get_rank(), MPI.Get_processor_name(), choice.device_id), root=0)
     if comm.Get_rank() == 0:
         print(f"MPI library:   {library.version}")
@@ -343,6 +364,8 @@ def cmd_info(args) -> int:
             from .kernels import kernel_status
 
             print(f"fused kernels: {kernel_status()}")
+        if model is not None:
+            print(f"--model:       {model.family} ({args.model}): {model_kernels(choice, model)}")
         for rank, host, device in bindings:
             where = f"GPU {device}" if device is not None else "CPU"
             print(f"  rank {rank}: {host} {where}")

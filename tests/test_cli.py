@@ -290,3 +290,9 @@ def test_model_options_that_conflict_are_refused(args, message, tmp_path):
     result = spmd_moe("run", "--model", os.path.join(HF, "mixtral"), *args, "--output",
                       str(out), ranks=2, per_rank_status=True)
     check_refused(result, message, out)
+
+
+def test_info_says_what_runs_a_model_s_family():
+    result = spmd_moe("info", "--backend", "numpy", "--model", os.path.join(HF, "qwen3_moe"))
+    assert result.returncode == 0, result.stderr
+    assert "--model:       qwen3_moe" in result.stdout and "generic array code" in result.stdout
