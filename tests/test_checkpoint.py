@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import hf_fixtures as hf
-from spmd_moe.backend import BF16, Backend, BackendChoice
+from spmd_moe.backend import BF16, Backend, BackendChoice, choose_backend
 from spmd_moe.checkpoint import (Checkpoint, checkpoint_run_config, eos_token_ids,
                                  export_generated, load_weights, open_checkpoint, read_header)
 from spmd_moe.config import Layout, build_run_config
@@ -375,3 +375,37 @@ def test_host_transpose_and_bf16_widening_are_exact():
         t = transpose(b)
         assert t.dtype == BF16 and t.tobytes() == np.ascontiguousarray(b.T).tobytes()
         assert np.array_equal(widen_bf16(b), b.astype(np.float32))
+
+
+# --- on a GPU (skipped without one) ----------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+def test_cupy_backend_matches_transformers(name):
+    """The generic CuPy path of each family (GQA turns the fused kernels off; the report's
+    kernels_reason says so) against transformers, and bf16 weights on the device as bf16."""
+    from spmd_moe.runner import open_session, run_decode, run_prefill
+
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    session = open_session(config, WORLD, batch, backend="cupy", new_tokens=hf.NEW_TOKENS)
+    try:
+        logits = run_prefill(session, batch).outputs["logits"]
+        tokens = run_decode(session, batch, hf.NEW_TOKENS, eos).outputs["tokens"]
+        if config.model.kv_heads != config.model.n_heads:
+            assert session.backend.kernels is None
+            assert "grouped-query" in session.backend.kernels_reason
+    finally:
+        session.close()
+    suffix = "_float32" if name == hf.BF16 else ""
+    assert relative_error(logits, want["logits" + suffix]) < 1e-4
+    assert np.array_equal(tokens, want["tokens" + suffix])
+    if name == hf.BF16:
+        bf16 = checkpoint_run_config(hf.path(name)).model
+        bk = Backend(choose_backend("cupy"), "bfloat16")
+        on_device = load_weights(Grid(Layout(), bf16, 0), bk,
+                                 open_checkpoint(hf.path(name), bf16))
+        on_host = load_weights(Grid(Layout(), bf16, 0), backend("bfloat16"),
+                               open_checkpoint(hf.path(name), bf16))
+        w1 = on_device.layers[1].experts[5][0]
+        assert w1.dtype == BF16                      # no float32 copy on the device
+        assert np.array_equal(w1.get().astype(np.float32), on_host.layers[1].experts[5][0])
