@@ -71,3 +71,17 @@ def test_layout_matches_transformers(name, layout):
     whole = sum(e.end - e.begin for e in Checkpoint(hf.path(name)).tensors.values())
     # Each rank reads only its share: no rank reads the whole checkpoint when it is split.
     assert all(0 < r < whole for r in read), (read, whole)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_compare_runs_a_checkpoint_in_both_deployments():
+    from spmd_moe.compare import run_compare
+
+    config, batch, want, _ = hf.setup("olmoe")
+    result = run_compare(config, WORLD, batch)
+    if WORLD.Get_rank() != 0:
+        assert result is None
+        return
+    outputs = result["comparison"]["outputs"]
+    assert outputs["agree"] and outputs["expert_counts_identical"], outputs
+    assert result["ep"]["weights"]["family"] == "olmoe"
