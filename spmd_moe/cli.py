@@ -7,6 +7,7 @@ its traceback and aborts the whole MPI job (exit 1), so no rank hangs in a colle
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from dataclasses import replace
@@ -23,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises (so that only rank 0 reports) instead of printing and exiting."""
 
     def error(self, message: str):
-        raise ConfigError("arguments", f"{message} (see spmd-moe {self.prog.split()[-1]} -h)")
+        raise ConfigError("arguments", f"{message} (see {self.prog} -h)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +66,9 @@ def check_execution_arguments(args) -> None:
         raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
     if args.iters < 1:
         raise ConfigError("--iters", f"{args.iters} must be >= 1")
-    if args.memory_limit is not None and args.memory_limit <= 0:
-        raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
+        raise ConfigError("--memory-limit", f"{args.memory_limit} must be a finite number "
+                                            "of GiB > 0")
 
 
 def memory_limit_bytes(args) -> int | None:
@@ -74,10 +76,14 @@ def memory_limit_bytes(args) -> int | None:
 
 
 def config_from_args(args) -> RunConfig:
-    return build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
-                            seed=args.seed, workload=args.workload, new_tokens=args.new_tokens,
-                            micro_batches=args.micro_batches, init=args.init,
-                            layout=getattr(args, "layout", None))
+    config = build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
+                              seed=args.seed, workload=args.workload,
+                              new_tokens=args.new_tokens, micro_batches=args.micro_batches,
+                              init=args.init, layout=getattr(args, "layout", None))
+    if args.new_tokens is not None and config.workload.workload != "decode":
+        raise ConfigError("--new-tokens", "generates tokens only with --workload decode "
+                                          f"(the workload is {config.workload.workload})")
+    return config
 
 
 def build_parser() -> ArgumentParser:
@@ -123,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise ConfigError("arguments", f"unrecognized arguments: {' '.join(unknown)} "
+                                           f"(see spmd-moe {args.command} -h)")
     except ConfigError as exc:
         return report_error(exc, uses_mpi=bool(argv) and argv[0] in MPI_COMMANDS)
     except SystemExit as exc:  # -h / --help

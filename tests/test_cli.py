@@ -107,6 +107,16 @@ BAD_INPUTS = {
     "output directory missing": (["--output", "/nonexistent/dir/out.npz"],
                                  "--output: directory /nonexistent/dir does not exist"),
     "missing input file": (["--input", "/nonexistent.npz"], "--input: cannot read"),
+    "memory limit nan": (["--memory-limit", "nan"], "--memory-limit: nan must be a finite"),
+    "memory limit inf": (["--memory-limit", "inf"], "--memory-limit: inf must be a finite"),
+    "huge n_layers": (["--set", "n_layers=99999999999999999999"],
+                      "n_layers: 99999999999999999999 is too large"),
+    "infinite norm_eps": (["--set", "norm_eps=Infinity"], "norm_eps: inf must be a finite"),
+    "new tokens without decode": (["--new-tokens", "4"],
+                                  "--new-tokens: generates tokens only with --workload decode"),
+    "layout key repeated": (["--layout", "ep=2,ep=1"], "layout: 'ep=2,ep=1' gives ep twice"),
+    "micro-batches beyond the batch": (["--micro-batches", "1000000000"],
+                                       "micro_batches: 1000000000 is more than batch_size=5"),
 }
 
 
@@ -168,6 +178,21 @@ def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):
     assert result.returncode != 0
     assert "injected fault (SPMD_MOE_FAULT) on rank 1 at layer 1" in result.stderr
     assert not out.exists()
+
+
+def test_usage_hint_names_the_command_once():
+    top = spmd_moe("--frobnicate")
+    assert top.returncode == 2 and "(see spmd-moe -h)" in top.stderr, top.stderr
+    sub = spmd_moe("plan", "--frobnicate")
+    assert sub.returncode == 2 and "(see spmd-moe plan -h)" in sub.stderr, sub.stderr
+
+
+def test_the_layout_run_is_the_layout_asked(tmp_path):
+    report = tmp_path / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,tp=1", "--report",
+                      str(report), ranks=4)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["layout"] == "ep=2,pp=2"
 
 
 def test_plan_decode_step_floor():
