@@ -193,7 +193,7 @@ def config_and_batch(comm, args, extra_check=None):
     """Collective: the checked config of an engine-running command and its batch (an
     ``--input`` file sets batch size and sequence length). ``extra_check(args)`` may add
     the command's own checks (raising SpmdMoeError)."""
-    from .data import check_output_path
+    from .data import check_output_paths
 
     def checked_config() -> RunConfig:
         if extra_check is not None:
@@ -201,10 +201,8 @@ def config_and_batch(comm, args, extra_check=None):
         config = config_from_args(args)
         check_execution_arguments(args)
         if comm.Get_rank() == 0:
-            for path, name in ((getattr(args, "output", None), "--output"),
-                               (args.report, "--report")):
-                if path:
-                    check_output_path(path, name)
+            check_output_paths((getattr(args, "output", None), "--output"),
+                               (args.report, "--report"))
         return config
 
     config = collective(comm, checked_config)
@@ -219,8 +217,8 @@ def config_and_batch(comm, args, extra_check=None):
 def cmd_run(args) -> int:
     from mpi4py import MPI
 
-    from .data import write_npz
-    from .report import build_report, format_report, write_report
+    from .data import npz_writer, text_writer, write_files
+    from .report import build_report, format_report, report_json
     from .runner import open_session, run_decode, run_prefill
 
     comm = MPI.COMM_WORLD
@@ -238,13 +236,20 @@ def cmd_run(args) -> int:
         result = run_prefill(session, batch, args.warmup, args.iters,
                              collect=bool(args.output), progress=args.progress)
     report = build_report(session, batch, result)
-    if rank == 0:
-        if args.output:
-            write_npz(args.output, **result.outputs)
-        if args.report:
-            write_report(args.report, report)
-        print(format_report(report), flush=True)
     session.close()
+
+    def write_outputs() -> None:
+        """Rank 0 writes both files or neither; a failure is every rank's error."""
+        files = []
+        if rank == 0 and args.report:
+            files.append((args.report, "--report", text_writer(report_json(report))))
+        if rank == 0 and args.output:
+            files.append((args.output, "--output", npz_writer(result.outputs)))
+        write_files(files)
+
+    collective(comm, write_outputs)
+    if rank == 0:
+        print(format_report(report), flush=True)
     return 0
 
 

@@ -20,6 +20,7 @@ only the relative errors are checked (2e-2) and differing counts are reported, n
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, replace
 
@@ -322,11 +323,10 @@ def cmd_compare(args) -> int:
                          memory_limit_bytes(args))
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
     agree = None
+    if args.report:
+        collective(comm, lambda: write_text(args.report, json.dumps(result, indent=2) + "\n",
+                                            "--report") if rank == 0 else None)
     if rank == 0:
-        import json
-
-        if args.report:
-            write_text(args.report, json.dumps(result, indent=2) + "\n")
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]
         if not agree:

@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__
 from .config import to_dict
 from .costs import layer_flops
-from .data import Batch, write_text
+from .data import Batch
 from .engine import PHASES
 from .runner import RunResult, Session, Timing
 
@@ -198,5 +198,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, report: dict) -> None:
-    write_text(path, json.dumps(report, indent=2) + "\n")
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2) + "\n"
+

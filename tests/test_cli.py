@@ -3,6 +3,7 @@ giving one clear line on rank 0, a non-zero exit on every rank, no hang, no outp
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -17,17 +18,20 @@ MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shuti
 TIMEOUT = 120
 
 
-def spmd_moe(*args, ranks=1, env=None, per_rank_status=False):
+def spmd_moe(*args, ranks=1, env=None, per_rank_status=False, preexec_fn=None,
+             timeout=TIMEOUT, rank_shell=""):
     """Run the CLI (under mpiexec when ranks > 1); with ``per_rank_status`` every rank
-    prints its own exit status as ``rank-exit N`` on stderr."""
+    prints its own exit status as ``rank-exit N`` on stderr, after running the shell
+    commands ``rank_shell`` (e.g. a ulimit for the ranks only)."""
     command = [sys.executable, "-m", "spmd_moe", *args]
     if per_rank_status:
         quoted = " ".join(f"'{a}'" for a in command)
-        command = ["sh", "-c", f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
+        command = ["sh", "-c", f'{rank_shell} {quoted}; s=$?; echo "rank-exit $s" >&2; '
+                               'exit $s']
     if ranks > 1:
         command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
 
 
 def test_run_tiny_writes_outputs_that_match_the_reference(tmp_path):
@@ -140,15 +144,17 @@ BAD_FILES = {
 }
 
 
-def check_refused(result, message, out):
+def check_refused(result, message, out=None, ranks=2):
+    """One error line on rank 0 holding ``message``, no traceback, every rank exits 2,
+    no output file."""
     errors = [l for l in result.stderr.splitlines() if l.startswith("spmd-moe: error:")]
     assert len(errors) == 1, result.stderr
     assert message in errors[0], errors[0]
     assert "Traceback" not in result.stderr
     statuses = [l for l in result.stderr.splitlines() if l.startswith("rank-exit")]
-    assert statuses == ["rank-exit 2"] * 2, result.stderr
+    assert statuses == ["rank-exit 2"] * ranks, result.stderr
     assert result.returncode != 0
-    assert not out.exists()
+    assert out is None or not out.exists()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -201,3 +207,90 @@ def test_plan_decode_step_floor():
     assert result.returncode == 0, result.stderr
     # 16 layers x 8 sequences x 10016 tokens x 4096 x (K, V) x 2 bytes = 21.01 GB.
     assert "kv_cache 21.01" in result.stdout and "at 3000 GB/s" in result.stdout
+
+
+# --- output paths ----------------------------------------------------------------------
+
+def make_target(tmp_path, kind):
+    """An output path of ``kind`` and a function that says it is untouched."""
+    if kind == "symlink":
+        (tmp_path / "precious").write_text("keep")
+        (tmp_path / "out.npz").symlink_to(tmp_path / "precious")
+        return tmp_path / "out.npz", lambda p: p.is_symlink() and \
+            (tmp_path / "precious").read_text() == "keep"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "out.npz")
+        return tmp_path / "out.npz", lambda p: stat.S_ISFIFO(p.lstat().st_mode)
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(tmp_path / "out.npz", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # as /dev/null
+        return tmp_path / "out.npz", lambda p: stat.S_ISCHR(p.lstat().st_mode)
+    (tmp_path / "out.npz").mkdir()
+    return tmp_path / "out.npz", lambda p: p.is_dir() and not any(p.iterdir())
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("symlink", "is a symbolic link"), ("fifo", "is a FIFO"),
+    ("device", "is a character device"), ("directory", "is a directory")])
+@pytest.mark.parametrize("option", ["--output", "--report"])
+def test_an_output_path_that_is_not_a_file_is_refused_before_any_work(tmp_path, kind,
+                                                                       message, option):
+    path, untouched = make_target(tmp_path, kind)
+    result = spmd_moe("run", "--preset", "tiny", option, str(path), ranks=2,
+                      per_rank_status=True)
+    check_refused(result, f"{option}: {path} {message}")
+    assert untouched(path)
+    assert "tokens/s" not in result.stdout                   # nothing ran
+
+
+def test_output_and_report_on_the_same_file_are_refused(tmp_path):
+    (tmp_path / "alias").symlink_to(tmp_path)
+    for report in (tmp_path / "x", tmp_path / "alias" / "x"):
+        result = spmd_moe("run", "--preset", "tiny", "--output", str(tmp_path / "x"),
+                          "--report", str(report), ranks=2, per_rank_status=True)
+        check_refused(result, "is the same file as --output", tmp_path / "x")
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    out, report = tmp_path / "out.npz", tmp_path / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--output", str(out), "--report", str(report),
+                      ranks=2, preexec_fn=lambda: os.umask(0o027))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(report.stat().st_mode) == 0o640
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 KiB tmpfs (root only: skipped elsewhere; data.write_files' own test injects
+    ENOSPC without one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_leaves_no_file_and_every_rank_exits_2(small_disk):
+    # tiny's .npz (hidden 5x11x32 float32 and more, ~10 KiB) does not fit; its report
+    # (~4 KiB) would: nothing may be left, not even a complete report.
+    out, report = small_disk / "out.npz", small_disk / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--report", str(report), "--output",
+                      str(out), ranks=2, per_rank_status=True)
+    check_refused(result, f"--output: cannot write {out}: No space left on device", out)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_bench_and_compare_check_their_output_paths(tmp_path):
+    (tmp_path / "dir").mkdir()
+    bench = spmd_moe("bench", "--json", str(tmp_path / "dir"), per_rank_status=True, ranks=1)
+    check_refused(bench, f"--json: {tmp_path / 'dir'} is a directory", ranks=1)
+    os.mkfifo(tmp_path / "fifo")
+    compare = spmd_moe("compare", "--preset", "tiny", "--report", str(tmp_path / "fifo"),
+                       ranks=2, per_rank_status=True)
+    check_refused(compare, f"--report: {tmp_path / 'fifo'} is a FIFO")
