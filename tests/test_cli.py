@@ -177,6 +177,19 @@ def test_bad_input_file_is_refused_on_every_rank(case, tmp_path):
     check_refused(result, message, out)
 
 
+@pytest.mark.parametrize("name", ["text.npz", "empty.npz", "truncated.npz", "crc.npz",
+                                  "objects.npz", "fifo.npz", "/dev/zero"])
+def test_a_broken_input_file_is_one_line_on_every_rank(name, tmp_path):
+    from spmd_moe.config import PRESETS
+    from spmd_moe.testing import broken_inputs
+
+    path, reason = broken_inputs(tmp_path, PRESETS["tiny"].model.vocab_size)[name]
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--preset", "tiny", "--input", str(path), "--output", str(out),
+                      ranks=2, per_rank_status=True)
+    check_refused(result, reason, out)
+
+
 def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):
     out = tmp_path / "out.npz"
     result = spmd_moe("run", "--preset", "tiny", "--output", str(out), ranks=3,

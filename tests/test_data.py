@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from spmd_moe.config import PRESETS, build_run_config
-from spmd_moe.data import (check_output_paths, load_input, synthetic_input, text_writer,
+from spmd_moe.data import (InputFile, check_output_paths, load_input, synthetic_input, text_writer,
                            validate_batch, write_files, write_npz)
 from spmd_moe.errors import ConfigError, InputError, OutputError
+from spmd_moe.testing import broken_inputs
 
 MODEL = PRESETS["tiny"].model
 
@@ -57,11 +58,46 @@ def test_load_input_file(tmp_path):
     np.savez(tmp_path / "noids.npz", tokens=np.ones((1, 2)))
     with pytest.raises(InputError, match="has no 'ids' array \\(found: tokens\\)"):
         load_input(str(tmp_path / "noids.npz"), MODEL)
-    (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(InputError, match="--input: cannot read"):
-        load_input(str(tmp_path / "junk.npz"), MODEL)
-    with pytest.raises(InputError, match="--input: cannot read"):
+    with pytest.raises(InputError, match="--input: cannot read .*: No such file"):
         load_input(str(tmp_path / "absent.npz"), MODEL)
+
+
+def test_every_broken_input_file_is_one_line_with_its_reason(tmp_path):
+    for name, (path, reason) in broken_inputs(tmp_path, MODEL.vocab_size).items():
+        with pytest.raises(InputError) as info:
+            load_input(str(path), MODEL)
+        assert reason in str(info.value), (name, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+def test_input_headers_are_read_before_any_data(tmp_path):
+    # 128 MiB of ids that deflate to ~130 KiB: the shape is known without reading them.
+    import tracemalloc
+
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, ids=np.zeros((4096, 4096), dtype=np.int64))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        source = InputFile(str(path))
+        assert source.shape == (4096, 4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert peak < 1 << 20
+
+
+def test_a_member_shorter_than_its_header_says_is_truncated(tmp_path):
+    import zipfile
+
+    header = tmp_path / "h.npy"
+    np.save(header, np.zeros((1000, 1000), dtype=np.int64))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("ids.npy", header.read_bytes()[:4096])
+    with pytest.raises(InputError, match="is truncated: ids.npy declares \\(1000, 1000\\) "
+                                         "int64"):
+        InputFile(str(tmp_path / "short.npz"))
 
 
 def test_synthetic_input_is_spec_and_padded_on_the_left():
