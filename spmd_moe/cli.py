@@ -10,11 +10,13 @@ import argparse
 import math
 import sys
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass
+
+import numpy as np
 
 from . import bench, compare, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
-from .errors import ConfigError, SpmdMoeError, collective
+from .errors import ConfigError, InputError, SpmdMoeError, collective
 
 GIB = 1 << 30
 MPI_COMMANDS = ("run", "info", "bench", "compare")   # the commands that run under mpiexec
@@ -75,11 +77,14 @@ def memory_limit_bytes(args) -> int | None:
     return int(args.memory_limit * GIB) if args.memory_limit else None
 
 
-def config_from_args(args) -> RunConfig:
+def config_from_args(args, **input_shape) -> RunConfig:
+    """The config the arguments ask for; ``input_shape`` (``batch_size``, ``seq_len``) is
+    an input file's, which wins over every other source."""
     config = build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
                               seed=args.seed, workload=args.workload,
                               new_tokens=args.new_tokens, micro_batches=args.micro_batches,
-                              init=args.init, layout=getattr(args, "layout", None))
+                              init=args.init, layout=getattr(args, "layout", None),
+                              **input_shape)
     if args.new_tokens is not None and config.workload.workload != "decode":
         raise ConfigError("--new-tokens", "generates tokens only with --workload decode "
                                           f"(the workload is {config.workload.workload})")
@@ -175,43 +180,109 @@ def abort_job(uses_mpi: bool) -> int:
 
 # --- run -------------------------------------------------------------------------------
 
-def shared_batch(comm, config: RunConfig, input_path: str | None):
-    """The batch on every rank: the input file read and checked on rank 0 and broadcast,
-    or the synthetic batch of SPEC §1 built everywhere."""
-    from .data import load_input, synthetic_input
+@dataclass
+class Workload:
+    """What an engine-running command will run, known before its batch exists: the checked
+    config (an ``--input`` file sets batch size and sequence length) and every sequence's
+    real length; the input file (rank 0) with its headers and mask read, its ids not yet."""
 
-    workload = config.workload
-    new_tokens = workload.new_tokens if workload.workload == "decode" else 0
-    if input_path is None:
-        return synthetic_input(workload, config.model, config.seed)
-    batch = collective(comm, lambda: load_input(input_path, config.model, new_tokens)
-                       if comm.Get_rank() == 0 else None)
-    return comm.bcast(batch, root=0)
+    config: RunConfig
+    lengths: np.ndarray          # int64 [B]
+    input_path: str | None       # --input
+    input_file: object | None    # its data.InputFile on rank 0, else None
+
+    @property
+    def new_tokens(self) -> int:
+        work = self.config.workload
+        return work.new_tokens if work.workload == "decode" else 0
 
 
-def config_and_batch(comm, args, extra_check=None):
-    """Collective: the checked config of an engine-running command and its batch (an
-    ``--input`` file sets batch size and sequence length). ``extra_check(args)`` may add
-    the command's own checks (raising SpmdMoeError)."""
-    from .data import check_output_paths
+def check_batch_size(comm, batch_size: int, seq_len: int, memory_limit: int | None,
+                     field: str) -> None:
+    """Collective: refuse, before any [B, S] array exists, a batch whose host copies do
+    not fit in a rank's share of the host memory (or ``--memory-limit``)."""
+    from mpi4py import MPI
 
-    def checked_config() -> RunConfig:
+    from .data import batch_host_bytes
+    from .runner import host_memory
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    node_size = node.Get_size()
+    node.Free()
+
+    def check() -> None:
+        need = batch_host_bytes(batch_size, seq_len)
+        limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
+                         else host_memory(node_size))
+        if need > limit:
+            raise ConfigError(field, f"{batch_size} sequences x {seq_len} tokens need "
+                                     f"{need / GIB:.2f} GiB of host memory per rank (ids and "
+                                     f"mask, and their copies while built and shared) but a "
+                                     f"rank has {limit / GIB:.2f} GiB ({source})")
+
+    collective(comm, check)
+
+
+def plan_workload(comm, args, extra_check=None) -> Workload:
+    """Collective: check the arguments and output paths, then read what the run needs to
+    be checked (an input file's headers and mask), then build the config of the workload
+    the run will actually have. No [B, S] array is built before its size is checked; the
+    ids are read by :func:`load_batch` once the run's memory check has passed.
+    ``extra_check(args)`` may add the command's own checks (raising SpmdMoeError)."""
+    from .data import InputFile, check_output_paths, synthetic_lengths
+
+    rank = comm.Get_rank()
+
+    def checked_arguments() -> None:
         if extra_check is not None:
             extra_check(args)
-        config = config_from_args(args)
         check_execution_arguments(args)
-        if comm.Get_rank() == 0:
+        if rank == 0:
             check_output_paths((getattr(args, "output", None), "--output"),
                                (args.report, "--report"))
-        return config
 
-    config = collective(comm, checked_config)
-    batch = shared_batch(comm, config, args.input)
-    if args.input:
-        config = replace(config, workload=replace(config.workload,
-                                                  batch_size=batch.batch_size,
-                                                  seq_len=int(batch.lengths.max())))
-    return config, batch
+    collective(comm, checked_arguments)
+    limit = memory_limit_bytes(args)
+    if not args.input:
+        config = collective(comm, config_from_args, args)
+        work = config.workload
+        check_batch_size(comm, work.batch_size, work.seq_len, limit, "batch_size")
+        return Workload(config, synthetic_lengths(work, config.seed), None, None)
+
+    source = collective(comm, lambda: InputFile(args.input) if rank == 0 else None)
+    shape = comm.bcast(source.shape if rank == 0 else None, root=0)
+    check_batch_size(comm, *shape, limit, "--input")
+    lengths = comm.bcast(collective(comm, lambda: source.lengths() if rank == 0 else None),
+                         root=0)
+
+    def input_config() -> RunConfig:
+        try:
+            return config_from_args(args, batch_size=len(lengths),
+                                    seq_len=int(lengths.max()))
+        except ConfigError as exc:
+            if exc.field != "seq_len":
+                raise
+            longest = int(np.argmax(lengths))
+            raise InputError("--input", f"{args.input}: sequence {longest}'s "
+                                        f"{exc.message}") from None
+
+    return Workload(collective(comm, input_config), lengths, args.input, source)
+
+
+def load_batch(comm, workload: Workload):
+    """Collective: the batch on every rank, the input file's ids read and checked on rank 0
+    and broadcast, or the synthetic batch of SPEC §1 built everywhere."""
+    from .data import synthetic_input
+
+    config = workload.config
+    if workload.input_path is None:
+        return synthetic_input(config.workload, config.model, config.seed)
+    source = workload.input_file
+    batch = collective(comm, lambda: source.batch(config.model, workload.new_tokens)
+                       if source is not None else None)
+    if source is not None:
+        source.close()
+    return comm.bcast(batch, root=0)
 
 
 def cmd_run(args) -> int:
@@ -219,16 +290,19 @@ def cmd_run(args) -> int:
 
     from .data import npz_writer, text_writer, write_files
     from .report import build_report, format_report, report_json
-    from .runner import open_session, run_decode, run_prefill
+    from .runner import plan_session, run_decode, run_prefill, start_session
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    config, batch = config_and_batch(comm, args)
+    planned = plan_workload(comm, args)
+    config = planned.config
     workload = config.workload
     decode = workload.workload == "decode"
-    session = open_session(config, comm, batch, backend=args.backend, transport=args.transport,
-                           new_tokens=workload.new_tokens if decode else 0,
-                           memory_limit=memory_limit_bytes(args))
+    plan = plan_session(config, comm, planned.lengths, backend=args.backend,
+                        transport=args.transport, new_tokens=planned.new_tokens,
+                        memory_limit=memory_limit_bytes(args))
+    batch = load_batch(comm, planned)
+    session = start_session(plan)
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
                             collect=bool(args.output), progress=args.progress)

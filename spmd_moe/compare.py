@@ -307,8 +307,9 @@ def add_parser(commands) -> None:
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import config_and_batch, memory_limit_bytes
+    from .cli import load_batch, memory_limit_bytes, plan_workload
     from .data import write_text
+    from .runner import plan_session
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -318,9 +319,17 @@ def cmd_compare(args) -> int:
             raise ConfigError("--layout", "compare runs two layouts: use --ep-layout and "
                                           "--baseline-layout")
 
-    config, batch = config_and_batch(comm, args, no_layout)
+    planned = plan_workload(comm, args, no_layout)
+    config = planned.config
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
                          memory_limit_bytes(args))
+    # Both deployments' checks (memory included) before the batch is built or read.
+    for layout in collective(comm, resolve_layouts, config.model, comm.Get_size(),
+                             args.ep_layout, args.baseline_layout):
+        plan_session(replace(config, layout=None), comm, planned.lengths, str(layout),
+                     options.backend, options.transport, planned.new_tokens,
+                     options.memory_limit).close()
+    batch = load_batch(comm, planned)
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
     agree = None
     if args.report:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -367,19 +369,40 @@ def settings_from_json(data: Any, source: str) -> tuple[str | None, dict[str, An
     return preset, settings
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; /dev/zero is not one
+
+
+def read_config_file(path: str) -> Any:
+    """The JSON document in ``path``: a regular file of at most MAX_CONFIG_BYTES."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("--config", f"{path} is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path} is {info.st_size} bytes; a config file may "
+                                          f"have at most {MAX_CONFIG_BYTES}")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("--config", f"{path} grew past {MAX_CONFIG_BYTES} bytes while read")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError("--config", f"{path} nests too deeply to be a config") from None
+    except ValueError as exc:                  # JSONDecodeError, an int of 5000 digits
+        raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
+
+
 def build_run_config(preset: str | None = None, config_file: str | None = None,
                      sets: list[str] | None = None, **overrides: Any) -> RunConfig:
     """Preset, then file, then ``--set`` items, then keyword overrides; validated."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            with open(config_file) as handle:
-                data = json.load(handle)
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--config", f"{config_file} is not valid JSON: {exc}") from None
-        file_preset, settings = settings_from_json(data, config_file)
+        file_preset, settings = settings_from_json(read_config_file(config_file), config_file)
         if preset is None:
             preset = file_preset or "paper"
     preset = preset or "tiny"

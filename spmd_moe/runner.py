@@ -44,6 +44,17 @@ class Session:
         self.topo.free()
 
 
+def host_memory(node_size: int) -> tuple[int, str]:
+    """Bytes of host memory one of the node's ``node_size`` ranks may use."""
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62, "host memory unknown"
+    return free // node_size, f"host MemAvailable / {node_size} rank(s) on this node"
+
+
 def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
     """Bytes this rank may use: the device's free memory over the ranks sharing it, or the
     host's available memory over the node's ranks."""
@@ -53,13 +64,7 @@ def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
         free, _ = cupy.cuda.runtime.memGetInfo()
         sharing = -(-node_size // max(1, choice.device_count))
         return free // sharing, f"GPU {choice.device_id} free memory / {sharing} rank(s)"
-    try:
-        with open("/proc/meminfo") as info:
-            fields = dict(line.split(":", 1) for line in info)
-        free = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62, "host memory unknown"
-    return free // node_size, f"host MemAvailable / {node_size} rank(s) on this node"
+    return host_memory(node_size)
 
 
 def check_memory(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str,
@@ -102,10 +107,28 @@ def measure_peak(bk: Backend) -> tuple[float, str]:
     return 2.0 * n ** 3 * reps / (time.perf_counter() - start), f"measured float32 {n}^3 GEMM"
 
 
-def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
+@dataclass
+class SessionPlan:
+    """A run checked and placed, nothing big allocated yet: the layout's topology, the
+    backend and transport chosen, the memory check passed."""
+
+    config: RunConfig
+    topo: Topology
+    backend: Backend
+    backend_choice: BackendChoice
+    library: MpiLibrary
+    transport_choice: TransportChoice
+
+    def close(self) -> None:
+        self.topo.free()
+
+
+def plan_session(config: RunConfig, comm, lengths: np.ndarray, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None) -> Session:
-    """Build topology, backend, transport and this rank's weights. Collective on ``comm``.
+                 memory_limit: int | None = None) -> SessionPlan:
+    """Every check of a run that can be made before allocating: layout, backend, transport
+    and the memory of weights, activations and KV cache for a batch whose sequences have
+    ``lengths`` real tokens. Collective on ``comm``; an error is raised on every rank.
 
     ``layout`` overrides the config's (``"ep=4,pp=2"``); ``memory_limit`` (bytes) overrides
     the device's free memory in the pre-allocation check.
@@ -114,23 +137,41 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
     parsed = collective(comm, lambda: Layout.parse(layout or config.layout, size).validate(
         config.model, size))
     topo = Topology(comm, parsed, config.model)
-    choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
-    bk = Backend(choice, config.model.dtype)
-    library = mpi_library()
-    transport_choice = collective(comm, choose_transport, transport, bk.name, library,
-                                  bk.on_gpu and nccl_available())
+    try:
+        choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
+        bk = Backend(choice, config.model.dtype)
+        library = mpi_library()
+        transport_choice = collective(comm, choose_transport, transport, bk.name, library,
+                                      bk.on_gpu and nccl_available())
 
-    def memory_check() -> None:
-        limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
-                         else available_memory(choice, topo.node_size))
-        check_memory(config, topo, batch.lengths, bk.name, new_tokens, limit, source)
+        def memory_check() -> None:
+            limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
+                             else available_memory(choice, topo.node_size))
+            check_memory(config, topo, lengths, bk.name, new_tokens, limit, source)
 
-    collective(comm, memory_check)
-    moved = make_transport(transport_choice, bk, comm)
-    engine = Engine(config, topo, bk, moved)
-    session = Session(config, topo, bk, moved, engine, library, choice, transport_choice)
-    session.peak_flops, session.peak_source = measure_peak(bk)
+        collective(comm, memory_check)
+    except BaseException:
+        topo.free()
+        raise
+    return SessionPlan(config, topo, bk, choice, library, transport_choice)
+
+
+def start_session(plan: SessionPlan) -> Session:
+    """Allocate what ``plan`` checked: transport buffers and this rank's weights. Collective."""
+    moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
+    engine = Engine(plan.config, plan.topo, plan.backend, moved)
+    session = Session(plan.config, plan.topo, plan.backend, moved, engine, plan.library,
+                      plan.backend_choice, plan.transport_choice)
+    session.peak_flops, session.peak_source = measure_peak(plan.backend)
     return session
+
+
+def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
+                 backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
+                 memory_limit: int | None = None) -> Session:
+    """:func:`plan_session` for ``batch``, then :func:`start_session`. Collective."""
+    return start_session(plan_session(config, comm, batch.lengths, layout, backend, transport,
+                                      new_tokens, memory_limit))
 
 
 # --- running ---------------------------------------------------------------------------

@@ -140,7 +140,8 @@ BAD_FILES = {
     "right padding": (dict(ids=np.ones((1, 3), int), mask=np.array([[1, 1, 0]])),
                       "input mask: sequence 0 is not left-padded"),
     "prompt too long for decode": (dict(ids=np.ones((1, 60), int)),
-                                   "input ids: sequence 0 has 60 real tokens + new_tokens 10"),
+                                   "sequence 0's prompt length 60 + new_tokens 10 = 70 "
+                                   "exceeds max_seq_len=64"),
 }
 
 
@@ -188,6 +189,79 @@ def test_a_broken_input_file_is_one_line_on_every_rank(name, tmp_path):
     result = spmd_moe("run", "--preset", "tiny", "--input", str(path), "--output", str(out),
                       ranks=2, per_rank_status=True)
     check_refused(result, reason, out)
+
+
+def peak_rss(*args, ranks):
+    """Run the CLI under mpiexec in a wrapper process; returns (its result, the peak RSS in
+    bytes of the largest process of the job, as the kernel accounts for reaped children)."""
+    code = ("import json, resource, subprocess, sys; "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(json.dumps([r.returncode, r.stdout, r.stderr, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+    quoted = " ".join(f"'{a}'" for a in (sys.executable, "-m", "spmd_moe", *args))
+    job = [MPIEXEC, "-n", str(ranks), "sh", "-c",
+           f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
+    wrapper = subprocess.run([sys.executable, "-c", code, *job], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    rc, stdout, stderr, kib = json.loads(wrapper.stdout)
+    return subprocess.CompletedProcess(job, rc, stdout, stderr), kib * 1024
+
+
+def test_a_huge_synthetic_batch_is_refused_before_it_is_built():
+    # 10M sequences of tiny: the batch alone would take ~1 GB per rank, and the run far more.
+    result, peak = peak_rss("run", "--preset", "tiny", "--set", "batch_size=10000000",
+                            ranks=2)
+    check_refused(result, "layout: rank 0 needs")
+    assert peak < 600 << 20, f"a process reached {peak / 2**20:.0f} MiB"
+
+
+def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
+    # ~1 MiB on disk, 1 GiB of int64 ids: the headers give the size, the memory check
+    # refuses the run; the ids are never read.
+    import time
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("ids.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {
+                "descr": "<i8", "fortran_order": False, "shape": (2 ** 21, 64)})
+            zeros = bytes(1 << 20)
+            for _ in range(1024):
+                member.write(zeros)
+    assert path.stat().st_size < 4 << 20
+    start = time.monotonic()
+    result, peak = peak_rss("run", "--preset", "tiny", "--input", str(path), ranks=2)
+    check_refused(result, "layout: rank 0 needs")
+    assert peak < 600 << 20, f"a process reached {peak / 2**20:.0f} MiB"
+    assert time.monotonic() - start < 60
+
+
+def test_a_config_file_that_is_not_a_file_is_refused():
+    result = spmd_moe("run", "--config", "/dev/zero", ranks=2, per_rank_status=True,
+                      timeout=60)
+    check_refused(result, "--config: /dev/zero is not a regular file")
+
+
+def test_a_config_with_a_model_section_and_an_input_runs_the_inputs_workload(tmp_path):
+    # The file's base is the paper preset (batch 128 x 10000); the input replaces batch and
+    # length, and only that workload is checked against the file's max_seq_len.
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"model": {
+        "num_layers": 2, "experts_per_layer": 4, "token_dimension": 32, "mlp_hidden_size": 40,
+        "attention_heads": 4, "precision": "fp32", "vocab_size": 101, "max_seq_len": 64}}))
+    ids = np.array([[0, 7, 8, 9], [1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    np.savez(tmp_path / "in.npz", ids=ids, mask=mask)
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--config", str(config), "--input", str(tmp_path / "in.npz"),
+                      "--output", str(out), ranks=2)
+    assert result.returncode == 0, result.stderr
+    from spmd_moe.reference import reference_forward
+
+    model = build_run_config(config_file=str(config), batch_size=3, seq_len=4).model
+    with np.load(out) as outputs:
+        check_against_reference(dict(outputs), reference_forward(model, ids, mask), "float32")
 
 
 def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):

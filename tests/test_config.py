@@ -99,6 +99,22 @@ def test_non_finite_numbers_in_a_json_file_are_refused(tmp_path):
         build_run_config(config_file=str(path))
 
 
+def test_a_config_must_be_a_small_regular_file(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")          # opening it would block forever
+    (tmp_path / "big.json").write_text(" " * (2 << 20) + "{}")
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    for path, match in (("/dev/zero", "/dev/zero is not a regular file"),
+                        (tmp_path / "fifo.json", "fifo.json is not a regular file"),
+                        (tmp_path, "is not a regular file"),
+                        (tmp_path / "big.json", "big.json is 2097154 bytes; a config file may "
+                                                "have at most 1048576"),
+                        (tmp_path / "deep.json", "deep.json nests too deeply")):
+        with pytest.raises(ConfigError, match=f"^--config: .*{match}"):
+            build_run_config(config_file=str(path))
+
+
 def test_unknown_preset_and_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="preset: 'huge' is not one of tiny"):
         build_run_config("huge")
