@@ -17,6 +17,7 @@ import numpy as np
 from . import bench, compare, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
 from .errors import ConfigError, InputError, SpmdMoeError, collective
+from .watchdog import DEFAULT_STALL_TIMEOUT, Watchdog
 
 GIB = 1 << 30
 MPI_COMMANDS = ("run", "info", "bench", "compare")   # the commands that run under mpiexec
@@ -59,6 +60,11 @@ def add_execution_arguments(parser: argparse.ArgumentParser):
     io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
     io.add_argument("--memory-limit", type=float, metavar="GIB",
                     help="memory per rank for the pre-allocation check (default: free memory)")
+    io.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                    metavar="SECONDS",
+                    help="abort the job, naming the ranks that did not arrive, when a rank "
+                         f"waits longer than this for the others (default "
+                         f"{DEFAULT_STALL_TIMEOUT:g}; 0: off)")
     return io
 
 
@@ -142,12 +148,36 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(exc, uses_mpi=bool(argv) and argv[0] in MPI_COMMANDS)
     except SystemExit as exc:  # -h / --help
         return int(exc.code or 0)
+    uses_mpi = args.command in MPI_COMMANDS
+    args.watchdog = None
     try:
-        return args.func(args)
+        if uses_mpi:
+            args.watchdog = start_watchdog(args)
+        code = args.func(args)
     except SpmdMoeError as exc:
-        return report_error(exc, uses_mpi=args.command in MPI_COMMANDS)
+        code = report_error(exc, uses_mpi)
     except Exception:
-        return abort_job(uses_mpi=args.command in MPI_COMMANDS)
+        return abort_job(args.watchdog)
+    except BaseException as exc:      # KeyboardInterrupt, SystemExit: never a silent exit
+        return end_interrupted(exc, args.watchdog, uses_mpi)
+    if args.watchdog is not None:
+        args.watchdog.close()
+    return code
+
+
+def start_watchdog(args):
+    """Every rank's guard against signals and stalls (see watchdog.py), started before
+    any other MPI call; ``--stall-timeout`` for the commands that have it, else signals
+    only."""
+    timeout = getattr(args, "stall_timeout", 0.0)
+    if not 0 <= timeout < math.inf:
+        raise ConfigError("--stall-timeout", f"{timeout} must be a finite number of seconds "
+                                             ">= 0 (0: off)")
+    from mpi4py import MPI
+
+    from .watchdog import Watchdog
+
+    return Watchdog(MPI.COMM_WORLD, timeout)
 
 
 def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
@@ -162,20 +192,39 @@ def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
     return 2
 
 
-def abort_job(uses_mpi: bool) -> int:
-    """A fault: this rank's traceback, then the whole job down."""
-    rank, size = 0, 1
-    if uses_mpi:
-        from mpi4py import MPI
+def abort_job(watchdog) -> int:
+    """A fault: this rank's traceback, then the whole job down (exit 1)."""
+    from .watchdog import abort
 
-        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    print(f"spmd-moe: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr,
-          flush=True)
-    if size > 1:
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(1)
+    world = watchdog.world if watchdog is not None else None
+    rank = world.Get_rank() if world is not None else 0
+    abort(world, 1, f"spmd-moe: rank {rank} failed:\n{traceback.format_exc()}")
     return 1
+
+
+def end_interrupted(exc: BaseException, watchdog, uses_mpi: bool) -> int:
+    """A KeyboardInterrupt or SystemExit on the main thread: one line saying why, then the
+    whole job down (128 + SIGINT for an interrupt, the exit status for an exit)."""
+    from .watchdog import abort
+
+    world = watchdog.world if watchdog is not None else None
+    rank = world.Get_rank() if world is not None else 0
+    where = ""
+    if watchdog is not None:
+        phase, layer = watchdog.raised_at or watchdog.where()[:2]
+        where = f" (in {phase}" + (f" at layer {layer}" if layer >= 0 else "") + ")"
+    if isinstance(exc, KeyboardInterrupt):
+        code, what = 128 + 2, f"interrupted: rank {rank} got KeyboardInterrupt{where}"
+    else:
+        status = exc.code if isinstance(exc, SystemExit) else None
+        code = status if isinstance(status, int) and 0 < status < 256 else 1
+        what = f"rank {rank} exited ({type(exc).__name__} {status}){where}"
+    message = f"spmd-moe: error: {what}; ending the job"
+    if not uses_mpi:
+        print(message, file=sys.stderr, flush=True)
+        return code
+    abort(world, code, message)
+    return code
 
 
 # --- run -------------------------------------------------------------------------------
@@ -229,7 +278,7 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
     the run will actually have. No [B, S] array is built before its size is checked; the
     ids are read by :func:`load_batch` once the run's memory check has passed.
     ``extra_check(args)`` may add the command's own checks (raising SpmdMoeError)."""
-    from .data import InputFile, check_output_paths, synthetic_lengths
+    from .data import check_output_paths
 
     rank = comm.Get_rank()
 
@@ -241,6 +290,15 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
             check_output_paths((getattr(args, "output", None), "--output"),
                                (args.report, "--report"))
 
+    watchdog = args.watchdog or Watchdog(None, 0)
+    with watchdog.waiting("set-up"):
+        return _plan_workload(comm, args, checked_arguments)
+
+
+def _plan_workload(comm, args, checked_arguments) -> Workload:
+    from .data import InputFile, synthetic_lengths
+
+    rank = comm.Get_rank()
     collective(comm, checked_arguments)
     limit = memory_limit_bytes(args)
     if not args.input:
@@ -269,9 +327,14 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
     return Workload(collective(comm, input_config), lengths, args.input, source)
 
 
-def load_batch(comm, workload: Workload):
+def load_batch(comm, workload: Workload, watchdog=None):
     """Collective: the batch on every rank, the input file's ids read and checked on rank 0
     and broadcast, or the synthetic batch of SPEC §1 built everywhere."""
+    with (watchdog or Watchdog(None, 0)).waiting("input"):
+        return _load_batch(comm, workload)
+
+
+def _load_batch(comm, workload: Workload):
     from .data import synthetic_input
 
     config = workload.config
@@ -300,8 +363,8 @@ def cmd_run(args) -> int:
     decode = workload.workload == "decode"
     plan = plan_session(config, comm, planned.lengths, backend=args.backend,
                         transport=args.transport, new_tokens=planned.new_tokens,
-                        memory_limit=memory_limit_bytes(args))
-    batch = load_batch(comm, planned)
+                        memory_limit=memory_limit_bytes(args), watchdog=args.watchdog)
+    batch = load_batch(comm, planned, args.watchdog)
     session = start_session(plan)
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
@@ -321,7 +384,8 @@ def cmd_run(args) -> int:
             files.append((args.output, "--output", npz_writer(result.outputs)))
         write_files(files)
 
-    collective(comm, write_outputs)
+    with args.watchdog.waiting("write outputs"):
+        collective(comm, write_outputs)
     if rank == 0:
         print(format_report(report), flush=True)
     return 0

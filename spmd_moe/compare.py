@@ -115,6 +115,7 @@ class RunOptions:
     warmup: int = 0
     iters: int = 1
     memory_limit: int | None = None
+    watchdog: object = None          # the CLI's watchdog.Watchdog (none: nothing watched)
 
 
 def run_deployment(config: RunConfig, comm, batch, layout: Layout,
@@ -134,7 +135,7 @@ def run_deployment(config: RunConfig, comm, batch, layout: Layout,
     session = open_session(config, comm, batch, layout=str(layout), backend=options.backend,
                            transport=options.transport,
                            new_tokens=work.new_tokens if decode else 0,
-                           memory_limit=options.memory_limit)
+                           memory_limit=options.memory_limit, watchdog=options.watchdog)
     try:
         if decode:
             result = run_decode(session, batch, work.new_tokens, work.eos_id, collect=True)
@@ -322,19 +323,20 @@ def cmd_compare(args) -> int:
     planned = plan_workload(comm, args, no_layout)
     config = planned.config
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
-                         memory_limit_bytes(args))
+                         memory_limit_bytes(args), args.watchdog)
     # Both deployments' checks (memory included) before the batch is built or read.
     for layout in collective(comm, resolve_layouts, config.model, comm.Get_size(),
                              args.ep_layout, args.baseline_layout):
         plan_session(replace(config, layout=None), comm, planned.lengths, str(layout),
                      options.backend, options.transport, planned.new_tokens,
-                     options.memory_limit).close()
-    batch = load_batch(comm, planned)
+                     options.memory_limit, options.watchdog).close()
+    batch = load_batch(comm, planned, args.watchdog)
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
     agree = None
     if args.report:
-        collective(comm, lambda: write_text(args.report, json.dumps(result, indent=2) + "\n",
-                                            "--report") if rank == 0 else None)
+        with args.watchdog.waiting("write outputs"):
+            collective(comm, lambda: write_text(args.report, json.dumps(result, indent=2)
+                                                + "\n", "--report") if rank == 0 else None)
     if rank == 0:
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]

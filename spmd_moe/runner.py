@@ -7,21 +7,24 @@ reach. Failures after set-up are bugs or faults; the CLI aborts the job on them.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Backend, BackendChoice, choose_backend
+from .backend import Backend, BackendChoice, PhaseTimer, choose_backend
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
-from .engine import Engine
+from .engine import Engine, injected_fault
 from .errors import LayoutError, collective
 from .topology import Grid, Topology
 from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
                         mpi_library, nccl_available)
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Session:
     library: MpiLibrary
     backend_choice: BackendChoice
     transport_choice: TransportChoice
+    watchdog: Watchdog
     peak_flops: float = 0.0
     peak_source: str = ""
 
@@ -118,6 +122,7 @@ class SessionPlan:
     backend_choice: BackendChoice
     library: MpiLibrary
     transport_choice: TransportChoice
+    watchdog: Watchdog
 
     def close(self) -> None:
         self.topo.free()
@@ -125,17 +130,29 @@ class SessionPlan:
 
 def plan_session(config: RunConfig, comm, lengths: np.ndarray, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None) -> SessionPlan:
-    """Every check of a run that can be made before allocating: layout, backend, transport
-    and the memory of weights, activations and KV cache for a batch whose sequences have
-    ``lengths`` real tokens. Collective on ``comm``; an error is raised on every rank.
+                 memory_limit: int | None = None,
+                 watchdog: Watchdog | None = None) -> SessionPlan:
+    """Every check of a run that can be made before allocating: layout, backend, transport,
+    ``SPMD_MOE_FAULT``, and the memory of weights, activations and KV cache for a batch
+    whose sequences have ``lengths`` real tokens. Collective on ``comm``; an error is raised
+    on every rank.
 
     ``layout`` overrides the config's (``"ep=4,pp=2"``); ``memory_limit`` (bytes) overrides
-    the device's free memory in the pre-allocation check.
+    the device's free memory in the pre-allocation check; ``watchdog`` (the CLI's) is told
+    where this rank is (none: nothing is watched).
     """
+    watchdog = watchdog or Watchdog(None, 0)
+    with watchdog.waiting("set-up"):
+        return _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
+                             memory_limit, watchdog)
+
+
+def _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
+                  memory_limit, watchdog) -> SessionPlan:
     size = comm.Get_size()
     parsed = collective(comm, lambda: Layout.parse(layout or config.layout, size).validate(
         config.model, size))
+    collective(comm, injected_fault, size, config.model.n_layers)
     topo = Topology(comm, parsed, config.model)
     try:
         choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
@@ -153,25 +170,31 @@ def plan_session(config: RunConfig, comm, lengths: np.ndarray, layout: str | Non
     except BaseException:
         topo.free()
         raise
-    return SessionPlan(config, topo, bk, choice, library, transport_choice)
+    return SessionPlan(config, topo, bk, choice, library, transport_choice, watchdog)
 
 
 def start_session(plan: SessionPlan) -> Session:
     """Allocate what ``plan`` checked: transport buffers and this rank's weights. Collective."""
-    moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
-    engine = Engine(plan.config, plan.topo, plan.backend, moved)
+    watchdog = plan.watchdog
+    with watchdog.waiting("set-up"):
+        moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
+    with watchdog.phase("weights"):
+        engine = Engine(plan.config, plan.topo, plan.backend, moved)
+        engine.watchdog = watchdog
     session = Session(plan.config, plan.topo, plan.backend, moved, engine, plan.library,
-                      plan.backend_choice, plan.transport_choice)
-    session.peak_flops, session.peak_source = measure_peak(plan.backend)
+                      plan.backend_choice, plan.transport_choice, watchdog)
+    with watchdog.phase("peak measurement"):
+        session.peak_flops, session.peak_source = measure_peak(plan.backend)
     return session
 
 
 def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None) -> Session:
+                 memory_limit: int | None = None,
+                 watchdog: Watchdog | None = None) -> Session:
     """:func:`plan_session` for ``batch``, then :func:`start_session`. Collective."""
     return start_session(plan_session(config, comm, batch.lengths, layout, backend, transport,
-                                      new_tokens, memory_limit))
+                                      new_tokens, memory_limit, watchdog))
 
 
 # --- running ---------------------------------------------------------------------------
@@ -195,6 +218,23 @@ class RunResult:
     step_timings: list[Timing] = field(default_factory=list)   # decode steps
     prefill_timing: Timing | None = None                       # decode: the prefill
     expert_counts: np.ndarray | None = None                    # this rank's share [L, E]
+    memory: dict[str, int] = field(default_factory=dict)       # RSS bytes: start, end, peak
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_resident_bytes() -> int:
+    """The largest resident set size this process has had (bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
@@ -204,15 +244,40 @@ def _progress(session: Session, label: str, index: int, total: int, seconds: flo
               flush=True)
 
 
+# Engine phases in which a rank waits for other ranks (the rest is computing).
+WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "dispatch",
+                         "combine", "stage_send", "token_return"})
+
+
+class WatchedTimer:
+    """A backend PhaseTimer whose phases also tell the watchdog where this rank is."""
+
+    def __init__(self, timer: PhaseTimer, watchdog: Watchdog):
+        self.timer, self.watchdog = timer, watchdog
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with self.watchdog.phase(name, waiting=name in WAIT_PHASES), self.timer.phase(name):
+            yield
+
+    def __getattr__(self, name: str):
+        return getattr(self.timer, name)
+
+
 def _timed(session: Session, fn):
     """Run ``fn(timer)`` between barriers; returns (its result, Timing)."""
-    world, bk = session.topo.world, session.backend
+    world, bk, watchdog = session.topo.world, session.backend, session.watchdog
     timer = bk.timer()
-    world.Barrier()
+    watchdog.iteration += 1
+    with watchdog.waiting("barrier before iteration"):
+        world.Barrier()
     start = time.perf_counter()
-    result = fn(timer)
-    bk.synchronize()
-    world.Barrier()
+    with watchdog.phase("forward"):
+        result = fn(WatchedTimer(timer, watchdog))
+    with watchdog.phase("device sync"):
+        bk.synchronize()
+    with watchdog.waiting("barrier after iteration"):
+        world.Barrier()
     wall = time.perf_counter() - start
     return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters))
 
@@ -221,6 +286,7 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
                 collect: bool = True, progress: bool = False) -> RunResult:
     """``warmup + iters`` forward passes; outputs of the last gathered on rank 0."""
     engine, timings = session.engine, []
+    rss_start = resident_bytes()
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
         out, timing = _timed(session, lambda t: engine.prefill(batch, t, keep_hidden=collect
@@ -228,8 +294,10 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
+    memory = {"rss_start": rss_start, "rss_end": resident_bytes(),
+              "peak_rss": peak_resident_bytes()}
     outputs = gather_prefill(session, batch, out) if collect else None
-    return RunResult(outputs, timings, expert_counts=out.expert_counts)
+    return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory)
 
 
 def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | None = None,
@@ -238,6 +306,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     sequence, one decode step at a time. A sequence that emits ``eos_id`` stops (its later
     tokens are -1)."""
     engine, topo = session.engine, session.topo
+    rss_start = resident_bytes()
     cache = engine.new_cache(batch, new_tokens)
     micro = engine.micro_batches(batch.batch_size)
     returns: list = []
@@ -269,15 +338,19 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
             generated.append(new)
         steps.append(timing)
         _progress(session, "decode step", step, new_tokens - 1, timing.wall, progress)
-    for request in returns:
-        request.Wait()
+    with session.watchdog.waiting("token_return"):
+        for request in returns:
+            request.Wait()
+    memory = {"rss_start": rss_start, "rss_end": resident_bytes(),
+              "peak_rss": peak_resident_bytes()}
     outputs = None
     if collect:
         outputs = gather_prefill(session, batch, out)
         tokens = gather_tokens(session, batch, generated, new_tokens)
         if outputs is not None:
             outputs["tokens"] = tokens
-    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts)
+    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts,
+                     memory)
 
 
 # --- gathering outputs on rank 0 -------------------------------------------------------
@@ -315,6 +388,11 @@ def _gather_rows(session: Session, rows: np.ndarray, counts: list[int], width: i
 def gather_prefill(session: Session, batch: Batch, out):
     """``hidden`` float32 [B, S, d] (zero at padding), ``logits`` float32 [B, V] and
     ``expert_counts`` int64 [L, E] on world rank 0; ``None`` on other ranks."""
+    with session.watchdog.waiting("gather outputs"):
+        return _gather_prefill(session, batch, out)
+
+
+def _gather_prefill(session: Session, batch: Batch, out):
     topo, bk, model = session.topo, session.backend, session.config.model
     world = topo.world
     counts = np.zeros_like(out.expert_counts)
@@ -354,6 +432,12 @@ def gather_prefill(session: Session, batch: Batch, out):
 def gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
                   new_tokens: int) -> np.ndarray | None:
     """Greedy tokens int64 [B, N] on world rank 0 (-1 after a sequence stopped)."""
+    with session.watchdog.waiting("gather outputs"):
+        return _gather_tokens(session, batch, generated, new_tokens)
+
+
+def _gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
+                   new_tokens: int) -> np.ndarray | None:
     sources = _contributors(session, batch.batch_size)
     mine = sources[session.topo.rank]
     if len(mine):
