@@ -426,6 +426,12 @@ def cmd_info(args) -> int:
         print(f"  loaded from: {library.path or 'unknown'}")
         print(f"  CUDA-aware:  {'yes' if library.cuda_aware else 'no'} ({library.cuda_reason})")
         print(f"  world size:  {comm.Get_size()}")
+        levels = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED",
+                  MPI.THREAD_SERIALIZED: "SERIALIZED", MPI.THREAD_MULTIPLE: "MULTIPLE"}
+        multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        print(f"  threads:     MPI_THREAD_{levels.get(MPI.Query_thread(), '?')} ("
+              + ("the watchdog can ask the other ranks and abort from its thread" if multiple
+                 else "stalls are not watched; a signal ends the rank") + ")")
         if cupy is not None:
             count = cupy.cuda.runtime.getDeviceCount()
             names = [cupy.cuda.runtime.getDeviceProperties(i)["name"] for i in range(count)]

@@ -94,6 +94,7 @@ def test_info():
     result = spmd_moe("info", "--backend", "numpy", ranks=2)
     assert result.returncode == 0, result.stderr
     assert "CUDA-aware" in result.stdout and "backend:       numpy" in result.stdout
+    assert "threads:     MPI_THREAD_" in result.stdout
     assert "rank 1" in result.stdout
 
 
