@@ -257,8 +257,14 @@ class WatchedTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        with self.watchdog.phase(name, waiting=name in WAIT_PHASES), self.timer.phase(name):
-            yield
+        before = self.watchdog.enter(name, name in WAIT_PHASES)
+        try:
+            with self.timer.phase(name):
+                yield
+        except BaseException:
+            self.watchdog.leave(before, failed=True)
+            raise
+        self.watchdog.leave(before)
 
     def __getattr__(self, name: str):
         return getattr(self.timer, name)

@@ -117,7 +117,7 @@ class Watchdog:
                                                              time.monotonic(), 0)
         self._waits = 0
         self.iteration = 0
-        self.raised_at: tuple[str, int] | None = None   # where an exception first left a phase
+        self.raised_at: tuple[str, int] | None = None   # where an exception left a phase
         self.comm = None
         self._thread: threading.Thread | None = None
         self._old_handlers: dict[int, object] = {}
@@ -149,20 +149,30 @@ class Watchdog:
         phase, _, waiting, since, seq = self._position
         self._position = (phase, layer, waiting, since, seq)
 
-    @contextlib.contextmanager
-    def phase(self, name: str, waiting: bool = False) -> Iterator[None]:
-        """Mark the main thread as in ``name`` (waiting for other ranks, or computing)."""
+    def enter(self, name: str, waiting: bool = False) -> tuple:
+        """Mark the main thread as in ``name`` (waiting for other ranks, or computing);
+        returns what :meth:`leave` restores."""
         before = self._position
         self._waits += 1
         self._position = (name, before[1], waiting, time.monotonic(), self._waits)
+        return before
+
+    def leave(self, before: tuple, failed: bool = False) -> None:
+        if failed and self.raised_at is None:
+            self.raised_at = self._position[:2]          # where an exception left from
+        self._position = (before[0], self._position[1], before[2], time.monotonic(),
+                          before[4])
+
+    @contextlib.contextmanager
+    def phase(self, name: str, waiting: bool = False) -> Iterator[None]:
+        """:meth:`enter` and :meth:`leave` around a block."""
+        before = self.enter(name, waiting)
         try:
             yield
         except BaseException:
-            if self.raised_at is None:
-                self.raised_at = self._position[:2]
+            self.leave(before, failed=True)
             raise
-        finally:
-            self._position = (before[0], before[1], before[2], time.monotonic(), before[4])
+        self.leave(before)
 
     def waiting(self, name: str):
         """Mark a wait for other ranks (a collective, a receive) outside the layer loop."""

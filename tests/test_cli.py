@@ -3,6 +3,7 @@ giving one clear line on rank 0, a non-zero exit on every rank, no hang, no outp
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -19,19 +20,26 @@ TIMEOUT = 120
 
 
 def spmd_moe(*args, ranks=1, env=None, per_rank_status=False, preexec_fn=None,
-             timeout=TIMEOUT, rank_shell=""):
-    """Run the CLI (under mpiexec when ranks > 1); with ``per_rank_status`` every rank
-    prints its own exit status as ``rank-exit N`` on stderr, after running the shell
-    commands ``rank_shell`` (e.g. a ulimit for the ranks only)."""
+             timeout=TIMEOUT):
+    """Run the CLI (under mpiexec when ranks > 1) in its own process group, killed whole
+    (and the test failed) after ``timeout`` seconds; with ``per_rank_status`` every rank
+    prints its own exit status as ``rank-exit N`` on stderr."""
     command = [sys.executable, "-m", "spmd_moe", *args]
     if per_rank_status:
         quoted = " ".join(f"'{a}'" for a in command)
-        command = ["sh", "-c", f'{rank_shell} {quoted}; s=$?; echo "rank-exit $s" >&2; '
-                               'exit $s']
+        command = ["sh", "-c", f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
     if ranks > 1:
         command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (killed):\n{stderr}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_run_tiny_writes_outputs_that_match_the_reference(tmp_path):
@@ -187,8 +195,9 @@ def test_a_broken_input_file_is_one_line_on_every_rank(name, tmp_path):
 
     path, reason = broken_inputs(tmp_path, PRESETS["tiny"].model.vocab_size)[name]
     out = tmp_path / "out.npz"
+    # A FIFO or /dev/zero used to block or grow forever: bounded here.
     result = spmd_moe("run", "--preset", "tiny", "--input", str(path), "--output", str(out),
-                      ranks=2, per_rank_status=True)
+                      ranks=2, per_rank_status=True, timeout=60)
     check_refused(result, reason, out)
 
 
@@ -202,9 +211,15 @@ def peak_rss(*args, ranks):
     quoted = " ".join(f"'{a}'" for a in (sys.executable, "-m", "spmd_moe", *args))
     job = [MPIEXEC, "-n", str(ranks), "sh", "-c",
            f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
-    wrapper = subprocess.run([sys.executable, "-c", code, *job], capture_output=True,
-                             text=True, timeout=TIMEOUT)
-    rc, stdout, stderr, kib = json.loads(wrapper.stdout)
+    wrapper = subprocess.Popen([sys.executable, "-c", code, *job], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = wrapper.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.communicate()
+        pytest.fail(f"still running after {TIMEOUT} s (killed)")
+    rc, stdout, stderr, kib = json.loads(output)
     return subprocess.CompletedProcess(job, rc, stdout, stderr), kib * 1024
 
 
