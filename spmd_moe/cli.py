@@ -292,10 +292,22 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
 
     watchdog = args.watchdog or Watchdog(None, 0)
     with watchdog.waiting("set-up"):
-        return _plan_workload(comm, args, checked_arguments)
+        return _plan_workload(comm, args, checked_arguments, watchdog)
 
 
-def _plan_workload(comm, args, checked_arguments) -> Workload:
+def on_rank_0(comm, watchdog, what: str, fn):
+    """Collective: ``fn()`` on rank 0 (computing ``what``, for the watchdog, while the
+    others wait), its SpmdMoeError raised on every rank; its value on rank 0, else None."""
+    def run():
+        if comm.Get_rank() != 0:
+            return None
+        with watchdog.phase(what):
+            return fn()
+
+    return collective(comm, run)
+
+
+def _plan_workload(comm, args, checked_arguments, watchdog) -> Workload:
     from .data import InputFile, synthetic_lengths
 
     rank = comm.Get_rank()
@@ -307,10 +319,10 @@ def _plan_workload(comm, args, checked_arguments) -> Workload:
         check_batch_size(comm, work.batch_size, work.seq_len, limit, "batch_size")
         return Workload(config, synthetic_lengths(work, config.seed), None, None)
 
-    source = collective(comm, lambda: InputFile(args.input) if rank == 0 else None)
+    source = on_rank_0(comm, watchdog, "reading input", lambda: InputFile(args.input))
     shape = comm.bcast(source.shape if rank == 0 else None, root=0)
     check_batch_size(comm, *shape, limit, "--input")
-    lengths = comm.bcast(collective(comm, lambda: source.lengths() if rank == 0 else None),
+    lengths = comm.bcast(on_rank_0(comm, watchdog, "reading input", lambda: source.lengths()),
                          root=0)
 
     def input_config() -> RunConfig:
@@ -330,19 +342,21 @@ def _plan_workload(comm, args, checked_arguments) -> Workload:
 def load_batch(comm, workload: Workload, watchdog=None):
     """Collective: the batch on every rank, the input file's ids read and checked on rank 0
     and broadcast, or the synthetic batch of SPEC §1 built everywhere."""
-    with (watchdog or Watchdog(None, 0)).waiting("input"):
-        return _load_batch(comm, workload)
+    watchdog = watchdog or Watchdog(None, 0)
+    with watchdog.waiting("input"):
+        return _load_batch(comm, workload, watchdog)
 
 
-def _load_batch(comm, workload: Workload):
+def _load_batch(comm, workload: Workload, watchdog):
     from .data import synthetic_input
 
     config = workload.config
     if workload.input_path is None:
-        return synthetic_input(config.workload, config.model, config.seed)
+        with watchdog.phase("building input"):
+            return synthetic_input(config.workload, config.model, config.seed)
     source = workload.input_file
-    batch = collective(comm, lambda: source.batch(config.model, workload.new_tokens)
-                       if source is not None else None)
+    batch = on_rank_0(comm, watchdog, "reading input",
+                      lambda: source.batch(config.model, workload.new_tokens))
     if source is not None:
         source.close()
     return comm.bcast(batch, root=0)
@@ -378,14 +392,14 @@ def cmd_run(args) -> int:
     def write_outputs() -> None:
         """Rank 0 writes both files or neither; a failure is every rank's error."""
         files = []
-        if rank == 0 and args.report:
+        if args.report:
             files.append((args.report, "--report", text_writer(report_json(report))))
-        if rank == 0 and args.output:
+        if args.output:
             files.append((args.output, "--output", npz_writer(result.outputs)))
         write_files(files)
 
     with args.watchdog.waiting("write outputs"):
-        collective(comm, write_outputs)
+        on_rank_0(comm, args.watchdog, "writing outputs", write_outputs)
     if rank == 0:
         print(format_report(report), flush=True)
     return 0

@@ -308,7 +308,7 @@ def add_parser(commands) -> None:
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import load_batch, memory_limit_bytes, plan_workload
+    from .cli import load_batch, memory_limit_bytes, on_rank_0, plan_workload
     from .data import write_text
     from .runner import plan_session
 
@@ -335,8 +335,8 @@ def cmd_compare(args) -> int:
     agree = None
     if args.report:
         with args.watchdog.waiting("write outputs"):
-            collective(comm, lambda: write_text(args.report, json.dumps(result, indent=2)
-                                                + "\n", "--report") if rank == 0 else None)
+            on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_text(
+                args.report, json.dumps(result, indent=2) + "\n", "--report"))
     if rank == 0:
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]

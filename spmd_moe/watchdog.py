@@ -49,6 +49,7 @@ from typing import Iterator
 EXIT_STALL = 3                        # exit status of a job the watchdog aborted
 DEFAULT_STALL_TIMEOUT = 600.0         # seconds; torch.distributed's default timeout too
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HANDLED = frozenset(int(signum) for signum in SIGNALS)
 _STOP = b"\0"                         # not a signal number: tells the thread to end
 _QUERY, _ANSWER = 7101, 7102          # tags on the watchdog's own communicator
 _STATUS = struct.Struct("<iiiid44s")  # rank, waiting, layer, iteration, seconds, phase
@@ -216,7 +217,8 @@ class Watchdog:
                             if stall is not None:
                                 stall.close()
                             return
-                        self._interrupted(signum)
+                        if signum in HANDLED:      # not a signal someone else handles
+                            self._interrupted(signum)
                 if stall is not None:
                     stall.step()
         except BaseException as exc:       # never silently: the job is unguarded from now
