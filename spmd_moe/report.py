@@ -82,14 +82,18 @@ def slow_iterations(walls_ms: list[float]) -> list[dict]:
 
 
 def _memory(summaries: list[dict]) -> dict:
-    """RSS per rank in MB: at the first iteration, after the last, and the peak."""
-    keys = (("rss_start", "rss_start_mb"), ("rss_end", "rss_end_mb"),
-            ("peak_rss", "peak_rss_mb"))
-    out = {name: _over_ranks([s["memory"].get(key, 0) / 1e6 for s in summaries])
-           for key, name in keys}
-    out["by_rank"] = [{"rank": r, **{name: s["memory"].get(key, 0) / 1e6
-                                     for key, name in keys}}
-                      for r, s in enumerate(summaries)]
+    """RSS per rank in MB: before the first timed iteration, after it, after the last, the
+    growth between those two (a leak's measure), and the peak."""
+    keys = (("rss_before", "rss_before_mb"), ("rss_first", "rss_first_mb"),
+            ("rss_end", "rss_end_mb"), ("peak_rss", "peak_rss_mb"))
+    by_rank = []
+    for r, s in enumerate(summaries):
+        row = {"rank": r, **{name: s["memory"].get(key, 0) / 1e6 for key, name in keys}}
+        row["growth_mb"] = row["rss_end_mb"] - row["rss_first_mb"]
+        by_rank.append(row)
+    out = {name: _over_ranks([row[name] for row in by_rank])
+           for name in [name for _, name in keys] + ["growth_mb"]}
+    out["by_rank"] = by_rank
     return out
 
 
@@ -217,9 +221,10 @@ def format_report(report: dict) -> str:
         f"max {report['bytes_sent_per_rank']['max'] / 1e6:.3f} MB",
     ]
     memory = report["memory_per_rank"]
-    lines.append(f"  memory per rank (max): RSS {memory['rss_start_mb']['max']:.0f} MB at the "
-                 f"first iteration, {memory['rss_end_mb']['max']:.0f} MB after the last, peak "
-                 f"{memory['peak_rss_mb']['max']:.0f} MB")
+    lines.append(f"  memory per rank (max): RSS {memory['rss_before_mb']['max']:.0f} MB before "
+                 f"the first iteration, {memory['rss_first_mb']['max']:.0f} after it, "
+                 f"{memory['rss_end_mb']['max']:.0f} after the last (growth "
+                 f"{memory['growth_mb']['max']:+.1f}), peak {memory['peak_rss_mb']['max']:.0f}")
     pipe = report["pipeline"]
     if pipe["stages"] > 1:
         idle = ", ".join(f"{ms:.1f}" for ms in pipe["stage_recv_ms_by_stage"])

@@ -207,6 +207,7 @@ class Timing:
     phases: dict[str, float]
     bytes_sent: dict[str, int]
     counters: dict[str, int]
+    rss: int = 0                      # resident bytes after the iteration
 
 
 @dataclass
@@ -218,7 +219,7 @@ class RunResult:
     step_timings: list[Timing] = field(default_factory=list)   # decode steps
     prefill_timing: Timing | None = None                       # decode: the prefill
     expert_counts: np.ndarray | None = None                    # this rank's share [L, E]
-    memory: dict[str, int] = field(default_factory=dict)       # RSS bytes: start, end, peak
+    memory: dict[str, int] = field(default_factory=dict)       # RSS bytes (see _memory)
 
 
 def resident_bytes() -> int:
@@ -235,6 +236,14 @@ def peak_resident_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+
+
+def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
+    """RSS before the first timed iteration (or step), after it, after the last, and the
+    peak: a run that leaks grows from the second figure to the third."""
+    return {"rss_before": before, "rss_first": timings[0].rss if timings else before,
+            "rss_end": timings[-1].rss if timings else before,
+            "peak_rss": peak_resident_bytes()}
 
 
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
@@ -285,7 +294,8 @@ def _timed(session: Session, fn):
     with watchdog.waiting("barrier after iteration"):
         world.Barrier()
     wall = time.perf_counter() - start
-    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters))
+    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
+                          resident_bytes())
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
@@ -300,8 +310,7 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
-    memory = {"rss_start": rss_start, "rss_end": resident_bytes(),
-              "peak_rss": peak_resident_bytes()}
+    memory = _memory(rss_start, timings)
     outputs = gather_prefill(session, batch, out) if collect else None
     return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory)
 
@@ -347,8 +356,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     with session.watchdog.waiting("token_return"):
         for request in returns:
             request.Wait()
-    memory = {"rss_start": rss_start, "rss_end": resident_bytes(),
-              "peak_rss": peak_resident_bytes()}
+    memory = _memory(rss_start, [prefill_timing, *steps])
     outputs = None
     if collect:
         outputs = gather_prefill(session, batch, out)

@@ -60,6 +60,15 @@ def test_run_tiny_writes_outputs_that_match_the_reference(tmp_path):
     assert data["bytes_sent_per_rank"]["by_phase"]["dispatch"]["max"] > 0
     assert len(data["expert_load"]) == 5 and data["mfu"] > 0
     assert "tokens/s" in result.stdout and "experts" in result.stdout
+    memory = data["memory_per_rank"]
+    assert len(memory["by_rank"]) == 4
+    for row in memory["by_rank"]:
+        assert 0 < row["rss_before_mb"] <= row["peak_rss_mb"]
+        assert 0 < row["rss_end_mb"] <= row["peak_rss_mb"]
+        assert row["growth_mb"] == pytest.approx(row["rss_end_mb"] - row["rss_first_mb"])
+    assert data["watchdog"] == "stall timeout 600 s"
+    assert all(slow["times_median"] > 3 for slow in data["slow_iterations"])
+    assert "memory per rank" in result.stdout
 
 
 def test_decode_from_an_input_file(tmp_path):
