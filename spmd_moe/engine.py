@@ -31,8 +31,8 @@ from . import kernels
 from .backend import F32, Backend, PhaseTimer
 from .config import RunConfig
 from .data import Batch
-from .errors import ConfigError
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
+from .errors import ConfigError
 from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
 from .moe_layer import moe_forward
 from .topology import Topology
