@@ -847,9 +847,10 @@ def cmd_bench(args) -> int:
         result = run_layer_step(bk, shape, args.iters, args.warmup, args.seed, args.peer,
                                 limit, progress)
         text = format_layer(result)
+    if args.json:
+        collective(comm, lambda: write_text(args.json, json.dumps(result, indent=2) + "\n",
+                                            "--json") if rank == 0 else None)
     if rank == 0:
-        if args.json:
-            write_text(args.json, json.dumps(result, indent=2) + "\n")
         print(text, flush=True)
     return 0
 

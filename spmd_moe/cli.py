@@ -8,13 +8,17 @@ its traceback and aborts the whole MPI job (exit 1), so no rank hangs in a colle
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass
+
+import numpy as np
 
 from . import bench, compare, generate, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
-from .errors import ConfigError, SpmdMoeError, collective
+from .errors import ConfigError, InputError, SpmdMoeError, collective
+from .watchdog import DEFAULT_STALL_TIMEOUT, Watchdog
 
 GIB = 1 << 30
 # The commands that run under mpiexec.
@@ -25,7 +29,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises (so that only rank 0 reports) instead of printing and exiting."""
 
     def error(self, message: str):
-        raise ConfigError("arguments", f"{message} (see spmd-moe {self.prog.split()[-1]} -h)")
+        raise ConfigError("arguments", f"{message} (see {self.prog} -h)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +66,11 @@ def add_execution_arguments(parser: argparse.ArgumentParser):
     io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
     io.add_argument("--memory-limit", type=float, metavar="GIB",
                     help="memory per rank for the pre-allocation check (default: free memory)")
+    io.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                    metavar="SECONDS",
+                    help="abort the job, naming the ranks that did not arrive, when a rank "
+                         f"waits longer than this for the others (default "
+                         f"{DEFAULT_STALL_TIMEOUT:g}; 0: off)")
     return io
 
 
@@ -71,18 +80,22 @@ def check_execution_arguments(args) -> None:
         raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
     if args.iters < 1:
         raise ConfigError("--iters", f"{args.iters} must be >= 1")
-    if args.memory_limit is not None and args.memory_limit <= 0:
-        raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
+        raise ConfigError("--memory-limit", f"{args.memory_limit} must be a finite number "
+                                            "of GiB > 0")
 
 
 def memory_limit_bytes(args) -> int | None:
     return int(args.memory_limit * GIB) if args.memory_limit else None
 
 
-def config_from_args(args) -> RunConfig:
+def config_from_args(args, **input_shape) -> RunConfig:
+    """The config the arguments ask for (a preset or config file, or a checkpoint's
+    config.json under ``--model``); ``input_shape`` (``batch_size``, ``seq_len``) is an input
+    file's, which wins over every other source."""
     overrides = dict(dtype=args.dtype, seed=args.seed, workload=args.workload,
                      new_tokens=args.new_tokens, micro_batches=args.micro_batches,
-                     init=args.init, layout=getattr(args, "layout", None))
+                     init=args.init, layout=getattr(args, "layout", None), **input_shape)
     if getattr(args, "model", None):
         from .checkpoint import checkpoint_run_config
 
@@ -90,8 +103,13 @@ def config_from_args(args) -> RunConfig:
             if value:
                 raise ConfigError(flag, "cannot be combined with --model (the model is the "
                                         "checkpoint's; --set sets the workload)")
-        return checkpoint_run_config(args.model, args.set, **overrides)
-    return build_run_config(args.preset, args.config, args.set, **overrides)
+        config = checkpoint_run_config(args.model, args.set, **overrides)
+    else:
+        config = build_run_config(args.preset, args.config, args.set, **overrides)
+    if args.new_tokens is not None and config.workload.workload != "decode":
+        raise ConfigError("--new-tokens", "generates tokens only with --workload decode "
+                                          f"(the workload is {config.workload.workload})")
+    return config
 
 
 def build_parser() -> ArgumentParser:
@@ -150,17 +168,44 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise ConfigError("arguments", f"unrecognized arguments: {' '.join(unknown)} "
+                                           f"(see spmd-moe {args.command} -h)")
     except ConfigError as exc:
         return report_error(exc, uses_mpi=bool(argv) and argv[0] in MPI_COMMANDS)
     except SystemExit as exc:  # -h / --help
         return int(exc.code or 0)
+    uses_mpi = args.command in MPI_COMMANDS
+    args.watchdog = None
     try:
-        return args.func(args)
+        if uses_mpi:
+            args.watchdog = start_watchdog(args)
+        code = args.func(args)
     except SpmdMoeError as exc:
-        return report_error(exc, uses_mpi=args.command in MPI_COMMANDS)
+        code = report_error(exc, uses_mpi)
     except Exception:
-        return abort_job(uses_mpi=args.command in MPI_COMMANDS)
+        return abort_job(args.watchdog)
+    except BaseException as exc:      # KeyboardInterrupt, SystemExit: never a silent exit
+        return end_interrupted(exc, args.watchdog, uses_mpi)
+    if args.watchdog is not None:
+        args.watchdog.close()
+    return code
+
+
+def start_watchdog(args):
+    """Every rank's guard against signals and stalls (see watchdog.py), started before
+    any other MPI call; ``--stall-timeout`` for the commands that have it, else signals
+    only."""
+    timeout = getattr(args, "stall_timeout", 0.0)
+    if not 0 <= timeout < math.inf:
+        raise ConfigError("--stall-timeout", f"{timeout} must be a finite number of seconds "
+                                             ">= 0 (0: off)")
+    from mpi4py import MPI
+
+    from .watchdog import Watchdog
+
+    return Watchdog(MPI.COMM_WORLD, timeout)
 
 
 def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
@@ -175,80 +220,194 @@ def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
     return 2
 
 
-def abort_job(uses_mpi: bool) -> int:
-    """A fault: this rank's traceback, then the whole job down."""
-    rank, size = 0, 1
-    if uses_mpi:
-        from mpi4py import MPI
+def abort_job(watchdog) -> int:
+    """A fault: this rank's traceback, then the whole job down (exit 1)."""
+    from .watchdog import abort
 
-        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    print(f"spmd-moe: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr,
-          flush=True)
-    if size > 1:
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(1)
+    world = watchdog.world if watchdog is not None else None
+    rank = world.Get_rank() if world is not None else 0
+    abort(world, 1, f"spmd-moe: rank {rank} failed:\n{traceback.format_exc()}")
     return 1
+
+
+def end_interrupted(exc: BaseException, watchdog, uses_mpi: bool) -> int:
+    """A KeyboardInterrupt or SystemExit on the main thread: one line saying why, then the
+    whole job down (128 + SIGINT for an interrupt, the exit status for an exit)."""
+    from .watchdog import abort
+
+    world = watchdog.world if watchdog is not None else None
+    rank = world.Get_rank() if world is not None else 0
+    where = ""
+    if watchdog is not None:
+        phase, layer = watchdog.raised_at or watchdog.where()[:2]
+        where = f" (in {phase}" + (f" at layer {layer}" if layer >= 0 else "") + ")"
+    if isinstance(exc, KeyboardInterrupt):
+        code, what = 128 + 2, f"interrupted: rank {rank} got KeyboardInterrupt{where}"
+    else:
+        status = exc.code if isinstance(exc, SystemExit) else None
+        code = status if isinstance(status, int) and 0 < status < 256 else 1
+        what = f"rank {rank} exited ({type(exc).__name__} {status}){where}"
+    message = f"spmd-moe: error: {what}; ending the job"
+    if not uses_mpi:
+        print(message, file=sys.stderr, flush=True)
+        return code
+    abort(world, code, message)
+    return code
 
 
 # --- run -------------------------------------------------------------------------------
 
-def shared_batch(comm, config: RunConfig, input_path: str | None):
-    """The batch on every rank: the input file read and checked on rank 0 and broadcast,
-    or the synthetic batch of SPEC §1 built everywhere."""
-    from .data import load_input, synthetic_input
+@dataclass
+class Workload:
+    """What an engine-running command will run, known before its batch exists: the checked
+    config (an ``--input`` file sets batch size and sequence length) and every sequence's
+    real length; the input file (rank 0) with its headers and mask read, its ids not yet."""
 
-    workload = config.workload
-    new_tokens = workload.new_tokens if workload.workload == "decode" else 0
-    if input_path is None:
-        return synthetic_input(workload, config.model, config.seed)
-    batch = collective(comm, lambda: load_input(input_path, config.model, new_tokens)
-                       if comm.Get_rank() == 0 else None)
-    return comm.bcast(batch, root=0)
+    config: RunConfig
+    lengths: np.ndarray          # int64 [B]
+    input_path: str | None       # --input
+    input_file: object | None    # its data.InputFile on rank 0, else None
+
+    @property
+    def new_tokens(self) -> int:
+        work = self.config.workload
+        return work.new_tokens if work.workload == "decode" else 0
 
 
-def config_and_batch(comm, args, extra_check=None):
-    """Collective: the checked config of an engine-running command and its batch (an
-    ``--input`` file sets batch size and sequence length). ``extra_check(args)`` may add
-    the command's own checks (raising SpmdMoeError)."""
-    from .data import check_output_path
+def check_batch_size(comm, batch_size: int, seq_len: int, memory_limit: int | None,
+                     field: str) -> None:
+    """Collective: refuse, before any [B, S] array exists, a batch whose host copies do
+    not fit in a rank's share of the host memory (or ``--memory-limit``)."""
+    from mpi4py import MPI
 
-    def checked_config() -> RunConfig:
+    from .data import batch_host_bytes
+    from .runner import host_memory
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    node_size = node.Get_size()
+    node.Free()
+
+    def check() -> None:
+        need = batch_host_bytes(batch_size, seq_len)
+        limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
+                         else host_memory(node_size))
+        if need > limit:
+            raise ConfigError(field, f"{batch_size} sequences x {seq_len} tokens need "
+                                     f"{need / GIB:.2f} GiB of host memory per rank (ids and "
+                                     f"mask, and their copies while built and shared) but a "
+                                     f"rank has {limit / GIB:.2f} GiB ({source})")
+
+    collective(comm, check)
+
+
+def plan_workload(comm, args, extra_check=None) -> Workload:
+    """Collective: check the arguments and output paths, then read what the run needs to
+    be checked (an input file's headers and mask), then build the config of the workload
+    the run will actually have. No [B, S] array is built before its size is checked; the
+    ids are read by :func:`load_batch` once the run's memory check has passed.
+    ``extra_check(args)`` may add the command's own checks (raising SpmdMoeError)."""
+    from .data import check_output_paths
+
+    rank = comm.Get_rank()
+
+    def checked_arguments() -> None:
         if extra_check is not None:
             extra_check(args)
-        config = config_from_args(args)
         check_execution_arguments(args)
-        if comm.Get_rank() == 0:
-            for path, name in ((getattr(args, "output", None), "--output"),
-                               (args.report, "--report")):
-                if path:
-                    check_output_path(path, name)
-        return config
+        if rank == 0:
+            check_output_paths((getattr(args, "output", None), "--output"),
+                               (args.report, "--report"))
 
-    config = collective(comm, checked_config)
-    batch = shared_batch(comm, config, args.input)
-    if args.input:
-        config = replace(config, workload=replace(config.workload,
-                                                  batch_size=batch.batch_size,
-                                                  seq_len=int(batch.lengths.max())))
-    return config, batch
+    watchdog = args.watchdog or Watchdog(None, 0)
+    with watchdog.waiting("set-up"):
+        return _plan_workload(comm, args, checked_arguments, watchdog)
+
+
+def on_rank_0(comm, watchdog, what: str, fn):
+    """Collective: ``fn()`` on rank 0 (computing ``what``, for the watchdog, while the
+    others wait), its SpmdMoeError raised on every rank; its value on rank 0, else None."""
+    def run():
+        if comm.Get_rank() != 0:
+            return None
+        with watchdog.phase(what):
+            return fn()
+
+    return collective(comm, run)
+
+
+def _plan_workload(comm, args, checked_arguments, watchdog) -> Workload:
+    from .data import InputFile, synthetic_lengths
+
+    rank = comm.Get_rank()
+    collective(comm, checked_arguments)
+    limit = memory_limit_bytes(args)
+    if not args.input:
+        config = collective(comm, config_from_args, args)
+        work = config.workload
+        check_batch_size(comm, work.batch_size, work.seq_len, limit, "batch_size")
+        return Workload(config, synthetic_lengths(work, config.seed), None, None)
+
+    source = on_rank_0(comm, watchdog, "reading input", lambda: InputFile(args.input))
+    shape = comm.bcast(source.shape if rank == 0 else None, root=0)
+    check_batch_size(comm, *shape, limit, "--input")
+    lengths = comm.bcast(on_rank_0(comm, watchdog, "reading input", lambda: source.lengths()),
+                         root=0)
+
+    def input_config() -> RunConfig:
+        try:
+            return config_from_args(args, batch_size=len(lengths),
+                                    seq_len=int(lengths.max()))
+        except ConfigError as exc:
+            if exc.field != "seq_len":
+                raise
+            longest = int(np.argmax(lengths))
+            raise InputError("--input", f"{args.input}: sequence {longest}'s "
+                                        f"{exc.message}") from None
+
+    return Workload(collective(comm, input_config), lengths, args.input, source)
+
+
+def load_batch(comm, workload: Workload, watchdog=None):
+    """Collective: the batch on every rank, the input file's ids read and checked on rank 0
+    and broadcast, or the synthetic batch of SPEC §1 built everywhere."""
+    watchdog = watchdog or Watchdog(None, 0)
+    with watchdog.waiting("input"):
+        return _load_batch(comm, workload, watchdog)
+
+
+def _load_batch(comm, workload: Workload, watchdog):
+    from .data import synthetic_input
+
+    config = workload.config
+    if workload.input_path is None:
+        with watchdog.phase("building input"):
+            return synthetic_input(config.workload, config.model, config.seed)
+    source = workload.input_file
+    batch = on_rank_0(comm, watchdog, "reading input",
+                      lambda: source.batch(config.model, workload.new_tokens))
+    if source is not None:
+        source.close()
+    return comm.bcast(batch, root=0)
 
 
 def cmd_run(args) -> int:
     from mpi4py import MPI
 
-    from .data import write_npz
-    from .report import build_report, format_report, write_report
-    from .runner import open_session, run_decode, run_prefill
+    from .data import npz_writer, text_writer, write_files
+    from .report import build_report, format_report, report_json
+    from .runner import plan_session, run_decode, run_prefill, start_session
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    config, batch = config_and_batch(comm, args)
+    planned = plan_workload(comm, args)
+    config = planned.config
     workload = config.workload
     decode = workload.workload == "decode"
-    session = open_session(config, comm, batch, backend=args.backend, transport=args.transport,
-                           new_tokens=workload.new_tokens if decode else 0,
-                           memory_limit=memory_limit_bytes(args))
+    plan = plan_session(config, comm, planned.lengths, backend=args.backend,
+                        transport=args.transport, new_tokens=planned.new_tokens,
+                        memory_limit=memory_limit_bytes(args), watchdog=args.watchdog)
+    batch = load_batch(comm, planned, args.watchdog)
+    session = start_session(plan)
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
                             collect=bool(args.output), progress=args.progress)
@@ -256,13 +415,21 @@ def cmd_run(args) -> int:
         result = run_prefill(session, batch, args.warmup, args.iters,
                              collect=bool(args.output), progress=args.progress)
     report = build_report(session, batch, result)
-    if rank == 0:
-        if args.output:
-            write_npz(args.output, **result.outputs)
-        if args.report:
-            write_report(args.report, report)
-        print(format_report(report), flush=True)
     session.close()
+
+    def write_outputs() -> None:
+        """Rank 0 writes both files or neither; a failure is every rank's error."""
+        files = []
+        if args.report:
+            files.append((args.report, "--report", text_writer(report_json(report))))
+        if args.output:
+            files.append((args.output, "--output", npz_writer(result.outputs)))
+        write_files(files)
+
+    with args.watchdog.waiting("write outputs"):
+        on_rank_0(comm, args.watchdog, "writing outputs", write_outputs)
+    if rank == 0:
+        print(format_report(report), flush=True)
     return 0
 
 
@@ -351,6 +518,12 @@ def cmd_info(args) -> int:
         print(f"  loaded from: {library.path or 'unknown'}")
         print(f"  CUDA-aware:  {'yes' if library.cuda_aware else 'no'} ({library.cuda_reason})")
         print(f"  world size:  {comm.Get_size()}")
+        levels = {MPI.THREAD_SINGLE: "SINGLE", MPI.THREAD_FUNNELED: "FUNNELED",
+                  MPI.THREAD_SERIALIZED: "SERIALIZED", MPI.THREAD_MULTIPLE: "MULTIPLE"}
+        multiple = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        print(f"  threads:     MPI_THREAD_{levels.get(MPI.Query_thread(), '?')} ("
+              + ("the watchdog can ask the other ranks and abort from its thread" if multiple
+                 else "stalls are not watched; a signal ends the rank") + ")")
         if cupy is not None:
             count = cupy.cuda.runtime.getDeviceCount()
             names = [cupy.cuda.runtime.getDeviceProperties(i)["name"] for i in range(count)]

@@ -20,6 +20,7 @@ only the relative errors are checked (2e-2) and differing counts are reported, n
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, replace
 
@@ -114,6 +115,7 @@ class RunOptions:
     warmup: int = 0
     iters: int = 1
     memory_limit: int | None = None
+    watchdog: object = None          # the CLI's watchdog.Watchdog (none: nothing watched)
 
 
 def run_deployment(config: RunConfig, comm, batch, layout: Layout,
@@ -133,7 +135,7 @@ def run_deployment(config: RunConfig, comm, batch, layout: Layout,
     session = open_session(config, comm, batch, layout=str(layout), backend=options.backend,
                            transport=options.transport,
                            new_tokens=work.new_tokens if decode else 0,
-                           memory_limit=options.memory_limit)
+                           memory_limit=options.memory_limit, watchdog=options.watchdog)
     try:
         if decode:
             result = run_decode(session, batch, work.new_tokens, work.eos_id, collect=True)
@@ -306,8 +308,9 @@ def add_parser(commands) -> None:
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import config_and_batch, memory_limit_bytes
+    from .cli import load_batch, memory_limit_bytes, on_rank_0, plan_workload
     from .data import write_text
+    from .runner import plan_session
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -317,16 +320,24 @@ def cmd_compare(args) -> int:
             raise ConfigError("--layout", "compare runs two layouts: use --ep-layout and "
                                           "--baseline-layout")
 
-    config, batch = config_and_batch(comm, args, no_layout)
+    planned = plan_workload(comm, args, no_layout)
+    config = planned.config
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
-                         memory_limit_bytes(args))
+                         memory_limit_bytes(args), args.watchdog)
+    # Both deployments' checks (memory included) before the batch is built or read.
+    for layout in collective(comm, resolve_layouts, config.model, comm.Get_size(),
+                             args.ep_layout, args.baseline_layout):
+        plan_session(replace(config, layout=None), comm, planned.lengths, str(layout),
+                     options.backend, options.transport, planned.new_tokens,
+                     options.memory_limit, options.watchdog).close()
+    batch = load_batch(comm, planned, args.watchdog)
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
     agree = None
+    if args.report:
+        with args.watchdog.waiting("write outputs"):
+            on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_text(
+                args.report, json.dumps(result, indent=2) + "\n", "--report"))
     if rank == 0:
-        import json
-
-        if args.report:
-            write_text(args.report, json.dumps(result, indent=2) + "\n")
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]
         if not agree:

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError, LayoutError
 
 DTYPES = ("bfloat16", "float32")
+# Sizes and counts are C ints on their way through MPI (counts) and int32 indices: larger
+# values are refused as a field error before any arithmetic sees them.
+MAX_COUNT = 2 ** 31 - 1
 WORKLOADS = ("prefill", "decode")
 INITS = ("host", "device")
 # What a model family may change (families.py maps checkpoint formats onto these).
@@ -116,8 +122,9 @@ class ModelConfig:
                 raise ConfigError(name, f"{getattr(self, name)!r} must be true or false")
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(name, f"{value!r} must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 < value < math.inf:
+                raise ConfigError(name, f"{value!r} must be a finite positive number")
         return self
 
 
@@ -147,17 +154,18 @@ class WorkloadConfig:
         if self.workload not in WORKLOADS:
             raise ConfigError("workload", f"{self.workload!r} is not one of "
                                           f"{', '.join(WORKLOADS)}")
-        if not isinstance(self.new_tokens, int) or self.new_tokens < 0:
-            raise ConfigError("new_tokens", f"{self.new_tokens!r} must be an integer >= 0")
+        _count("new_tokens", self.new_tokens)
         if self.workload == "decode" and self.new_tokens < 1:
             raise ConfigError("new_tokens", "decode needs new_tokens >= 1 (--new-tokens N)")
         if self.eos_id is not None and not (isinstance(self.eos_id, int)
                                             and 0 <= self.eos_id < model.vocab_size):
             raise ConfigError("eos_id", f"{self.eos_id!r} must be a token id in "
                                         f"[0, vocab_size={model.vocab_size})")
-        if not isinstance(self.micro_batches, int) or self.micro_batches < 0:
-            raise ConfigError("micro_batches", f"{self.micro_batches!r} must be an integer >= 0 "
-                                               "(0: one per pipeline stage)")
+        _count("micro_batches", self.micro_batches, "(0: one per pipeline stage)")
+        if self.micro_batches > self.batch_size:
+            raise ConfigError("micro_batches", f"{self.micro_batches} is more than batch_size="
+                                               f"{self.batch_size}: a micro-batch holds at least "
+                                               "one sequence")
         check_sequence_fits(model, self.seq_len, self.new_tokens if self.workload == "decode"
                             else 0, field_name="seq_len")
         return self
@@ -203,7 +211,9 @@ class Layout:
     @classmethod
     def parse(cls, text: str | None, world_size: int) -> "Layout":
         """``"ep=4,pp=2"`` or ``"tp=8,pp=2"``; missing parts are filled from the world size
-        (default: ``ep`` = world size, ``pp`` = 1)."""
+        (default: ``ep`` = world size, ``pp`` = 1). ``tp=1`` (or ``ep=1``) means none of
+        that kind of parallelism, so ``ep=2,tp=1`` is ``ep=2``. A key given twice, or ``ep``
+        and ``tp`` both above 1, is refused: the layout run is always the layout asked."""
         parts: dict[str, int] = {}
         for item in (text or "").replace(" ", "").split(","):
             if not item:
@@ -212,22 +222,28 @@ class Layout:
             if key not in ("ep", "tp", "pp") or not sep:
                 raise LayoutError("layout", f"{item!r}: expected ep=N, tp=N and/or pp=N, "
                                             "e.g. 'ep=4,pp=2' or 'tp=8,pp=2'")
+            if key in parts:
+                raise LayoutError("layout", f"{text!r} gives {key} twice")
             try:
                 parts[key] = int(value)
             except ValueError:
                 raise LayoutError("layout", f"{item!r}: {value!r} is not an integer") from None
             if parts[key] < 1:
                 raise LayoutError("layout", f"{key}={parts[key]} must be >= 1")
-        if parts.get("ep", 1) > 1 and parts.get("tp", 1) > 1:
+            if parts[key] > MAX_COUNT:
+                raise LayoutError("layout", f"{key}={parts[key]} is too large")
+        ep, tp = parts.get("ep"), parts.get("tp")
+        if (ep or 1) > 1 and (tp or 1) > 1:
             raise LayoutError("layout", "use either ep (expert parallel) or tp (tensor "
                                         "parallel baseline) within a stage, not both")
+        # The group within a stage: whichever of ep/tp is above 1, else 1 if either is given.
+        group = max(ep or 0, tp or 0) or None
         pp = parts.get("pp")
-        group = parts.get("tp", parts.get("ep"))
         if pp is None:
             pp = world_size // group if group and world_size % group == 0 else 1
         if group is None:
             group = world_size // pp if world_size % pp == 0 else 1
-        if "tp" in parts:
+        if (tp or 1) > 1:
             return cls(ep=1, tp=group, pp=pp)
         return cls(ep=group, tp=1, pp=pp)
 
@@ -320,9 +336,17 @@ WORKLOAD_FIELDS = {f.name: f for f in fields(WorkloadConfig)}
 RUN_FIELDS = {"seed", "init", "layout"}
 
 
+def _count(name: str, value: Any, note: str = "", least: int = 0) -> None:
+    """An integer in ``[least, MAX_COUNT]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ConfigError(name, f"{value!r} must be {kind}" + (f" {note}" if note else ""))
+    if value > MAX_COUNT:
+        raise ConfigError(name, f"{value} is too large (at most {MAX_COUNT})")
+
+
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(name, f"{value!r} must be a positive integer")
+    _count(name, value, least=1)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -422,19 +446,40 @@ def settings_from_json(data: Any, source: str) -> tuple[str | None, dict[str, An
     return preset, settings
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; /dev/zero is not one
+
+
+def read_config_file(path: str) -> Any:
+    """The JSON document in ``path``: a regular file of at most MAX_CONFIG_BYTES."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("--config", f"{path} is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path} is {info.st_size} bytes; a config file may "
+                                          f"have at most {MAX_CONFIG_BYTES}")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("--config", f"{path} grew past {MAX_CONFIG_BYTES} bytes while read")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError("--config", f"{path} nests too deeply to be a config") from None
+    except ValueError as exc:                  # JSONDecodeError, an int of 5000 digits
+        raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
+
+
 def build_run_config(preset: str | None = None, config_file: str | None = None,
                      sets: list[str] | None = None, **overrides: Any) -> RunConfig:
     """Preset, then file, then ``--set`` items, then keyword overrides; validated."""
     settings: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            with open(config_file) as handle:
-                data = json.load(handle)
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {config_file}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError("--config", f"{config_file} is not valid JSON: {exc}") from None
-        file_preset, settings = settings_from_json(data, config_file)
+        file_preset, settings = settings_from_json(read_config_file(config_file), config_file)
         if preset is None:
             preset = file_preset or "paper"
     preset = preset or "tiny"

@@ -7,13 +7,17 @@ every sequence is real. Token ids at padding positions are ignored (any integer 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from .config import ModelConfig, WorkloadConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .weights import tensor_rng
 
 
@@ -48,29 +52,34 @@ class Batch:
         return self.ids[seqs][self.mask[seqs]]
 
 
-def validate_batch(ids, mask, model: ModelConfig, new_tokens: int = 0,
-                   source: str = "input") -> Batch:
-    """Check ids/mask against SPEC §1 and §6; return a clean :class:`Batch`."""
-    ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+def _check_ids_header(shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
         raise InputError(f"{source} ids", f"must be a 2-D [batch, seq] array, got shape "
-                                          f"{tuple(ids.shape)}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"{source} ids", f"must be integers, got dtype {ids.dtype}")
+                                          f"{tuple(shape)}")
+    if not np.issubdtype(dtype, np.integer):
+        raise InputError(f"{source} ids", f"must be integers, got dtype {dtype}")
+
+
+def _check_mask_header(shape: tuple[int, ...], dtype: np.dtype, ids_shape: tuple[int, ...],
+                       source: str) -> None:
+    if tuple(shape) != tuple(ids_shape):
+        raise InputError(f"{source} mask", f"shape {tuple(shape)} must equal ids shape "
+                                           f"{tuple(ids_shape)}")
+    if dtype != bool and not np.issubdtype(dtype, np.integer):
+        raise InputError(f"{source} mask", f"must be bool or 0/1 integers, got dtype {dtype}")
+
+
+def checked_mask(mask, ids_shape: tuple[int, ...], source: str = "input") -> np.ndarray:
+    """The mask (``None``: all real) as bool [B, S], after SPEC §1's checks: 0/1 values,
+    left padding, at least one real token per sequence."""
     if mask is None:
-        mask = np.ones(ids.shape, dtype=bool)
-    else:
-        mask = np.asarray(mask)
-        if mask.shape != ids.shape:
-            raise InputError(f"{source} mask", f"shape {tuple(mask.shape)} must equal ids shape "
-                                               f"{tuple(ids.shape)}")
-        if mask.dtype != bool:
-            if not np.issubdtype(mask.dtype, np.integer):
-                raise InputError(f"{source} mask", f"must be bool or 0/1 integers, got dtype "
-                                                   f"{mask.dtype}")
-            if mask.size and not np.isin(mask, (0, 1)).all():
-                raise InputError(f"{source} mask", "values must be 0 (padding) or 1 (real)")
-            mask = mask.astype(bool)
+        return np.ones(ids_shape, dtype=bool)
+    mask = np.asarray(mask)
+    _check_mask_header(mask.shape, mask.dtype, ids_shape, source)
+    if mask.dtype != bool:
+        if mask.size and not np.isin(mask, (0, 1)).all():
+            raise InputError(f"{source} mask", "values must be 0 (padding) or 1 (real)")
+        mask = mask.astype(bool)
     lengths = mask.sum(axis=1)
     empty = np.flatnonzero(lengths == 0)
     if len(empty):
@@ -80,11 +89,12 @@ def validate_batch(ids, mask, model: ModelConfig, new_tokens: int = 0,
     if len(not_left):
         raise InputError(f"{source} mask", f"sequence {int(not_left[0])} is not left-padded: "
                                            "padding (0) must all come before the real tokens")
-    real = ids[mask]
-    bad = np.flatnonzero((real < 0) | (real >= model.vocab_size))
-    if len(bad):
-        raise InputError(f"{source} ids", f"token id {int(real[bad[0]])} is outside "
-                                          f"[0, vocab_size={model.vocab_size})")
+    return mask
+
+
+def check_lengths(lengths: np.ndarray, model: ModelConfig, new_tokens: int = 0,
+                  source: str = "input") -> None:
+    """Every prompt plus the tokens asked for fits in ``max_seq_len``."""
     longest = int(lengths.max())
     if longest + new_tokens > model.max_seq_len:
         seq = int(np.argmax(lengths))
@@ -92,23 +102,176 @@ def validate_batch(ids, mask, model: ModelConfig, new_tokens: int = 0,
         raise InputError(f"{source} ids", f"sequence {seq} has {longest} real tokens{extra} = "
                                           f"{longest + new_tokens}, more than max_seq_len="
                                           f"{model.max_seq_len}")
+
+
+def validate_batch(ids, mask, model: ModelConfig, new_tokens: int = 0,
+                   source: str = "input") -> Batch:
+    """Check ids/mask against SPEC §1 and §6; return a clean :class:`Batch`."""
+    ids = np.asarray(ids)
+    _check_ids_header(ids.shape, ids.dtype, source)
+    mask = checked_mask(mask, ids.shape, source)
+    real = ids[mask]
+    bad = np.flatnonzero((real < 0) | (real >= model.vocab_size))
+    if len(bad):
+        raise InputError(f"{source} ids", f"token id {int(real[bad[0]])} is outside "
+                                          f"[0, vocab_size={model.vocab_size})")
+    check_lengths(mask.sum(axis=1, dtype=np.int64), model, new_tokens, source)
     return Batch(ids.astype(np.int64), mask)
 
 
+def batch_host_bytes(batch_size: int, seq_len: int) -> int:
+    """Host bytes a rank needs for the batch: ids int64 and mask bool [B, S], four times
+    over for the copies made while it is built or read, checked and broadcast."""
+    return 4 * batch_size * seq_len * (8 + 1)
+
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")     # a zip's first entry, or an empty zip
+NPY_MAGIC = b"\x93NUMPY"
+
+
+@dataclass
+class _Member:
+    """One array of the archive, known from its header before its data is read."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    data_offset: int   # bytes of the member before the array data
+
+
+class InputFile:
+    """An input ``.npz`` (``ids`` [B, S], optional ``mask`` [B, S]) whose arrays are read
+    one at a time, only after their headers (shape and dtype) have been checked: a file
+    claiming a huge array costs nothing until the caller has checked that the batch fits.
+
+    Every problem is an :class:`InputError` naming ``--input`` (or the array) with the
+    reason: not a regular file, empty, not a zip, a single ``.npy``, truncated, corrupt
+    (CRC), pickled objects, wrong shape or dtype.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.checked_mask: np.ndarray | None = None   # bool [B, S], once lengths() ran
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
+        kind = _kind(info.st_mode)
+        if kind is not None:
+            raise InputError("--input", f"{path} is {kind}, not an .npz file")
+        if info.st_size == 0:
+            raise InputError("--input", f"{path} is empty (0 bytes), not an .npz file")
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(6)
+        except OSError as exc:
+            raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
+        if magic.startswith(NPY_MAGIC):
+            raise InputError("--input", f"{path} is a single .npy array; save ids (and mask) "
+                                        "together with numpy.savez")
+        if not magic.startswith(ZIP_MAGIC):
+            raise InputError("--input", f"{path} is not an .npz (zip) archive")
+        try:
+            self.archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise InputError("--input", f"{path} is truncated or not a valid .npz: "
+                                        f"{exc}") from None
+        names = [n[:-4] for n in self.archive.namelist() if n.endswith(".npy")]
+        if "ids" not in names:
+            self.close()
+            raise InputError("--input", f"{path} has no 'ids' array (found: "
+                                        f"{', '.join(names) or 'nothing'})")
+        self.ids = self._header("ids")
+        _check_ids_header(self.ids.shape, self.ids.dtype, "input")
+        self.mask = self._header("mask") if "mask" in names else None
+        if self.mask is not None:
+            _check_mask_header(self.mask.shape, self.mask.dtype, self.ids.shape, "input")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ids.shape[0], self.ids.shape[1]
+
+    def _header(self, name: str) -> _Member:
+        info = self.archive.getinfo(f"{name}.npy")
+        try:
+            with self.archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+                offset = member.tell()
+        except (zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError("--input", f"{self.path} is corrupt ({name}.npy: {exc})") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"input {name}", f"{name}.npy in {self.path} is not a NumPy "
+                                              f"array: {exc}") from None
+        if dtype.hasobject:
+            raise InputError(f"input {name}", f"holds Python objects (pickled data), not "
+                                              "numbers; they are never loaded")
+        expected = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if info.file_size != expected:
+            raise InputError("--input", f"{self.path} is truncated: {name}.npy declares "
+                                        f"{tuple(shape)} {dtype} ({expected} bytes) but holds "
+                                        f"{info.file_size} bytes")
+        return _Member(name, tuple(shape), dtype, fortran, offset)
+
+    def _read(self, member: _Member) -> np.ndarray:
+        array = np.empty(int(np.prod(member.shape, dtype=object)), dtype=member.dtype)
+        try:
+            with self.archive.open(f"{member.name}.npy") as handle:
+                handle.read(member.data_offset)
+                got = handle.readinto(memoryview(array).cast("B"))
+                extra = handle.read(1)           # reach the end: the CRC is checked there
+        except (zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError("--input", f"{self.path} is corrupt ({member.name}.npy: "
+                                        f"{exc})") from None
+        except (OSError, EOFError, ValueError) as exc:
+            raise InputError("--input", f"{self.path}: cannot read {member.name}.npy: "
+                                        f"{exc}") from None
+        if got != array.nbytes or extra:
+            raise InputError("--input", f"{self.path} is truncated: {member.name}.npy holds "
+                                        f"{got + len(extra)} of {array.nbytes} bytes")
+        return array.reshape(member.shape, order="F" if member.fortran else "C")
+
+    def lengths(self) -> np.ndarray:
+        """Real tokens per sequence, int64 [B], from the checked mask (the ids unread)."""
+        self.checked_mask = checked_mask(self._read(self.mask) if self.mask else None,
+                                         self.ids.shape)
+        return self.checked_mask.sum(axis=1, dtype=np.int64)
+
+    def batch(self, model: ModelConfig, new_tokens: int = 0) -> Batch:
+        """The whole batch, checked (reads the ids; the mask once)."""
+        mask = self.checked_mask
+        if mask is None:
+            mask = self._read(self.mask) if self.mask else None
+        return validate_batch(self._read(self.ids), mask, model, new_tokens, source="input")
+
+    def close(self) -> None:
+        self.archive.close()
+
+
 def load_input(path: str, model: ModelConfig, new_tokens: int = 0) -> Batch:
-    """Read an ``.npz`` with ``ids`` [B, S] and optional ``mask`` [B, S]."""
+    """Read and check an ``.npz`` with ``ids`` [B, S] and optional ``mask`` [B, S]."""
+    source = InputFile(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "ids" not in archive.files:
-                raise InputError("--input", f"{path} has no 'ids' array (found: "
-                                            f"{', '.join(archive.files) or 'nothing'})")
-            ids = archive["ids"]
-            mask = archive["mask"] if "mask" in archive.files else None
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise InputError("--input", f"cannot read {path} as .npz: {exc}") from None
-    return validate_batch(ids, mask, model, new_tokens, source="input")
+        return source.batch(model, new_tokens)
+    finally:
+        source.close()
+
+
+def synthetic_lengths(workload: WorkloadConfig, seed: int) -> np.ndarray:
+    """Real tokens per sequence [B] of :func:`synthetic_input`'s batch, without building it."""
+    lengths = np.full(workload.batch_size, workload.seq_len, dtype=np.int64)
+    if workload.pad_fraction > 0:
+        lengths -= _synthetic_padding(workload, seed)
+    return lengths
+
+
+def _synthetic_padding(workload: WorkloadConfig, seed: int) -> np.ndarray:
+    most = min(workload.seq_len - 1, int(2 * workload.pad_fraction * workload.seq_len))
+    return tensor_rng(seed, "input.padding").integers(0, most + 1, workload.batch_size)
 
 
 def synthetic_input(workload: WorkloadConfig, model: ModelConfig, seed: int) -> Batch:
@@ -119,37 +282,112 @@ def synthetic_input(workload: WorkloadConfig, model: ModelConfig, seed: int) -> 
     ids = tensor_rng(seed, "input").integers(0, model.vocab_size, shape)
     mask = np.ones(shape, dtype=bool)
     if workload.pad_fraction > 0:
-        most = min(workload.seq_len - 1, int(2 * workload.pad_fraction * workload.seq_len))
-        pads = tensor_rng(seed, "input.padding").integers(0, most + 1, workload.batch_size)
+        pads = _synthetic_padding(workload, seed)
         mask &= np.arange(workload.seq_len)[None, :] >= pads[:, None]
     return Batch(ids.astype(np.int64), mask)
 
 
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 def check_output_path(path: str, field: str = "--output") -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse, before any work is done, an output path that is not absent or a regular file
+    (a link, directory, FIFO or device is never replaced) or whose directory is missing or
+    not writable."""
+    if not path:
+        raise ConfigError(field, "the path is empty")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise ConfigError(field, f"cannot use {path}: {exc.strerror}") from None
+    if mode is not None and _kind(mode) is not None:
+        raise ConfigError(field, f"{path} is {_kind(mode)}; give a regular file or a new "
+                                 "path (it would be replaced)")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError(field, f"directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
+    if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(field, f"directory {directory} is not writable")
 
 
-def _write_atomic(path: str, write) -> None:
-    """Write through a temporary file and rename: a reader never sees a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".spmd_moe-")
+def check_output_paths(*named: tuple[str | None, str]) -> None:
+    """Each ``(path, field)`` with a path passes :func:`check_output_path`, and no two name
+    the same file (compared by real path, and by inode when both exist)."""
+    seen: list[tuple[str, str]] = []
+    for path, field in named:
+        if path is None:
+            continue
+        check_output_path(path, field)
+        for other, other_field in seen:
+            same = os.path.realpath(path) == os.path.realpath(other)
+            if not same and os.path.exists(path) and os.path.exists(other):
+                same = os.path.samefile(path, other)
+            if same:
+                raise ConfigError(field, f"{path} is the same file as {other_field} {other}")
+        seen.append((path, field))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_files(files: list[tuple[str, str, Callable[[BinaryIO], None]]]) -> None:
+    """Write every ``(path, field, writer)`` or none: each goes to a temporary file beside
+    its target (mode 0666 less the umask, synced to disk), and only when all are complete
+    are they renamed into place, so a reader never sees a partial file and a full disk
+    leaves nothing behind. A failure raises :class:`OutputError` naming the field."""
+    staged: list[tuple[str, str, str]] = []
     try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-        os.replace(tmp, path)
+        for path, field, writer in files:
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                handle, tmp = tempfile.mkstemp(dir=directory, prefix=".spmd_moe-",
+                                               suffix=".tmp")
+            except OSError as exc:
+                raise OutputError(field, f"cannot write {path}: {exc.strerror}") from None
+            staged.append((path, field, tmp))
+            try:
+                os.fchmod(handle, 0o666 & ~_umask())
+                with os.fdopen(handle, "wb") as out:
+                    writer(out)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as exc:
+                raise OutputError(field, f"cannot write {path}: "
+                                         f"{exc.strerror or exc}") from None
+        for path, field, tmp in staged:
+            check_output_path(path, field)      # not turned into a link or FIFO meanwhile
+        for path, field, tmp in staged:
+            os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        for _, _, tmp in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
+def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[BinaryIO], None]:
+    return lambda out: np.savez(out, **arrays)
+
+
+def text_writer(text: str) -> Callable[[BinaryIO], None]:
+    return lambda out: out.write(text.encode())
+
+
 def write_npz(path: str, **arrays: np.ndarray) -> None:
-    _write_atomic(path, lambda out: np.savez(out, **arrays))
+    write_files([(path, "--output", npz_writer(arrays))])
 
 
-def write_text(path: str, text: str) -> None:
-    _write_atomic(path, lambda out: out.write(text.encode()))
+def write_text(path: str, text: str, field: str = "--report") -> None:
+    write_files([(path, field, text_writer(text))])

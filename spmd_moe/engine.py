@@ -18,7 +18,11 @@ L layers, E experts, N new tokens.
 """
 from __future__ import annotations
 
+import math
 import os
+import signal
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +32,7 @@ from .backend import F32, Backend, PhaseTimer
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
+from .errors import ConfigError
 from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm, rms_norm,
                     rope_tables)
 from .moe_layer import moe_forward
@@ -43,14 +48,73 @@ HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-st
 FAULT_ENV = "SPMD_MOE_FAULT"
 
 
-def injected_fault(rank: int) -> int | None:
-    """``SPMD_MOE_FAULT=RANK:LAYER`` makes that rank raise at that layer: how the tests
-    prove that a rank failing mid-run takes the job down instead of deadlocking it."""
+FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``SPMD_MOE_FAULT=RANK:LAYER[:KIND[:SECONDS]]``: rank RANK, the first time it runs
+    layer LAYER, does KIND: ``raise`` (a RuntimeError, the default), ``interrupt``
+    (KeyboardInterrupt), ``exit`` (SystemExit), ``sleep`` SECONDS (a stall with the rank's
+    watchdog alive), ``stop`` (SIGSTOP to itself: a hung GPU or a dead link), ``sigint`` or
+    ``sigterm`` (to itself). How the tests prove that a rank failing, interrupted or stalled
+    mid-run takes the job down instead of deadlocking it."""
+
+    rank: int
+    layer: int
+    kind: str = "raise"
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        parts = text.split(":")
+        try:
+            rank, layer = int(parts[0]), int(parts[1])
+            kind = parts[2] if len(parts) > 2 else "raise"
+            seconds = float(parts[3]) if len(parts) > 3 else 0.0
+        except (IndexError, ValueError):
+            raise ConfigError(FAULT_ENV, f"{text!r}: expected RANK:LAYER[:KIND[:SECONDS]]") \
+                from None
+        if kind not in FAULT_KINDS or len(parts) > 4 or (kind == "sleep") != (len(parts) == 4):
+            raise ConfigError(FAULT_ENV, f"{text!r}: KIND is one of {', '.join(FAULT_KINDS)} "
+                                         "(sleep takes SECONDS)")
+        if not 0 <= seconds < math.inf:
+            raise ConfigError(FAULT_ENV, f"{text!r}: SECONDS must be finite and >= 0")
+        return cls(rank, layer, kind, seconds)
+
+    def check(self, world_size: int, n_layers: int) -> "Fault":
+        """Refuse a fault that would never fire: a silent no-op test proves nothing."""
+        if not 0 <= self.rank < world_size:
+            raise ConfigError(FAULT_ENV, f"rank {self.rank} does not exist (world size "
+                                         f"{world_size})")
+        if not 0 <= self.layer < n_layers:
+            raise ConfigError(FAULT_ENV, f"layer {self.layer} does not exist (n_layers="
+                                         f"{n_layers})")
+        return self
+
+    def trigger(self) -> None:
+        where = f"({FAULT_ENV}) on rank {self.rank} at layer {self.layer}"
+        if self.kind == "raise":
+            raise RuntimeError(f"injected fault {where}")
+        if self.kind == "interrupt":
+            raise KeyboardInterrupt(f"injected {where}")
+        if self.kind == "exit":
+            raise SystemExit(5)
+        # Said on stderr first, so that a test knows the moment (and the pid) to act on.
+        print(f"spmd-moe: {FAULT_ENV}: rank {self.rank} (pid {os.getpid()}) {self.kind} at "
+              f"layer {self.layer}", file=sys.stderr, flush=True)
+        if self.kind == "sleep":
+            time.sleep(self.seconds)
+        elif self.kind == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            os.kill(os.getpid(), signal.SIGINT if self.kind == "sigint" else signal.SIGTERM)
+
+
+def injected_fault(world_size: int, n_layers: int) -> Fault | None:
+    """The fault ``SPMD_MOE_FAULT`` asks for (checked against the job), or None."""
     spec = os.environ.get(FAULT_ENV, "")
-    fault_rank, _, fault_layer = spec.partition(":")
-    if spec and int(fault_rank) == rank:
-        return int(fault_layer)
-    return None
+    return Fault.parse(spec).check(world_size, n_layers) if spec else None
 
 
 def fit_kernels_to_family(bk: Backend, model) -> None:
@@ -145,7 +209,9 @@ class Engine:
         self.kv_width_summed = self.model.kv_width * max(
             1, topo.layout.tp // self.model.kv_heads)
         self.scale = float(self.model.head_dim) ** -0.5
-        self.fault_layer = injected_fault(topo.rank)
+        fault = injected_fault(topo.size, self.model.n_layers)
+        self.fault = fault if fault is not None and fault.rank == topo.rank else None
+        self.watchdog = None      # set by the runner: where this rank is, for stalls
         self.pending: list = []   # sends to the next stage started by the current pass
 
     # --- one layer ---------------------------------------------------------------------
@@ -187,9 +253,7 @@ class Engine:
         """x: [T, d] -> x after this layer, [T, d]; adds this rank's routed rows to
         ``counts[layer]``."""
         bk, lw = self.bk, self.weights.layers[layer]
-        if layer == self.fault_layer:
-            raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.topo.rank} at "
-                               f"layer {layer}")
+        self._at_layer(layer, timer)
         with timer.phase("attention"):
             att = self.attention(layer, x, packed, rope, cache)
         if self.topo.layout.tp > 1:
@@ -206,6 +270,17 @@ class Engine:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
             return bk.store(h.astype(F32) + moe)
+
+    def _at_layer(self, layer: int, timer: PhaseTimer) -> None:
+        """Fault injection and progress marks: the watchdog's layer, and one stage pass
+        (a micro-batch through the stage) counted at the stage's first layer."""
+        if self.watchdog is not None:
+            self.watchdog.at_layer(layer)
+        if layer == self.topo.layers.start:
+            timer.count("stage_passes", 1)
+        if self.fault is not None and layer == self.fault.layer:
+            fault, self.fault = self.fault, None          # once
+            fault.trigger()
 
     # --- a pass of new tokens through this rank's stage ---------------------------------
 

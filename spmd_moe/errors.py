@@ -26,7 +26,7 @@ def raise_first(comm, error: SpmdMoeError | None) -> None:
                     error.field == item[1] and error.message == item[2]:
                 raise error
             kind = {cls.__name__: cls for cls in (SpmdMoeError, ConfigError, LayoutError,
-                                                  InputError)}[item[0]]
+                                                  InputError, OutputError)}[item[0]]
             raise kind(item[1], item[2])
 
 
@@ -50,3 +50,7 @@ class LayoutError(SpmdMoeError):
 
 class InputError(SpmdMoeError):
     """An input file (token ids and mask) of the wrong shape, dtype or content."""
+
+
+class OutputError(SpmdMoeError):
+    """An output file that cannot be written (a full disk, a vanished directory)."""

@@ -75,7 +75,8 @@ def prepare(config, directory: str, texts: list[str]):
 
 
 def generate_text(comm, config, texts: list[str], backend: str = "auto",
-                  transport: str = "auto", memory_limit: int | None = None) -> list[dict] | None:
+                  transport: str = "auto", memory_limit: int | None = None,
+                  watchdog=None) -> list[dict] | None:
     """Greedy generation for ``texts`` with ``config`` (a ``--model`` RunConfig whose
     workload is decode with ``new_tokens``). Collective; the results on rank 0 (one dict per
     prompt), None elsewhere."""
@@ -89,7 +90,8 @@ def generate_text(comm, config, texts: list[str], backend: str = "auto",
                                               seq_len=batch.seq_len))
     new_tokens = config.workload.new_tokens
     session = open_session(config, comm, batch, backend=backend, transport=transport,
-                           new_tokens=new_tokens, memory_limit=memory_limit)
+                           new_tokens=new_tokens, memory_limit=memory_limit,
+                           watchdog=watchdog)
     try:
         result = run_decode(session, batch, new_tokens, eos or None, collect=True)
     finally:
@@ -151,7 +153,8 @@ def cmd_generate(args) -> int:
     from mpi4py import MPI
 
     from .checkpoint import checkpoint_run_config
-    from .data import check_output_path, write_text
+    from .cli import on_rank_0
+    from .data import check_output_path, text_writer, write_files
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -174,11 +177,15 @@ def cmd_generate(args) -> int:
     config, texts = collective(comm, checked)
     texts = comm.bcast(texts, root=0)
     limit = int(args.memory_limit * (1 << 30)) if args.memory_limit else None
-    rows = generate_text(comm, config, texts, args.backend, args.transport, limit)
+    rows = generate_text(comm, config, texts, args.backend, args.transport, limit,
+                         args.watchdog)
+    lines = "".join(json.dumps(row) + "\n" for row in rows) if rank == 0 else ""
+    if args.output:
+        # Rank 0 writes; a failure (a full disk) is every rank's one-line error.
+        on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_files(
+            [(args.output, "--output", text_writer(lines))]))
     if rank == 0:
-        lines = "".join(json.dumps(row) + "\n" for row in rows)
         if args.output:
-            write_text(args.output, lines)
             print(f"spmd-moe generate: {len(rows)} prompt(s) -> {args.output}; time to "
                   f"first token {rows[0]['ttft_ms']:.1f} ms", file=sys.stderr, flush=True)
         else:

@@ -1012,7 +1012,7 @@ def cmd_predict(args, config: RunConfig) -> int:
             print(format_against(comparison), flush=True)
             result = {"prediction": result, "against": comparison}
     if args.predict_json:
-        write_text(args.predict_json, json.dumps(result, indent=2) + "\n")
+        write_text(args.predict_json, json.dumps(result, indent=2) + "\n", "--json")
     return 0
 
 

@@ -2,8 +2,10 @@
 
 Written independently of the engine, straight from the SPEC text: padded [B, S] arrays with
 the mask matrix M (the engine packs tokens instead), dense loops over experts, the exact erf
-from ``math``. Every layout is tested against it. Weights are those of SPEC §1 (rounded to
-the config's dtype, then widened to float64). Arithmetic is float64; with ``store=True``
+from ``math``. Every layout is tested against it. Weights are those of SPEC §1, drawn here
+from the SPEC's own formula (names, shapes and scales written out below, not taken from
+weights.py, so that a wrong shape or scale there cannot hide), rounded to the config's
+dtype, then widened to float64. Arithmetic is float64; with ``store=True``
 (default) every activation SPEC §1 says is stored between operations is rounded to the
 config's dtype, as the engine stores it, so that a bf16 run and the reference route tokens
 the same way (a near-tie flipped by rounding noise moves a whole token to another expert).
@@ -13,19 +15,47 @@ Notation: B batch, S sequence, d width, H heads, Dh head dim, E experts, V vocab
 from __future__ import annotations
 
 import math
+import zlib
 
+import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig
-from .backend import storage_dtype
-from .weights import generate, tensor_shapes
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
-def _weight(model: ModelConfig, seed: int, name: str, family: str) -> np.ndarray:
-    shape, scale = tensor_shapes(model)[family]
-    return generate(name, shape, scale, model.dtype, seed).astype(np.float64)
+def _storage(dtype: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+
+
+def spec_tensor(model: ModelConfig, name: str) -> tuple[tuple[int, int], float]:
+    """Shape and scale of tensor ``name``, as SPEC §1's table gives them."""
+    d, f, e, v = model.d_model, model.d_ff, model.n_experts, model.vocab_size
+    last = name.rsplit(".", 1)[-1]
+    if name == "embed":
+        return (v, d), 1.0
+    if name == "lm_head":
+        return (d, v), d ** -0.5
+    if last in ("wq", "wk", "wv", "wo"):
+        return (d, d), d ** -0.5
+    if last == "router":
+        return (d, e), d ** -0.5
+    if last == "w1":
+        return (d, f), d ** -0.5
+    if last == "w2":
+        return (f, d), f ** -0.5
+    raise KeyError(name)
+
+
+def spec_weight(model: ModelConfig, seed: int, name: str) -> np.ndarray:
+    """SPEC §1: ``W(name) = (rng(name).standard_normal(shape, float32) * scale)
+    .astype(dtype)`` with ``rng(name)`` seeded by ``[seed, crc32(name)]``; float64 here."""
+    shape, scale = spec_tensor(model, name)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [seed, zlib.crc32(name.encode())])))
+    values = rng.standard_normal(shape, dtype=np.float32) * scale
+    return values.astype(_storage(model.dtype)).astype(np.float64)
 
 
 def _rms_norm(x: np.ndarray, eps: float) -> np.ndarray:
@@ -45,7 +75,7 @@ def _rope(u: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
 def reference_forward(model: ModelConfig, ids: np.ndarray, mask: np.ndarray | None = None,
                       seed: int = 0, store: bool = True) -> dict[str, np.ndarray]:
     """``hidden`` [B, S, d], ``logits`` [B, V] (last position), ``expert_counts`` [L, E]."""
-    dtype = storage_dtype(model.dtype) if store else np.float64
+    dtype = _storage(model.dtype) if store else np.float64
 
     def st(a: np.ndarray) -> np.ndarray:
         """Round to the storage dtype (the value an activation has between operations)."""
@@ -59,11 +89,11 @@ def reference_forward(model: ModelConfig, ids: np.ndarray, mask: np.ndarray | No
     # M[b, i, j] = 0 if j <= i and mask[b, j], else -inf.
     allowed = np.tril(np.ones((seq, seq), dtype=bool))[None] & mask[:, None, :]
     bias = np.where(allowed, 0.0, -np.inf)[:, None]                          # [B, 1, S, S]
-    embed = _weight(model, seed, "embed", "embed")
+    embed = spec_weight(model, seed, "embed")
     x = embed[np.where(mask, ids, 0)] * mask[..., None]                       # [B, S, d]
     counts = np.zeros((model.n_layers, model.n_experts), dtype=np.int64)
     for layer in range(model.n_layers):
-        w = {n: _weight(model, seed, f"layers.{layer}.{n}", f"layers.{{l}}.{n}")
+        w = {n: spec_weight(model, seed, f"layers.{layer}.{n}")
              for n in ("wq", "wk", "wv", "wo", "router")}
         a = st(_rms_norm(x, model.norm_eps))                                  # g1 = ones
         q = st(a @ w["wq"]).reshape(n_batch, seq, heads, dh)
@@ -93,15 +123,15 @@ def reference_forward(model: ModelConfig, ids: np.ndarray, mask: np.ndarray | No
             if not rows.any():
                 continue
             prefix = f"layers.{layer}.experts.{expert}"
-            w1 = _weight(model, seed, f"{prefix}.w1", "layers.{l}.experts.{e}.w1")
-            w2 = _weight(model, seed, f"{prefix}.w2", "layers.{l}.experts.{e}.w2")
+            w1 = spec_weight(model, seed, f"{prefix}.w1")
+            w2 = spec_weight(model, seed, f"{prefix}.w2")
             u = b[rows] @ w1
             y = st(st(0.5 * u * (1.0 + _erf(u / math.sqrt(2.0)).astype(np.float64))) @ w2)
             moe[rows] += (gate * hit).sum(axis=-1)[rows, None] * y
         x = st(h + moe)
         x = x * mask[..., None]
     final = _rms_norm(x[:, -1], model.norm_eps)                               # gf = ones
-    lm = _weight(model, seed, "lm_head", "lm_head")
+    lm = spec_weight(model, seed, "lm_head")
     return {"hidden": x, "logits": final @ lm, "expert_counts": counts}
 
 

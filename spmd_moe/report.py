@@ -15,7 +15,7 @@ import numpy as np
 from . import __version__
 from .config import to_dict
 from .costs import layer_flops
-from .data import Batch, write_text
+from .data import Batch
 from .engine import PHASES
 from .runner import RunResult, Session, Timing
 
@@ -72,10 +72,47 @@ def _weights_block(session: Session, summaries: list[dict]) -> dict:
             "family": session.config.model.family,
             "bytes_read_per_rank": read, "load_s_per_rank": seconds,
             "bytes_read": _over_ranks(read), "load_s": _over_ranks(seconds)}
+SLOW_FACTOR = 3.0   # an iteration this many times the median of the others is flagged
+
+
+def slow_iterations(walls_ms: list[float]) -> list[dict]:
+    """Iterations (1-based) slower than SLOW_FACTOR x the median of the other iterations:
+    a stall that ended, a noisy neighbour, a first iteration without --warmup."""
+    flagged = []
+    for i, wall in enumerate(walls_ms):
+        others = walls_ms[:i] + walls_ms[i + 1:]
+        if not others:
+            continue
+        median = float(np.median(others))
+        if median > 0 and wall > SLOW_FACTOR * median:
+            flagged.append({"iteration": i + 1, "wall_ms": wall, "median_others_ms": median,
+                            "times_median": wall / median})
+    return flagged
+
+
+def _memory(summaries: list[dict]) -> dict:
+    """RSS per rank in MB: before the first timed iteration, after it, after the last, the
+    growth between those two (a leak's measure), and the peak."""
+    keys = (("rss_before", "rss_before_mb"), ("rss_first", "rss_first_mb"),
+            ("rss_end", "rss_end_mb"), ("peak_rss", "peak_rss_mb"))
+    by_rank = []
+    for r, s in enumerate(summaries):
+        row = {"rank": r, **{name: s["memory"].get(key, 0) / 1e6 for key, name in keys}}
+        row["growth_mb"] = row["rss_end_mb"] - row["rss_first_mb"]
+        by_rank.append(row)
+    out = {name: _over_ranks([row[name] for row in by_rank])
+           for name in [name for _, name in keys] + ["growth_mb"]}
+    out["by_rank"] = by_rank
+    return out
 
 
 def build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
     """Collective over the world; the report on rank 0, ``None`` elsewhere."""
+    with session.watchdog.waiting("report"):
+        return _build_report(session, batch, result)
+
+
+def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
     topo, config = session.topo, session.config
     world = topo.world
     decode = bool(result.step_timings)
@@ -83,6 +120,8 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
     mine["flops"] = rank_flops(session, batch, mine["counters"].get("expert_rows", 0.0))
     mine["peak"] = session.peak_flops
     mine["load"] = (session.load.bytes_read, session.load.seconds)
+    mine["memory"] = result.memory
+    mine["stage"] = session.topo.stage
     if decode:
         steps = _mean_timing(result.step_timings)
         mine["step_phases"] = steps["phases"]
@@ -98,7 +137,8 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
     wall = float(walls.mean())
     tokens = batch.n_tokens
     layout = topo.layout
-    micro = config.workload.micro_batches or layout.pp
+    # Micro-batches the engine ran (stage passes per prefill), not those the config asked.
+    micro = int(round(max(s["counters"].get("stage_passes", 0.0) for s in summaries)))
     flops = [s["flops"] for s in summaries]
     peak = float(np.mean([s["peak"] for s in summaries]))
     bytes_total = [sum(s["bytes"].values()) for s in summaries]
@@ -142,9 +182,16 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
         "peak_source": session.peak_source,
         "mfu": float(np.sum(flops)) / (wall * peak * len(flops)) if wall and peak else 0.0,
         "pipeline": {"stages": layout.pp, "micro_batches": micro,
-                     "bubble_fraction_ideal": (layout.pp - 1) / (micro + layout.pp - 1),
+                     "bubble_fraction_ideal": (layout.pp - 1) / max(1, micro + layout.pp - 1),
                      "stage_recv_ms": _over_ranks([s["phases"].get("stage_recv", 0.0) * 1e3
-                                                   for s in summaries])},
+                                                   for s in summaries]),
+                     # Idle per stage: mean time its ranks waited on the previous stage.
+                     "stage_recv_ms_by_stage": [float(np.mean(
+                         [s["phases"].get("stage_recv", 0.0) * 1e3 for s in summaries
+                          if s["stage"] == stage])) for stage in range(layout.pp)]},
+        "slow_iterations": slow_iterations([w * 1e3 for w in walls.tolist()]),
+        "memory_per_rank": _memory(summaries),
+        "watchdog": session.watchdog.status,
     }
     if decode:
         step_walls = np.asarray(summaries[0]["step_walls"]) * 1e3
@@ -161,6 +208,7 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
             "decode_tokens_per_s": generated / (step_walls.sum() / 1e3)
             if len(step_walls) else 0.0,
             "step_phases_ms": step_table,
+            "slow_steps": slow_iterations(step_walls.tolist()),
             "alltoall_share": (sum(step_table.get(p, {}).get("max", 0.0) for p in small)
                                / step_mean if step_mean else 0.0),
         }
@@ -190,11 +238,23 @@ def format_report(report: dict) -> str:
         f"  bytes sent per rank: mean {report['bytes_sent_per_rank']['mean'] / 1e6:.3f} MB, "
         f"max {report['bytes_sent_per_rank']['max'] / 1e6:.3f} MB",
     ]
+    memory = report["memory_per_rank"]
+    lines.append(f"  memory per rank (max): RSS {memory['rss_before_mb']['max']:.0f} MB before "
+                 f"the first iteration, {memory['rss_first_mb']['max']:.0f} after it, "
+                 f"{memory['rss_end_mb']['max']:.0f} after the last (growth "
+                 f"{memory['growth_mb']['max']:+.1f}), peak {memory['peak_rss_mb']['max']:.0f}")
     pipe = report["pipeline"]
     if pipe["stages"] > 1:
+        idle = ", ".join(f"{ms:.1f}" for ms in pipe["stage_recv_ms_by_stage"])
         lines.append(f"  pipeline: {pipe['stages']} stages x {pipe['micro_batches']} "
                      f"micro-batches, ideal bubble {pipe['bubble_fraction_ideal'] * 100:.0f}%, "
-                     f"waiting on previous stage {pipe['stage_recv_ms']['mean']:.1f} ms mean")
+                     f"waiting on previous stage per stage [{idle}] ms")
+    for label, flagged in (("iteration", report["slow_iterations"]),
+                           ("decode step", report.get("decode", {}).get("slow_steps", []))):
+        for slow in flagged:
+            lines.append(f"  warning: {label} {slow['iteration']} took {slow['wall_ms']:.1f} "
+                         f"ms, {slow['times_median']:.0f}x the median of the others "
+                         f"({slow['median_others_ms']:.1f} ms)")
     load = report["expert_load"]
     if load:
         worst = max(load, key=lambda r: r["max_over_mean"])
@@ -218,5 +278,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, report: dict) -> None:
-    write_text(path, json.dumps(report, indent=2) + "\n")
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2) + "\n"
+

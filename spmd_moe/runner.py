@@ -7,22 +7,25 @@ reach. Failures after set-up are bugs or faults; the CLI aborts the job on them.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Backend, BackendChoice, choose_backend
+from .backend import Backend, BackendChoice, PhaseTimer, choose_backend
 from .checkpoint import LoadStats, describe, load_weights, open_checkpoint
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
-from .engine import Engine
+from .engine import Engine, injected_fault
 from .errors import LayoutError, collective
 from .topology import Grid, Topology
 from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
                         mpi_library, nccl_available)
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Session:
     library: MpiLibrary
     backend_choice: BackendChoice
     transport_choice: TransportChoice
+    watchdog: Watchdog
     peak_flops: float = 0.0
     peak_source: str = ""
     weights_source: str = ""                                   # where the weights came from
@@ -45,6 +49,17 @@ class Session:
     def close(self) -> None:
         self.transport.free()
         self.topo.free()
+
+
+def host_memory(node_size: int) -> tuple[int, str]:
+    """Bytes of host memory one of the node's ``node_size`` ranks may use."""
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62, "host memory unknown"
+    return free // node_size, f"host MemAvailable / {node_size} rank(s) on this node"
 
 
 def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
@@ -56,13 +71,7 @@ def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
         free, _ = cupy.cuda.runtime.memGetInfo()
         sharing = -(-node_size // max(1, choice.device_count))
         return free // sharing, f"GPU {choice.device_id} free memory / {sharing} rank(s)"
-    try:
-        with open("/proc/meminfo") as info:
-            fields = dict(line.split(":", 1) for line in info)
-        free = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62, "host memory unknown"
-    return free // node_size, f"host MemAvailable / {node_size} rank(s) on this node"
+    return host_memory(node_size)
 
 
 def check_memory(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str,
@@ -105,45 +114,104 @@ def measure_peak(bk: Backend) -> tuple[float, str]:
     return 2.0 * n ** 3 * reps / (time.perf_counter() - start), f"measured float32 {n}^3 GEMM"
 
 
-def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
+@dataclass
+class SessionPlan:
+    """A run checked and placed, nothing big allocated yet: the layout's topology, the
+    backend and transport chosen, the memory check passed."""
+
+    config: RunConfig
+    topo: Topology
+    backend: Backend
+    backend_choice: BackendChoice
+    library: MpiLibrary
+    transport_choice: TransportChoice
+    watchdog: Watchdog
+    checkpoint: object | None = None      # checkpoint.Checkpoint: headers read and checked
+
+    def close(self) -> None:
+        self.topo.free()
+
+
+def plan_session(config: RunConfig, comm, lengths: np.ndarray, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None) -> Session:
-    """Build topology, backend, transport and this rank's weights. Collective on ``comm``.
+                 memory_limit: int | None = None,
+                 watchdog: Watchdog | None = None) -> SessionPlan:
+    """Every check of a run that can be made before allocating: layout, backend, transport,
+    ``SPMD_MOE_FAULT``, and the memory of weights, activations and KV cache for a batch
+    whose sequences have ``lengths`` real tokens. Collective on ``comm``; an error is raised
+    on every rank.
 
     ``layout`` overrides the config's (``"ep=4,pp=2"``); ``memory_limit`` (bytes) overrides
-    the device's free memory in the pre-allocation check.
+    the device's free memory in the pre-allocation check; ``watchdog`` (the CLI's) is told
+    where this rank is (none: nothing is watched).
     """
+    watchdog = watchdog or Watchdog(None, 0)
+    with watchdog.waiting("set-up"):
+        return _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
+                             memory_limit, watchdog)
+
+
+def _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
+                  memory_limit, watchdog) -> SessionPlan:
     size = comm.Get_size()
     parsed = collective(comm, lambda: Layout.parse(layout or config.layout, size).validate(
         config.model, size))
+    collective(comm, injected_fault, size, config.model.n_layers)
     topo = Topology(comm, parsed, config.model)
-    # A checkpoint's headers are read and checked on every rank before anything is
-    # allocated: a missing tensor or shard stops every rank here with the same error.
-    checkpoint = (collective(comm, open_checkpoint, config.checkpoint, config.model)
-                  if config.checkpoint else None)
-    choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
-    bk = Backend(choice, config.model.dtype)
-    library = mpi_library()
-    transport_choice = collective(comm, choose_transport, transport, bk.name, library,
-                                  bk.on_gpu and nccl_available())
+    try:
+        # A checkpoint's headers are read and checked on every rank before anything is
+        # allocated: a missing tensor or shard stops every rank here with the same error.
+        checkpoint = (collective(comm, open_checkpoint, config.checkpoint, config.model)
+                      if config.checkpoint else None)
+        choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
+        bk = Backend(choice, config.model.dtype)
+        library = mpi_library()
+        transport_choice = collective(comm, choose_transport, transport, bk.name, library,
+                                      bk.on_gpu and nccl_available())
 
-    def memory_check() -> None:
-        limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
-                         else available_memory(choice, topo.node_size))
-        check_memory(config, topo, batch.lengths, bk.name, new_tokens, limit, source)
+        def memory_check() -> None:
+            limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
+                             else available_memory(choice, topo.node_size))
+            check_memory(config, topo, lengths, bk.name, new_tokens, limit, source)
 
-    collective(comm, memory_check)
-    moved = make_transport(transport_choice, bk, comm)
-    started = time.perf_counter()
-    weights = load_weights(topo, bk, checkpoint) if checkpoint is not None else None
-    engine = Engine(config, topo, bk, moved, weights)
-    load = checkpoint.stats if checkpoint is not None else LoadStats(
-        seconds=time.perf_counter() - started)
-    session = Session(config, topo, bk, moved, engine, library, choice, transport_choice,
+        collective(comm, memory_check)
+    except BaseException:
+        topo.free()
+        raise
+    return SessionPlan(config, topo, bk, choice, library, transport_choice, watchdog,
+                       checkpoint)
+
+
+def start_session(plan: SessionPlan) -> Session:
+    """Allocate what ``plan`` checked: transport buffers and this rank's weights (read from
+    the checkpoint, or generated). Collective."""
+    watchdog, checkpoint, config = plan.watchdog, plan.checkpoint, plan.config
+    with watchdog.waiting("set-up"):
+        moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
+    with watchdog.phase("weights"):
+        started = time.perf_counter()
+        weights = (load_weights(plan.topo, plan.backend, checkpoint)
+                   if checkpoint is not None else None)
+        engine = Engine(config, plan.topo, plan.backend, moved, weights)
+        engine.watchdog = watchdog
+        load = checkpoint.stats if checkpoint is not None else LoadStats(
+            seconds=time.perf_counter() - started)
+    session = Session(config, plan.topo, plan.backend, moved, engine, plan.library,
+                      plan.backend_choice, plan.transport_choice, watchdog,
                       weights_source=describe(config.checkpoint, config.seed, config.init),
                       load=load)
-    session.peak_flops, session.peak_source = measure_peak(bk)
+    with watchdog.phase("peak measurement"):
+        session.peak_flops, session.peak_source = measure_peak(plan.backend)
     return session
+
+
+def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
+                 backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
+                 memory_limit: int | None = None,
+                 watchdog: Watchdog | None = None) -> Session:
+    """:func:`plan_session` for ``batch``, then :func:`start_session`. Collective."""
+    return start_session(plan_session(config, comm, batch.lengths, layout, backend, transport,
+                                      new_tokens, memory_limit, watchdog))
 
 
 # --- running ---------------------------------------------------------------------------
@@ -156,6 +224,7 @@ class Timing:
     phases: dict[str, float]
     bytes_sent: dict[str, int]
     counters: dict[str, int]
+    rss: int = 0                      # resident bytes after the iteration
 
 
 @dataclass
@@ -167,6 +236,31 @@ class RunResult:
     step_timings: list[Timing] = field(default_factory=list)   # decode steps
     prefill_timing: Timing | None = None                       # decode: the prefill
     expert_counts: np.ndarray | None = None                    # this rank's share [L, E]
+    memory: dict[str, int] = field(default_factory=dict)       # RSS bytes (see _memory)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_resident_bytes() -> int:
+    """The largest resident set size this process has had (bytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+
+
+def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
+    """RSS before the first timed iteration (or step), after it, after the last, and the
+    peak: a run that leaks grows from the second figure to the third."""
+    return {"rss_before": before, "rss_first": timings[0].rss if timings else before,
+            "rss_end": timings[-1].rss if timings else before,
+            "peak_rss": peak_resident_bytes()}
 
 
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
@@ -176,23 +270,56 @@ def _progress(session: Session, label: str, index: int, total: int, seconds: flo
               flush=True)
 
 
+# Engine phases in which a rank waits for other ranks (the rest is computing).
+WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "dispatch",
+                         "combine", "stage_send", "token_return"})
+
+
+class WatchedTimer:
+    """A backend PhaseTimer whose phases also tell the watchdog where this rank is."""
+
+    def __init__(self, timer: PhaseTimer, watchdog: Watchdog):
+        self.timer, self.watchdog = timer, watchdog
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        before = self.watchdog.enter(name, name in WAIT_PHASES)
+        try:
+            with self.timer.phase(name):
+                yield
+        except BaseException:
+            self.watchdog.leave(before, failed=True)
+            raise
+        self.watchdog.leave(before)
+
+    def __getattr__(self, name: str):
+        return getattr(self.timer, name)
+
+
 def _timed(session: Session, fn):
     """Run ``fn(timer)`` between barriers; returns (its result, Timing)."""
-    world, bk = session.topo.world, session.backend
+    world, bk, watchdog = session.topo.world, session.backend, session.watchdog
     timer = bk.timer()
-    world.Barrier()
+    watchdog.iteration += 1
+    with watchdog.waiting("barrier before iteration"):
+        world.Barrier()
     start = time.perf_counter()
-    result = fn(timer)
-    bk.synchronize()
-    world.Barrier()
+    with watchdog.phase("forward"):
+        result = fn(WatchedTimer(timer, watchdog))
+    with watchdog.phase("device sync"):
+        bk.synchronize()
+    with watchdog.waiting("barrier after iteration"):
+        world.Barrier()
     wall = time.perf_counter() - start
-    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters))
+    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
+                          resident_bytes())
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
                 collect: bool = True, progress: bool = False) -> RunResult:
     """``warmup + iters`` forward passes; outputs of the last gathered on rank 0."""
     engine, timings = session.engine, []
+    rss_start = resident_bytes()
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
         out, timing = _timed(session, lambda t: engine.prefill(batch, t, keep_hidden=collect
@@ -200,8 +327,9 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
+    memory = _memory(rss_start, timings)
     outputs = gather_prefill(session, batch, out) if collect else None
-    return RunResult(outputs, timings, expert_counts=out.expert_counts)
+    return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory)
 
 
 def run_decode(session: Session, batch: Batch, new_tokens: int,
@@ -211,6 +339,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     sequence, one decode step at a time. A sequence that emits ``eos_id`` (or one of a list of
     them: checkpoints may name several) stops (its later tokens are -1)."""
     engine, topo = session.engine, session.topo
+    rss_start = resident_bytes()
     cache = engine.new_cache(batch, new_tokens)
     micro = engine.micro_batches(batch.batch_size)
     returns: list = []
@@ -243,15 +372,18 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
             generated.append(new)
         steps.append(timing)
         _progress(session, "decode step", step, new_tokens - 1, timing.wall, progress)
-    for request in returns:
-        request.Wait()
+    with session.watchdog.waiting("token_return"):
+        for request in returns:
+            request.Wait()
+    memory = _memory(rss_start, [prefill_timing, *steps])
     outputs = None
     if collect:
         outputs = gather_prefill(session, batch, out)
         tokens = gather_tokens(session, batch, generated, new_tokens)
         if outputs is not None:
             outputs["tokens"] = tokens
-    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts)
+    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts,
+                     memory)
 
 
 # --- gathering outputs on rank 0 -------------------------------------------------------
@@ -289,6 +421,11 @@ def _gather_rows(session: Session, rows: np.ndarray, counts: list[int], width: i
 def gather_prefill(session: Session, batch: Batch, out):
     """``hidden`` float32 [B, S, d] (zero at padding), ``logits`` float32 [B, V] and
     ``expert_counts`` int64 [L, E] on world rank 0; ``None`` on other ranks."""
+    with session.watchdog.waiting("gather outputs"):
+        return _gather_prefill(session, batch, out)
+
+
+def _gather_prefill(session: Session, batch: Batch, out):
     topo, bk, model = session.topo, session.backend, session.config.model
     world = topo.world
     counts = np.zeros_like(out.expert_counts)
@@ -328,6 +465,12 @@ def gather_prefill(session: Session, batch: Batch, out):
 def gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
                   new_tokens: int) -> np.ndarray | None:
     """Greedy tokens int64 [B, N] on world rank 0 (-1 after a sequence stopped)."""
+    with session.watchdog.waiting("gather outputs"):
+        return _gather_tokens(session, batch, generated, new_tokens)
+
+
+def _gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
+                   new_tokens: int) -> np.ndarray | None:
     sources = _contributors(session, batch.batch_size)
     mine = sources[session.topo.rank]
     if len(mine):

@@ -2,6 +2,8 @@
 to the float64 reference of SPEC §1 with the tolerances the project promises."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .config import RunConfig
@@ -50,3 +52,38 @@ def run_layout(comm, config: RunConfig, batch: Batch, layout: str | None = None,
 
 def reference_for(config: RunConfig, batch: Batch) -> dict:
     return reference_forward(config.model, batch.ids, batch.mask, config.seed)
+
+
+def broken_inputs(tmp_path, vocab_size: int) -> dict:
+    """Input files broken in every way a user meets (in ``tmp_path``): name -> (path, the
+    reason the one-line error must give)."""
+    good = tmp_path / "good.npz"
+    ids = np.arange(40 * 30).reshape(40, 30) % vocab_size
+    np.savez(good, ids=ids, mask=np.ones_like(ids))
+    raw = good.read_bytes()
+    out = {}
+
+    def put(name, data, reason):
+        (tmp_path / name).write_bytes(data)
+        out[name] = (tmp_path / name, reason)
+
+    put("text.npz", b"ids = [[1, 2, 3]]\n", "is not an .npz (zip) archive")
+    put("empty.npz", b"", "is empty (0 bytes)")
+    put("truncated.npz", raw[:len(raw) // 2], "is truncated or not a valid .npz")
+    at = raw.index(b"\x93NUMPY") + 200              # inside ids' data (stored, no deflate)
+    put("crc.npz", raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:],
+        "is corrupt (ids.npy: Bad CRC-32")
+    np.savez_compressed(tmp_path / "packed.npz", ids=ids)
+    packed = (tmp_path / "packed.npz").read_bytes()
+    at = len(packed) // 2
+    put("deflate.npz", packed[:at] + bytes(b ^ 0x5A for b in packed[at:at + 8])
+        + packed[at + 8:], "is corrupt (ids.npy")
+    np.save(tmp_path / "single.npy", ids)
+    put("single.npz", (tmp_path / "single.npy").read_bytes(), "is a single .npy array")
+    np.savez(tmp_path / "objects.npz", ids=np.array([[1, None]], dtype=object))
+    out["objects.npz"] = (tmp_path / "objects.npz", "holds Python objects (pickled data)")
+    os.mkfifo(tmp_path / "fifo.npz")
+    out["fifo.npz"] = (tmp_path / "fifo.npz", "is a FIFO, not an .npz file")
+    out["dir.npz"] = (tmp_path, "is a directory, not an .npz file")
+    out["/dev/zero"] = ("/dev/zero", "is a character device, not an .npz file")
+    return out

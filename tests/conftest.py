@@ -2,13 +2,19 @@
 
 - Under ``mpiexec -n N`` (N > 1), a failing test aborts the whole MPI job: otherwise the
   failing rank leaves the others waiting forever in the next collective.
+- ``SPMD_MOE_TEST_WORLD_SIZE=N`` (bin/run-tests sets it for each mpiexec phase): the run
+  fails at once unless the world really has N ranks. A launcher that did not give the
+  ranks would otherwise run every multi-rank test at size 1, skip them all, and pass.
 - ``@pytest.mark.gpu`` tests are skipped cleanly unless a CUDA device is usable.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+WORLD_SIZE_ENV = "SPMD_MOE_TEST_WORLD_SIZE"
 
 
 def _world():
@@ -21,6 +27,15 @@ def gpu_available() -> bool:
     from spmd_moe.backend import probe_cupy
 
     return probe_cupy()[0] is not None
+
+
+def pytest_configure(config):
+    expected = os.environ.get(WORLD_SIZE_ENV)
+    if expected:
+        size = _world().Get_size()
+        if str(size) != expected:
+            pytest.exit(f"{WORLD_SIZE_ENV}={expected} but the MPI world has {size} rank(s): "
+                        "the launcher did not start the ranks asked for", returncode=3)
 
 
 def pytest_collection_modifyitems(config, items):

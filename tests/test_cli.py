@@ -3,6 +3,8 @@ giving one clear line on rank 0, a non-zero exit on every rank, no hang, no outp
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 
@@ -17,8 +19,10 @@ MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shuti
 TIMEOUT = 120
 
 
-def spmd_moe(*args, ranks=1, env=None, per_rank_status=False):
-    """Run the CLI (under mpiexec when ranks > 1); with ``per_rank_status`` every rank
+def spmd_moe(*args, ranks=1, env=None, per_rank_status=False, preexec_fn=None,
+             timeout=TIMEOUT):
+    """Run the CLI (under mpiexec when ranks > 1) in its own process group, killed whole
+    (and the test failed) after ``timeout`` seconds; with ``per_rank_status`` every rank
     prints its own exit status as ``rank-exit N`` on stderr."""
     command = [sys.executable, "-m", "spmd_moe", *args]
     if per_rank_status:
@@ -26,8 +30,16 @@ def spmd_moe(*args, ranks=1, env=None, per_rank_status=False):
         command = ["sh", "-c", f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
     if ranks > 1:
         command = [MPIEXEC, "-n", str(ranks), *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (killed):\n{stderr}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_run_tiny_writes_outputs_that_match_the_reference(tmp_path):
@@ -48,6 +60,15 @@ def test_run_tiny_writes_outputs_that_match_the_reference(tmp_path):
     assert data["bytes_sent_per_rank"]["by_phase"]["dispatch"]["max"] > 0
     assert len(data["expert_load"]) == 5 and data["mfu"] > 0
     assert "tokens/s" in result.stdout and "experts" in result.stdout
+    memory = data["memory_per_rank"]
+    assert len(memory["by_rank"]) == 4
+    for row in memory["by_rank"]:
+        assert 0 < row["rss_before_mb"] <= row["peak_rss_mb"]
+        assert 0 < row["rss_end_mb"] <= row["peak_rss_mb"]
+        assert row["growth_mb"] == pytest.approx(row["rss_end_mb"] - row["rss_first_mb"])
+    assert data["watchdog"] == "stall timeout 600 s"
+    assert all(slow["times_median"] > 3 for slow in data["slow_iterations"])
+    assert "memory per rank" in result.stdout
 
 
 def test_decode_from_an_input_file(tmp_path):
@@ -90,6 +111,7 @@ def test_info():
     result = spmd_moe("info", "--backend", "numpy", ranks=2)
     assert result.returncode == 0, result.stderr
     assert "CUDA-aware" in result.stdout and "backend:       numpy" in result.stdout
+    assert "threads:     MPI_THREAD_" in result.stdout
     assert "rank 1" in result.stdout
 
 
@@ -107,6 +129,16 @@ BAD_INPUTS = {
     "output directory missing": (["--output", "/nonexistent/dir/out.npz"],
                                  "--output: directory /nonexistent/dir does not exist"),
     "missing input file": (["--input", "/nonexistent.npz"], "--input: cannot read"),
+    "memory limit nan": (["--memory-limit", "nan"], "--memory-limit: nan must be a finite"),
+    "memory limit inf": (["--memory-limit", "inf"], "--memory-limit: inf must be a finite"),
+    "huge n_layers": (["--set", "n_layers=99999999999999999999"],
+                      "n_layers: 99999999999999999999 is too large"),
+    "infinite norm_eps": (["--set", "norm_eps=Infinity"], "norm_eps: inf must be a finite"),
+    "new tokens without decode": (["--new-tokens", "4"],
+                                  "--new-tokens: generates tokens only with --workload decode"),
+    "layout key repeated": (["--layout", "ep=2,ep=1"], "layout: 'ep=2,ep=1' gives ep twice"),
+    "micro-batches beyond the batch": (["--micro-batches", "1000000000"],
+                                       "micro_batches: 1000000000 is more than batch_size=5"),
 }
 
 
@@ -126,19 +158,22 @@ BAD_FILES = {
     "right padding": (dict(ids=np.ones((1, 3), int), mask=np.array([[1, 1, 0]])),
                       "input mask: sequence 0 is not left-padded"),
     "prompt too long for decode": (dict(ids=np.ones((1, 60), int)),
-                                   "input ids: sequence 0 has 60 real tokens + new_tokens 10"),
+                                   "sequence 0's prompt length 60 + new_tokens 10 = 70 "
+                                   "exceeds max_seq_len=64"),
 }
 
 
-def check_refused(result, message, out):
+def check_refused(result, message, out=None, ranks=2):
+    """One error line on rank 0 holding ``message``, no traceback, every rank exits 2,
+    no output file."""
     errors = [l for l in result.stderr.splitlines() if l.startswith("spmd-moe: error:")]
     assert len(errors) == 1, result.stderr
     assert message in errors[0], errors[0]
     assert "Traceback" not in result.stderr
     statuses = [l for l in result.stderr.splitlines() if l.startswith("rank-exit")]
-    assert statuses == ["rank-exit 2"] * 2, result.stderr
+    assert statuses == ["rank-exit 2"] * ranks, result.stderr
     assert result.returncode != 0
-    assert not out.exists()
+    assert out is None or not out.exists()
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -161,6 +196,99 @@ def test_bad_input_file_is_refused_on_every_rank(case, tmp_path):
     check_refused(result, message, out)
 
 
+@pytest.mark.parametrize("name", ["text.npz", "empty.npz", "truncated.npz", "crc.npz",
+                                  "objects.npz", "fifo.npz", "/dev/zero"])
+def test_a_broken_input_file_is_one_line_on_every_rank(name, tmp_path):
+    from spmd_moe.config import PRESETS
+    from spmd_moe.testing import broken_inputs
+
+    path, reason = broken_inputs(tmp_path, PRESETS["tiny"].model.vocab_size)[name]
+    out = tmp_path / "out.npz"
+    # A FIFO or /dev/zero used to block or grow forever: bounded here.
+    result = spmd_moe("run", "--preset", "tiny", "--input", str(path), "--output", str(out),
+                      ranks=2, per_rank_status=True, timeout=60)
+    check_refused(result, reason, out)
+
+
+def peak_rss(*args, ranks):
+    """Run the CLI under mpiexec in a wrapper process; returns (its result, the peak RSS in
+    bytes of the largest process of the job, as the kernel accounts for reaped children)."""
+    code = ("import json, resource, subprocess, sys; "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(json.dumps([r.returncode, r.stdout, r.stderr, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+    quoted = " ".join(f"'{a}'" for a in (sys.executable, "-m", "spmd_moe", *args))
+    job = [MPIEXEC, "-n", str(ranks), "sh", "-c",
+           f'{quoted}; s=$?; echo "rank-exit $s" >&2; exit $s']
+    wrapper = subprocess.Popen([sys.executable, "-c", code, *job], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = wrapper.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(wrapper.pid, signal.SIGKILL)
+        wrapper.communicate()
+        pytest.fail(f"still running after {TIMEOUT} s (killed)")
+    rc, stdout, stderr, kib = json.loads(output)
+    return subprocess.CompletedProcess(job, rc, stdout, stderr), kib * 1024
+
+
+def test_a_huge_synthetic_batch_is_refused_before_it_is_built():
+    # 10M sequences of tiny: the batch alone would take ~1 GB per rank, and the run far more.
+    result, peak = peak_rss("run", "--preset", "tiny", "--set", "batch_size=10000000",
+                            ranks=2)
+    check_refused(result, "layout: rank 0 needs")
+    assert peak < 600 << 20, f"a process reached {peak / 2**20:.0f} MiB"
+
+
+def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
+    # ~1 MiB on disk, 1 GiB of int64 ids: the headers give the size, the memory check
+    # refuses the run; the ids are never read.
+    import time
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("ids.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {
+                "descr": "<i8", "fortran_order": False, "shape": (2 ** 21, 64)})
+            zeros = bytes(1 << 20)
+            for _ in range(1024):
+                member.write(zeros)
+    assert path.stat().st_size < 4 << 20
+    start = time.monotonic()
+    result, peak = peak_rss("run", "--preset", "tiny", "--input", str(path), ranks=2)
+    check_refused(result, "layout: rank 0 needs")
+    assert peak < 600 << 20, f"a process reached {peak / 2**20:.0f} MiB"
+    assert time.monotonic() - start < 60
+
+
+def test_a_config_file_that_is_not_a_file_is_refused():
+    result = spmd_moe("run", "--config", "/dev/zero", ranks=2, per_rank_status=True,
+                      timeout=60)
+    check_refused(result, "--config: /dev/zero is not a regular file")
+
+
+def test_a_config_with_a_model_section_and_an_input_runs_the_inputs_workload(tmp_path):
+    # The file's base is the paper preset (batch 128 x 10000); the input replaces batch and
+    # length, and only that workload is checked against the file's max_seq_len.
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"model": {
+        "num_layers": 2, "experts_per_layer": 4, "token_dimension": 32, "mlp_hidden_size": 40,
+        "attention_heads": 4, "precision": "fp32", "vocab_size": 101, "max_seq_len": 64}}))
+    ids = np.array([[0, 7, 8, 9], [1, 2, 3, 4], [5, 6, 7, 8]])
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    np.savez(tmp_path / "in.npz", ids=ids, mask=mask)
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--config", str(config), "--input", str(tmp_path / "in.npz"),
+                      "--output", str(out), ranks=2)
+    assert result.returncode == 0, result.stderr
+    from spmd_moe.reference import reference_forward
+
+    model = build_run_config(config_file=str(config), batch_size=3, seq_len=4).model
+    with np.load(out) as outputs:
+        check_against_reference(dict(outputs), reference_forward(model, ids, mask), "float32")
+
+
 def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):
     out = tmp_path / "out.npz"
     result = spmd_moe("run", "--preset", "tiny", "--output", str(out), ranks=3,
@@ -168,6 +296,21 @@ def test_a_rank_failing_mid_run_brings_the_job_down(tmp_path):
     assert result.returncode != 0
     assert "injected fault (SPMD_MOE_FAULT) on rank 1 at layer 1" in result.stderr
     assert not out.exists()
+
+
+def test_usage_hint_names_the_command_once():
+    top = spmd_moe("--frobnicate")
+    assert top.returncode == 2 and "(see spmd-moe -h)" in top.stderr, top.stderr
+    sub = spmd_moe("plan", "--frobnicate")
+    assert sub.returncode == 2 and "(see spmd-moe plan -h)" in sub.stderr, sub.stderr
+
+
+def test_the_layout_run_is_the_layout_asked(tmp_path):
+    report = tmp_path / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,tp=1", "--report",
+                      str(report), ranks=4)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(report.read_text())["layout"] == "ep=2,pp=2"
 
 
 def test_plan_decode_step_floor():
@@ -296,3 +439,88 @@ def test_info_says_what_runs_a_model_s_family():
     result = spmd_moe("info", "--backend", "numpy", "--model", os.path.join(HF, "qwen3_moe"))
     assert result.returncode == 0, result.stderr
     assert "--model:       qwen3_moe" in result.stdout and "generic array code" in result.stdout
+# --- output paths ----------------------------------------------------------------------
+
+def make_target(tmp_path, kind):
+    """An output path of ``kind`` and a function that says it is untouched."""
+    if kind == "symlink":
+        (tmp_path / "precious").write_text("keep")
+        (tmp_path / "out.npz").symlink_to(tmp_path / "precious")
+        return tmp_path / "out.npz", lambda p: p.is_symlink() and \
+            (tmp_path / "precious").read_text() == "keep"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "out.npz")
+        return tmp_path / "out.npz", lambda p: stat.S_ISFIFO(p.lstat().st_mode)
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(tmp_path / "out.npz", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # as /dev/null
+        return tmp_path / "out.npz", lambda p: stat.S_ISCHR(p.lstat().st_mode)
+    (tmp_path / "out.npz").mkdir()
+    return tmp_path / "out.npz", lambda p: p.is_dir() and not any(p.iterdir())
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("symlink", "is a symbolic link"), ("fifo", "is a FIFO"),
+    ("device", "is a character device"), ("directory", "is a directory")])
+@pytest.mark.parametrize("option", ["--output", "--report"])
+def test_an_output_path_that_is_not_a_file_is_refused_before_any_work(tmp_path, kind,
+                                                                       message, option):
+    path, untouched = make_target(tmp_path, kind)
+    result = spmd_moe("run", "--preset", "tiny", option, str(path), ranks=2,
+                      per_rank_status=True)
+    check_refused(result, f"{option}: {path} {message}")
+    assert untouched(path)
+    assert "tokens/s" not in result.stdout                   # nothing ran
+
+
+def test_output_and_report_on_the_same_file_are_refused(tmp_path):
+    (tmp_path / "alias").symlink_to(tmp_path)
+    for report in (tmp_path / "x", tmp_path / "alias" / "x"):
+        result = spmd_moe("run", "--preset", "tiny", "--output", str(tmp_path / "x"),
+                          "--report", str(report), ranks=2, per_rank_status=True)
+        check_refused(result, "is the same file as --output", tmp_path / "x")
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    out, report = tmp_path / "out.npz", tmp_path / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--output", str(out), "--report", str(report),
+                      ranks=2, preexec_fn=lambda: os.umask(0o027))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(report.stat().st_mode) == 0o640
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 KiB tmpfs (root only: skipped elsewhere; data.write_files' own test injects
+    ENOSPC without one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_leaves_no_file_and_every_rank_exits_2(small_disk):
+    # tiny's .npz (hidden 5x11x32 float32 and more, ~10 KiB) does not fit; its report
+    # (~4 KiB) would: nothing may be left, not even a complete report.
+    out, report = small_disk / "out.npz", small_disk / "report.json"
+    result = spmd_moe("run", "--preset", "tiny", "--report", str(report), "--output",
+                      str(out), ranks=2, per_rank_status=True)
+    check_refused(result, f"--output: cannot write {out}: No space left on device", out)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_bench_and_compare_check_their_output_paths(tmp_path):
+    (tmp_path / "dir").mkdir()
+    bench = spmd_moe("bench", "--json", str(tmp_path / "dir"), per_rank_status=True, ranks=1)
+    check_refused(bench, f"--json: {tmp_path / 'dir'} is a directory", ranks=1)
+    os.mkfifo(tmp_path / "fifo")
+    compare = spmd_moe("compare", "--preset", "tiny", "--report", str(tmp_path / "fifo"),
+                       ranks=2, per_rank_status=True)
+    check_refused(compare, f"--report: {tmp_path / 'fifo'} is a FIFO")

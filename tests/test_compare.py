@@ -108,6 +108,23 @@ def test_decode_tokens_are_compared():
 
 # --- the command under mpiexec -------------------------------------------------------------
 
+def check_routing_against_reference(data, *sets):
+    """Both deployments' per-layer expert load (max and mean over experts of the real rows
+    routed, float32) is the single-process reference's: the command's two halves are held
+    to the reference, not only to each other."""
+    from spmd_moe.data import synthetic_input
+    from spmd_moe.reference import reference_forward
+
+    config = build_run_config("tiny", sets=list(sets))
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    counts = reference_forward(config.model, batch.ids, batch.mask,
+                               config.seed)["expert_counts"]
+    for key in ("ep", "baseline"):
+        load = data[key]["expert_load"]
+        assert [row["max"] for row in load] == counts.max(axis=1).tolist(), key
+        assert [row["mean"] for row in load] == pytest.approx(counts.mean(axis=1).tolist())
+
+
 def compare_cli(*args, ranks=4, per_rank_status=False):
     command = [sys.executable, "-m", "spmd_moe", "compare", *args]
     if per_rank_status:
@@ -141,6 +158,7 @@ def test_compare_at_four_ranks_float32(tmp_path):
     assert "ratio EP/baseline" in result.stdout and "outputs: agree" in result.stdout
     assert "ep=4,pp=1" in result.stdout and "tp=4,pp=1" in result.stdout
     assert result.stdout.count("spmd-moe compare:") == 1        # rank 0 only
+    check_routing_against_reference(data, "dtype=float32")
 
 
 def test_compare_pipelined_layouts_and_decode(tmp_path):
@@ -153,6 +171,7 @@ def test_compare_pipelined_layouts_and_decode(tmp_path):
     assert data["comparison"]["outputs"]["tokens_identical_fraction"] == 1.0
     assert data["comparison"]["decode"]["ep_per_token_ms"] > 0
     assert data["ep"]["pipeline"]["stages"] == 2
+    check_routing_against_reference(data, "dtype=float32", "n_layers=4")
 
 
 @pytest.mark.slow
@@ -167,6 +186,8 @@ def test_compare_at_sixteen_ranks(tmp_path):
     assert comparison["ep_layout"] == "ep=4,pp=4"
     assert comparison["baseline_layout"] == "tp=4,pp=4"
     assert comparison["outputs"]["agree"] and comparison["outputs"]["expert_counts_identical"]
+    check_routing_against_reference(json.loads(path.read_text()), "n_layers=5",
+                                    "dtype=float32")
 
 
 @pytest.mark.parametrize("args,message", [

@@ -74,6 +74,13 @@ def test_set_overrides_win_and_take_aliases():
     (["seq_len=60", "workload=decode", "new_tokens=10"], "seq_len"),
     (["eos_id=101"], "eos_id"),
     (["norm_eps=-1"], "norm_eps"),
+    (["norm_eps=inf"], "norm_eps"),           # all-zero logits
+    (["norm_eps=nan"], "norm_eps"),
+    (["rope_theta=Infinity"], "rope_theta"),
+    (["n_layers=99999999999999999999"], "n_layers"),   # not an OverflowError later
+    (["batch_size=99999999999999999999"], "batch_size"),
+    (["micro_batches=6"], "micro_batches"),   # tiny has 5 sequences
+    (["micro_batches=-1"], "micro_batches"),
     (["colour=blue"], "colour"),
     (["d_model"], "--set"),
 ])
@@ -82,6 +89,30 @@ def test_bad_values_name_the_field(sets, field):
         build_run_config("tiny", sets=sets)
     assert info.value.field == field
     assert "\n" not in str(info.value)
+
+
+def test_non_finite_numbers_in_a_json_file_are_refused(tmp_path):
+    # json accepts Infinity and NaN; the model must not.
+    path = tmp_path / "config.json"
+    path.write_text('{"preset": "tiny", "norm_eps": Infinity}')
+    with pytest.raises(ConfigError, match="^norm_eps: inf must be a finite positive number"):
+        build_run_config(config_file=str(path))
+
+
+def test_a_config_must_be_a_small_regular_file(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")          # opening it would block forever
+    (tmp_path / "big.json").write_text(" " * (2 << 20) + "{}")
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    for path, match in (("/dev/zero", "/dev/zero is not a regular file"),
+                        (tmp_path / "fifo.json", "fifo.json is not a regular file"),
+                        (tmp_path, "is not a regular file"),
+                        (tmp_path / "big.json", "big.json is 2097154 bytes; a config file may "
+                                                "have at most 1048576"),
+                        (tmp_path / "deep.json", "deep.json nests too deeply")):
+        with pytest.raises(ConfigError, match=f"^--config: .*{match}"):
+            build_run_config(config_file=str(path))
 
 
 def test_unknown_preset_and_unreadable_file(tmp_path):
@@ -108,6 +139,11 @@ def test_prompt_too_long_for_decode_gives_the_numbers():
     ("tp=2", 4, Layout(ep=1, tp=2, pp=2)),
     ("tp=8,pp=2", 16, Layout(ep=1, tp=8, pp=2)),
     ("ep=16,pp=16", 256, Layout(ep=16, tp=1, pp=16)),
+    # tp=1 means no tensor parallelism: the ep asked for is the ep run.
+    ("ep=2,tp=1", 4, Layout(ep=2, tp=1, pp=2)),
+    ("tp=1,ep=2", 4, Layout(ep=2, tp=1, pp=2)),
+    ("ep=1,tp=4", 4, Layout(ep=1, tp=4, pp=1)),
+    ("tp=1", 4, Layout(ep=1, tp=1, pp=4)),
 ])
 def test_layout_parse(text, world, expected):
     assert Layout.parse(text, world) == expected
@@ -126,7 +162,8 @@ def test_layouts_that_cannot_work_are_refused(text, world, match):
 
 
 def test_layout_syntax_errors():
-    for text in ("ep=2,tp=2", "xp=2", "ep=two", "ep=0", "ep"):
+    for text in ("ep=2,tp=2", "xp=2", "ep=two", "ep=0", "ep", "ep=4,ep=2", "pp=2,pp=2",
+                 "ep=99999999999999999999"):
         with pytest.raises(LayoutError) as info:
             Layout.parse(text, 4)
         assert info.value.field == "layout"

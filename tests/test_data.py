@@ -1,10 +1,16 @@
 """Input checks at the edge: every bad input names its field."""
+import errno
+import os
+import stat
+
 import numpy as np
 import pytest
 
 from spmd_moe.config import PRESETS, build_run_config
-from spmd_moe.data import load_input, synthetic_input, validate_batch, write_npz
-from spmd_moe.errors import InputError
+from spmd_moe.data import (InputFile, check_output_paths, load_input, synthetic_input, text_writer,
+                           validate_batch, write_files, write_npz)
+from spmd_moe.errors import ConfigError, InputError, OutputError
+from spmd_moe.testing import broken_inputs
 
 MODEL = PRESETS["tiny"].model
 
@@ -52,11 +58,46 @@ def test_load_input_file(tmp_path):
     np.savez(tmp_path / "noids.npz", tokens=np.ones((1, 2)))
     with pytest.raises(InputError, match="has no 'ids' array \\(found: tokens\\)"):
         load_input(str(tmp_path / "noids.npz"), MODEL)
-    (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(InputError, match="--input: cannot read"):
-        load_input(str(tmp_path / "junk.npz"), MODEL)
-    with pytest.raises(InputError, match="--input: cannot read"):
+    with pytest.raises(InputError, match="--input: cannot read .*: No such file"):
         load_input(str(tmp_path / "absent.npz"), MODEL)
+
+
+def test_every_broken_input_file_is_one_line_with_its_reason(tmp_path):
+    for name, (path, reason) in broken_inputs(tmp_path, MODEL.vocab_size).items():
+        with pytest.raises(InputError) as info:
+            load_input(str(path), MODEL)
+        assert reason in str(info.value), (name, str(info.value))
+        assert "\n" not in str(info.value)
+
+
+def test_input_headers_are_read_before_any_data(tmp_path):
+    # 128 MiB of ids that deflate to ~130 KiB: the shape is known without reading them.
+    import tracemalloc
+
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, ids=np.zeros((4096, 4096), dtype=np.int64))
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        source = InputFile(str(path))
+        assert source.shape == (4096, 4096)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        source.close()
+    assert peak < 1 << 20
+
+
+def test_a_member_shorter_than_its_header_says_is_truncated(tmp_path):
+    import zipfile
+
+    header = tmp_path / "h.npy"
+    np.save(header, np.zeros((1000, 1000), dtype=np.int64))
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as archive:
+        archive.writestr("ids.npy", header.read_bytes()[:4096])
+    with pytest.raises(InputError, match="is truncated: ids.npy declares \\(1000, 1000\\) "
+                                         "int64"):
+        InputFile(str(tmp_path / "short.npz"))
 
 
 def test_synthetic_input_is_spec_and_padded_on_the_left():
@@ -77,3 +118,64 @@ def test_write_npz_is_atomic(tmp_path):
     write_npz(str(path), a=np.arange(3))
     assert np.load(path)["a"].tolist() == [0, 1, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
+
+
+# --- output paths ----------------------------------------------------------------------
+
+def test_output_paths_that_are_not_files_are_refused(tmp_path):
+    target = tmp_path / "precious.npz"
+    target.write_bytes(b"keep")
+    (tmp_path / "link.npz").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo.npz")
+    (tmp_path / "dir.npz").mkdir()
+    for name, kind in (("link.npz", "a symbolic link"), ("fifo.npz", "a FIFO"),
+                       ("dir.npz", "a directory")):
+        with pytest.raises(ConfigError, match=f"^--output: .*{name} is {kind};"):
+            check_output_paths((str(tmp_path / name), "--output"))
+    with pytest.raises(ConfigError, match="^--report: /dev/null is a character device"):
+        check_output_paths((None, "--output"), ("/dev/null", "--report"))
+    with pytest.raises(ConfigError, match="^--output: the path is empty"):
+        check_output_paths(("", "--output"))
+    check_output_paths((str(target), "--output"), (str(tmp_path / "new.json"), "--report"))
+    assert target.read_bytes() == b"keep"
+
+
+def test_the_same_file_twice_is_refused(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "sub")
+    same = [(str(tmp_path / "x"), str(tmp_path / "x")),
+            (str(tmp_path / "sub" / "x"), str(tmp_path / "alias" / "x")),   # via a link
+            (str(tmp_path / "x"), str(tmp_path / "sub" / ".." / "x"))]
+    (tmp_path / "a").write_bytes(b"")
+    os.link(tmp_path / "a", tmp_path / "b")                                 # a hard link
+    same.append((str(tmp_path / "a"), str(tmp_path / "b")))
+    for output, report in same:
+        with pytest.raises(ConfigError, match="^--report: .* is the same file as --output"):
+            check_output_paths((output, "--output"), (report, "--report"))
+
+
+def test_output_files_honour_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_npz(str(tmp_path / "out.npz"), a=np.arange(3))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out.npz").st_mode) == 0o640
+
+
+def test_a_full_disk_leaves_no_file_behind(tmp_path):
+    def fills_the_disk(out):
+        out.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    old = tmp_path / "out.npz"
+    old.write_bytes(b"previous run")
+    files = [(str(tmp_path / "report.json"), "--report", text_writer("{}")),
+             (str(old), "--output", fills_the_disk)]
+    with pytest.raises(OutputError, match="^--output: cannot write .*out.npz: No space left "
+                                          "on device$"):
+        write_files(files)
+    # Neither file is written (the report was complete, but not renamed into place) and
+    # the old output is untouched: all or nothing.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+    assert old.read_bytes() == b"previous run"

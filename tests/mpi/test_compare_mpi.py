@@ -17,6 +17,40 @@ RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
 NUMPY = RunOptions(backend="numpy")
 
 
+@pytest.fixture
+def halves(monkeypatch):
+    """Each deployment's outputs (rank 0), as run_compare runs them: the comparison of the
+    two halves is checked by the tests, each half against the reference here."""
+    from spmd_moe import compare
+
+    captured = []
+    original = compare.run_deployment
+
+    def run_deployment(*args, **kwargs):
+        outputs, report = original(*args, **kwargs)
+        captured.append(outputs)
+        return outputs, report
+
+    monkeypatch.setattr(compare, "run_deployment", run_deployment)
+    return captured
+
+
+def check_halves(halves, config, batch, dtype="float32", new_tokens=0):
+    """Both deployments' outputs against the single-process reference (rank 0)."""
+    if RANK != 0:
+        return
+    assert len(halves) == 2
+    reference = reference_for(config, batch)
+    for outputs in halves:
+        check_against_reference(outputs, reference, dtype)
+        if new_tokens:
+            from spmd_moe.reference import reference_generate
+
+            want = reference_generate(config.model, batch.ids, batch.mask, new_tokens,
+                                      config.seed)
+            assert np.array_equal(outputs["tokens"], want)
+
+
 def setup(*sets):
     # Left padding and 5 sequences over the ranks: uneven shares on purpose.
     config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3",
@@ -25,9 +59,10 @@ def setup(*sets):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_default_deployments_agree_with_each_other_and_the_reference():
+def test_default_deployments_agree_with_each_other_and_the_reference(halves):
     config, batch = setup()
     result = run_compare(config, WORLD, batch, options=NUMPY)
+    check_halves(halves, config, batch)
     if RANK != 0:
         assert result is None
         return
@@ -44,12 +79,13 @@ def test_default_deployments_agree_with_each_other_and_the_reference():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_explicit_pipelined_ep_layout():
+def test_explicit_pipelined_ep_layout(halves):
     """A pipelined EP layout (micro-batches that do not divide the batch) against the
     default baseline."""
     config, batch = setup("n_layers=4")
     ep = "ep=2,pp=2" if SIZE == 4 else f"ep=1,pp={SIZE}"
     result = run_compare(config, WORLD, batch, ep_layout=ep, options=NUMPY)
+    check_halves(halves, config, batch)
     if RANK == 0:
         assert result["comparison"]["ep_layout"] == ep
         assert result["comparison"]["outputs"]["agree"]
@@ -57,9 +93,10 @@ def test_explicit_pipelined_ep_layout():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_bfloat16_compare_reports_numbers():
+def test_bfloat16_compare_reports_numbers(halves):
     config, batch = setup("dtype=bfloat16")
     result = run_compare(config, WORLD, batch, options=NUMPY)
+    check_halves(halves, config, batch, "bfloat16")
     if RANK == 0:
         out = result["comparison"]["outputs"]
         assert out["dtype"] == "bfloat16" and out["agree"], out
@@ -67,9 +104,10 @@ def test_bfloat16_compare_reports_numbers():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_decode_tokens_identical():
+def test_decode_tokens_identical(halves):
     config, batch = setup("workload=decode", "new_tokens=3")
     result = run_compare(config, WORLD, batch, options=NUMPY)
+    check_halves(halves, config, batch, new_tokens=3)
     if RANK == 0:
         out = result["comparison"]["outputs"]
         assert out["tokens_identical_fraction"] == 1.0 and out["agree"]

@@ -102,3 +102,60 @@ def test_tensor_parallel_with_experts_not_divisible_by_tp():
     outputs = run_layout(WORLD, config, batch, layout=f"tp=4,pp={SIZE // 4}")
     if WORLD.Get_rank() == 0:
         check_against_reference(outputs, reference_for(config, batch), "float32")
+
+
+def one_expert_layouts(size: int) -> list[str]:
+    """Expert-parallel layouts of ``size`` ranks with ep >= 2 and pp <= tiny's 5 layers;
+    run with n_experts = ep, each rank owns exactly one expert of each of its layers."""
+    return [f"ep={size // pp},pp={pp}" for pp in range(1, 6)
+            if size % pp == 0 and size // pp >= 2]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", one_expert_layouts(SIZE))
+def test_one_expert_per_rank_matches_reference(layout, dtype):
+    # The paper's deployment (E = ep): the dispatcher's regrouping by local expert is a
+    # no-op there, a branch no other layout takes.
+    ep = Layout.parse(layout, SIZE).ep
+    config = build_run_config("tiny", sets=[f"dtype={dtype}", f"n_experts={ep}",
+                                            f"top_k={min(2, ep)}", "pad_fraction=0.3",
+                                            "batch_size=7", "seq_len=9"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    outputs = run_layout(WORLD, config, batch, layout=layout)
+    if WORLD.Get_rank() == 0:
+        check_against_reference(outputs, reference_for(config, batch), dtype)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("layout", [l for l in layouts(SIZE) if Layout.parse(l, SIZE).pp > 1])
+def test_micro_batches_change_the_schedule_not_the_result(layout):
+    """--micro-batches M: the report counts M stage passes (the engine's, not the config's),
+    gives each stage's idle time (none for the first), and the outputs stay the
+    reference's."""
+    from spmd_moe.report import build_report
+    from spmd_moe.runner import open_session, run_prefill
+    from spmd_moe.testing import relative_error
+
+    pp = Layout.parse(layout, SIZE).pp
+    outputs = {}
+    for micro in (1, 3, 0):                      # 0: the default, one per stage
+        config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3",
+                                                "batch_size=5", "seq_len=9",
+                                                f"micro_batches={micro}"])
+        batch = synthetic_input(config.workload, config.model, config.seed)
+        session = open_session(config, WORLD, batch, layout=layout, backend="numpy")
+        result = run_prefill(session, batch)
+        report = build_report(session, batch, result)
+        session.close()
+        if WORLD.Get_rank() == 0:
+            pipeline = report["pipeline"]
+            assert pipeline["micro_batches"] == (micro or pp), pipeline
+            idle = pipeline["stage_recv_ms_by_stage"]
+            assert len(idle) == pp and idle[0] == 0 and all(ms > 0 for ms in idle[1:]), idle
+            check_against_reference(result.outputs, reference_for(config, batch), "float32")
+            outputs[micro] = result.outputs
+    if WORLD.Get_rank() == 0:
+        for micro in (3, 0):
+            assert relative_error(outputs[micro]["logits"], outputs[1]["logits"]) < 1e-6
+            assert np.array_equal(outputs[micro]["expert_counts"], outputs[1]["expert_counts"])
