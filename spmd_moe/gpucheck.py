@@ -56,6 +56,22 @@ DECODE_NEW_TOKENS = {"gpu": 8, "cpu": 4}
 H200_DATASHEET_GBPS = 4800.0
 
 
+# Commands a step started, each in a process group of its own (so that a timeout can end
+# mpiexec with its ranks): keyed by pid, which is also the group id.
+_running: dict[int, subprocess.Popen] = {}
+
+
+def _stop_children(signum, frame) -> None:
+    """SIGTERM, from the stage's timeout: it signals the stage's process group, which the
+    commands started here left. End them, then this step."""
+    for pid in list(_running):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def launch_prefix() -> list[str]:
     """The launcher prefix bin/gpu-check found (empty when there is none)."""
     return shlex.split(os.environ.get(LAUNCH_ENV, ""))
@@ -130,9 +146,11 @@ def start_launcher_probe(launch: list[str]):
     if not launch:
         return Check("launcher", False, "no mpiexec or mpirun on PATH")
     try:
-        return subprocess.Popen([*launch, "2", sys.executable, "-c", RANKS_PROBE],
+        proc = subprocess.Popen([*launch, "2", sys.executable, "-c", RANKS_PROBE],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
+        _running[proc.pid] = proc
+        return proc
     except OSError as exc:
         return Check("launcher", False, f"{launch[0]} cannot be started ({exc.strerror})")
 
@@ -146,6 +164,8 @@ def finish_launcher_probe(proc, launch: list[str], began: float) -> Check:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return Check("launcher", False, f"`{command}` did not finish in {LAUNCH_TIMEOUT:.0f} s")
+    finally:
+        _running.pop(proc.pid, None)
     ranks = sorted(re.findall(r"rank (\d+) of (\d+): sum (\d+)", out))
     if proc.returncode == 0 and ranks == [("0", "2", "2"), ("1", "2", "2")]:
         return Check("launcher", True, f"`{command}` started 2 ranks that see each other "
@@ -375,6 +395,7 @@ def run_command(cmd: list[str], timeout: float = RUN_TIMEOUT) -> tuple[int | Non
                                 text=True, start_new_session=True)
     except OSError as exc:        # FileNotFoundError for a missing launcher, and the like
         return None, f"cannot start {cmd[0]}: {exc.strerror or exc}", 0.0
+    _running[proc.pid] = proc
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -383,6 +404,8 @@ def run_command(cmd: list[str], timeout: float = RUN_TIMEOUT) -> tuple[int | Non
         seconds = time.monotonic() - began
         print((out or "")[-3000:], flush=True)
         return None, f"timed out after {timeout:.0f} s", seconds
+    finally:
+        _running.pop(proc.pid, None)
     seconds = time.monotonic() - began
     print(f"  [{seconds:.1f} s, exit {proc.returncode}]", flush=True)
     if proc.returncode != 0:
@@ -858,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
               "(run by bin/gpu-check)", file=sys.stderr)
         return 2
     step, _ = STEPS[argv[0]]
+    signal.signal(signal.SIGTERM, _stop_children)
     try:
         return step(*argv[1:])
     except Exception as exc:       # the boundary: one line, never a traceback

@@ -197,6 +197,31 @@ def test_a_command_that_hangs_is_killed_with_its_children():
     assert time.monotonic() - began < 30      # not the child's 60 s: the group was killed
 
 
+def test_a_stage_timeout_ends_the_commands_a_step_started(tmp_path):
+    """The stage's `timeout` signals its own process group; the runs a step started live in
+    groups of their own (so that mpiexec and its ranks can be killed together), so the step
+    ends them itself on SIGTERM instead of leaving them running into the next stage."""
+    pid_file = tmp_path / "child.pid"
+    sleeper = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+               "time.sleep(120)")
+    step = ("import sys; from spmd_moe import gpucheck; "
+            "gpucheck.STEPS['sleep'] = (lambda: gpucheck.run_command([sys.executable, '-c', "
+            f"{sleeper!r}], timeout=120)[0] or 0, 0); sys.exit(gpucheck.main(['sleep']))")
+    proc = subprocess.run(["timeout", "8", sys.executable, "-c", step], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 124, proc.stdout + proc.stderr
+    child = int(pid_file.read_text())
+    for _ in range(50):                      # the kill is immediate; reaping may lag a little
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the command the step started outlived the stage's timeout")
+
+
 def test_no_launcher_means_no_multi_rank_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("GPU_CHECK_LAUNCH", "")
     assert gpucheck.ranks_command(2, ["python"]) == "no MPI launcher (mpiexec or mpirun) on PATH"
