@@ -759,8 +759,9 @@ def summary_markdown(out: str, stages: list[tuple[str, str, str]], facts_record:
     transport_result = _load(out, "transport.json")
     lines += ["", "### Dispatch + combine against a raw Alltoallv of the same bytes", ""]
     if transport_result:
-        lines += ["| ranks | transport | tokens per rank | dispatch + combine ms | raw Alltoallv x2 ms"
-                  " | ratio (SPEC: <= 1.2x) | rows intact |", "|---|---|---|---|---|---|---|"]
+        lines += ["| ranks | transport | tokens per rank | dispatch + combine ms | raw "
+                  "Alltoallv x2 ms | ratio (SPEC: <= 1.2x) | rows intact |",
+                  "|---|---|---|---|---|---|---|"]
         for ranks, r in transport_result.items():
             if r.get("ok"):
                 lines.append(f"| {ranks} | {r['transport']['name']} | "
@@ -790,7 +791,8 @@ def summary_markdown(out: str, stages: list[tuple[str, str, str]], facts_record:
                   + f") at the measured {floor['gbps']:.0f} GB/s ({decode_result['copy_how']}) "
                   f"= {_ms(floor['floor_ms'])} ms; measured / floor = "
                   f"**{_ratio(decode_result['ratio_to_floor'])}** (at the "
-                  f"{H200_DATASHEET_GBPS:.0f} GB/s datasheet: {_ms(floor['floor_ms_at_h200_datasheet'])} ms)."]
+                  f"{H200_DATASHEET_GBPS:.0f} GB/s datasheet: "
+                  f"{_ms(floor['floor_ms_at_h200_datasheet'])} ms)."]
     elif decode_result:
         lines.append(f"FAIL: {decode_result.get('error')}")
     else:

@@ -9,8 +9,8 @@ CPU, the cublasGemmEx call's layout against a column-major GEMM written in NumPy
   mpi-cuda only where the MPI library says it is CUDA-aware;
 - the bench's layer step and transport measurement on the GPU.
 
-Two ranks sharing the GPU over mpi-host are checked by bin/gpu-check (mpirun around
-``spmd-moe run``), since pytest-mpi is not there.
+Two ranks sharing the GPU over mpi-host are checked by bin/gpu-check's compare and
+transport stages (``spmd-moe run`` and ``spmd-moe bench`` under the launcher).
 """
 import numpy as np
 import pytest
