@@ -39,8 +39,14 @@ import time
 from dataclasses import dataclass
 
 LAUNCH_ENV = "GPU_CHECK_LAUNCH"
-LAUNCH_TIMEOUT = 10.0         # seconds for `mpiexec -n 2 python -c ...` in the preflight
-RUN_TIMEOUT = 60.0            # one `spmd-moe run` or `bench --transport-only` process
+# Seconds for `mpiexec -n 2 python -c ...` in the preflight (three times that with --cpu,
+# which runs on busy 2-core machines: the preflight's own limit is 15 s, or 45 s there).
+LAUNCH_TIMEOUT = 10.0
+# Seconds for one `spmd-moe run` or `bench --transport-only` process (the decode run gets
+# 2.5 times that): $GPU_CHECK_RUN_TIMEOUT, which bin/gpu-check sets higher for --cpu (a
+# NumPy `small` run took over 60 s on the 2-core container at load 17).
+RUN_TIMEOUT_ENV = "GPU_CHECK_RUN_TIMEOUT"
+RUN_TIMEOUT = 60.0
 PROBE_KERNEL = "expert_ffn.cu"
 RANKS_PROBE = ("from mpi4py import MPI; w = MPI.COMM_WORLD; "
                "print(f'rank {w.Get_rank()} of {w.Get_size()}: sum {w.allreduce(1)}', "
@@ -70,6 +76,10 @@ def _stop_children(signum, frame) -> None:
         except ProcessLookupError:
             pass
     sys.exit(128 + signum)
+
+
+def run_timeout() -> float:
+    return float(os.environ.get(RUN_TIMEOUT_ENV) or RUN_TIMEOUT)
 
 
 def launch_prefix() -> list[str]:
@@ -155,15 +165,16 @@ def start_launcher_probe(launch: list[str]):
         return Check("launcher", False, f"{launch[0]} cannot be started ({exc.strerror})")
 
 
-def finish_launcher_probe(proc, launch: list[str], began: float) -> Check:
-    """Wait (up to LAUNCH_TIMEOUT from ``began``) for the 2-rank probe and judge it."""
+def finish_launcher_probe(proc, launch: list[str], began: float,
+                          limit: float = LAUNCH_TIMEOUT) -> Check:
+    """Wait (up to ``limit`` seconds from ``began``) for the 2-rank probe and judge it."""
     command = f"{shlex.join(launch)} 2 python"
     try:
-        out, err = proc.communicate(timeout=max(0.1, began + LAUNCH_TIMEOUT - time.monotonic()))
+        out, err = proc.communicate(timeout=max(0.1, began + limit - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return Check("launcher", False, f"`{command}` did not finish in {LAUNCH_TIMEOUT:.0f} s")
+        return Check("launcher", False, f"`{command}` did not finish in {limit:.0f} s")
     finally:
         _running.pop(proc.pid, None)
     ranks = sorted(re.findall(r"rank (\d+) of (\d+): sum (\d+)", out))
@@ -249,7 +260,8 @@ def preflight(mode: str) -> int:
     if gpu.ok:
         checks.append(check_nvrtc(mode, compute_capability))
     if probe is not None:
-        checks.insert(1, finish_launcher_probe(probe, launch, began))
+        limit = LAUNCH_TIMEOUT * (3 if mode == "cpu" else 1)
+        checks.insert(1, finish_launcher_probe(probe, launch, began, limit))
     for check in checks:
         if check.ok:
             print(f"preflight: {check.name} ok: {check.detail}", flush=True)
@@ -384,10 +396,11 @@ def facts(backend_name: str, facts_json: str) -> int:
 
 # --- runs under the launcher ----------------------------------------------------------------
 
-def run_command(cmd: list[str], timeout: float = RUN_TIMEOUT) -> tuple[int | None, str, float]:
+def run_command(cmd: list[str], timeout: float | None = None) -> tuple[int | None, str, float]:
     """``(exit status or None when it timed out or could not start, what it printed or
-    why, seconds)``. The command runs in its own process group, killed whole on timeout
-    (mpiexec's ranks too)."""
+    why, seconds)``. The command runs in its own process group, killed whole after
+    ``timeout`` seconds (default :func:`run_timeout`), mpiexec's ranks too."""
+    timeout = run_timeout() if timeout is None else timeout
     print(f"$ {shlex.join(cmd)}", flush=True)
     began = time.monotonic()
     try:
@@ -638,7 +651,8 @@ def decode(work: str, out_json: str, backend: str, mode: str) -> int:
     report = os.path.join(work, "decode-report.json")
     status, output, seconds = run_command([sys.executable, "-m", "spmd_moe", "run",
                                            *config_args, *workload, "--backend", backend,
-                                           "--report", report], timeout=150.0)
+                                           "--report", report],
+                                          timeout=2.5 * run_timeout())
     result["seconds"] = round(seconds, 1)
     if status != 0:
         result["error"] = _failure(status, output)
