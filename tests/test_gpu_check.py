@@ -207,8 +207,8 @@ def test_a_stage_timeout_ends_the_commands_a_step_started(tmp_path):
     step = ("import sys; from spmd_moe import gpucheck; "
             "gpucheck.STEPS['sleep'] = (lambda: gpucheck.run_command([sys.executable, '-c', "
             f"{sleeper!r}], timeout=120)[0] or 0, 0); sys.exit(gpucheck.main(['sleep']))")
-    proc = subprocess.run(["timeout", "8", sys.executable, "-c", step], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["timeout", "30", sys.executable, "-c", step], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 124, proc.stdout + proc.stderr
     child = int(pid_file.read_text())
     for _ in range(50):                      # the kill is immediate; reaping may lag a little
