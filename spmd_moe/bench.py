@@ -11,6 +11,9 @@ Two measurements, both built from the engine's own functions on a real :class:`B
   x 2 / 16), then un-permutation with the weighted sum and the residual. The Alltoallv
   between permutation and expert is the transport measurement's business. Per-phase times
   come from CUDA events on the compute stream on a GPU, from the host clock on NumPy.
+  With the fused kernels (CuPy, bf16), the attention core is also timed with each tile
+  height the kernel has (64 and 128 queries per CTA) on the same inputs, so that one run
+  says which to keep.
   When ``import torch`` works, the same shapes are timed in PyTorch in the same run:
   ``scaled_dot_product_attention`` (causal), two plain bf16 GEMMs with and without the GELU,
   and an eager whole step (norms, projections, RoPE, SDPA, router, gather, FFN,
@@ -311,6 +314,10 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     del step, out
     if bk.on_gpu:
         bk.xp.get_default_memory_pool().free_all_blocks()
+    say("timing the attention tile heights")
+    result["attention_tiles"] = time_attention_tiles(bk, shape, iters, warmup, seed)
+    if bk.on_gpu:
+        bk.xp.get_default_memory_pool().free_all_blocks()
     if peer == "auto" and not shape.spec_layer:
         result["peer"] = {"available": False, "reason": "the PyTorch peer implements SPEC "
                                                         "§1's layer only (MHA, GELU experts); "
@@ -321,6 +328,54 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     else:
         result["peer"] = {"available": False, "reason": "--peer none"}
     result["targets"] = layer_targets(result)
+    return result
+
+
+def time_attention_tiles(bk, shape: BenchShape, iters: int, warmup: int, seed: int = 0) -> dict:
+    """The layer step's attention core (``seqs`` causal sequences of ``seq_len``) on the
+    fused kernel with each tile height, on the same random q, k, v, timed as the step's
+    phases are; which height the schedule picks; and whether the heights agree (each row's
+    arithmetic is the same, so the outputs should be identical). Without the fused kernels,
+    or for float32 (64-row tiles only), says why not."""
+    if bk.kernels is None:
+        return {"available": False, "reason": f"no fused kernels: {bk.kernels_reason}"}
+    if shape.dtype != "bfloat16":
+        return {"available": False, "reason": "float32 attention has 64-query tiles only"}
+    from .kernels.schedule import TILE_ROWS, tile_rows
+
+    n, heads, dh = shape.tokens, shape.heads, shape.head_dim
+    rng = bk.xp.random.default_rng(seed + 2)
+    q, k, v = (rng.standard_normal((n, heads, dh), dtype=np.float32).astype(bk.dtype)
+               for _ in range(3))                                              # [T, H, Dh]
+    starts = np.arange(shape.seqs, dtype=np.int64) * shape.seq_len
+    lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
+    result = {"available": True, "chosen": tile_rows(lengths, heads, bk.kernels.n_sm,
+                                                     shape.dtype),
+              "flops": layer_flops(shape)["attn_core"], "ms": {}, "tflops": {}}
+    outputs = {}
+    for rows in TILE_ROWS:
+        times = []
+        for i in range(warmup + iters):
+            timer = bk.timer()
+            with timer.phase("attn_core"):
+                out = bk.kernels.attention(q, starts, lengths, k, v, starts, lengths,
+                                           dh ** -0.5, tile_rows=rows)          # [T, d]
+            if i >= warmup:
+                times.append(timer.totals()["attn_core"] * 1e3)
+        result["ms"][str(rows)] = stats(times)
+        result["tflops"][str(rows)] = result["flops"] / (result["ms"][str(rows)]["mean"]
+                                                          / 1e3) / 1e12
+        outputs[rows] = out
+    # Rows are computed alike by both heights (only split-K, which long prefill does not
+    # use, would cut the key range differently): identical bits are expected.
+    xp = bk.xp
+    first, *others = (outputs[rows] for rows in TILE_ROWS)
+    result["outputs_identical"] = all(bool((first.view(np.uint16) == o.view(np.uint16)).all())
+                                      for o in others)
+    base = first.astype(np.float32)
+    result["outputs_max_rel_diff"] = max(
+        float(xp.linalg.norm(o.astype(np.float32) - base) / max(float(xp.linalg.norm(base)),
+                                                                1e-30)) for o in others)
     return result
 
 
@@ -393,12 +448,18 @@ def layer_targets(result: dict) -> list[dict]:
     peer_ms = {k: v["mean"] for k, v in peer.get("phases_ms", {}).items()
                if isinstance(v, dict) and "mean" in v}
     ours = result["phases_ms"]
+    tiles = result.get("attention_tiles", {})
+    by_tile = [_target(f"attention, {rows}-query tiles vs SDPA", st["mean"], peer_ms.get("sdpa"),
+                       "torch scaled_dot_product_attention, causal (same run)",
+                       "attention_vs_sdpa")
+               for rows, st in tiles.get("ms", {}).items()]
     return [
         _target("whole step vs PyTorch eager", result["step_ms"]["mean"],
                 peer_ms.get("eager_step"), "PyTorch eager step (same run)",
                 "step_vs_pytorch_eager"),
         _target("attention vs SDPA", ours["attn_core"]["mean"], peer_ms.get("sdpa"),
                 "torch scaled_dot_product_attention, causal (same run)", "attention_vs_sdpa"),
+        *by_tile,
         _target("expert FFN vs two GEMMs", ours["experts"]["mean"], peer_ms.get("ffn_gemms"),
                 "two plain torch bf16 GEMMs (same run)", "expert_ffn_vs_two_gemms"),
         _target("whole step vs matmul floor", result["step_ms"]["mean"], result["floor_ms"],
@@ -691,6 +752,16 @@ def format_layer(result: dict) -> str:
         lines.append(f"  {name:<12}{st['mean']:>11.3f}{st['min']:>11.3f}{fl / 1e9:>12.5g}"
                      + (f"{tf:>10.4g}{mfu * 100:>7.1f}%" if tf is not None else ""))
     lines.append(f"  step wall (events around the step) {result['step_wall_ms']['mean']:.3f} ms")
+    tiles = result.get("attention_tiles", {})
+    if tiles.get("available"):
+        lines.append("  attention core by tile height (same inputs): " + ", ".join(
+            f"{rows} queries {st['mean']:.3f} ms ({tiles['tflops'][rows]:.4g} TFLOP/s)"
+            for rows, st in tiles["ms"].items())
+            + f"; the schedule picks {tiles['chosen']}; outputs "
+            + ("identical" if tiles["outputs_identical"]
+               else f"differ (relative {tiles['outputs_max_rel_diff']:.2g})"))
+    elif tiles:
+        lines.append(f"  attention tile heights: not timed ({tiles['reason']})")
     peer = result.get("peer", {})
     if peer.get("available"):
         lines.append(f"  PyTorch {peer['torch']} on {peer['device']}:")
@@ -704,7 +775,7 @@ def format_layer(result: dict) -> str:
     for row in result["targets"]:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "  n/a"
         req = f"<= {row['required']:.2f}x" if row["required"] is not None else "  -   "
-        lines.append(f"    {row['name']:<30}{ratio:>8}  required {req}  aim <= "
+        lines.append(f"    {row['name']:<36}{ratio:>8}  required {req}  aim <= "
                      f"{row['aim']:.2f}x  {row['status']}")
     return "\n".join(lines)
 

@@ -295,6 +295,10 @@ class CudaAwareMpiTransport(DeviceTransport):
 
     def _recv_device(self, comm, out, source, tag) -> None:
         self._check()
+        # ``out`` is fresh from CuPy's pool, which hands back a block as soon as its last
+        # user was freed on the host: kernels still queued on the stream may read it. MPI
+        # writes it from outside the stream, so the stream must be drained first.
+        self.ops.synchronize()
         comm.Recv(out.view(_word(out.dtype.itemsize)), source=source, tag=tag)
 
 

@@ -125,6 +125,52 @@ def test_target_statuses():
     result["phases_ms"]["attn_core"]["mean"] = 15.0
     assert {r["name"]: r for r in layer_targets(result)}["attention vs SDPA"]["status"] == \
         "missed"
+    # Each attention tile height gets its own row against the same SDPA time.
+    result["attention_tiles"] = {"available": True, "ms": {"64": {"mean": 12.0},
+                                                           "128": {"mean": 10.5}}}
+    rows = {row["name"]: row for row in layer_targets(result)}
+    assert rows["attention, 64-query tiles vs SDPA"]["ratio"] == pytest.approx(1.2)
+    assert rows["attention, 128-query tiles vs SDPA"]["ratio"] == pytest.approx(1.05)
+
+
+def test_attention_tiles_need_the_fused_kernels(tiny_result):
+    tiles = tiny_result["attention_tiles"]
+    assert tiles["available"] is False and "no fused kernels" in tiles["reason"]
+    assert "attention tile heights: not timed" in bench.format_layer(tiny_result)
+
+
+class StubKernels:
+    """The fused kernels' attention entry, on NumPy: records the tile heights asked for."""
+
+    n_sm = 132
+
+    def __init__(self):
+        self.tile_rows = []
+
+    def attention(self, q, q_starts, q_lengths, k, v, k_starts, k_lengths, scale, tile_rows):
+        self.tile_rows.append(tile_rows)
+        return (q.astype(np.float32) * scale).astype(q.dtype).reshape(q.shape[0], -1)
+
+
+def test_attention_tiles_time_each_height_on_the_same_inputs():
+    bk = numpy_backend()
+    bk.kernels = StubKernels()
+    shape = BenchShape(**{**TINY, "seq_len": 1100})
+    tiles = bench.time_attention_tiles(bk, shape, iters=2, warmup=1)
+    assert bk.kernels.tile_rows == [64] * 3 + [128] * 3
+    assert set(tiles["ms"]) == {"64", "128"} and all(len(st["all"]) == 2
+                                                     for st in tiles["ms"].values())
+    assert tiles["chosen"] == 64            # 3 x 9 tiles x 4 heads do not fill 132 SMs
+    assert tiles["outputs_identical"] is True
+    assert tiles["flops"] == layer_flops(shape)["attn_core"]
+    assert tiles["tflops"]["64"] == pytest.approx(
+        tiles["flops"] / (tiles["ms"]["64"]["mean"] / 1e3) / 1e12)
+    float32 = bench.time_attention_tiles(numpy_backend("float32"), shape, 1, 0)
+    bk32 = numpy_backend("float32")
+    bk32.kernels = StubKernels()
+    assert bench.time_attention_tiles(bk32, BenchShape(**{**TINY, "dtype": "float32"}), 1,
+                                      0)["reason"] == "float32 attention has 64-query tiles only"
+    assert float32["available"] is False
 
 
 def test_expert_rows_can_differ_from_routed_rows():

@@ -9,8 +9,8 @@ CPU, the cublasGemmEx call's layout against a column-major GEMM written in NumPy
   mpi-cuda only where the MPI library says it is CUDA-aware;
 - the bench's layer step and transport measurement on the GPU.
 
-Two ranks sharing the GPU over mpi-host are checked by bin/gpu-check (mpirun around
-``spmd-moe run``), since pytest-mpi is not there.
+Two ranks sharing the GPU over mpi-host are checked by bin/gpu-check's compare and
+transport stages (``spmd-moe run`` and ``spmd-moe bench`` under the launcher).
 """
 import numpy as np
 import pytest
@@ -379,6 +379,11 @@ def test_bench_layer_step_on_gpu(cupy_backend):
     result = run_layer_step(cupy_backend, shape, iters=2, warmup=1, peer="none")
     assert all(result["phases_ms"][p]["mean"] > 0 for p in LAYER_PHASES)
     assert result["output_finite"] and result["peak"]["tflops"] > 1
+    # Both attention tile heights timed on the same inputs, giving the same bits (each
+    # row's arithmetic does not depend on the tile height).
+    tiles = result["attention_tiles"]
+    assert tiles["available"], tiles
+    assert set(tiles["ms"]) == {"64", "128"} and tiles["outputs_identical"]
 
 
 @gpu

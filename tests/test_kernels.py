@@ -1,11 +1,14 @@
 """The fused CUDA kernels (spmd_moe/kernels).
 
 Without a GPU (CI):
-- every source compiles with NVRTC for sm_90a and sm_80; the attention kernel is built on
-  tensor-core instructions and does not spill at head dim 128; every kernel name the
-  launch code can ask for exists;
-- the host-side planning (tile lists, split-K, variants, chunking, vector widths) against
-  NumPy, with a float64 emulation of the kernels' tiled online softmax over the schedule;
+- every source compiles with NVRTC for sm_90a and sm_80 with the options the run time uses
+  (one list); the attention kernels are built on tensor-core instructions and do not spill
+  at head dim 128 (64- and 128-query tiles); every kernel name the launch code can ask for
+  exists; the on-disk cache compiles once per (source, options, target, NVRTC) and the run
+  time loads exactly its cubin;
+- the host-side planning (tile lists, tile heights, split-K, variants, alignment, chunking,
+  vector widths) against NumPy, with a float64 emulation of the kernels' tiled online
+  softmax over the schedule;
 - the launch code (fused.py) on a fake device: NumPy emulations of each kernel behind it,
   every launch checked against the kernel's PTX parameter types, outputs poisoned;
 - the ``SPMD_MOE_KERNELS=0``, NumPy-backend and no-device paths of attach().
@@ -25,6 +28,7 @@ import pytest
 from spmd_moe import kernels
 from spmd_moe.backend import BF16, F32
 from spmd_moe.kernels import schedule as sch
+from spmd_moe.kernels import compile as kernel_compile
 from spmd_moe.kernels.compile import KERNEL_DIR, SOURCES, compile_source, entry_points, source
 
 ARCHS = ("sm_90a", "sm_80")
@@ -51,10 +55,72 @@ def test_source_compiles_to_cubin(name, arch):
     assert "warning" not in result.log.lower(), result.log
 
 
-def test_compile_all_gives_every_source():
-    binaries = kernels.compile_all("sm_90a")
-    assert set(binaries) == set(SOURCES)
-    assert all(b[:4] == b"\x7fELF" for b in binaries.values())
+def test_one_list_of_options_for_run_time_and_tests(monkeypatch):
+    """compile_source hands NVRTC the target and OPTIONS (with CuPy's -ftz=true), and the
+    run time loads compile_source's cubin (test_load_module_runs_the_cached_cubin)."""
+    from cupy.cuda import nvrtc
+
+    seen = []
+    real = nvrtc.compileProgram
+    monkeypatch.setattr(nvrtc, "compileProgram",
+                        lambda program, options: (seen.append(list(options)),
+                                                  real(program, options))[1])
+    compile_source("expert_ffn.cu", "sm_80")
+    assert seen == [["--gpu-architecture=sm_80", *kernel_compile.OPTIONS]]
+    assert "-ftz=true" in kernel_compile.OPTIONS and "-std=c++17" in kernel_compile.OPTIONS
+
+
+def test_device_arch():
+    assert kernel_compile.device_arch("90") == "sm_90a"
+    assert kernel_compile.device_arch(80) == "sm_80"
+    assert kernel_compile.device_arch("100") == "sm_100"
+
+
+SMALL_SOURCES = ("expert_ffn.cu", "permute.cu")   # fast to compile; flash_attention is ~20 s
+
+
+def test_cache_compiles_once_per_source_and_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPMD_MOE_KERNEL_CACHE", str(tmp_path / "cache"))
+    first = kernels.precompile("sm_80", SMALL_SOURCES)
+    assert [(name, compiled) for name, _, compiled in first] == [(n, True) for n in SMALL_SOURCES]
+    again = kernels.precompile("sm_80", SMALL_SOURCES)
+    assert [compiled for _, _, compiled in again] == [False, False]
+    path, compiled = kernel_compile.cubin_path("expert_ffn.cu", "sm_80")
+    assert not compiled and path.read_bytes() == compile_source("expert_ffn.cu", "sm_80").cubin
+    assert set(kernel_compile.cached_entry_points(path)) == {"gelu_bf16_inplace",
+                                                             "gelu_f32_inplace"}
+    # Another target, other options or another source text are other entries.
+    assert kernel_compile.cubin_path("expert_ffn.cu", "sm_90a")[1]
+    monkeypatch.setattr(kernel_compile, "OPTIONS", (*kernel_compile.OPTIONS, "-DUNUSED=1"))
+    assert kernel_compile.cubin_path("expert_ffn.cu", "sm_80")[1]
+    assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+def test_load_module_runs_the_cached_cubin(tmp_path, monkeypatch):
+    """The run time's RawModule is built from the cache's cubin for the device's target,
+    and fetches every kernel of it at load (a missing one fails in attach())."""
+    import cupy
+
+    monkeypatch.setenv("SPMD_MOE_KERNEL_CACHE", str(tmp_path))
+    made = []
+
+    class Module:
+        def __init__(self, path):
+            self.path, self.fetched = path, []
+            made.append(self)
+
+        def get_function(self, name):
+            self.fetched.append(name)
+
+    monkeypatch.setattr(cupy, "RawModule", lambda path: Module(path))
+    monkeypatch.setattr(cupy.cuda, "Device",
+                        lambda: SimpleNamespace(id=7, compute_capability="90"))
+    monkeypatch.setattr(kernel_compile, "_modules", {})
+    module = kernel_compile.load_module("permute.cu")
+    assert kernel_compile.load_module("permute.cu") is module and len(made) == 1
+    path, compiled = kernel_compile.cubin_path("permute.cu", "sm_90a")
+    assert module.path == str(path) and not compiled
+    assert set(module.fetched) == set(entry_points(compile_source("permute.cu", "sm_90a").ptx))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,13 +131,26 @@ def test_attention_runs_on_tensor_cores(arch):
     assert "cp.async.cg.shared.global" in ptx
 
 
-def test_paper_attention_kernel_does_not_spill():
-    """Head dim 128 keeps its Q fragments and O accumulator in registers."""
-    log = compiled("flash_attention.cu", "sm_90a").log
-    entry = re.search(r"Compiling entry function 'flash_attention_bf16_d128_v16'.*?"
-                      r"(\d+) bytes spill stores", log, re.DOTALL)
+def ptxas_report(arch: str, kernel: str) -> dict[str, int]:
+    """ptxas' resource report of one kernel: stack frame, spill bytes, registers."""
+    log = compiled("flash_attention.cu", arch).log
+    entry = re.search(rf"Compiling entry function '{kernel}'.*?(\d+) bytes stack frame, "
+                      r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?Used (\d+) registers",
+                      log, re.DOTALL)
     assert entry is not None, log
-    assert entry.group(1) == "0"
+    return dict(zip(("stack", "spill_stores", "spill_loads", "registers"),
+                    map(int, entry.groups())))
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_bf16_m64_d128_v16",
+                                    "flash_attention_bf16_m64_d128_v4",
+                                    "flash_attention_bf16_m128_d128_v16"])
+def test_paper_attention_kernels_do_not_spill(kernel):
+    """Head dim 128 keeps its Q fragments and O accumulator in registers, with 4 warps (at
+    most 255 registers; ~170 fit two CTAs per SM) and with 8 (one CTA of 256 threads)."""
+    report = ptxas_report("sm_90a", kernel)
+    assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report
+    assert report["registers"] <= 255
 
 
 def test_sources_need_no_headers():
@@ -84,9 +163,11 @@ def test_every_launch_name_exists():
     attention = entries["flash_attention.cu"]
     for head_dim in range(2, 129, 2):
         for dtype in ("bfloat16", "float32"):
-            variant = sch.attention_variant(head_dim, dtype)
-            assert variant.kernel in attention
-            assert variant.combine_kernel in attention
+            for block_m in sch.TILE_ROWS:
+                for pointers in ((256, 512, 1024), (256, 516, 1024)):
+                    variant = sch.attention_variant(head_dim, dtype, block_m, pointers)
+                    assert variant.kernel in attention
+                    assert variant.combine_kernel in attention
     assert {"gelu_bf16_inplace", "gelu_f32_inplace"} <= entries["expert_ffn.cu"]
     permute = entries["permute.cu"]
     assert {f"gather_rows_v{w}" for w in (16, 4, 2)} <= permute
@@ -97,11 +178,16 @@ def test_every_launch_name_exists():
 def test_python_constants_match_the_kernel_source():
     text = (KERNEL_DIR / "flash_attention.cu").read_text()
     defined = dict(re.findall(r"^#define (\w+) (\d+)", text, re.MULTILINE))
-    for name in ("BLOCK_M", "BLOCK_N", "TILE_FIELDS", "COMBINE_FIELDS", "BF16_THREADS",
+    for name in ("BLOCK_M", "BLOCK_M_LONG", "BLOCK_N", "TILE_FIELDS", "COMBINE_FIELDS",
                  "F32_THREADS", "COMBINE_THREADS", "SMEM_PAD"):
         assert int(defined[name]) == getattr(sch, name), name
-    assert sch.BF16_THREADS == 32 * sch.BLOCK_M // 16    # one warp per 16 query rows
     assert sch.F32_THREADS == sch.BLOCK_M                # one thread per query row
+    # The launch bounds of each tile height are the threads the launch code starts.
+    bounds = dict(re.findall(r"^#define BOUNDS_M(\d+) __launch_bounds__\((\d+)", text,
+                             re.MULTILINE))
+    assert {int(m): int(t) for m, t in bounds.items()} == {
+        m: sch.bf16_threads(m) for m in sch.TILE_ROWS}
+    assert sch.bf16_threads(64) == 128 and sch.bf16_threads(128) == 256
 
 
 # --- attach() without a GPU --------------------------------------------------------------
@@ -146,20 +232,53 @@ def test_no_device_is_a_reason_not_a_crash(monkeypatch):
 # --- host-side planning (no GPU) -----------------------------------------------------------
 
 def test_attention_variant_choice():
-    assert sch.attention_variant(8, "bfloat16").kernel == "flash_attention_bf16_d16_v16"
-    assert sch.attention_variant(6, "bfloat16").kernel == "flash_attention_bf16_d16_v4"
-    assert sch.attention_variant(40, "bfloat16").kernel == "flash_attention_bf16_d64_v16"
-    assert sch.attention_variant(128, "bfloat16").kernel == "flash_attention_bf16_d128_v16"
+    assert sch.attention_variant(8, "bfloat16").kernel == "flash_attention_bf16_m64_d16_v16"
+    assert sch.attention_variant(6, "bfloat16").kernel == "flash_attention_bf16_m64_d16_v4"
+    assert sch.attention_variant(40, "bfloat16").kernel == "flash_attention_bf16_m64_d64_v16"
+    assert sch.attention_variant(128, "bfloat16").kernel == "flash_attention_bf16_m64_d128_v16"
     assert sch.attention_variant(32, "float32").kernel == "flash_attention_f32_d32"
+    long = sch.attention_variant(128, "bfloat16", 128)
+    assert (long.kernel, long.block_m, long.threads) == ("flash_attention_bf16_m128_d128_v16",
+                                                         128, 256)
+    # float32 has 64-row tiles only.
+    assert sch.attention_variant(64, "float32", 128).block_m == 64
     for bad in (0, 7, 130, 256):
         with pytest.raises(ValueError, match="head dim"):
             sch.attention_variant(bad, "bfloat16")
     with pytest.raises(ValueError, match="float16"):
         sch.attention_variant(64, "float16")
+    with pytest.raises(ValueError, match="64 or 128"):
+        sch.attention_variant(64, "bfloat16", 32)
     # Shared memory fits an sm_80 (163 KiB) and an H100 (227 KiB) block.
     for head_dim in (16, 32, 64, 128):
         for dtype in ("bfloat16", "float32"):
-            assert sch.attention_variant(head_dim, dtype).shared_bytes <= 163 * 1024
+            for block_m in sch.TILE_ROWS:
+                assert sch.attention_variant(head_dim, dtype, block_m).shared_bytes <= 163 * 1024
+
+
+def test_16_byte_copies_need_16_byte_aligned_bases():
+    """cp.async of 16 bytes faults on an address that is not 16-byte aligned: one base
+    pointer off the boundary takes the 4-byte copies (and 64-row tiles)."""
+    aligned = (1 << 20, 2 << 20, 3 << 20)
+    for block_m in sch.TILE_ROWS:
+        assert sch.attention_variant(64, "bfloat16", block_m, aligned).kernel.endswith("_v16")
+    for skewed in ((8, 0, 0), (0, 4, 0), (0, 0, 1028)):
+        pointers = tuple(a + b for a, b in zip(aligned, skewed))
+        for block_m in sch.TILE_ROWS:
+            variant = sch.attention_variant(64, "bfloat16", block_m, pointers)
+            assert variant.kernel == "flash_attention_bf16_m64_d64_v4"
+            assert variant.block_m == 64 and variant.threads == 128
+
+
+def test_tile_rows_take_128_queries_for_long_bf16_prefill():
+    paper = np.full(8, 10000)
+    assert sch.tile_rows(paper, heads=32, n_sm=132, dtype_name="bfloat16") == 128
+    assert sch.tile_rows(paper, heads=32, n_sm=132, dtype_name="float32") == 64
+    assert sch.tile_rows(np.ones(8), heads=32, n_sm=132, dtype_name="bfloat16") == 64  # decode
+    assert sch.tile_rows(np.full(8, 300), heads=32, n_sm=132, dtype_name="bfloat16") == 64
+    # Long but too few CTAs to fill the device without splitting: 64 rows.
+    assert sch.tile_rows(np.array([1024]), heads=2, n_sm=132, dtype_name="bfloat16") == 64
+    assert sch.tile_rows(np.zeros(0), heads=2, n_sm=132, dtype_name="bfloat16") == 64
 
 
 def relative_error(got, want) -> float:
@@ -205,26 +324,33 @@ def reference_attention(q, q_starts, q_lengths, k, v, k_starts, k_lengths, scale
 # with a fake device they run the launch code of fused.py without a GPU.
 
 def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, head_dim,
-                            scale_log2):
-    """out [Tq, h*D] (rows of whole tiles), part_o [slots, h, BM, D], part_lse [slots, h, BM]."""
+                            scale_log2, block_m):
+    """out [Tq, h*D] (rows of whole tiles), part_o [slots, h, BM, D], part_lse [slots, h, BM].
+    Rows go in warps of 16, and a warp skips a key block wholly past its last row's causal
+    bound, as the bf16 kernel does (the float32 kernel does the same arithmetic per row)."""
     out3 = out.reshape(out.shape[0], heads, head_dim)
+    assert part_o.shape[2] == part_lse.shape[2] == block_m
     for q_row0, n_rows, k_row0, diag, kb_begin, kb_end, slot, _ in tiles[:n_tiles]:
-        rows = np.arange(n_rows)
+        assert 1 <= n_rows <= block_m
         qs = q[q_row0:q_row0 + n_rows].astype(np.float64)                # [r, h, D]
         row_max = np.full((heads, n_rows), -np.inf)
         row_sum = np.zeros((heads, n_rows))
         acc = np.zeros((heads, n_rows, head_dim))
         key_end = diag + n_rows
+        rows = np.arange(n_rows)
+        warp_last_row = rows // 16 * 16 + 15                             # [r]
         for kb in range(kb_begin, kb_end):
             keys = np.arange(kb * sch.BLOCK_N, min((kb + 1) * sch.BLOCK_N, key_end))
             ks = k[k_row0 + keys].astype(np.float64)                     # [n, h, D]
             vs = v[k_row0 + keys].astype(np.float64)
+            # Rows of warps that skip this block keep their running state.
+            active = (kb * sch.BLOCK_N <= diag + warp_last_row)[None, :]  # [1, r]
             s = np.einsum("rhd,nhd->hrn", qs, ks) * float(scale_log2)
             s = np.where(keys[None, None, :] > diag + rows[None, :, None], -np.inf, s)
-            new_max = np.maximum(row_max, s.max(-1))
+            new_max = np.where(active, np.maximum(row_max, s.max(-1)), row_max)
             shift = np.where(new_max == -np.inf, 0.0, new_max)
             rescale = np.exp2(row_max - shift)
-            p = np.exp2(s - shift[..., None])
+            p = np.where(active[..., None], np.exp2(s - shift[..., None]), 0.0)
             row_sum = row_sum * rescale + p.sum(-1)
             acc = acc * rescale[..., None] + np.einsum("hrn,nhd->hrd", p, vs)
             row_max = new_max
@@ -237,7 +363,8 @@ def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, head
             part_lse[slot, :, :n_rows] = np.where(seen, row_max + np.log2(safe), -np.inf)
 
 
-def emulate_attention_combine(part_o, part_lse, combine, out, heads, head_dim):
+def emulate_attention_combine(part_o, part_lse, combine, out, heads, head_dim, block_m):
+    assert part_o.shape[2] == block_m
     out3 = out.reshape(out.shape[0], heads, head_dim)
     for q_row0, n_rows, slot0, n_splits in combine:
         lse = part_lse[slot0:slot0 + n_splits, :, :n_rows].astype(np.float64)   # [s, h, r]
@@ -276,15 +403,16 @@ def run_schedule(schedule, q, k, v, scale):
     """Both attention kernels over ``schedule`` -> [Tq, h*D] float64, NaN where unwritten."""
     n_q, heads, head_dim = q.shape
     out = np.full((n_q, heads * head_dim), np.nan)
-    part_o = np.full((max(schedule.n_slots, 1), heads, sch.BLOCK_M, head_dim), np.nan)
-    part_lse = np.full((max(schedule.n_slots, 1), heads, sch.BLOCK_M), np.nan)
+    part_o = np.full((max(schedule.n_slots, 1), heads, schedule.block_m, head_dim), np.nan)
+    part_lse = np.full((max(schedule.n_slots, 1), heads, schedule.block_m), np.nan)
     emulate_flash_attention(q, k, v, out, part_o, part_lse, schedule.tiles, schedule.n_tiles,
-                            heads, head_dim, scale * np.log2(np.e))
-    emulate_attention_combine(part_o, part_lse, schedule.combine, out, heads, head_dim)
+                            heads, head_dim, scale * np.log2(np.e), schedule.block_m)
+    emulate_attention_combine(part_o, part_lse, schedule.combine, out, heads, head_dim,
+                              schedule.block_m)
     return out
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(16))
 def test_schedule_emulation_matches_reference(case):
     rng = np.random.default_rng(case)
     decode = case % 3 == 0
@@ -293,7 +421,8 @@ def test_schedule_emulation_matches_reference(case):
                                decode=decode, gap=int(rng.integers(0, 3)))
     # Few SMs: long tiles stay whole; many SMs: the schedule splits them (split-K).
     n_sm = int(rng.choice([1, 1000]))
-    schedule = sch.attention_schedule(*lengths, heads=heads, n_sm=n_sm)
+    block_m = sch.TILE_ROWS[case % 2]
+    schedule = sch.attention_schedule(*lengths, heads=heads, n_sm=n_sm, block_m=block_m)
     n_q = int(lengths[1].sum())
     n_k = int((lengths[2] + lengths[3]).max()) + 2
     q = rng.standard_normal((n_q, heads, head_dim))
@@ -310,14 +439,16 @@ def tiles_by_field(schedule):
     return {n: schedule.tiles[:, i].astype(np.int64) for i, n in enumerate(names)}
 
 
-def test_schedule_covers_each_query_once_and_skips_masked_blocks():
+@pytest.mark.parametrize("block_m", sch.TILE_ROWS)
+def test_schedule_covers_each_query_once_and_skips_masked_blocks(block_m):
     rng = np.random.default_rng(7)
     q_starts, q_lengths, k_starts, k_lengths = random_sequences(rng, 9, 300)
     for n_sm in (1, 1000):
         schedule = sch.attention_schedule(q_starts, q_lengths, k_starts, k_lengths, heads=2,
-                                          n_sm=n_sm)
+                                          n_sm=n_sm, block_m=block_m)
+        assert schedule.block_m == block_m
         t = tiles_by_field(schedule)
-        assert (t["n_rows"] >= 1).all() and (t["n_rows"] <= sch.BLOCK_M).all()
+        assert (t["n_rows"] >= 1).all() and (t["n_rows"] <= block_m).all()
         # Whole tiles write rows directly; split tiles through exactly one combine group.
         written = np.zeros(int(q_lengths.sum()), np.int64)
         for q0, n, slot in zip(t["q_row0"], t["n_rows"], t["slot"]):
@@ -357,6 +488,9 @@ def test_split_k_only_when_the_device_would_idle():
     prefill = sch.attention_schedule(starts, lengths, starts, lengths, heads=32, n_sm=132)
     assert prefill.n_slots == 0 and len(prefill.combine) == 0
     assert prefill.n_tiles == 8 * -(-10000 // sch.BLOCK_M)
+    long = sch.attention_schedule(starts, lengths, starts, lengths, heads=32, n_sm=132,
+                                  block_m=128)
+    assert long.n_slots == 0 and long.n_tiles == 8 * -(-10000 // 128)
     # Decode of 8 sequences against 10000 cached keys: 256 CTAs on 132 SMs -> split.
     ones = np.ones(8, np.int64)
     decode = sch.attention_schedule(np.arange(8), ones, starts, lengths, heads=32, n_sm=132)
@@ -491,19 +625,33 @@ class FakeModule:
         return self.kernels[name]
 
 
+def address(array) -> int:
+    return array.__array_interface__["data"][0]
+
+
 def _emulation(name: str):
-    """The emulation of kernel ``name`` plus checks of its launch shape."""
+    """The emulation of kernel ``name`` plus checks of its launch shape and of what the
+    hardware would fault on: cp.async of 16 (4) bytes needs 16 (4)-byte aligned sources,
+    and the bf16 kernels store output pairs as 4-byte words."""
     if name.startswith("flash_attention_"):
+        block_m = int(re.search(r"_m(\d+)_", name).group(1)) if "bf16" in name else sch.BLOCK_M
+
         def run(grid, block, q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, d, scale):
             assert grid == (int(n_tiles) * int(heads),)
-            assert block == ((sch.BF16_THREADS if "bf16" in name else sch.F32_THREADS),)
+            assert block == ((sch.bf16_threads(block_m) if "bf16" in name
+                              else sch.F32_THREADS),)
+            if "bf16" in name:
+                copy = 16 if name.endswith("_v16") else 4
+                assert all(address(a) % copy == 0 for a in (q, k, v)), (name, "misaligned")
+                assert address(out) % 4 == 0
             emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, int(n_tiles),
-                                    int(heads), int(d), scale)
+                                    int(heads), int(d), scale, block_m)
         return run
     if name.startswith("attention_combine_"):
-        def run(grid, block, part_o, part_lse, combine, out, heads, d):
+        def run(grid, block, part_o, part_lse, combine, out, heads, d, block_m):
             assert grid == (len(combine) * int(heads),)
-            emulate_attention_combine(part_o, part_lse, combine, out, int(heads), int(d))
+            emulate_attention_combine(part_o, part_lse, combine, out, int(heads), int(d),
+                                      int(block_m))
         return run
     if name.startswith("gelu_"):
         return lambda grid, block, x, n: emulate_gelu(x, int(n))
@@ -548,7 +696,7 @@ def test_attention_schedule_is_kept_for_a_pass_and_rebuilt_for_new_lengths():
     want = reference_attention(np.asarray(q), [0], [10], np.asarray(k), np.asarray(k), [0],
                                [20], 0.25)
     assert relative_error(second, want) < 1e-2
-    kernel = fused.attention_module.kernels["flash_attention_bf16_d16_v16"]
+    kernel = fused.attention_module.kernels["flash_attention_bf16_m64_d16_v16"]
     assert kernel.launches == 3 and kernel.max_dynamic_shared_size_bytes == 48 << 10
 
 
@@ -556,9 +704,68 @@ def test_large_shared_memory_is_opted_in():
     fused, fake = make_fake_fused(), FakeCupy()
     q = fake.asarray(np.ones((3, 1, 128), BF16))
     fused.attention(q, [0], [3], q, q, [0], [3], 0.1)
-    kernel = fused.attention_module.kernels["flash_attention_bf16_d128_v16"]
+    kernel = fused.attention_module.kernels["flash_attention_bf16_m64_d128_v16"]
     assert kernel.max_dynamic_shared_size_bytes == sch.attention_variant(
         128, "bfloat16").shared_bytes > 48 << 10
+    fused.attention(q, [0], [3], q, q, [0], [3], 0.1, tile_rows=128)
+    kernel = fused.attention_module.kernels["flash_attention_bf16_m128_d128_v16"]
+    assert kernel.max_dynamic_shared_size_bytes == sch.attention_variant(
+        128, "bfloat16", 128).shared_bytes
+
+
+def launched(fused) -> dict[str, int]:
+    """Launches per attention kernel (not the split-K merges)."""
+    return {name: kernel.launches for name, kernel in fused.attention_module.kernels.items()
+            if kernel.launches and name.startswith("flash_attention_")}
+
+
+def offset_view(fake, values, offset_bytes: int):
+    """``values`` copied into a FakeArray whose base address is ``offset_bytes`` past a
+    64-byte boundary (a view into a larger buffer, C-contiguous)."""
+    flat = np.zeros(values.size + 64, values.dtype)
+    start = (-address(flat) % 64 + offset_bytes) // values.dtype.itemsize
+    view = flat[start:start + values.size].reshape(values.shape)
+    view[...] = values
+    assert address(view) % 64 == offset_bytes
+    return view.view(FakeArray)
+
+
+@pytest.mark.parametrize("offset,kernel", [(0, "flash_attention_bf16_m64_d32_v16"),
+                                           (8, "flash_attention_bf16_m64_d32_v4"),
+                                           (2, "flash_attention_bf16_m64_d32_v16")])
+def test_attention_checks_base_alignment(offset, kernel):
+    """k starting 8 bytes off a 16-byte boundary takes the 4-byte copies; 2 bytes off (an
+    odd bf16 element) is copied to an aligned array first. The fake kernels fail on a
+    misaligned cp.async source, as the hardware would."""
+    fused, fake = make_fake_fused(), FakeCupy()
+    rng = np.random.default_rng(offset)
+    q = fake.asarray(rng.standard_normal((70, 2, 32)).astype(BF16))
+    k_values = rng.standard_normal((90, 2, 32)).astype(BF16)
+    k = offset_view(fake, k_values, offset)
+    got = fused.attention(q, [0], [70], k, k, [0], [90], 0.2)
+    assert launched(fused) == {kernel: 1}
+    want = reference_attention(np.asarray(q), [0], [70], k_values, k_values, [0], [90], 0.2)
+    assert relative_error(got, want) < 1e-2
+
+
+def test_attention_tile_height_by_length_and_by_request(monkeypatch):
+    fused, fake = make_fake_fused(), FakeCupy()
+    fused.n_sm = 1                 # so that one long sequence fills the "device"
+    rng = np.random.default_rng(5)
+    q = fake.asarray(rng.standard_normal((1100, 2, 16)).astype(BF16))
+    fused.attention(q, [0], [1100], q, q, [0], [1100], 0.25)                  # long prefill
+    fused.attention(q[:1], [0], [1], q, q, [0], [1100], 0.25)                 # a decode step
+    fused.attention(q, [0], [1100], q, q, [0], [1100], 0.25, tile_rows=64)   # forced
+    assert launched(fused) == {"flash_attention_bf16_m128_d16_v16": 1,
+                               "flash_attention_bf16_m64_d16_v16": 2}
+    monkeypatch.setenv("SPMD_MOE_ATTENTION_TILE", "128")
+    forced = make_fake_fused()
+    forced.attention(q[:1], [0], [1], q, q, [0], [1100], 0.25)
+    assert launched(forced) == {"flash_attention_bf16_m128_d16_v16": 1}
+    assert "128-query tiles (SPMD_MOE_ATTENTION_TILE)" in forced.describe()
+    monkeypatch.setenv("SPMD_MOE_ATTENTION_TILE", "96")
+    with pytest.raises(ValueError, match="SPMD_MOE_ATTENTION_TILE='96' is not auto, 64 or 128"):
+        make_fake_fused()
 
 
 def test_expert_ffn_runs_one_gelu_per_chunk():
@@ -612,14 +819,18 @@ def tolerance(dtype) -> float:
     return 1e-2 if dtype == BF16 else 1e-5
 
 
-ATTENTION_CASES = [(head_dim, dtype, mode) for head_dim in (8, 16, 32, 64, 128)
+ATTENTION_CASES = [(head_dim, dtype, mode, 64) for head_dim in (8, 16, 32, 64, 128)
                    for dtype in (BF16, F32) for mode in ("prefill", "decode")]
 # 4-byte row copies (6), and head dims padded to the next instantiation (40, 96).
-ATTENTION_CASES += [(6, BF16, "prefill"), (40, BF16, "decode"), (96, BF16, "prefill")]
+ATTENTION_CASES += [(6, BF16, "prefill", 64), (40, BF16, "decode", 64),
+                    (96, BF16, "prefill", 64)]
+# 128-query tiles (8 warps), every instantiated head dim, prefill and decode.
+ATTENTION_CASES += [(head_dim, BF16, mode, 128) for head_dim in (8, 16, 32, 40, 64, 128)
+                    for mode in ("prefill", "decode")]
 
 
-@pytest.mark.parametrize("head_dim,dtype,mode", ATTENTION_CASES, ids=dtype_id)
-def test_flash_attention_matches_float64(device, head_dim, dtype, mode):
+@pytest.mark.parametrize("head_dim,dtype,mode,tile_rows", ATTENTION_CASES, ids=dtype_id)
+def test_flash_attention_matches_float64(device, head_dim, dtype, mode, tile_rows):
     xp, fused = device
     rng = np.random.default_rng(head_dim * 7 + len(mode))
     heads = int(rng.integers(1, 5))
@@ -632,7 +843,7 @@ def test_flash_attention_matches_float64(device, head_dim, dtype, mode):
     scale = head_dim ** -0.5
     out = poisoned(xp, (n_q, heads * head_dim), dtype)
     fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
-                    scale, out=out)
+                    scale, out=out, tile_rows=tile_rows)
     got = out.get().astype(np.float64)
     assert np.isfinite(got).all(), "rows left unwritten"
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
@@ -660,23 +871,25 @@ def test_flash_attention_split_k_decode(device, dtype):
     assert relative_error(out.get(), want) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("dtype,tile_rows", [(BF16, 64), (F32, 64), (BF16, 128)], ids=dtype_id)
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_flash_attention_split_k_prefill(device, dtype, head_dim, monkeypatch):
-    """Splits of 64-query tiles (partials from every warp, rows with no visible key in a
-    split), forced by pretending the device has many SMs."""
+def test_flash_attention_split_k_prefill(device, dtype, head_dim, tile_rows, monkeypatch):
+    """Splits of 64- and 128-query tiles (partials from every warp, rows with no visible
+    key in a split, warps skipping whole blocks), forced by pretending the device has many
+    SMs."""
     xp, fused = device
     monkeypatch.setattr(fused, "n_sm", 100000)
     rng = np.random.default_rng(head_dim)
     lengths = (np.array([0, 900]), np.array([900, 700]), np.array([0, 900]),
                np.array([900, 1000]))
-    assert sch.attention_schedule(*lengths, heads=2, n_sm=100000).n_slots > 0
+    assert sch.attention_schedule(*lengths, heads=2, n_sm=100000,
+                                  block_m=tile_rows).n_slots > 0
     q = rng.standard_normal((1600, 2, head_dim)).astype(dtype)
     k = rng.standard_normal((1900, 2, head_dim)).astype(dtype)
     v = rng.standard_normal((1900, 2, head_dim)).astype(dtype)
     out = poisoned(xp, (1600, 2 * head_dim), dtype)
     fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
-                    head_dim ** -0.5, out=out)
+                    head_dim ** -0.5, out=out, tile_rows=tile_rows)
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], head_dim ** -0.5)
     assert relative_error(out.get(), want) < tolerance(dtype)
 

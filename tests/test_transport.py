@@ -207,6 +207,43 @@ def test_mpi_cuda_transport_checks_again_before_each_call(numpy_backend):
         transport.alltoallv(MPI.COMM_SELF, send, np.array([1]), np.array([1]))
 
 
+class EventLog(HostArrayOps):
+    """Host "device" ops that log stream synchronisations, beside a communicator that logs
+    what MPI is handed: the order says whether MPI could touch memory the stream uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def synchronize(self):
+        self.events.append("synchronize")
+
+    def comm(self):
+        log = self.events
+
+        class Comm:
+            def Recv(self, buf, source, tag):
+                log.append("Recv")
+
+            def Alltoallv(self, send, recv):
+                log.append("Alltoallv")
+
+        return Comm()
+
+
+def test_mpi_cuda_synchronises_before_mpi_writes_fresh_device_memory(numpy_backend):
+    """A fresh buffer from CuPy's pool may still be read by queued kernels (its last user
+    was freed on the host, not on the stream): the stream is drained before MPI writes."""
+    ops = EventLog()
+    transport = CudaAwareMpiTransport(numpy_backend, "", AWARE, ops)
+    transport.recv(ops.comm(), (3, 4), BF16, source=0, tag=5)
+    assert ops.events == ["synchronize", "Recv"]
+    ops.events.clear()
+    send = ops.contiguous(np.zeros((2, 4), BF16))
+    transport.alltoallv(ops.comm(), send, np.array([2]), np.array([2]))
+    assert ops.events == ["synchronize", "Alltoallv"]
+
+
 def test_nccl_refuses_ranks_sharing_a_gpu(numpy_backend):
     numpy_backend.choice.shared_device = True
     with pytest.raises(ConfigError, match="duplicate devices"):

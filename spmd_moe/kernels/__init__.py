@@ -1,22 +1,24 @@
 """Fused CUDA kernels for the CuPy backend (flash attention, expert FFN, permutation).
 
-Kernel sources are the ``.cu`` files beside this module (compile.py), compiled once per
-process with NVRTC and cached; the launch code is fused.py, its pure-NumPy planning
-(tile lists, variants, chunk sizes) schedule.py. ``attach(backend)`` gives a CuPy backend
+Kernel sources are the ``.cu`` files beside this module (compile.py), compiled with NVRTC
+into an on-disk cache shared by processes and loaded once per process; the launch code is
+fused.py, its pure-NumPy planning (tile lists, tile heights, variants, chunk sizes)
+schedule.py. ``attach(backend)`` gives a CuPy backend
 its fused kernels when they load, and says why not when they do not: the reason is shown by
 ``spmd-moe info`` and in the report (never a silent fallback to the generic code).
 
 ``SPMD_MOE_KERNELS=0`` turns them off (the generic CuPy array code runs instead).
-``compile_all(arch)`` compiles every source for an architecture without a GPU (tests, CI).
+``precompile(arch)`` compiles every source for an architecture into the cache without a
+GPU (bin/gpu-check runs it first, so later stages and ranks load instead of compiling).
 """
 from __future__ import annotations
 
 import os
 
-from .compile import SOURCES, compile_all, compile_source, entry_points
+from .compile import SOURCES, compile_source, entry_points, precompile
 
-__all__ = ["SOURCES", "attach", "compile_all", "compile_source", "entry_points",
-           "kernel_status", "load_kernels"]
+__all__ = ["SOURCES", "attach", "compile_source", "entry_points", "kernel_status",
+           "load_kernels", "precompile"]
 
 ENV = "SPMD_MOE_KERNELS"
 _OFF = ("0", "off", "false", "no")

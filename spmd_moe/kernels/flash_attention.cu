@@ -7,7 +7,7 @@
 // the same kernel: only the tile list differs.
 //
 // Work partitioning: the host (schedule.py) builds a list of tiles, one per (sequence,
-// block of BLOCK_M queries), so variable lengths waste no blocks. A CTA runs one tile for
+// block of BM queries), so variable lengths waste no blocks. A CTA runs one tile for
 // one head: blockIdx.x = head * n_tiles + tile. Tiles are grouped by sequence, longest
 // (most keys) first within it, so the CTAs in flight at any time are the tiles of one or
 // two (sequence, head) pairs: their K/V (10k keys x 128 x 2 x 2 B = 5 MB) is read from
@@ -17,29 +17,36 @@
 // the splits.
 //
 // Tile descriptor, int32[TILE_FIELDS]:
-//   [0] q_row0    packed row of the tile's first query   [1] n_rows  queries (<= BLOCK_M)
+//   [0] q_row0    packed row of the tile's first query   [1] n_rows  queries (<= BM)
 //   [2] k_row0    packed row of the sequence's key 0     [3] diag    row r sees keys <= diag + r
 //   [4] kb_begin  first key block (of BLOCK_N keys)      [5] kb_end  one past the last block
 //   [6] slot      -1: write the output; >= 0: a partial  [7] unused
 // Combine descriptor, int32[COMBINE_FIELDS]: q_row0, n_rows, first slot, number of splits.
 //
-// bf16 kernel (flash_attention_bf16_*): 4 warps, each owns 16 query rows; S = Q K^T and
-// O += P V run on tensor cores (mma.sync m16n8k16 bf16 -> f32, operands by ldmatrix from
-// shared memory). Online softmax in float32 in base 2 (scale folded with log2 e). K/V
-// blocks are double-buffered with cp.async. The head dim is padded to DP (16/32/64/128):
-// zero columns change no dot product and padded output columns are never stored.
+// bf16 kernel (flash_attention_bf16_m{BM}_*): BM / 16 warps, each owns 16 query rows; S =
+// Q K^T and O += P V run on tensor cores (mma.sync m16n8k16 bf16 -> f32, operands by
+// ldmatrix from shared memory). Online softmax in float32 in base 2 (scale folded with
+// log2 e). K/V blocks are double-buffered with cp.async. The head dim is padded to DP
+// (16/32/64/128): zero columns change no dot product and padded output columns are never
+// stored. Two tile heights: BM = 64 (4 warps, two CTAs per SM) and BM = 128 (8 warps, one
+// CTA per SM), which reads each K/V block once for twice the queries: half the L2 -> SM
+// traffic on long prefill (the schedule picks it, schedule.py: tile_rows). A warp skips a
+// key block that lies wholly past its rows' causal bound, so both heights issue the same
+// MMAs.
 // float32 kernel (flash_attention_f32_*): the same tiles on plain FMA (one thread per
 // query row): float32 runs are for accuracy, so no TF32 and no bf16 rounding.
 //
-// Notation: BM = BLOCK_M queries per tile, BN = BLOCK_N keys per block, D head dim,
-// DP padded head dim, LD shared-memory row stride in elements.
+// Notation: BM queries per tile (BLOCK_M, or BLOCK_M_LONG for the 8-warp variant), BN =
+// BLOCK_N keys per block, D head dim, DP padded head dim, LD shared-memory row stride in
+// elements. Split partials are laid out [slot, h, BM, D] with the BM of the variant that
+// wrote them; the combine kernel takes that BM as an argument.
 #include "bf16.cuh"
 
-#define BLOCK_M 64
+#define BLOCK_M 64         // queries per tile: the float32 kernel and the 4-warp bf16 one
+#define BLOCK_M_LONG 128   // queries per tile of the 8-warp bf16 kernel (long prefill)
 #define BLOCK_N 64
 #define TILE_FIELDS 8
 #define COMBINE_FIELDS 4
-#define BF16_THREADS 128   // 4 warps x 16 rows = BLOCK_M
 #define F32_THREADS 64     // one thread per query row = BLOCK_M
 #define COMBINE_THREADS 128
 // 16 bytes of padding per shared-memory row: a row stride of (DP + 8) bf16 puts the 8 rows
@@ -113,8 +120,9 @@ struct Tile {
 };
 
 // Partial of a split tile: O / l in float32 [slot, head, BM, D] and log2(l) + m [slot, head, BM].
-__device__ __forceinline__ long long partial_row(int slot, int heads, int head, int row) {
-    return (static_cast<long long>(slot) * heads + head) * BLOCK_M + row;
+__device__ __forceinline__ long long partial_row(int slot, int heads, int head, int block_m,
+                                                 int row) {
+    return (static_cast<long long>(slot) * heads + head) * block_m + row;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -122,14 +130,15 @@ __device__ __forceinline__ long long partial_row(int slot, int heads, int head, 
 
 // ROWS x DP tile of rows [row0, row0 + valid) of a [*, h, D] array, columns col0.., into
 // shared memory with stride LD; rows past `valid` and columns past D are zero-filled.
-// CH bf16 per copy: 8 (16 bytes) when D % 8 == 0, else 2 (4 bytes; D is even).
-template <int DP, int CH, int ROWS>
+// CH bf16 per copy: 8 (16 bytes: the host checks that D % 8 == 0 and that q, k and v start
+// on 16-byte boundaries), else 2 (4 bytes; D is even). THREADS threads share the copies.
+template <int DP, int CH, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(bf16_t* sdst, const bf16_t* __restrict__ g,
                                                 long long row0, int valid, long long stride,
                                                 long long col0, int D) {
     constexpr int LD = DP + SMEM_PAD;
     constexpr int PER_ROW = DP / CH;
-    for (int c = threadIdx.x; c < ROWS * PER_ROW; c += BF16_THREADS) {
+    for (int c = threadIdx.x; c < ROWS * PER_ROW; c += THREADS) {
         const int r = c / PER_ROW, col = (c % PER_ROW) * CH;
         const bool ok = r < valid && col < D;
         // An invalid copy reads nothing, but its address stays inside the allocation.
@@ -138,19 +147,20 @@ __device__ __forceinline__ void load_tile_async(bf16_t* sdst, const bf16_t* __re
     }
 }
 
-template <int DP, int CH>
+template <int BM, int DP, int CH>
 __device__ __forceinline__ void flash_attention_bf16(
         const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         const bf16_t* __restrict__ v, bf16_t* __restrict__ out, float* __restrict__ part_o,
         float* __restrict__ part_lse, const int* __restrict__ tiles, int n_tiles, int heads,
         int D, float scale_log2) {
+    constexpr int THREADS = BM / 16 * 32;   // one warp per 16 query rows
     constexpr int LD = DP + SMEM_PAD;
     constexpr int KSTEPS = DP / 16;       // k16 steps of S = Q K^T over the head dim
     constexpr int NTILES = BLOCK_N / 8;   // n8 tiles of S over a key block
     constexpr int DTILES = DP / 8;        // n8 tiles of O over the head dim
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(smem_raw);   // [BM][LD]
-    bf16_t* sK = sQ + BLOCK_M * LD;                     // [2][BN][LD]
+    bf16_t* sK = sQ + BM * LD;                          // [2][BN][LD]
     bf16_t* sV = sK + 2 * BLOCK_N * LD;                 // [2][BN][LD]
 
     const int tile_index = blockIdx.x % n_tiles, head = blockIdx.x / n_tiles;
@@ -169,12 +179,12 @@ __device__ __forceinline__ void flash_attention_bf16(
     auto load_kv = [&](int kb, int buf) {
         const int first = kb * BLOCK_N;
         const int valid = min(BLOCK_N, key_end - first);
-        load_tile_async<DP, CH, BLOCK_N>(sK + buf * BLOCK_N * LD, k, t.k_row0 + first, valid,
-                                         stride, col0, D);
-        load_tile_async<DP, CH, BLOCK_N>(sV + buf * BLOCK_N * LD, v, t.k_row0 + first, valid,
-                                         stride, col0, D);
+        load_tile_async<DP, CH, BLOCK_N, THREADS>(sK + buf * BLOCK_N * LD, k, t.k_row0 + first,
+                                                  valid, stride, col0, D);
+        load_tile_async<DP, CH, BLOCK_N, THREADS>(sV + buf * BLOCK_N * LD, v, t.k_row0 + first,
+                                                  valid, stride, col0, D);
     };
-    load_tile_async<DP, CH, BLOCK_M>(sQ, q, t.q_row0, t.n_rows, stride, col0, D);
+    load_tile_async<DP, CH, BM, THREADS>(sQ, q, t.q_row0, t.n_rows, stride, col0, D);
     if (t.kb_begin < t.kb_end) load_kv(t.kb_begin, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -201,7 +211,11 @@ __device__ __forceinline__ void flash_attention_bf16(
         const bf16_t* sKb = sK + buf * BLOCK_N * LD;
         const bf16_t* sVb = sV + buf * BLOCK_N * LD;
 
-        if (warp_active) {
+        const int key0 = kb * BLOCK_N;
+        // A block wholly past the causal bound of this warp's last row adds nothing to its
+        // rows (on a 128-row tile's diagonal, the first warps meet such blocks): skipped
+        // exactly, since the running max and sum would not change.
+        if (warp_active && key0 <= t.diag + warp_row0 + 15) {
             // S = Q K^T for this warp's 16 rows x BN keys: [NTILES][4] float.
             float s[NTILES][4];
 #pragma unroll
@@ -221,7 +235,6 @@ __device__ __forceinline__ void flash_attention_bf16(
 
             // Scale into base-2 units and apply the causal mask where the block crosses
             // this warp's diagonal (also hides zero-filled keys past key_end).
-            const int key0 = kb * BLOCK_N;
             const bool needs_mask = key0 + BLOCK_N - 1 > t.diag + warp_row0;
 #pragma unroll
             for (int nt = 0; nt < NTILES; ++nt) {
@@ -302,7 +315,7 @@ __device__ __forceinline__ void flash_attention_bf16(
                         pack_bf16x2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
             }
         } else {
-            const long long prow = partial_row(t.slot, heads, head, row);
+            const long long prow = partial_row(t.slot, heads, head, BM, row);
             const float inv = sum > 0.f ? 1.f / sum : 0.f;   // a split may see no key of a row
             float* dst = part_o + prow * D;
 #pragma unroll
@@ -389,7 +402,7 @@ __device__ __forceinline__ void flash_attention_f32(
         for (int c = 0; c < DP; ++c)
             if (c < D) dst[c] = o[c] * inv;
     } else {
-        const long long prow = partial_row(t.slot, heads, head, row);
+        const long long prow = partial_row(t.slot, heads, head, BLOCK_M, row);
         const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
         for (int c = 0; c < DP; ++c)
@@ -400,12 +413,13 @@ __device__ __forceinline__ void flash_attention_f32(
 
 // ---------------------------------------------------------------------------------------
 // Merge the splits of a tile: out = sum_s 2^lse_s O_s / sum_s 2^lse_s, per (row, head).
+// block_m: the tile height of the kernel that wrote the partials.
 
 template <typename Store>
 __device__ __forceinline__ void attention_combine(const float* __restrict__ part_o,
                                                   const float* __restrict__ part_lse,
                                                   const int* __restrict__ combine, int heads,
-                                                  int D, Store store) {
+                                                  int D, int block_m, Store store) {
     const int group = blockIdx.x / heads, head = blockIdx.x % heads;
     const int* c = combine + static_cast<long long>(group) * COMBINE_FIELDS;
     const int q_row0 = c[0], n_rows = c[1], slot0 = c[2], n_splits = c[3];
@@ -414,10 +428,10 @@ __device__ __forceinline__ void attention_combine(const float* __restrict__ part
         const int row = i / D, col = i % D;
         float top = NEG_INF;
         for (int s = 0; s < n_splits; ++s)
-            top = fmaxf(top, part_lse[partial_row(slot0 + s, heads, head, row)]);
+            top = fmaxf(top, part_lse[partial_row(slot0 + s, heads, head, block_m, row)]);
         float num = 0.f, den = 0.f;
         for (int s = 0; s < n_splits; ++s) {
-            const long long prow = partial_row(slot0 + s, heads, head, row);
+            const long long prow = partial_row(slot0 + s, heads, head, block_m, row);
             const float lse = part_lse[prow];
             const float w = lse == NEG_INF ? 0.f : exp2f(lse - top);
             num = fmaf(w, part_o[prow * D + col], num);
@@ -432,22 +446,32 @@ __device__ __forceinline__ void attention_combine(const float* __restrict__ part
 // ---------------------------------------------------------------------------------------
 // Entry points (extern "C": fixed names for RawModule.get_function and the tests).
 
-#define FLASH_BF16(DP, CH, NAME)                                                              \
-    extern "C" __global__ void __launch_bounds__(BF16_THREADS) NAME(                          \
+// bf16: BM = 64 keeps __launch_bounds__(128) (its ~170 registers fit two CTAs per SM);
+// BM = 128 asks for one CTA per SM of 256 threads, so ptxas may use up to 255 registers.
+// The 128-row tiles come with 16-byte copies only: 4-byte copies (odd head dims, unaligned
+// bases) are not the long-prefill case, and each instantiation costs NVRTC seconds.
+#define BOUNDS_M64 __launch_bounds__(128)
+#define BOUNDS_M128 __launch_bounds__(256, 1)
+#define FLASH_BF16(BM, BOUNDS, DP, CH, NAME)                                                  \
+    extern "C" __global__ void BOUNDS NAME(                                                   \
             const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* part_o,    \
             float* part_lse, const int* tiles, int n_tiles, int heads, int D,                 \
             float scale_log2) {                                                               \
-        flash_attention_bf16<DP, CH>(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads,   \
-                                     D, scale_log2);                                          \
+        flash_attention_bf16<BM, DP, CH>(q, k, v, out, part_o, part_lse, tiles, n_tiles,      \
+                                         heads, D, scale_log2);                               \
     }
-FLASH_BF16(16, 8, flash_attention_bf16_d16_v16)
-FLASH_BF16(32, 8, flash_attention_bf16_d32_v16)
-FLASH_BF16(64, 8, flash_attention_bf16_d64_v16)
-FLASH_BF16(128, 8, flash_attention_bf16_d128_v16)
-FLASH_BF16(16, 2, flash_attention_bf16_d16_v4)
-FLASH_BF16(32, 2, flash_attention_bf16_d32_v4)
-FLASH_BF16(64, 2, flash_attention_bf16_d64_v4)
-FLASH_BF16(128, 2, flash_attention_bf16_d128_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 8, flash_attention_bf16_m64_d16_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 8, flash_attention_bf16_m64_d32_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 8, flash_attention_bf16_m64_d64_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 8, flash_attention_bf16_m64_d128_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 2, flash_attention_bf16_m64_d16_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 2, flash_attention_bf16_m64_d32_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 2, flash_attention_bf16_m64_d64_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 2, flash_attention_bf16_m64_d128_v4)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 16, 8, flash_attention_bf16_m128_d16_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 32, 8, flash_attention_bf16_m128_d32_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 64, 8, flash_attention_bf16_m128_d64_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 128, 8, flash_attention_bf16_m128_d128_v16)
 
 #define FLASH_F32(DP, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(F32_THREADS) NAME(                           \
@@ -464,14 +488,14 @@ FLASH_F32(128, flash_attention_f32_d128)
 
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_bf16(
         const float* part_o, const float* part_lse, const int* combine, bf16_t* out, int heads,
-        int D) {
-    attention_combine(part_o, part_lse, combine, heads, D,
+        int D, int block_m) {
+    attention_combine(part_o, part_lse, combine, heads, D, block_m,
                       [=](long long at, float x) { out[at] = float_to_bf16(x); });
 }
 
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_f32(
         const float* part_o, const float* part_lse, const int* combine, float* out, int heads,
-        int D) {
-    attention_combine(part_o, part_lse, combine, heads, D,
+        int D, int block_m) {
+    attention_combine(part_o, part_lse, combine, heads, D, block_m,
                       [=](long long at, float x) { out[at] = x; });
 }

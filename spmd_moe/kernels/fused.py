@@ -20,9 +20,10 @@ import numpy as np
 
 from ..backend import BF16, F32
 from .compile import load_module
-from .schedule import (BLOCK_M, COMBINE_THREADS, PADDED_HEAD_DIMS, attention_schedule,
+from .schedule import (COMBINE_THREADS, PADDED_HEAD_DIMS, TILE_ROWS, attention_schedule,
                        attention_variant, ffn_row_chunk, row_block, row_grid,
                        row_vector_bytes)
+from .schedule import tile_rows as choose_tile_rows
 
 LOG2E = 1.4426950408889634
 # Bound on the expert FFN's [rows, F] hidden chunk. Paper shapes (F = 16384, bf16): 16384
@@ -31,6 +32,9 @@ LOG2E = 1.4426950408889634
 # whether L2-sized chunks (~32 MB: the GELU pass hits L2, not DRAM) pay for more launches.
 FFN_WORKSPACE_BYTES = 512 << 20
 FFN_WORKSPACE_ENV = "SPMD_MOE_FFN_WORKSPACE_MB"
+# Query rows per attention tile: "auto" (schedule.tile_rows: 128 for long bf16 prefill, 64
+# otherwise), or 64 / 128 to force one for a measurement.
+ATTENTION_TILE_ENV = "SPMD_MOE_ATTENTION_TILE"
 ELEMENTWISE_THREADS = 256
 # Dynamic shared memory above this needs the per-kernel opt-in attribute.
 DEFAULT_SHARED_LIMIT = 48 << 10
@@ -64,6 +68,18 @@ def _output(cp, out, shape: tuple, dtype):
     return out
 
 
+def _attention_tile_setting() -> int | None:
+    """$SPMD_MOE_ATTENTION_TILE: None for "auto" (or unset), else 64 or 128. Anything else
+    is refused (so the kernels do not load, and info and the report say why)."""
+    value = os.environ.get(ATTENTION_TILE_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in tuple(str(rows) for rows in TILE_ROWS):
+        raise ValueError(f"{ATTENTION_TILE_ENV}={value!r} is not auto, "
+                         + " or ".join(str(rows) for rows in TILE_ROWS))
+    return int(value)
+
+
 class FusedKernels:
     """The fused kernels of one device.
 
@@ -86,6 +102,7 @@ class FusedKernels:
         self.permute_module = load("permute.cu")
         self.ffn_workspace_bytes = int(float(os.environ.get(FFN_WORKSPACE_ENV, 0)) * 2**20) \
             or FFN_WORKSPACE_BYTES
+        self.attention_tile = _attention_tile_setting()
         self.gemm_to_f32 = gemm_to_f32 or self._upcast_gemm_to_f32
         self._functions: dict[str, object] = {}
         self._schedule_key: tuple | None = None
@@ -107,9 +124,11 @@ class FusedKernels:
         self.cp.matmul(a.astype(F32), b.astype(F32), out=out)
 
     def describe(self) -> str:
+        tiles = ("64/128-query tiles by sequence length" if self.attention_tile is None
+                 else f"{self.attention_tile}-query tiles ({ATTENTION_TILE_ENV})")
         return (f"fused CUDA kernels for sm_{self.arch}: flash attention (bf16 on tensor cores, "
-                f"float32 on FMA; even head dims <= {PADDED_HEAD_DIMS[-1]}), expert FFN "
-                f"(cuBLAS + in-place GELU), permutation")
+                f"{tiles}; float32 on FMA; even head dims <= {PADDED_HEAD_DIMS[-1]}), expert "
+                f"FFN (cuBLAS + in-place GELU), permutation")
 
     def _function(self, module, name: str, shared_bytes: int = 0):
         fn = self._functions.get(name)
@@ -124,46 +143,61 @@ class FusedKernels:
     # --- attention -----------------------------------------------------------------------
 
     def _attention_schedule(self, q_starts_host, q_lengths_host, k_starts_host, k_lengths_host,
-                            heads: int):
+                            heads: int, block_m: int):
         """The tile and combine lists on the device. Every layer of a pass sees the same
         lengths, so the last schedule is kept: one small host->device copy per pass."""
         arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (
             q_starts_host, q_lengths_host, k_starts_host, k_lengths_host)]
-        key = (heads, self.n_sm, *(a.tobytes() for a in arrays))
+        key = (heads, self.n_sm, block_m, *(a.tobytes() for a in arrays))
         if key != self._schedule_key:
-            schedule = attention_schedule(*arrays, heads=heads, n_sm=self.n_sm)
+            schedule = attention_schedule(*arrays, heads=heads, n_sm=self.n_sm,
+                                          block_m=block_m)
             self._schedule = (schedule, self.cp.asarray(schedule.tiles),
                               self.cp.asarray(schedule.combine))
             self._schedule_key = key
         return self._schedule
 
     def attention(self, q, q_starts_host, q_lengths_host, k, v, k_starts_host, k_lengths_host,
-                  scale: float, out=None):
+                  scale: float, out=None, tile_rows: int | None = None):
         """Causal attention of packed queries against packed (or cached) keys, as
         model.causal_attention. q: [Tq, h, D]; k, v: [Tk, h, D], C-contiguous, bf16 or
         float32 (all the same); ``*_host``: int64 [b]. Returns [Tq, h*D] in q's dtype;
         rows of no sequence are left unwritten, as in the generic code. ``out`` (optional,
-        [Tq, h*D] C-contiguous) receives the result instead of a new array."""
+        [Tq, h*D] C-contiguous, 4-byte aligned) receives the result instead of a new array.
+        ``tile_rows`` (64 or 128) forces the tile height, which is otherwise
+        $SPMD_MOE_ATTENTION_TILE or the schedule's choice by sequence length (bf16 only:
+        float32 and unaligned inputs always run 64-row tiles)."""
         cp = self.cp
         n_q, heads, head_dim = q.shape
         assert k.ndim == 3 and k.shape[1:] == (heads, head_dim) and v.shape == k.shape, \
             (q.shape, k.shape, v.shape)
         assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
         assert q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous
-        variant = attention_variant(head_dim, _dtype_name(q.dtype))
+        dtype_name = _dtype_name(q.dtype)
         assert (np.asarray(q_starts_host) + np.asarray(q_lengths_host) <= n_q).all()
         assert (np.asarray(k_starts_host) + np.asarray(k_lengths_host) <= k.shape[0]).all()
+        # The kernels read rows in 4- or 16-byte copies from the base addresses: a bf16 view
+        # starting at an odd element (never made by the engine) is copied to a fresh,
+        # aligned allocation first; 16-byte copies need all three 16-byte aligned.
+        q, k, v = (x if x.data.ptr % 4 == 0 else x.copy() for x in (q, k, v))
+        if tile_rows is None:
+            tile_rows = self.attention_tile or choose_tile_rows(q_lengths_host, heads,
+                                                                self.n_sm, dtype_name)
+        variant = attention_variant(head_dim, dtype_name, tile_rows,
+                                    (q.data.ptr, k.data.ptr, v.data.ptr))
 
         out = _output(cp, out, (n_q, heads * head_dim), q.dtype)           # [Tq, h*D]
+        assert out.data.ptr % 4 == 0, "output rows are stored in 4-byte pairs"
         schedule, tiles, combine = self._attention_schedule(
-            q_starts_host, q_lengths_host, k_starts_host, k_lengths_host, heads)
+            q_starts_host, q_lengths_host, k_starts_host, k_lengths_host, heads,
+            variant.block_m)
         if schedule.n_tiles == 0:
             return out
         assert schedule.n_tiles * heads < 2**31
         # Split tiles write normalised partials [slot, h, BM, D] and their log2-sum-exp.
         slots = max(schedule.n_slots, 1)
-        part_o = cp.empty((slots, heads, BLOCK_M, head_dim), dtype=F32)
-        part_lse = cp.empty((slots, heads, BLOCK_M), dtype=F32)
+        part_o = cp.empty((slots, heads, variant.block_m, head_dim), dtype=F32)
+        part_lse = cp.empty((slots, heads, variant.block_m), dtype=F32)
         kernel = self._function(self.attention_module, variant.kernel, variant.shared_bytes)
         kernel((schedule.n_tiles * heads,), (variant.threads,),
                (q, k, v, out, part_o, part_lse, tiles, np.int32(schedule.n_tiles),
@@ -172,7 +206,8 @@ class FusedKernels:
         if len(schedule.combine):
             merge = self._function(self.attention_module, variant.combine_kernel)
             merge((len(schedule.combine) * heads,), (COMBINE_THREADS,),
-                  (part_o, part_lse, combine, out, np.int32(heads), np.int32(head_dim)))
+                  (part_o, part_lse, combine, out, np.int32(heads), np.int32(head_dim),
+                   np.int32(variant.block_m)))
         return out
 
     # --- expert FFN ----------------------------------------------------------------------

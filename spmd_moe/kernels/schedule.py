@@ -4,7 +4,9 @@
   sequence and block of ``BLOCK_M`` queries, grouped by sequence and longest first within
   it, split over key blocks when there are too few tiles to fill the device) and the
   combine list that merges the splits.
-- :func:`attention_variant`: which compiled kernel serves a head dim and dtype.
+- :func:`attention_variant`: which compiled kernel serves a head dim, dtype, tile height and
+  set of base addresses; :func:`tile_rows`: the tile height for a batch (128 query rows
+  for long prefill, 64 otherwise).
 - :func:`ffn_row_chunk`: rows of the expert FFN per pass under a hidden-activation budget.
 - :func:`row_vector_bytes` and :func:`row_block`: vector width and block shape of the
   permutation kernels.
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_M = 64              # queries per tile (4 warps x 16 rows of mma.m16n8k16)
+BLOCK_M = 64              # queries per tile (4 warps x 16 rows of mma.m16n8k16); float32: 64
+BLOCK_M_LONG = 128        # queries per tile of the 8-warp bf16 variant (long prefill)
+TILE_ROWS = (BLOCK_M, BLOCK_M_LONG)
 BLOCK_N = 64              # keys per key block
 TILE_FIELDS = 8           # int32 per tile descriptor (layout in flash_attention.cu)
 COMBINE_FIELDS = 4        # int32 per combine descriptor
-BF16_THREADS = 128
 F32_THREADS = 64
 COMBINE_THREADS = 128
 SMEM_PAD = 8              # bf16 elements of padding per shared-memory row
@@ -33,52 +36,88 @@ PADDED_HEAD_DIMS = (16, 32, 64, 128)   # head dims the kernels are instantiated 
 # MIN_SPLIT_BLOCKS key blocks per split so that each split amortises its partial write.
 SPLIT_TARGET_PER_SM = 4
 MIN_SPLIT_BLOCKS = 4
+# 128-row tiles: for bf16 batches whose longest sequence has at least this many queries, and
+# only when their CTAs alone fill the device (no split-K). At 128 rows one CTA per SM is
+# resident (207 registers x 256 threads) against two of the 64-row kernel: the same eight
+# warps per SM, each K/V block loaded once for twice the queries.
+LONG_QUERIES = 1024
 
 INT32_MAX = np.iinfo(np.int32).max
 
 
 @dataclass(frozen=True)
 class AttentionVariant:
-    """A compiled flash-attention kernel: its name, padded head dim, threads, shared bytes."""
+    """A compiled flash-attention kernel: its name, padded head dim, tile height (query rows
+    per CTA), threads and dynamic shared bytes."""
 
     kernel: str
     combine_kernel: str
     padded_dim: int
+    block_m: int
     threads: int
     shared_bytes: int
 
 
-def attention_variant(head_dim: int, dtype_name: str) -> AttentionVariant:
-    """The kernel for head dim ``head_dim`` (even, <= 128) and dtype ``bfloat16`` or
-    ``float32``. The head dim is padded to the next of PADDED_HEAD_DIMS; bf16 rows load in
-    16-byte copies when ``head_dim % 8 == 0``, else in 4-byte ones."""
+def bf16_threads(block_m: int) -> int:
+    """Threads of the bf16 kernel: one warp per 16 query rows."""
+    return block_m // 16 * 32
+
+
+def attention_variant(head_dim: int, dtype_name: str, block_m: int = BLOCK_M,
+                      pointers: tuple[int, ...] = ()) -> AttentionVariant:
+    """The kernel for head dim ``head_dim`` (even, <= 128), dtype ``bfloat16`` or
+    ``float32``, ``block_m`` query rows per tile (bf16: 64 or 128; float32: 64) and q/k/v
+    base addresses ``pointers``. The head dim is padded to the next of PADDED_HEAD_DIMS.
+    bf16 rows load in 16-byte copies (``cp.async ... 16``) when ``head_dim % 8 == 0`` and
+    every base address is 16-byte aligned, else in 4-byte ones, which the 128-row tiles do
+    not have: those fall back to 64 rows."""
     if head_dim % 2 or not 0 < head_dim <= PADDED_HEAD_DIMS[-1]:
         raise ValueError(f"fused attention supports even head dims up to "
                          f"{PADDED_HEAD_DIMS[-1]}, not {head_dim} (SPMD_MOE_KERNELS=0 runs "
                          f"the generic array code)")
+    if block_m not in TILE_ROWS:
+        raise ValueError(f"attention tiles have {' or '.join(map(str, TILE_ROWS))} query "
+                         f"rows, not {block_m}")
     padded = next(p for p in PADDED_HEAD_DIMS if p >= head_dim)
     if dtype_name == "bfloat16":
-        copy = "v16" if head_dim % 8 == 0 else "v4"
+        wide = head_dim % 8 == 0 and all(p % 16 == 0 for p in pointers)
+        if not wide:
+            block_m = BLOCK_M
         # Q [BM] + double-buffered K and V [2 x 2 x BN] rows of (padded + pad) bf16.
-        shared = (BLOCK_M + 4 * BLOCK_N) * (padded + SMEM_PAD) * 2
-        return AttentionVariant(f"flash_attention_bf16_d{padded}_{copy}",
-                                "attention_combine_bf16", padded, BF16_THREADS, shared)
+        shared = (block_m + 4 * BLOCK_N) * (padded + SMEM_PAD) * 2
+        return AttentionVariant(
+            f"flash_attention_bf16_m{block_m}_d{padded}_{'v16' if wide else 'v4'}",
+            "attention_combine_bf16", padded, block_m, bf16_threads(block_m), shared)
     if dtype_name == "float32":
         # Q [BM][padded + 1] + K and V [BN][padded] float.
         shared = (BLOCK_M * (padded + 1) + 2 * BLOCK_N * padded) * 4
         return AttentionVariant(f"flash_attention_f32_d{padded}", "attention_combine_f32",
-                                padded, F32_THREADS, shared)
+                                padded, BLOCK_M, F32_THREADS, shared)
     raise ValueError(f"fused attention supports bfloat16 and float32, not {dtype_name}")
+
+
+def tile_rows(q_lengths: np.ndarray, heads: int, n_sm: int, dtype_name: str) -> int:
+    """Query rows per tile for a batch: BLOCK_M_LONG for bf16 batches with a sequence of at
+    least LONG_QUERIES queries whose 128-row tiles give at least SPLIT_TARGET_PER_SM CTAs
+    per SM (so that nothing is split), BLOCK_M otherwise (decode, short prompts, float32).
+    """
+    q_lengths = np.asarray(q_lengths, dtype=np.int64)
+    if dtype_name != "bfloat16" or q_lengths.max(initial=0) < LONG_QUERIES:
+        return BLOCK_M
+    long_tiles = int(_cdiv(q_lengths, BLOCK_M_LONG).sum())
+    return BLOCK_M_LONG if long_tiles * heads >= SPLIT_TARGET_PER_SM * n_sm else BLOCK_M
 
 
 @dataclass
 class AttentionSchedule:
     """``tiles`` int32 [n_tiles, TILE_FIELDS], ``combine`` int32 [n_groups, COMBINE_FIELDS],
-    ``n_slots`` partial slots (rows of the split workspace, each [h, BM, D])."""
+    ``n_slots`` partial slots (rows of the split workspace, each [h, block_m, D]),
+    ``block_m`` query rows per tile."""
 
     tiles: np.ndarray
     combine: np.ndarray
     n_slots: int
+    block_m: int = BLOCK_M
 
     @property
     def n_tiles(self) -> int:
@@ -151,7 +190,7 @@ def attention_schedule(q_starts: np.ndarray, q_lengths: np.ndarray, k_starts: np
     combine[:, 3] = splits[split_tiles]
     assert tiles.max(initial=0) <= INT32_MAX
     return AttentionSchedule(tiles.astype(np.int32), combine.astype(np.int32),
-                             int(is_split.sum()))
+                             int(is_split.sum()), block_m)
 
 
 def ffn_row_chunk(n_rows: int, d_ff: int, itemsize: int, workspace_bytes: int) -> int:
