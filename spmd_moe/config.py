@@ -66,8 +66,13 @@ class WorkloadConfig:
 
     ``pad_fraction`` left-pads synthetic inputs (see data.synthetic_input). ``decode``
     generates ``new_tokens`` tokens per sequence after the prefill; a sequence stops early
-    at ``eos_id`` when one is set. ``micro_batches`` splits each rank's sequences for the
-    pipeline (0: as many as there are stages).
+    at ``eos_id`` when one is set.
+
+    Prefill micro-batches (chunks.py): chunks of at most ``chunk_tokens`` tokens per rank
+    (0: the derived default), or, when ``micro_batches`` > 0, that many groups of whole
+    sequences per rank. Decode steps use ``micro_batches`` groups (0: one per stage).
+    ``overlap``: with two micro-batches in flight on a stage, one's dispatch and combine
+    run while the other computes (engine.py).
     """
 
     batch_size: int = 1
@@ -77,6 +82,8 @@ class WorkloadConfig:
     new_tokens: int = 0
     eos_id: int | None = None
     micro_batches: int = 0
+    chunk_tokens: int = 0
+    overlap: bool = True
 
     def validate(self, model: ModelConfig) -> "WorkloadConfig":
         _positive_int("batch_size", self.batch_size)
@@ -97,6 +104,16 @@ class WorkloadConfig:
         if not isinstance(self.micro_batches, int) or self.micro_batches < 0:
             raise ConfigError("micro_batches", f"{self.micro_batches!r} must be an integer >= 0 "
                                                "(0: one per pipeline stage)")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) \
+                or self.chunk_tokens < 0:
+            raise ConfigError("chunk_tokens", f"{self.chunk_tokens!r} must be an integer >= 0 "
+                                              "(0: the default chunk size)")
+        if self.chunk_tokens and self.micro_batches:
+            raise ConfigError("chunk_tokens", f"{self.chunk_tokens} chunk tokens and "
+                                              f"micro_batches={self.micro_batches} both set: "
+                                              "give one (micro_batches: whole sequences)")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError("overlap", f"{self.overlap!r} must be true or false")
         check_sequence_fits(model, self.seq_len, self.new_tokens if self.workload == "decode"
                             else 0, field_name="seq_len")
         return self
@@ -270,6 +287,8 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         raise ConfigError(key, "needs a value")
     try:
+        if kind.startswith("bool"):
+            return _boolean(key, value)
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -281,6 +300,17 @@ def _coerce(key: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(key, f"{value!r} is not a valid {kind.split(' ')[0]}") from None
     return str(value)
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(key, f"{value!r} is not true or false")
 
 
 def _canonical(key: str) -> str:

@@ -1,10 +1,15 @@
 """Token dispatch and combine: getting each routed row to its expert and back.
 
-Phases, as methods so that each is timed (and later overlapped) on its own:
+Phases, as methods so that each is timed (and overlapped) on its own:
 
     dispatch_preprocess -> permute -> exchange_counts -> token_dispatch -> dispatch_postprocess
         ... experts ...
     combine_preprocess -> token_combine -> combine_postprocess
+
+``token_dispatch`` and ``token_combine`` block; ``start_dispatch`` and ``start_combine``
+start the same exchanges without waiting (a transport.PendingExchange whose ``Wait()`` gives
+what the blocking ones return, before ``finish_combine``), so that the engine can run another
+micro-batch's compute meanwhile (overlap.py).
 
 :class:`AlltoallDispatcher` (expert parallel): rows are sorted by destination expert, the
 per-expert row counts are exchanged with one Alltoall, the rows go by Alltoallv, are
@@ -86,6 +91,7 @@ class AlltoallDispatcher(Dispatcher):
     """Expert parallel: Alltoallv to the experts' ranks and back."""
 
     partial_dtype = None   # expert outputs are whole: stored in the storage dtype
+    exchanges_rows = True  # dispatch moves rows between ranks
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
@@ -128,6 +134,19 @@ class AlltoallDispatcher(Dispatcher):
         return self.transport.alltoallv(self.comm, rows, plan.recv_counts_host,
                                         plan.send_counts_host)
 
+    def start_dispatch(self, send_rows, plan: DispatchPlan):
+        """:meth:`token_dispatch`, started (Ialltoallv)."""
+        return self.transport.ialltoallv(self.comm, send_rows, plan.send_counts_host,
+                                         plan.recv_counts_host)
+
+    def start_combine(self, rows, plan: DispatchPlan):
+        """:meth:`token_combine`, started (Ialltoallv); finish with :meth:`finish_combine`."""
+        return self.transport.ialltoallv(self.comm, rows, plan.recv_counts_host,
+                                         plan.send_counts_host)
+
+    def finish_combine(self, rows):
+        return rows
+
     def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
         """Bytes of dispatched rows that leave this rank."""
         return self._to_peers(plan.send_counts_host, rows)
@@ -145,6 +164,7 @@ class AllreduceDispatcher(Dispatcher):
     partial outputs are summed across the tensor-parallel group."""
 
     partial_dtype = F32    # partial sums stay float32 until the allreduce has added them
+    exchanges_rows = False  # no dispatch: every rank holds every expert's F slice
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         plan.tokens_per_local_expert_host = plan.tokens_per_expert_host
@@ -164,6 +184,18 @@ class AllreduceDispatcher(Dispatcher):
         expert output ``GELU(b W1) W2`` is then stored in dtype before the weighted sum, as
         SPEC §1 has it (and as Megatron reduces permuted rows before un-permuting)."""
         return self.bk.store(self.transport.allreduce_sum(self.comm, rows))
+
+    def start_dispatch(self, send_rows, plan: DispatchPlan):
+        raise AssertionError("the TP baseline dispatches nothing (exchanges_rows is False)")
+
+    def start_combine(self, rows, plan: DispatchPlan):
+        """:meth:`token_combine`'s allreduce, started (Iallreduce of the float32 partials,
+        in place); finish with :meth:`finish_combine`."""
+        return self.transport.iallreduce_sum(self.comm, rows)
+
+    def finish_combine(self, rows):
+        """Round the summed partials once (see :meth:`token_combine`)."""
+        return self.bk.store(rows)
 
     def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
         return 0

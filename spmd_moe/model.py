@@ -26,13 +26,16 @@ class Packed:
 
     ``seqs``: global sequence indices [b]; ``lengths_host``: real tokens per sequence [b];
     ``starts_host``: first packed row of each sequence [b]; ``positions``: RoPE position of
-    each row [T] (0 for a sequence's first real token; decode steps continue the count).
+    each row [T] (0 for a sequence's first real token; later chunks and decode steps
+    continue the count); ``first_positions_host``: the position of each sequence's first
+    new token [b].
     """
 
     seqs: np.ndarray
     lengths_host: np.ndarray
     starts_host: np.ndarray
     positions: object
+    first_positions_host: np.ndarray
 
     @property
     def n_tokens(self) -> int:
@@ -51,15 +54,16 @@ class Packed:
 def pack(bk: Backend, seqs: np.ndarray, lengths_host: np.ndarray,
          first_position_host: np.ndarray | None = None) -> Packed:
     """Describe ``lengths_host[i]`` new tokens of sequence ``seqs[i]``, starting at position
-    ``first_position_host[i]`` (0 for a prefill)."""
+    ``first_position_host[i]`` (0 for a whole prompt)."""
     lengths_host = np.asarray(lengths_host, dtype=np.int64)
     starts = np.zeros(len(lengths_host), dtype=np.int64)
     np.cumsum(lengths_host[:-1], out=starts[1:])
-    first = np.zeros_like(lengths_host) if first_position_host is None else first_position_host
+    first = (np.zeros_like(lengths_host) if first_position_host is None
+             else np.asarray(first_position_host, dtype=np.int64))
     positions = (np.arange(int(lengths_host.sum()), dtype=np.int64)
                  - np.repeat(starts - first, lengths_host))
     return Packed(np.asarray(seqs, dtype=np.int64), lengths_host, starts,
-                  bk.asarray(positions.astype(np.int32)))
+                  bk.asarray(positions.astype(np.int32)), first)
 
 
 def embed(bk: Backend, table, ids) -> object:

@@ -17,8 +17,10 @@ from .backend import Backend, BackendChoice, choose_backend
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
+from .chunks import Schedule
 from .engine import Engine
 from .errors import LayoutError, collective
+from .overlap import Flight
 from .topology import Grid, Topology
 from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
                         mpi_library, nccl_available)
@@ -137,12 +139,14 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
 
 @dataclass
 class Timing:
-    """One timed iteration on one rank."""
+    """One timed iteration on one rank. ``exchanges``: overlap.Flight.summary() (seconds
+    the non-blocking exchanges were in flight, exposed and hidden)."""
 
     wall: float
     phases: dict[str, float]
     bytes_sent: dict[str, int]
     counters: dict[str, int]
+    exchanges: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +158,7 @@ class RunResult:
     step_timings: list[Timing] = field(default_factory=list)   # decode steps
     prefill_timing: Timing | None = None                       # decode: the prefill
     expert_counts: np.ndarray | None = None                    # this rank's share [L, E]
+    schedule: Schedule | None = None                           # this rank's prefill
 
 
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
@@ -164,16 +169,18 @@ def _progress(session: Session, label: str, index: int, total: int, seconds: flo
 
 
 def _timed(session: Session, fn):
-    """Run ``fn(timer)`` between barriers; returns (its result, Timing)."""
+    """Run ``fn(timer, flight)`` between barriers; returns (its result, Timing)."""
     world, bk = session.topo.world, session.backend
     timer = bk.timer()
+    flight = Flight(timer)
     world.Barrier()
     start = time.perf_counter()
-    result = fn(timer)
+    result = fn(timer, flight)
     bk.synchronize()
     world.Barrier()
     wall = time.perf_counter() - start
-    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters))
+    return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
+                          flight.summary())
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
@@ -182,13 +189,13 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
     engine, timings = session.engine, []
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
-        out, timing = _timed(session, lambda t: engine.prefill(batch, t, keep_hidden=collect
-                                                               and last))
+        out, timing = _timed(session, lambda t, f: engine.prefill(
+            batch, t, keep_hidden=collect and last, flight=f))
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
     outputs = gather_prefill(session, batch, out) if collect else None
-    return RunResult(outputs, timings, expert_counts=out.expert_counts)
+    return RunResult(outputs, timings, expert_counts=out.expert_counts, schedule=out.schedule)
 
 
 def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | None = None,
@@ -198,7 +205,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     tokens are -1)."""
     engine, topo = session.engine, session.topo
     cache = engine.new_cache(batch, new_tokens)
-    micro = engine.micro_batches(batch.batch_size)
+    micro = engine.decode_micro_batches(batch.batch_size)
     returns: list = []
 
     def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
@@ -209,9 +216,14 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
             returns.extend(engine.return_tokens(inputs, timer))
         return inputs
 
-    def prefill(timer):
-        out = engine.prefill(batch, timer, cache, keep_hidden=collect)
-        chosen = [engine.sample(logits, timer) for logits in out.logits]
+    def prefill(timer, flight):
+        out = engine.prefill(batch, timer, cache, keep_hidden=collect, flight=flight)
+        chosen = []
+        if out.logits:
+            # The prefill's micro-batches (chunks) are not the decode's: regroup the rank's
+            # tokens, in sequence order, by decode micro-batch.
+            mine = np.concatenate([engine.sample(logits, timer) for logits in out.logits])
+            chosen = np.split(mine, np.cumsum([len(seqs) for seqs in micro])[:-1])
         return out, chosen, after_sampling(chosen, 0, timer)
 
     (out, chosen, inputs), prefill_timing = _timed(session, prefill)
@@ -219,8 +231,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
     counts = np.zeros_like(out.expert_counts)
     steps = []
     for step in range(1, new_tokens):
-        def one_step(timer, inputs=inputs):
-            new = engine.decode_step(micro, inputs, cache, timer, counts)
+        def one_step(timer, flight, inputs=inputs):
+            new = engine.decode_step(micro, inputs, cache, timer, counts, flight)
             return new, after_sampling(new, step, timer) if topo.is_last_stage else inputs
 
         (new, inputs), timing = _timed(session, one_step)
@@ -236,7 +248,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int, eos_id: int | No
         tokens = gather_tokens(session, batch, generated, new_tokens)
         if outputs is not None:
             outputs["tokens"] = tokens
-    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts)
+    return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts,
+                     out.schedule)
 
 
 # --- gathering outputs on rank 0 -------------------------------------------------------

@@ -1,0 +1,212 @@
+"""Chunked prefill: how a rank's sequences become the micro-batches of the pipeline.
+
+A micro-batch is a list of *chunks*, each a run of consecutive real tokens of one sequence
+(padding is dropped at the edge, data.py, so a chunk never holds padding). Chunk c of a
+sequence attends to the keys and values of its earlier chunks, which the same stage
+computed before and keeps in its KV cache (SPEC §2's last bullet; engine.py, kv_cache.py).
+
+Two schedules, both computed by every rank from data every rank has (the batch's lengths
+and the layout), so that all ranks of a stage agree on the micro-batch count and their
+collectives pair up:
+
+- **chunks** (``chunk_tokens`` N, the default): a rank's real tokens, sequence after
+  sequence, are cut into micro-batches of N tokens; a micro-batch thus holds at most N
+  tokens of the rank and at most N of any one sequence, and packs the ends and starts of
+  several sequences when they are short or a boundary falls inside one. The stage's count
+  is the largest of its ranks' (the others get empty micro-batches at the end).
+- **whole sequences** (``micro_batches`` M > 0): each rank's sequences split into M
+  contiguous groups, as before chunking existed.
+
+The default N (``chunk_tokens = 0``) is derived from the layout, the batch and the backend
+by :func:`default_chunk_tokens`; docs/ARCHITECTURE.md has the arithmetic.
+
+Notation: B batch, b chunks of a micro-batch, N chunk tokens, M micro-batches, P stages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import Layout, ModelConfig, WorkloadConfig
+from .topology import Grid, block_range
+
+# The default chunk size (docs/ARCHITECTURE.md, "Chunked prefill"):
+BUBBLE_TARGET = 0.10          # ideal bubble (P-1)/(M+P-1) at most this: M >= 9 (P-1)
+# Rows each expert needs per micro-batch for its GEMMs to run near their plateau: on an
+# H100 a bf16 [m, 4096] x [4096, 16384] GEMM is compute-bound from m ~ 300 (989 TFLOP/s /
+# 3.35 TB/s) and fills 132 SMs with 128x256 tiles in whole waves from m ~ 1024; NumPy's
+# BLAS reaches ~90% of its plateau at 128 rows (docs/PERFORMANCE.md).
+MIN_EXPERT_ROWS = {"cupy": 1024, "numpy": 128}
+# Beyond this many tokens per rank a micro-batch gains nothing (GEMMs are at their plateau,
+# the fixed cost of a micro-batch is < 5% of its work) and only costs activation memory.
+MAX_CHUNK_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Chunks of one micro-batch on one rank (host arrays, b chunks, one per sequence)."""
+
+    seqs: np.ndarray       # int64 [b] global sequence index of each chunk
+    starts: np.ndarray     # int64 [b] position of each chunk's first token in its sequence
+    lengths: np.ndarray    # int64 [b] tokens of each chunk
+    ends: np.ndarray       # bool [b] whether the chunk ends its sequence
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @staticmethod
+    def empty() -> "MicroBatch":
+        none = np.zeros(0, dtype=np.int64)
+        return MicroBatch(none, none, none, np.zeros(0, dtype=bool))
+
+
+def whole_sequences(seqs: range, lengths: np.ndarray, count: int) -> list[MicroBatch]:
+    """``seqs`` (with ``lengths[seq]`` real tokens) in ``count`` contiguous groups of whole
+    sequences; the first ``len(seqs) % count`` groups one longer, some maybe empty."""
+    out = []
+    for m in range(count):
+        part = block_range(len(seqs), count, m)
+        ids = np.arange(seqs.start + part.start, seqs.start + part.stop, dtype=np.int64)
+        out.append(MicroBatch(ids, np.zeros(len(ids), dtype=np.int64),
+                              lengths[ids].astype(np.int64), np.ones(len(ids), dtype=bool)))
+    return out
+
+
+def chunked(seqs: range, lengths: np.ndarray, budget: int) -> list[MicroBatch]:
+    """``seqs``' real tokens, sequence after sequence, cut into micro-batches of ``budget``
+    tokens (the last may hold fewer); each micro-batch's chunks in sequence order."""
+    assert budget >= 1
+    ids = np.arange(seqs.start, seqs.stop, dtype=np.int64)
+    own = lengths[ids].astype(np.int64)                                   # [s]
+    first = np.concatenate([[0], np.cumsum(own)])                         # [s+1] stream offsets
+    total = int(first[-1])
+    out = []
+    for begin in range(0, total, budget):
+        end = min(total, begin + budget)
+        # Sequences overlapping the stream range [begin, end).
+        lo = int(np.searchsorted(first, begin, side="right")) - 1
+        hi = int(np.searchsorted(first, end, side="left"))
+        pick = np.arange(lo, hi)
+        chunk_start = np.maximum(first[pick], begin)
+        chunk_end = np.minimum(first[pick + 1], end)
+        keep = chunk_end > chunk_start
+        pick, chunk_start, chunk_end = pick[keep], chunk_start[keep], chunk_end[keep]
+        out.append(MicroBatch(ids[pick], chunk_start - first[pick], chunk_end - chunk_start,
+                              chunk_end == first[pick + 1]))
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkChoice:
+    """The chunk size in force: ``tokens`` (None: whole-sequence micro-batches) and why."""
+
+    tokens: int | None
+    reason: str
+
+
+def _group_grids(grid: Grid) -> list[Grid]:
+    """The ranks of ``grid``'s stage (the ones whose schedules must pair up)."""
+    group = grid.layout.group
+    return [Grid(grid.layout, grid.model, grid.stage * group + g) for g in range(group)]
+
+
+def default_chunk_tokens(model: ModelConfig, layout: Layout, lengths: np.ndarray,
+                         backend: str = "cupy") -> ChunkChoice:
+    """The default chunk size: ``min(MAX, max(N_bubble, N_gemm))`` where
+
+    - ``N_bubble = floor(T / M_target)``: T the most real tokens one rank of a stage holds,
+      ``M_target = ceil((P-1)(1-b)/b)`` micro-batches for an ideal bubble of at most
+      ``b = BUBBLE_TARGET`` with P > 1 stages (135 at P = 16), 2 with one stage (so that
+      two micro-batches can overlap one's exchanges with the other's compute);
+    - ``N_gemm = ceil(R E / (k g))``: the fewest tokens per rank that give every expert
+      ``R = MIN_EXPERT_ROWS[backend]`` rows per micro-batch when the stage's g ranks (ep,
+      or 1 under TP, whose ranks share the same tokens) route k of E experts per token;
+    - ``MAX = MAX_CHUNK_TOKENS`` bounds activation memory whatever the batch.
+
+    The bubble wins when the batch is large enough to keep the GEMMs efficient ("when the
+    batch allows"); otherwise the GEMM floor does and the bubble is what it is."""
+    grid = Grid(layout, model, 0)
+    per_rank = [int(lengths[g.sequences(len(lengths))].sum()) if len(lengths) else 0
+                for g in _group_grids(grid)]
+    most = max(per_rank) if per_rank else 0
+    stages = layout.pp
+    if stages > 1:
+        target = int(np.ceil((stages - 1) * (1 - BUBBLE_TARGET) / BUBBLE_TARGET - 1e-9))
+    else:
+        target = 2
+    bubble = max(1, most // target)
+    rows = MIN_EXPERT_ROWS.get(backend, MIN_EXPERT_ROWS["cupy"])
+    routing_ranks = layout.ep if layout.tp == 1 else 1
+    gemm = -(-rows * model.n_experts // (model.top_k * routing_ranks))
+    tokens = min(MAX_CHUNK_TOKENS, max(bubble, gemm))
+    limit = ("the cap" if tokens == MAX_CHUNK_TOKENS and max(bubble, gemm) > tokens else
+             "the bubble target" if bubble >= gemm else "the GEMM floor")
+    reason = (f"default, set by {limit}: bubble <= {BUBBLE_TARGET:.0%} needs >= {target} "
+              f"micro-batches of the {most} tokens a rank holds (<= {bubble} tokens each); "
+              f"expert GEMMs of >= {rows} rows need >= {gemm}; cap {MAX_CHUNK_TOKENS}")
+    return ChunkChoice(tokens, reason)
+
+
+def chunk_choice(model: ModelConfig, layout: Layout, workload: WorkloadConfig,
+                 lengths: np.ndarray, backend: str = "cupy") -> ChunkChoice:
+    """What the workload asks for: whole sequences (``micro_batches`` > 0), the given
+    ``chunk_tokens``, or the default."""
+    if workload.micro_batches:
+        return ChunkChoice(None, f"whole sequences in {workload.micro_batches} "
+                                 "micro-batch(es) per rank (micro_batches)")
+    if workload.chunk_tokens:
+        return ChunkChoice(workload.chunk_tokens, "chunk_tokens")
+    return default_chunk_tokens(model, layout, lengths, backend)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One rank's prefill micro-batches, as many as every rank of its stage has."""
+
+    micro_batches: list[MicroBatch]
+    chunk: ChunkChoice
+    stage_tokens: list[int] = field(default_factory=list)   # [M] the stage's tokens per mb
+
+    @property
+    def count(self) -> int:
+        return len(self.micro_batches)
+
+    @property
+    def splits_sequences(self) -> bool:
+        """Whether some sequence of this rank spans several micro-batches: its later chunks
+        then need the earlier ones' keys, so the stage keeps a KV cache during prefill."""
+        return any(not mb.ends.all() for mb in self.micro_batches if len(mb.ends))
+
+    @property
+    def largest_tokens(self) -> int:
+        return max((mb.n_tokens for mb in self.micro_batches), default=0)
+
+
+def rank_micro_batches(grid: Grid, choice: ChunkChoice, lengths: np.ndarray,
+                       count: int) -> list[MicroBatch]:
+    """``grid``'s rank's micro-batches under ``choice`` (``count``: whole-sequence groups)."""
+    seqs = grid.sequences(len(lengths))
+    if choice.tokens is None:
+        return whole_sequences(seqs, lengths, count)
+    return chunked(seqs, lengths, choice.tokens)
+
+
+def prefill_schedule(grid: Grid, workload: WorkloadConfig, lengths: np.ndarray,
+                     backend: str = "cupy") -> Schedule:
+    """``grid``'s rank's prefill schedule for a batch of ``lengths`` real tokens per
+    sequence [B]. Pure: every rank computes every rank of its stage's lists and pads its own
+    to the longest with empty micro-batches."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    choice = chunk_choice(grid.model, grid.layout, workload, lengths, backend)
+    count = workload.micro_batches or 1
+    stage = [rank_micro_batches(g, choice, lengths, count) for g in _group_grids(grid)]
+    total = max(1, max(len(s) for s in stage))
+    mine = stage[grid.group_rank]
+    mine = mine + [MicroBatch.empty()] * (total - len(mine))
+    if grid.layout.tp > 1:
+        stage_tokens = [mb.n_tokens for mb in mine]       # every rank holds the same tokens
+    else:
+        stage_tokens = [sum(s[m].n_tokens for s in stage if m < len(s)) for m in range(total)]
+    return Schedule(mine, choice, stage_tokens)
