@@ -24,6 +24,7 @@ Notation: B batch, b chunks of a micro-batch, N chunk tokens, M micro-batches, P
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,22 +80,23 @@ def chunked(seqs: range, lengths: np.ndarray, budget: int) -> list[MicroBatch]:
     tokens (the last may hold fewer); each micro-batch's chunks in sequence order."""
     assert budget >= 1
     ids = np.arange(seqs.start, seqs.stop, dtype=np.int64)
-    own = lengths[ids].astype(np.int64)                                   # [s]
-    first = np.concatenate([[0], np.cumsum(own)])                         # [s+1] stream offsets
+    first = np.concatenate([[0], np.cumsum(lengths[ids].astype(np.int64))])  # [s+1] offsets
     total = int(first[-1])
+    if total == 0:
+        return []
+    # Chunks are the pieces of the token stream between sequence starts and multiples of
+    # the budget.
+    cuts = np.union1d(first, np.arange(0, total + 1, budget, dtype=np.int64))
+    cuts = np.union1d(cuts, [total])
+    begin, end = cuts[:-1], cuts[1:]                                      # [c]
+    seq = np.searchsorted(first, begin, side="right") - 1                 # [c]
+    micro = begin // budget                                               # [c]
+    splits = np.flatnonzero(np.diff(micro)) + 1
     out = []
-    for begin in range(0, total, budget):
-        end = min(total, begin + budget)
-        # Sequences overlapping the stream range [begin, end).
-        lo = int(np.searchsorted(first, begin, side="right")) - 1
-        hi = int(np.searchsorted(first, end, side="left"))
-        pick = np.arange(lo, hi)
-        chunk_start = np.maximum(first[pick], begin)
-        chunk_end = np.minimum(first[pick + 1], end)
-        keep = chunk_end > chunk_start
-        pick, chunk_start, chunk_end = pick[keep], chunk_start[keep], chunk_end[keep]
-        out.append(MicroBatch(ids[pick], chunk_start - first[pick], chunk_end - chunk_start,
-                              chunk_end == first[pick + 1]))
+    for part in np.split(np.arange(len(begin)), splits):
+        pick = seq[part]
+        out.append(MicroBatch(ids[pick], begin[part] - first[pick], end[part] - begin[part],
+                              end[part] == first[pick + 1]))
     return out
 
 
@@ -143,9 +145,11 @@ def default_chunk_tokens(model: ModelConfig, layout: Layout, lengths: np.ndarray
     tokens = min(MAX_CHUNK_TOKENS, max(bubble, gemm))
     limit = ("the cap" if tokens == MAX_CHUNK_TOKENS and max(bubble, gemm) > tokens else
              "the bubble target" if bubble >= gemm else "the GEMM floor")
-    reason = (f"default, set by {limit}: bubble <= {BUBBLE_TARGET:.0%} needs >= {target} "
-              f"micro-batches of the {most} tokens a rank holds (<= {bubble} tokens each); "
-              f"expert GEMMs of >= {rows} rows need >= {gemm}; cap {MAX_CHUNK_TOKENS}")
+    goal = (f"bubble <= {BUBBLE_TARGET:.0%} over {stages} stages needs" if stages > 1 else
+            "two in flight (overlap) need")
+    reason = (f"default, set by {limit}: {goal} >= {target} micro-batches of the {most} "
+              f"tokens a rank holds (<= {bubble} tokens each); expert GEMMs of >= {rows} "
+              f"rows need >= {gemm}; cap {MAX_CHUNK_TOKENS}")
     return ChunkChoice(tokens, reason)
 
 
@@ -197,16 +201,30 @@ def prefill_schedule(grid: Grid, workload: WorkloadConfig, lengths: np.ndarray,
                      backend: str = "cupy") -> Schedule:
     """``grid``'s rank's prefill schedule for a batch of ``lengths`` real tokens per
     sequence [B]. Pure: every rank computes every rank of its stage's lists and pads its own
-    to the longest with empty micro-batches."""
+    to the longest with empty micro-batches. (The arrays are shared between calls: read
+    them, never write them.)"""
     lengths = np.asarray(lengths, dtype=np.int64)
-    choice = chunk_choice(grid.model, grid.layout, workload, lengths, backend)
-    count = workload.micro_batches or 1
-    stage = [rank_micro_batches(g, choice, lengths, count) for g in _group_grids(grid)]
-    total = max(1, max(len(s) for s in stage))
+    choice, stage, stage_tokens = _stage_schedule(grid.layout, grid.model, grid.stage,
+                                                  workload, lengths.tobytes(), backend)
     mine = stage[grid.group_rank]
-    mine = mine + [MicroBatch.empty()] * (total - len(mine))
-    if grid.layout.tp > 1:
-        stage_tokens = [mb.n_tokens for mb in mine]       # every rank holds the same tokens
+    mine = mine + [MicroBatch.empty()] * (len(stage_tokens) - len(mine))
+    return Schedule(mine, choice, list(stage_tokens))
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_schedule(layout: Layout, model: ModelConfig, stage: int, workload: WorkloadConfig,
+                    lengths_bytes: bytes, backend: str):
+    """(choice, each group rank's micro-batches, the stage's tokens per micro-batch):
+    ``plan`` and ``--predict`` ask for every rank of large layouts, many times over."""
+    lengths = np.frombuffer(lengths_bytes, dtype=np.int64)
+    choice = chunk_choice(model, layout, workload, lengths, backend)
+    count = workload.micro_batches or 1
+    grids = _group_grids(Grid(layout, model, stage * layout.group))
+    lists = tuple(rank_micro_batches(g, choice, lengths, count) for g in grids)
+    total = max(1, max(len(s) for s in lists))
+    if layout.tp > 1:
+        stage_tokens = tuple(mb.n_tokens for mb in lists[0]) + (0,) * (total - len(lists[0]))
     else:
-        stage_tokens = [sum(s[m].n_tokens for s in stage if m < len(s)) for m in range(total)]
-    return Schedule(mine, choice, stage_tokens)
+        stage_tokens = tuple(sum(s[m].n_tokens for s in lists if m < len(s))
+                             for m in range(total))
+    return choice, lists, stage_tokens

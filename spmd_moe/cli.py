@@ -38,8 +38,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="weight and input seed (default 0)")
     group.add_argument("--workload", choices=("prefill", "decode"), help="default prefill")
     group.add_argument("--new-tokens", type=int, help="tokens to generate per sequence (decode)")
+    group.add_argument("--chunk-tokens", type=int, metavar="N",
+                       help="prefill in micro-batches of at most N tokens per rank, chunks of "
+                            "sequences packed (default: derived from the layout and batch; "
+                            "run and plan print it)")
     group.add_argument("--micro-batches", type=int,
-                       help="micro-batches per rank for the pipeline (default: one per stage)")
+                       help="whole-sequence micro-batches per rank instead of chunks (and "
+                            "for decode steps; default: one per stage)")
+    group.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                       help="one micro-batch at a time: no exchange runs under another "
+                            "micro-batch's compute (default: two in flight where a stage has "
+                            "several ranks and micro-batches)")
     group.add_argument("--init", choices=("host", "device"),
                        help="weights: SPEC generator on the host (default) or fast device RNG "
                             "(different weights)")
@@ -76,7 +85,8 @@ def memory_limit_bytes(args) -> int | None:
 def config_from_args(args) -> RunConfig:
     return build_run_config(args.preset, args.config, args.set, dtype=args.dtype,
                             seed=args.seed, workload=args.workload, new_tokens=args.new_tokens,
-                            micro_batches=args.micro_batches, init=args.init,
+                            micro_batches=args.micro_batches, chunk_tokens=args.chunk_tokens,
+                            overlap=args.overlap, init=args.init,
                             layout=getattr(args, "layout", None))
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .chunks import Schedule, prefill_schedule
 from .config import ModelConfig, RunConfig
+from .kv_cache import KVCache
 from .topology import Grid
 
 GIB = 1 << 30
@@ -35,6 +37,7 @@ class RankCost:
     kv_bytes: int
     flops: dict[str, float]      # per forward pass, by part
     send_bytes_per_layer: dict[str, float]
+    schedule: Schedule | None = None   # the rank's prefill micro-batches
 
     @property
     def memory_bytes(self) -> int:
@@ -45,20 +48,26 @@ class RankCost:
         return sum(self.flops.values())
 
 
-def attention_core_flops(lengths: np.ndarray, width: int) -> float:
-    """Causal QK^T and PV over sequences of ``lengths`` real tokens, ``width`` = h*Dh."""
+def attention_core_flops(lengths: np.ndarray, width: int,
+                         starts: np.ndarray | None = None) -> float:
+    """Causal QK^T and PV over sequences of ``lengths`` real tokens, ``width`` = h*Dh; or,
+    with ``starts``, over chunks whose queries also see their sequence's ``start`` earlier
+    keys (query r of a chunk attends to ``start + r + 1`` keys)."""
     lengths = np.asarray(lengths, dtype=np.float64)
-    return float(2.0 * width * (lengths * (lengths + 1)).sum())
+    earlier = 0.0 if starts is None else 2.0 * lengths * np.asarray(starts, dtype=np.float64)
+    return float(2.0 * width * (lengths * (lengths + 1) + earlier).sum())
 
 
 def layer_flops(model: ModelConfig, tokens: int, lengths: np.ndarray, heads: int,
-                routed_rows: float, ff_width: int) -> dict[str, float]:
-    """FLOPs of one layer on one rank (multiply-add = 2)."""
+                routed_rows: float, ff_width: int,
+                starts: np.ndarray | None = None) -> dict[str, float]:
+    """FLOPs of one layer on one rank (multiply-add = 2); ``starts``: chunks' first
+    positions (attention_core_flops)."""
     d, dh = model.d_model, model.head_dim
     width = heads * dh
     return {
         "attention_proj": 2.0 * tokens * d * 4 * width,
-        "attention_core": attention_core_flops(lengths, width),
+        "attention_core": attention_core_flops(lengths, width, starts),
         "router": 2.0 * tokens * d * model.n_experts,
         "experts": 2.0 * routed_rows * 2 * d * ff_width,
     }
@@ -96,24 +105,15 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     if grid.is_last_stage:
         weights += (d * model.vocab_size + d) * param_item
 
-    micro = max(1, config.workload.micro_batches or layout.pp)
-    mb_tokens = int(np.ceil(tokens / micro))
-    mb_rows_in = routed / micro
-    mb_rows_out = mb_tokens * k
-    rows_per_expert = mb_rows_in / max(1, len(grid.experts) if layout.tp == 1 else e)
-    activations = (mb_tokens * d * item * 8               # x, a, q, k, v, att, h, b
-                   + mb_tokens * d * 4 * 2                # float32 attention partial, moe
-                   + mb_tokens * dh * 4 * 2               # RoPE tables
-                   + mb_rows_out * d * item * 3           # send, returned, un-permuted
-                   + mb_rows_in * d * item * 3            # received, grouped, expert out
-                   + rows_per_expert * ff * (4 + item))   # one expert's hidden layer
-    if backend != "cupy":
-        activations += 64 << 20                           # attention score blocks
-    activations += b_last * model.vocab_size * 4
+    schedule = prefill_schedule(grid, config.workload, lengths, backend)
+    activations = micro_batch_bytes(config, grid, schedule, backend)
+    activations += b_last * model.vocab_size * 4          # the rank's logits, float32
     kv = 0
-    if new_tokens:
+    if new_tokens or schedule.splits_sequences:
+        # engine.Engine.new_cache: the longest prompt (plus the tokens to generate) for
+        # each of the rank's sequences, every layer of its stage.
         capacity = int(lengths.max()) + new_tokens
-        kv = 2 * n_layers * len(my_lengths) * capacity * width * item
+        kv = KVCache.nbytes(n_layers, len(my_lengths), capacity, heads, dh, item)
 
     row = d * item
     if layout.tp > 1:
@@ -129,7 +129,39 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     if not grid.is_last_stage:
         send["stage_send"] = tokens * row / n_layers
     return RankCost(grid.rank, grid.stage, grid.group_rank, grid.layers, grid.experts, seqs,
-                    tokens, routed, int(weights), int(activations), int(kv), flops, send)
+                    tokens, routed, int(weights), int(activations), int(kv), flops, send,
+                    schedule)
+
+
+def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: Schedule,
+                     backend: str = "cupy") -> int:
+    """Activation bytes of the micro-batches ``grid``'s rank holds at once: its largest
+    micro-batch's tensors (bounded by the chunk budget, not the batch), twice when two are
+    in flight (overlap), assuming balanced routing of the stage's largest micro-batch."""
+    model, layout = config.model, grid.layout
+    d, dh, e, k = model.d_model, model.head_dim, model.n_experts, model.top_k
+    item = 2 if model.dtype == "bfloat16" else 4
+    ff = len(grid.ff_columns)
+    mb_tokens = schedule.largest_tokens
+    if layout.tp > 1:
+        mb_rows_in = mb_tokens * k                          # every row, on an F slice
+        rows_per_expert = mb_rows_in / e
+    else:
+        mb_rows_in = max(schedule.stage_tokens, default=0) * k / layout.ep
+        rows_per_expert = mb_rows_in / max(1, len(grid.experts))
+    mb_rows_out = mb_tokens * k
+    one = (mb_tokens * d * item * 8                       # x, a, q, k, v, att, h, b
+           + mb_tokens * d * 4 * 2                        # float32 attention partial, moe
+           + mb_tokens * dh * 4 * 2                       # RoPE tables
+           + mb_rows_out * d * item * 3                   # send, returned, un-permuted
+           + mb_rows_in * d * item * 3                    # received, grouped, expert out
+           + rows_per_expert * ff * (4 + item))           # one expert's hidden layer
+    in_flight = 2 if (config.workload.overlap and schedule.count >= 2
+                      and layout.group > 1) else 1
+    activations = in_flight * one
+    if backend != "cupy":
+        activations += 64 << 20                           # attention score blocks
+    return int(activations)
 
 
 def plan_costs(config: RunConfig, layout, lengths: np.ndarray, backend: str = "cupy",

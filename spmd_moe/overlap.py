@@ -22,13 +22,20 @@ Both ways run the same operations on the same data: outputs are bitwise identica
 :class:`Flight` starts, tests and waits the exchanges and accounts for them. MPI moves data
 only inside MPI calls unless the library runs a progress thread (MPICH:
 ``MPIR_CVAR_ASYNC_PROGRESS=1``), so the engine *pokes* (tests) the exchanges in flight
-between its compute phases. Per exchange:
+between its compute phases. Per exchange, in host time:
 
-- **in flight**: from the start call's entry to the first moment it was seen complete (by
-  a poke or the final wait); on the GPU with NCCL, the side stream's own time for it;
-- **exposed**: the time this rank spent inside MPI for it (start, pokes, wait); on the GPU
-  with NCCL, the start plus the time the compute stream stalled waiting for it;
-- **hidden** = max(0, in flight - exposed): communication time that ran under compute.
+- **in flight**: from the start call's entry to the last moment the exchange was seen
+  incomplete (by a poke, or by a test just before the final wait). A lower bound of how long
+  it took: completion is only observed at pokes, and an exchange seen complete at its first
+  poke counts as over when its start call began.
+- **exposed**: the time this rank spent inside MPI calls for it (start, pokes, wait);
+- **hidden** = max(0, in flight - the exposed time within it): time the exchange was
+  incomplete while this rank computed instead of waiting for it. In a bulk-synchronous stage
+  an exchange also waits for its slowest peer to join; that wait, too, is hidden when the
+  rank computes meanwhile (the blocking loop pays it inside the collective).
+
+On the GPU with NCCL (the exchange on a side stream) the device measures both: in flight is
+the side stream's time for it, exposed the time the compute stream stalled waiting for it.
 """
 from __future__ import annotations
 
@@ -46,7 +53,20 @@ class Exchange:
     request: object
     began: float
     exposed: float
-    done_at: float | None = None
+    seen_open: float = 0.0         # last moment seen incomplete (began if never)
+    exposed_then: float = 0.0      # exposed time up to seen_open
+    done: bool = False
+
+    def test(self, clock) -> bool:
+        """Test the request once, accounting for the call; True once complete."""
+        began = clock()
+        done = self.request.Test()
+        now = clock()
+        self.exposed += now - began
+        if not done:
+            self.seen_open, self.exposed_then = now, self.exposed
+        self.done = bool(done)
+        return self.done
 
 
 class Flight:
@@ -63,7 +83,7 @@ class Flight:
         began = self.clock()
         with self.timer.phase(phase):
             request = starter()
-        exchange = Exchange(phase, request, began, self.clock() - began)
+        exchange = Exchange(phase, request, began, self.clock() - began, seen_open=began)
         self.timer.add_bytes(phase, nbytes)
         self.pending.append(exchange)
         return exchange
@@ -72,25 +92,18 @@ class Flight:
         """Test every exchange in flight: lets MPI progress them, and notes when each
         completed."""
         for exchange in self.pending:
-            if exchange.done_at is not None:
-                continue
-            began = self.clock()
-            with self.timer.phase(exchange.phase):
-                done = exchange.request.Test()
-            now = self.clock()
-            exchange.exposed += now - began
-            if done:
-                exchange.done_at = now
+            if not exchange.done:
+                with self.timer.phase(exchange.phase):
+                    exchange.test(self.clock)
 
     def wait(self, exchange: Exchange):
         """Wait for ``exchange``; returns its result (received rows, reduced array)."""
-        began = self.clock()
         with self.timer.phase(exchange.phase):
+            if not exchange.done:
+                exchange.test(self.clock)
+            began = self.clock()
             result = exchange.request.Wait()
-        now = self.clock()
-        exchange.exposed += now - began
-        if exchange.done_at is None:
-            exchange.done_at = now
+            exchange.exposed += self.clock() - began
         self.pending.remove(exchange)
         self.finished.append(exchange)
         return result
@@ -103,12 +116,13 @@ class Flight:
             device = getattr(exchange.request, "device_times", lambda: None)()
             if device is not None:
                 flying, stalled = device
-                spent = (exchange.exposed if stalled is None else stalled)
+                spent = within = exchange.exposed if stalled is None else stalled
             else:
-                flying, spent = exchange.done_at - exchange.began, exchange.exposed
+                flying = exchange.seen_open - exchange.began
+                spent, within = exchange.exposed, exchange.exposed_then
             in_flight += flying
             exposed += spent
-            hidden += max(0.0, flying - spent)
+            hidden += max(0.0, flying - within)
         return {"exchanges": float(len(self.finished)), "in_flight_s": in_flight,
                 "exposed_s": exposed, "hidden_s": hidden}
 

@@ -64,8 +64,8 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     worst = max(costs, key=lambda c: c.memory_bytes)
     per_layer = worst.send_bytes_per_layer
     flops = costs[0].flops
+    lines += ["", *schedule_lines(config, layout, worst)]
     lines += [
-        "",
         f"memory: max {worst.memory_bytes / GIB:.2f} GiB per rank (rank {worst.rank}) of "
         f"{device_bytes / GIB:.0f} GiB",
         "bytes sent per rank per layer: " + ", ".join(
@@ -86,6 +86,23 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     return "\n".join(lines)
 
 
+def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost) -> list[str]:
+    """The prefill schedule ``cost``'s rank runs: chunk size and why, micro-batches, the
+    ideal bubble, whether two are in flight, and what bounds its memory."""
+    schedule = cost.schedule
+    count, chunk = schedule.count, schedule.chunk
+    what = (f"chunks of <= {chunk.tokens} tokens per rank ({chunk.reason})"
+            if chunk.tokens else f"{chunk.reason}")
+    overlap = ("two in flight (overlap)" if config.workload.overlap and count >= 2
+               and layout.group > 1 else "one at a time")
+    bubble = (layout.pp - 1) / (count + layout.pp - 1)
+    return [f"prefill: {what}",
+            f"  {count} micro-batch(es) per rank, {overlap}; ideal bubble {bubble:.1%} over "
+            f"{layout.pp} stage(s); activations are per micro-batch, the KV cache per batch"
+            + (" (kept: chunks of a sequence span micro-batches)"
+               if schedule.splits_sequences else "")]
+
+
 def check_fit(costs: list[RankCost], device_bytes: float) -> None:
     worst = max(costs, key=lambda c: c.memory_bytes)
     if worst.memory_bytes > device_bytes:
@@ -93,7 +110,7 @@ def check_fit(costs: list[RankCost], device_bytes: float) -> None:
             f"rank {worst.rank} needs {worst.memory_bytes / GIB:.1f} GiB (weights "
             f"{worst.weight_bytes / GIB:.1f}, activations {worst.activation_bytes / GIB:.1f}, "
             f"KV {worst.kv_bytes / GIB:.1f}) but a device has {device_bytes / GIB:.0f} GiB: "
-            "use more ranks, more stages or more micro-batches"))
+            "use more ranks or more stages, or a smaller --chunk-tokens"))
 
 
 def make_plan(config: RunConfig, world_size: int, layout_text: str | None,

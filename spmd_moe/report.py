@@ -16,16 +16,21 @@ from . import __version__
 from .config import to_dict
 from .costs import layer_flops
 from .data import Batch, write_text
-from .engine import PHASES
+from .engine import IDLE_PHASES, PHASES
 from .runner import RunResult, Session, Timing
 
 
 def _mean_timing(timings: list[Timing]) -> dict:
-    """One rank's per-iteration means: phases (s), bytes, counters, wall (s)."""
+    """One rank's per-iteration means: phases (s), bytes, counters, exchanges (s), wall (s),
+    and its idle time (s): the wall time it spent neither computing nor exchanging within
+    its stage (waiting for the previous stage, for its sends to drain, for the last stage
+    at the closing barrier) - its share of the pipeline bubble."""
     n = max(1, len(timings))
     phases: dict[str, float] = {}
     sent: dict[str, float] = {}
     counters: dict[str, float] = {}
+    exchanges: dict[str, float] = {}
+    idle = 0.0
     for t in timings:
         for key, value in t.phases.items():
             phases[key] = phases.get(key, 0.0) + value / n
@@ -33,8 +38,12 @@ def _mean_timing(timings: list[Timing]) -> dict:
             sent[key] = sent.get(key, 0.0) + value / n
         for key, value in t.counters.items():
             counters[key] = counters.get(key, 0.0) + value / n
-    return {"phases": phases, "bytes": sent, "counters": counters,
-            "wall": [t.wall for t in timings]}
+        for key, value in t.exchanges.items():
+            exchanges[key] = exchanges.get(key, 0.0) + value / n
+        busy = sum(v for k, v in t.phases.items() if k not in IDLE_PHASES)
+        idle += max(0.0, t.wall - busy) / n
+    return {"phases": phases, "bytes": sent, "counters": counters, "exchanges": exchanges,
+            "idle": idle, "wall": [t.wall for t in timings]}
 
 
 def rank_flops(session: Session, batch: Batch, expert_rows: float) -> float:
@@ -63,6 +72,34 @@ def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[s
                 _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
 
 
+def _stage_idle(summaries: list[dict], stages: int, wall: float) -> list[dict]:
+    """Per stage: its ranks' measured idle time per forward (ms; mean and max over the
+    stage's ranks) and as a fraction of the wall time: the measured bubble."""
+    out = []
+    for stage in range(stages):
+        idle = [s["idle"] * 1e3 for s in summaries if s["stage"] == stage]
+        mean = float(np.mean(idle))
+        out.append({"stage": stage, "idle_ms": {"mean": mean, "max": float(np.max(idle))},
+                    "idle_fraction": mean / (wall * 1e3) if wall else 0.0})
+    return out
+
+
+def _overlap_summary(summaries: list[dict], on: bool, asked: bool, micro: int,
+                     group: int) -> dict:
+    """Whether two micro-batches were in flight (and why not), and the exchanges' time in
+    flight, exposed and hidden per forward (ms; mean and max over ranks): overlap.py
+    defines them."""
+    why = ("two micro-batches in flight" if on else "off: --no-overlap" if not asked else
+           "off: one micro-batch" if micro < 2 else "off: one rank per stage")
+    out: dict = {"enabled": on, "reason": why}
+    for key in ("in_flight", "exposed", "hidden"):
+        out[f"{key}_ms"] = _over_ranks([s["exchanges"].get(f"{key}_s", 0.0) * 1e3
+                                        for s in summaries])
+    flying = out["in_flight_ms"]["mean"]
+    out["hidden_fraction"] = out["hidden_ms"]["mean"] / flying if flying else 0.0
+    return out
+
+
 def build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
     """Collective over the world; the report on rank 0, ``None`` elsewhere."""
     topo, config = session.topo, session.config
@@ -71,6 +108,8 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
     mine = _mean_timing(result.timings)
     mine["flops"] = rank_flops(session, batch, mine["counters"].get("expert_rows", 0.0))
     mine["peak"] = session.peak_flops
+    mine["stage"] = topo.stage
+    mine["micro_batches"] = result.schedule.count if result.schedule else 0
     if decode:
         steps = _mean_timing(result.step_timings)
         mine["step_phases"] = steps["phases"]
@@ -86,7 +125,9 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
     wall = float(walls.mean())
     tokens = batch.n_tokens
     layout = topo.layout
-    micro = config.workload.micro_batches or layout.pp
+    schedule = result.schedule
+    micro = max(s["micro_batches"] for s in summaries)
+    overlap = session.engine.overlaps(micro)
     flops = [s["flops"] for s in summaries]
     peak = float(np.mean([s["peak"] for s in summaries]))
     bytes_total = [sum(s["bytes"].values()) for s in summaries]
@@ -129,9 +170,14 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
         "peak_source": session.peak_source,
         "mfu": float(np.sum(flops)) / (wall * peak * len(flops)) if wall and peak else 0.0,
         "pipeline": {"stages": layout.pp, "micro_batches": micro,
+                     "chunk_tokens": schedule.chunk.tokens if schedule else None,
+                     "chunk_reason": schedule.chunk.reason if schedule else "",
                      "bubble_fraction_ideal": (layout.pp - 1) / (micro + layout.pp - 1),
                      "stage_recv_ms": _over_ranks([s["phases"].get("stage_recv", 0.0) * 1e3
-                                                   for s in summaries])},
+                                                   for s in summaries]),
+                     "stage_idle": _stage_idle(summaries, layout.pp, wall)},
+        "overlap": _overlap_summary(summaries, overlap, config.workload.overlap, micro,
+                                    layout.group),
     }
     if decode:
         step_walls = np.asarray(summaries[0]["step_walls"]) * 1e3
@@ -171,10 +217,19 @@ def format_report(report: dict) -> str:
         f"max {report['bytes_sent_per_rank']['max'] / 1e6:.3f} MB",
     ]
     pipe = report["pipeline"]
-    if pipe["stages"] > 1:
-        lines.append(f"  pipeline: {pipe['stages']} stages x {pipe['micro_batches']} "
-                     f"micro-batches, ideal bubble {pipe['bubble_fraction_ideal'] * 100:.0f}%, "
-                     f"waiting on previous stage {pipe['stage_recv_ms']['mean']:.1f} ms mean")
+    chunk = (f"chunks of <= {pipe['chunk_tokens']} tokens ({pipe['chunk_reason']})"
+             if pipe["chunk_tokens"] else pipe["chunk_reason"])
+    lines.append(f"  prefill: {chunk}")
+    lines.append(f"  pipeline: {pipe['stages']} stage(s) x {pipe['micro_batches']} "
+                 f"micro-batch(es), ideal bubble {pipe['bubble_fraction_ideal'] * 100:.1f}%; "
+                 "measured idle per stage: " + ", ".join(
+                     f"{st['idle_ms']['mean']:.1f} ms ({st['idle_fraction'] * 100:.0f}%)"
+                     for st in pipe["stage_idle"]))
+    ov = report["overlap"]
+    lines.append(f"  overlap: {ov['reason']}; exchanges in flight "
+                 f"{ov['in_flight_ms']['mean']:.1f} ms, exposed {ov['exposed_ms']['mean']:.1f} "
+                 f"ms, hidden {ov['hidden_ms']['mean']:.1f} ms "
+                 f"({ov['hidden_fraction'] * 100:.0f}%) per rank")
     load = report["expert_load"]
     if load:
         worst = max(load, key=lambda r: r["max_over_mean"])
