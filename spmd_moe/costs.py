@@ -152,6 +152,7 @@ def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: Schedule,
     mb_rows_out = mb_tokens * k
     one = (mb_tokens * d * item * 8                       # x, a, q, k, v, att, h, b
            + mb_tokens * d * 4 * 2                        # float32 attention partial, moe
+           + mb_tokens * d * 4 * 5                        # float32 temporaries (norm, RoPE)
            + mb_tokens * dh * 4 * 2                       # RoPE tables
            + mb_rows_out * d * item * 3                   # send, returned, un-permuted
            + mb_rows_in * d * item * 3                    # received, grouped, expert out

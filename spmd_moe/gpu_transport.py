@@ -574,7 +574,8 @@ class NcclExchange:
         before = self.ops.record_event()
         self.ops.wait_event(self.done)
         self.stall = (before, self.ops.record_event())
-        return self.result
+        result, self.result, self.hold = self.result, None, ()
+        return result
 
     def device_times(self) -> tuple[float, float | None]:
         """(seconds in flight on the side stream, seconds the compute stream stalled);

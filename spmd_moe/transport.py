@@ -183,10 +183,12 @@ class PendingExchange:
 
             MPI.Request.Waitall(self.requests)
             self.done = True
+        result = self.result
         if self.finish is not None:
-            self.result, self.finish = self.finish(self.result), None
-        self.hold = ()
-        return self.result
+            result, self.finish = self.finish(result), None
+        # Hand the result over: a finished exchange kept for its accounting holds no rows.
+        self.result, self.hold = None, ()
+        return result
 
 
 class PendingSend:

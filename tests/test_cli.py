@@ -79,6 +79,35 @@ def test_plan_paper_16_ranks():
     assert len(lines) == 2 and "964.04" in lines[0]   # 16 layers x 60.25 TFLOP
 
 
+def test_plan_paper_baseline_fits_with_the_default_chunks():
+    """Whole-sequence micro-batches (one per stage) need over 80 GiB per rank (123.7 GiB
+    before chunks existed); the default chunks bound activations by the chunk: the paper's
+    baseline plans with defaults."""
+    result = spmd_moe("plan", "--preset", "paper-baseline", "--world-size", "16", "--layout",
+                      "tp=8,pp=2")
+    assert result.returncode == 0, result.stderr
+    assert "fits: yes" in result.stdout
+    assert "chunks of <= 16384 tokens per rank (default" in result.stdout
+    assert "79 micro-batch(es) per rank, two in flight" in result.stdout
+    whole = spmd_moe("plan", "--preset", "paper-baseline", "--world-size", "16", "--layout",
+                     "tp=8,pp=2", "--micro-batches", "2")
+    assert whole.returncode == 2 and "rank 8 needs" in whole.stderr
+
+
+def test_run_prints_the_schedule_and_the_overlap(tmp_path):
+    report = tmp_path / "r.json"
+    result = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,pp=2", "--chunk-tokens",
+                      "5", "--report", str(report), ranks=4)
+    assert result.returncode == 0, result.stderr
+    assert "prefill: chunks of <= 5 tokens (chunk_tokens)" in result.stdout
+    assert "measured idle per stage" in result.stdout and "hidden" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["pipeline"]["micro_batches"] == 7          # ceil(3 sequences x 11 / 5)
+    assert data["overlap"]["enabled"] and data["config"]["workload"]["chunk_tokens"] == 5
+    off = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,pp=2", "--no-overlap", ranks=4)
+    assert off.returncode == 0 and "overlap: off" in off.stdout
+
+
 def test_plan_refuses_what_does_not_fit():
     result = spmd_moe("plan", "--preset", "paper", "--world-size", "2")
     assert result.returncode == 2
@@ -107,6 +136,10 @@ BAD_INPUTS = {
     "output directory missing": (["--output", "/nonexistent/dir/out.npz"],
                                  "--output: directory /nonexistent/dir does not exist"),
     "missing input file": (["--input", "/nonexistent.npz"], "--input: cannot read"),
+    "negative chunk": (["--chunk-tokens", "-3"], "chunk_tokens: -3 must be an integer >= 0"),
+    "chunks and whole micro-batches": (["--chunk-tokens", "4", "--micro-batches", "2"],
+                                       "chunk_tokens: 4 chunk tokens and micro_batches=2"),
+    "overlap not a boolean": (["--set", "overlap=maybe"], "overlap: 'maybe' is not true"),
 }
 
 

@@ -76,12 +76,23 @@ def test_set_overrides_win_and_take_aliases():
     (["norm_eps=-1"], "norm_eps"),
     (["colour=blue"], "colour"),
     (["d_model"], "--set"),
+    (["chunk_tokens=-1"], "chunk_tokens"),
+    (["chunk_tokens=2.5"], "chunk_tokens"),
+    (["chunk_tokens=4", "micro_batches=2"], "chunk_tokens"),
+    (["overlap=perhaps"], "overlap"),
 ])
 def test_bad_values_name_the_field(sets, field):
     with pytest.raises(ConfigError) as info:
         build_run_config("tiny", sets=sets)
     assert info.value.field == field
     assert "\n" not in str(info.value)
+
+
+def test_chunk_and_overlap_settings():
+    config = build_run_config("tiny", sets=["chunk_tokens=7", "overlap=false"])
+    assert config.workload.chunk_tokens == 7 and config.workload.overlap is False
+    assert build_run_config("tiny", sets=["overlap=1"]).workload.overlap is True
+    assert build_run_config("tiny").workload.chunk_tokens == 0      # the derived default
 
 
 def test_unknown_preset_and_unreadable_file(tmp_path):
