@@ -46,7 +46,7 @@ import numpy as np
 
 from .chunks import MicroBatch, prefill_schedule, whole_sequences
 from .config import Layout, RunConfig
-from .costs import GIB, layer_flops, rank_cost
+from .costs import GIB, attention_core_flops, layer_flops, rank_cost
 from .errors import ConfigError, LayoutError
 from .topology import Grid
 
@@ -1113,9 +1113,12 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     grid = Grid(layout, model, comm.Get_rank())
     bk = Backend(BackendChoice("numpy", "calibration"), model.dtype)
     rng = np.random.default_rng(comm.Get_rank())
-    micro = grid.micro_batches(work.batch_size, work.micro_batches)
-    seqs = max(1, max(len(r) for r in micro))
-    t = seqs * work.seq_len
+    # The engine's largest micro-batch (chunks.py): its chunks' attention reads keys up to
+    # start + length each, as the KV cache holds them.
+    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
+    schedule = prefill_schedule(grid, work, lengths, "numpy")
+    largest = max(schedule.micro_batches, key=lambda mb: mb.n_tokens)
+    t = max(1, largest.n_tokens)
     d, heads, dh = model.d_model, len(grid.heads), model.head_dim
     width, ff = heads * dh, len(grid.ff_columns)
     stage_tokens = t * (layout.ep if layout.tp == 1 else 1)
@@ -1135,12 +1138,16 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     a = bk.store(rng.standard_normal((t, d), dtype=np.float32))
     w = bk.param(rng.standard_normal((d, width), dtype=np.float32))
     gemm = 2.0 * t * d * width / timed(lambda: bk.matmul(a, w))
-    q = bk.store(rng.standard_normal((t, heads, dh), dtype=np.float32))
-    starts = np.arange(seqs, dtype=np.int64) * work.seq_len
-    lens = np.full(seqs, work.seq_len, dtype=np.int64)
-    core = 2.0 * width * float((lens * (lens + 1)).sum())     # costs.attention_core_flops
-    attention = core / timed(lambda: causal_attention(bk, q, starts, lens, q, q, starts, lens,
-                                                      dh ** -0.5))
+    lens = largest.lengths if len(largest.lengths) else np.ones(1, dtype=np.int64)
+    first = largest.starts if len(largest.starts) else np.zeros(1, dtype=np.int64)
+    q = bk.store(rng.standard_normal((int(lens.sum()), heads, dh), dtype=np.float32))
+    q_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    k_lens = first + lens
+    kv = bk.store(rng.standard_normal((int(k_lens.sum()), heads, dh), dtype=np.float32))
+    k_starts = np.concatenate([[0], np.cumsum(k_lens)[:-1]])
+    core = attention_core_flops(lens, width, first)
+    attention = core / timed(lambda: causal_attention(bk, q, q_starts, lens, kv, kv, k_starts,
+                                                      k_lens, dh ** -0.5))
     x = bk.store(rng.standard_normal((rows, d), dtype=np.float32))
     w1 = bk.param(rng.standard_normal((d, ff), dtype=np.float32))
     w2 = bk.param(rng.standard_normal((ff, d), dtype=np.float32))
@@ -1161,8 +1168,9 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     return {"rates": dict(zip(keys, (float(v) for v in mean))),
             "measured": {"backend": "numpy", "dtype": model.dtype, "ranks": comm.Get_size(),
                          "layout": str(layout), "gemm_shape": [t, d, width],
-                         "attention": {"sequences": seqs, "seq_len": work.seq_len,
-                                       "heads": heads, "head_dim": dh},
+                         "attention": {"chunks": len(lens), "tokens": t,
+                                       "keys": int(k_lens.sum()), "heads": heads,
+                                       "head_dim": dh},
                          "expert_shape": [rows, d, ff]}}
 
 
