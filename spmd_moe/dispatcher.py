@@ -95,12 +95,31 @@ class AlltoallDispatcher(Dispatcher):
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
+        self.finish_counts(plan, self.transport.alltoall_counts(self.comm,
+                                                                self._counts_by_peer(plan)))
+        return self.count_bytes(plan)
+
+    def start_counts(self, plan: DispatchPlan):
+        """:meth:`exchange_counts`, started (Ialltoall); its ``Wait()`` gives the [P, El]
+        counts for :meth:`finish_counts`. Non-blocking because two passes in flight may
+        interleave differently on different ranks: a blocking collective inside a pass could
+        wait on a rank that is itself blocked in the other pass's (overlap.py)."""
+        return self.transport.ialltoall_counts(self.comm, self._counts_by_peer(plan))
+
+    def finish_counts(self, plan: DispatchPlan, recv_by_expert_host: np.ndarray) -> None:
+        plan.recv_by_expert_host = recv_by_expert_host                        # [P, El]
+        plan.recv_counts_host = recv_by_expert_host.sum(axis=1)
+        plan.tokens_per_local_expert_host = recv_by_expert_host.sum(axis=0)
+
+    def count_bytes(self, plan: DispatchPlan) -> int:
+        """Bytes of counts sent to other ranks."""
+        return plan.tokens_per_expert_host.reshape(self.peers, -1)[
+            np.arange(self.peers) != self.rank].nbytes
+
+    def _counts_by_peer(self, plan: DispatchPlan) -> np.ndarray:
         by_peer = plan.tokens_per_expert_host.reshape(self.peers, -1)        # [P, El]
         plan.send_counts_host = by_peer.sum(axis=1)
-        plan.recv_by_expert_host = self.transport.alltoall_counts(self.comm, by_peer)
-        plan.recv_counts_host = plan.recv_by_expert_host.sum(axis=1)
-        plan.tokens_per_local_expert_host = plan.recv_by_expert_host.sum(axis=0)
-        return by_peer[np.arange(self.peers) != self.rank].nbytes
+        return by_peer
 
     def token_dispatch(self, send_rows, plan: DispatchPlan):
         """send rows [R, d] -> received rows [Rr, d] grouped by source rank, then expert."""

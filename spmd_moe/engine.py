@@ -40,7 +40,7 @@ from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from .kv_cache import KVCache
 from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
 from .moe_layer import moe_steps
-from .overlap import Flight, run_pass, run_passes
+from .overlap import CHECKPOINT, Flight, run_pass, run_passes
 from .topology import Topology
 from .transport import allreduce_bytes
 from .weights import ModelWeights, build_weights
@@ -87,8 +87,9 @@ class Engine:
         self.weights = weights if weights is not None else build_weights(
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
-        self.dispatcher = kind(bk, topo.stage_comm, transport, self.model.n_experts,
-                               self.model.top_k, topo.experts)
+        # One dispatcher per slot of micro-batches in flight, each on its own communicator.
+        self.dispatchers = [kind(bk, comm, transport, self.model.n_experts, self.model.top_k,
+                                 topo.experts) for comm in topo.stage_comms]
         self.heads = len(topo.heads)
         self.scale = float(self.model.head_dim) ** -0.5
         self.fault_layer = injected_fault(topo.rank)
@@ -117,18 +118,20 @@ class Engine:
         return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
 
     def layer_steps(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
-                    flight: Flight, cache: KVCache | None, counts: np.ndarray):
+                    flight: Flight, cache: KVCache | None, counts: np.ndarray, slot: int = 0):
         """x: [T, d] -> x after this layer, [T, d]; adds this rank's routed rows to
-        ``counts[layer]``. A generator that yields each exchange it starts (overlap.py)."""
+        ``counts[layer]``. A generator that yields each exchange it starts, and checkpoints
+        between compute phases (overlap.py); its collectives go on ``slot``'s
+        communicator."""
         bk, lw = self.bk, self.weights.layers[layer]
         if layer == self.fault_layer:
             raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {self.topo.rank} at "
                                f"layer {layer}")
         with timer.phase("attention"):
             att = self.attention(layer, x, packed, rope, cache)
-        flight.poke()
+        yield CHECKPOINT
         if self.topo.layout.tp > 1:
-            comm = self.topo.stage_comm
+            comm = self.topo.stage_comms[slot]
             att = yield flight.start(
                 "attn_allreduce", lambda: self.transport.iallreduce_sum(comm, att),
                 allreduce_bytes(att.nbytes, self.topo.layout.tp))
@@ -139,7 +142,7 @@ class Engine:
             h = bk.store(x.astype(F32) + att.astype(F32))
         with timer.phase("router"):
             b = rms_norm(bk, h, lw.moe_norm, self.model.norm_eps)
-        moe, tokens_per_expert = yield from moe_steps(self.dispatcher, b, lw,
+        moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
                                                       self.model.top_k, timer, flight)
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
@@ -149,10 +152,11 @@ class Engine:
     # --- a pass of new tokens through this rank's stage ---------------------------------
 
     def pass_steps(self, packed: Packed, tokens_host: np.ndarray | None, timer: PhaseTimer,
-                   flight: Flight, cache: KVCache | None, counts: np.ndarray):
+                   flight: Flight, cache: KVCache | None, counts: np.ndarray, slot: int = 0):
         """Run ``packed``'s new tokens through this stage: embed (first stage) or receive
         them from the previous stage, run the layers, then send them on (returns None) or,
-        on the last stage, return the hidden rows [T, d]. A generator (overlap.py)."""
+        on the last stage, return the hidden rows [T, d]. A generator (overlap.py); micro-
+        batch m runs in slot m % 2."""
         topo, bk, d = self.topo, self.bk, self.model.d_model
         if topo.is_first_stage:
             with timer.phase("embed"):
@@ -164,7 +168,7 @@ class Engine:
         rope = rope_tables(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
         for layer in topo.layers:
             x = yield from self.layer_steps(layer, x, packed, rope, timer, flight, cache,
-                                            counts)
+                                            counts, slot)
         if cache is not None:
             cache.advance(packed)
         if topo.is_last_stage:
@@ -236,18 +240,18 @@ class Engine:
         out = StageOutput(expert_counts=np.zeros((self.model.n_layers, self.model.n_experts),
                                                  dtype=np.int64), schedule=schedule)
 
-        def one(mb: MicroBatch):
+        def one(m: int, mb: MicroBatch):
             packed = pack(self.bk, mb.seqs, mb.lengths, mb.starts)
             ids = self.chunk_ids(batch, mb) if self.topo.is_first_stage else None
             hidden = yield from self.pass_steps(packed, ids, timer, flight, cache,
-                                                out.expert_counts)
+                                                out.expert_counts, m % 2)
             if hidden is None:
                 return None
             return self.logits_of(hidden, packed, timer, mb.ends), (
                 hidden if keep_hidden else None)
 
-        finished = run_passes([one(mb) for mb in schedule.micro_batches], flight,
-                              self.overlaps(schedule.count))
+        finished = run_passes([one(m, mb) for m, mb in enumerate(schedule.micro_batches)],
+                              flight, self.overlaps(schedule.count))
         for result in finished:
             if result is not None:
                 out.logits.append(result[0])
@@ -307,7 +311,7 @@ class Engine:
             positions = cache.lengths_host[seqs_live - cache.first_seq]
             packed = pack(self.bk, seqs_live, np.ones(len(seqs_live), dtype=np.int64), positions)
             hidden = yield from self.pass_steps(packed, tokens[live], timer, flight, cache,
-                                                counts)
+                                                counts, m % 2)
             if hidden is None:
                 return np.zeros(0, dtype=np.int64)
             chosen = np.full(len(seqs), -1, dtype=np.int64)

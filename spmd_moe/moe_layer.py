@@ -14,7 +14,7 @@ import numpy as np
 from .backend import PhaseTimer
 from .dispatcher import Dispatcher
 from .experts import run_experts
-from .overlap import Flight
+from .overlap import CHECKPOINT, Flight
 from .router import route
 from .weights import LayerWeights
 
@@ -23,20 +23,24 @@ def moe_steps(dispatcher: Dispatcher, b, lw: LayerWeights, top_k: int, timer: Ph
               flight: Flight):
     """b: [T, d] normalised hidden states (storage dtype) -> ``(moe float32 [T, d],
     tokens_per_expert int64 [E])``, the latter counting this rank's routed rows. A
-    generator: yields the started dispatch (expert parallel only) and combine."""
+    generator: yields the started count exchange and dispatch (expert parallel only) and
+    combine, and checkpoints between compute phases (overlap.py)."""
     bk = dispatcher.bk
     with timer.phase("router"):
         top_experts, weights = route(bk, b, lw.router, top_k)              # [T, k] each
     with timer.phase("permute"):
         plan = dispatcher.dispatch_preprocess(top_experts)
         send = dispatcher.permute(b, plan)                                   # [R, d]
-    flight.poke()
-    with timer.phase("count_exchange"):
-        timer.add_bytes("count_exchange", dispatcher.exchange_counts(plan))
+    yield CHECKPOINT
     received = send
     if dispatcher.exchanges_rows:
+        counts = yield flight.start("count_exchange", lambda: dispatcher.start_counts(plan),
+                                    dispatcher.count_bytes(plan))            # [P, El]
+        dispatcher.finish_counts(plan, counts)
         received = yield flight.start("dispatch", lambda: dispatcher.start_dispatch(send, plan),
                                       dispatcher.dispatch_bytes(send, plan))  # [Rr, d]
+    else:
+        dispatcher.exchange_counts(plan)    # the TP baseline exchanges none
     with timer.phase("permute"):
         grouped = dispatcher.dispatch_postprocess(received, plan)
     with timer.phase("experts"):
@@ -44,7 +48,7 @@ def moe_steps(dispatcher: Dispatcher, b, lw: LayerWeights, top_k: int, timer: Ph
         out = run_experts(bk, grouped, plan.tokens_per_local_expert_host, experts,
                           dispatcher.partial_dtype)
     timer.count("expert_rows", grouped.shape[0])
-    flight.poke()
+    yield CHECKPOINT
     with timer.phase("unpermute"):
         back = dispatcher.combine_preprocess(out, plan)
     returned = yield flight.start("combine", lambda: dispatcher.start_combine(back, plan),

@@ -3,21 +3,32 @@ computes its attention or its experts (the two-micro-batch overlap of DeepSeek a
 
 A stage pass of one micro-batch is a *generator* (engine.Engine.pass_steps): it computes
 until it has started a non-blocking exchange (dispatch, combine, a TP allreduce), yields
-that exchange, and gets its result back when it is resumed. :func:`run_passes` drives the
+that exchange, and gets its result back when it is resumed; between compute phases it also
+yields :data:`CHECKPOINT`, a point where it may be paused. :func:`run_passes` drives the
 passes of a stage's micro-batches in order:
 
 - without overlap, each pass runs to its end before the next starts, every exchange waited
   at once (the bulk-synchronous loop of SPEC §3);
-- with overlap, two passes are in flight: the driver resumes the older one (waiting for its
-  exchange), runs it to its next exchange, then does the same with the other. So A's
-  dispatch is in flight while B computes its attention, B's dispatch while A runs its
-  experts, and so on. The newer pass never gets ahead of the older in (layer, step) order:
-  a later chunk of a sequence finds its earlier chunks' keys in the KV cache of every
-  layer it reaches. Every rank of a stage runs the same driver over the same number of
-  micro-batches, and every pass yields at the same points whatever its data (an empty
-  micro-batch too), so the stage's collectives are issued in the same order everywhere.
+- with overlap, two passes are in flight, the older first: it runs until it waits for an
+  exchange; meanwhile the newer one computes (A's dispatch moves while B computes its
+  attention, B's dispatch while A runs its experts, ...), and at each checkpoint of the
+  newer the driver tests whether the older's exchange has completed and, if so, goes back
+  to the older. Priority to the older keeps a micro-batch's time through the stage close
+  to its own work, which is what a pipeline's next stage waits for; plain alternation
+  would double it and with it the pipeline's fill time.
 
-Both ways run the same operations on the same data: outputs are bitwise identical.
+The newer pass never gets ahead of the older: it runs only while the older waits at an
+exchange it has not itself started yet, and stops at its own next one, which is at most the
+older's (every pass yields the same sequence of exchanges). So a later
+chunk of a sequence finds its earlier chunks' keys in the KV cache of every layer it
+reaches, and passes finish, and send to the next stage, in order.
+
+Which pass runs when depends on when exchanges complete, which differs between ranks. The
+collectives of the two passes in flight therefore go on two communicators (``slot`` m % 2
+of micro-batch m: engine.py gives each slot its own Dup of the stage communicator), so each
+communicator sees its passes' collectives in program order on every rank, as MPI requires;
+pass m+2 starts on m's slot only once m has finished. Both ways run the same operations on
+the same data: outputs are bitwise identical.
 
 :class:`Flight` starts, tests and waits the exchanges and accounts for them. MPI moves data
 only inside MPI calls unless the library runs a progress thread (MPICH:
@@ -88,13 +99,13 @@ class Flight:
         self.pending.append(exchange)
         return exchange
 
-    def poke(self) -> None:
-        """Test every exchange in flight: lets MPI progress them, and notes when each
-        completed."""
-        for exchange in self.pending:
-            if not exchange.done:
-                with self.timer.phase(exchange.phase):
-                    exchange.test(self.clock)
+    def poke(self, exchange: Exchange | None = None) -> None:
+        """Test ``exchange`` (default: every exchange in flight): lets MPI progress it, and
+        notes when it completed."""
+        for item in (self.pending if exchange is None else [exchange]):
+            if not item.done:
+                with self.timer.phase(item.phase):
+                    item.test(self.clock)
 
     def wait(self, exchange: Exchange):
         """Wait for ``exchange``; returns its result (received rows, reduced array)."""
@@ -127,7 +138,17 @@ class Flight:
                 "exposed_s": exposed, "hidden_s": hidden}
 
 
-Pass = Generator[Exchange, object, object]
+Pass = Generator[object, object, object]
+
+
+class _Checkpoint:
+    """Yielded by a pass between compute phases: the driver may pause it there."""
+
+    def __repr__(self) -> str:
+        return "CHECKPOINT"
+
+
+CHECKPOINT = _Checkpoint()
 
 
 def run_pass(steps: Pass, flight: Flight):
@@ -135,41 +156,74 @@ def run_pass(steps: Pass, flight: Flight):
     value = None
     while True:
         try:
-            exchange = steps.send(value)
+            item = steps.send(value)
         except StopIteration as stop:
             return stop.value
-        value = flight.wait(exchange)
+        value = None if item is CHECKPOINT else flight.wait(item)
+
+
+class _InFlight:
+    """A pass between two of its steps: what it yielded last (an exchange, or a
+    checkpoint), and its micro-batch's index."""
+
+    def __init__(self, index: int, steps: Pass):
+        self.index, self.steps, self.item = index, steps, None
+        self.exchanges = 0        # exchanges yielded so far (every pass yields the same)
+
+    def ready(self, flight: Flight) -> bool:
+        """Can run now without blocking: at a checkpoint, or its exchange is complete."""
+        if self.item is CHECKPOINT:
+            return True
+        flight.poke(self.item)
+        return self.item.done
 
 
 def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
-    """Run a stage's passes in order, two in flight when ``overlap``; their results, in
-    order (see the module docstring)."""
+    """Run a stage's passes in order, two in flight (the older first) when ``overlap``;
+    their results, in order (see the module docstring)."""
     passes = list(passes)
     if not overlap or len(passes) < 2:
         return [run_pass(steps, flight) for steps in passes]
     results: list = [None] * len(passes)
-    in_flight: list[tuple[int, Pass, Exchange]] = []     # oldest first
     upcoming = iter(enumerate(passes))
+    in_flight: list[_InFlight] = []          # oldest first, at most two
 
-    def advance(index: int, steps: Pass, value) -> bool:
-        """Resume a pass with ``value``; queue it at its next exchange. False once done."""
+    def resume(entry: _InFlight) -> None:
+        """Run ``entry`` to its next yield (an exchange it waits for is waited first)."""
+        value = None
+        if entry.item is not None and entry.item is not CHECKPOINT:
+            value = flight.wait(entry.item)
         try:
-            exchange = steps.send(value)
+            entry.item = entry.steps.send(value)
         except StopIteration as stop:
-            results[index] = stop.value
-            return False
-        in_flight.append((index, steps, exchange))
-        return True
+            results[entry.index] = stop.value
+            in_flight.remove(entry)
+            return
+        if entry.item is not CHECKPOINT:
+            entry.exchanges += 1
 
-    def start_next() -> None:
-        for index, steps in upcoming:
-            if advance(index, steps, None):
+    def fill() -> None:
+        while len(in_flight) < 2:
+            nxt = next(upcoming, None)
+            if nxt is None:
                 return
+            entry = _InFlight(*nxt)
+            in_flight.append(entry)
+            resume(entry)
 
-    start_next()
-    start_next()
+    fill()
     while in_flight:
-        index, steps, exchange = in_flight.pop(0)
-        if not advance(index, steps, flight.wait(exchange)):
-            start_next()
+        if any(entry.item is CHECKPOINT for entry in in_flight):
+            flight.poke()                    # between compute phases: let MPI progress
+        older = in_flight[0]
+        newer = in_flight[1] if len(in_flight) > 1 else None
+        if newer is None or older.ready(flight):
+            resume(older)
+        elif newer.exchanges < older.exchanges and newer.ready(flight):
+            # The newer computes until its next checkpoint or exchange, which is at most the
+            # one the older waits at: it never gets ahead of the older.
+            resume(newer)
+        else:
+            resume(older)                    # nothing else can run: wait for the older
+        fill()
     return results

@@ -72,15 +72,19 @@ def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[s
                 _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
 
 
-def _stage_idle(summaries: list[dict], stages: int, wall: float) -> list[dict]:
+def _stage_idle(summaries: list[dict], stages: int) -> list[dict]:
     """Per stage: its ranks' measured idle time per forward (ms; mean and max over the
     stage's ranks) and as a fraction of the wall time: the measured bubble."""
     out = []
     for stage in range(stages):
-        idle = [s["idle"] * 1e3 for s in summaries if s["stage"] == stage]
-        mean = float(np.mean(idle))
-        out.append({"stage": stage, "idle_ms": {"mean": mean, "max": float(np.max(idle))},
-                    "idle_fraction": mean / (wall * 1e3) if wall else 0.0})
+        mine = [s for s in summaries if s["stage"] == stage]
+        idle = [s["idle"] * 1e3 for s in mine]
+        # Each rank's idle share of its own wall time (ranks leave a barrier at slightly
+        # different times), averaged over the stage.
+        share = [s["idle"] / np.mean(s["wall"]) if np.mean(s["wall"]) else 0.0 for s in mine]
+        out.append({"stage": stage, "idle_ms": {"mean": float(np.mean(idle)),
+                                                "max": float(np.max(idle))},
+                    "idle_fraction": float(np.mean(share))})
     return out
 
 
@@ -175,7 +179,7 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
                      "bubble_fraction_ideal": (layout.pp - 1) / (micro + layout.pp - 1),
                      "stage_recv_ms": _over_ranks([s["phases"].get("stage_recv", 0.0) * 1e3
                                                    for s in summaries]),
-                     "stage_idle": _stage_idle(summaries, layout.pp, wall)},
+                     "stage_idle": _stage_idle(summaries, layout.pp)},
         "overlap": _overlap_summary(summaries, overlap, config.workload.overlap, micro,
                                     layout.group),
     }

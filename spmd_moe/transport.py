@@ -235,6 +235,13 @@ class HostMpiTransport:
         comm.Alltoall(send, recv)
         return recv
 
+    def ialltoall_counts(self, comm, send_host: np.ndarray) -> PendingExchange:
+        """Start :meth:`alltoall_counts` (``MPI_Ialltoall``, host memory on every
+        transport); ``Wait()`` returns the int64 [P, n] counts from each peer."""
+        send = np.ascontiguousarray(send_host, dtype=np.int64)
+        recv = np.empty_like(send)
+        return PendingExchange([comm.Ialltoall(send, recv)], recv, hold=(send,))
+
     def alltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
         """send: [R, d] rows grouped by destination peer, ``send_counts[p]`` rows each ->
         [sum(recv_counts), d] grouped by source peer."""

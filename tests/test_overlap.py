@@ -1,10 +1,11 @@
 """The two-micro-batch driver and the exchange accounting (overlap.py), on stand-in
 requests and a stand-in clock: the order in which passes run their steps, that results come
 back in order, and what counts as in flight, exposed and hidden."""
+import numpy as np
 import pytest
 
 from spmd_moe.backend import Backend, choose_backend
-from spmd_moe.overlap import Flight, run_pass, run_passes
+from spmd_moe.overlap import CHECKPOINT, Flight, run_pass, run_passes
 
 
 class Request:
@@ -36,44 +37,57 @@ def timer():
     return Backend(choose_backend("numpy"), "float32").timer()
 
 
-def steps(name, layers, log, flight):
-    """A stage pass: per layer a compute step, then a dispatch and a combine exchange."""
+def steps(name, layers, log, flight, polls=lambda: 1):
+    """A stage pass: per layer an attention step, a dispatch, the experts, a combine, with
+    checkpoints between compute phases; each exchange needs ``polls()`` tests."""
     for layer in range(layers):
         log.append((name, layer, "attention"))
-        got = yield flight.start("dispatch", lambda: Request((name, layer, "d")))
+        yield CHECKPOINT
+        log.append((name, layer, "router"))
+        got = yield flight.start("dispatch", lambda: Request((name, layer, "d"), polls()))
         assert got == (name, layer, "d")
         log.append((name, layer, "experts"))
-        got = yield flight.start("combine", lambda: Request((name, layer, "c")))
+        yield CHECKPOINT
+        got = yield flight.start("combine", lambda: Request((name, layer, "c"), polls()))
         assert got == (name, layer, "c")
     return name
+
+
+STEPS = ("attention", "router", "experts")
 
 
 def test_without_overlap_passes_run_one_after_the_other():
     log, flight = [], Flight(timer())
     results = run_passes([steps(m, 2, log, flight) for m in "ABC"], flight, overlap=False)
     assert results == ["A", "B", "C"]
-    assert [entry[0] for entry in log] == ["A"] * 4 + ["B"] * 4 + ["C"] * 4
+    assert [entry[0] for entry in log] == ["A"] * 6 + ["B"] * 6 + ["C"] * 6
     assert flight.summary()["exchanges"] == 12 and not flight.pending
 
 
-def test_with_overlap_two_passes_alternate_and_the_newer_never_leads():
+@pytest.mark.parametrize("seed", range(6))
+def test_with_overlap_the_older_leads_and_the_newer_fills_its_waits(seed):
+    """Exchanges complete after a random number of tests: whatever the timing, results come
+    back in order, at most two passes are between their first and last step, the newer
+    never reaches a (layer, step) before the older, and the newer does run while the older
+    waits."""
+    rng = np.random.default_rng(seed)
     log, flight = [], Flight(timer())
-    results = run_passes([steps(m, 2, log, flight) for m in "ABCD"], flight, overlap=True)
-    assert results == ["A", "B", "C", "D"]
-    assert log[:6] == [("A", 0, "attention"), ("B", 0, "attention"), ("A", 0, "experts"),
-                       ("B", 0, "experts"), ("A", 1, "attention"), ("B", 1, "attention")]
-    # C starts only when A is done, and reaches each (layer, step) after B did.
-    assert log.index(("C", 0, "attention")) > log.index(("A", 1, "experts"))
+    passes = [steps(m, 3, log, flight, polls=lambda: int(rng.integers(1, 5))) for m in "ABCDE"]
+    assert run_passes(passes, flight, overlap=True) == list("ABCDE")
     order = {entry: i for i, entry in enumerate(log)}
-    for older, newer in ("AB", "BC", "CD"):
-        for layer in range(2):
-            for step in ("attention", "experts"):
+    assert len(order) == len(log) == 5 * 3 * 3
+    for older, newer in zip("ABCD", "BCDE"):
+        for layer in range(3):
+            for step in STEPS:
                 assert order[(older, layer, step)] < order[(newer, layer, step)]
-    # Never more than two passes between their first and last step.
+    first = {m: order[(m, 0, "attention")] for m in "ABCDE"}
+    last = {m: order[(m, 2, "experts")] for m in "ABCDE"}
     for i in range(len(log)):
-        started = {e[0] for e in log[:i + 1]}
-        finished = {m for m in started if order[(m, 1, "experts")] < i}
-        assert len(started - finished) <= 2
+        assert sum(first[m] <= i <= last[m] for m in "ABCDE") <= 2
+    assert first["C"] > last["A"]                     # C starts once A is done
+    # Interleaved: B computed something between A's first and last step.
+    assert any(first["A"] < order[("B", layer, step)] < last["A"]
+               for layer in range(3) for step in STEPS)
 
 
 def test_a_pass_without_exchanges_and_one_pass_alone():
