@@ -40,7 +40,7 @@ from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from .kv_cache import KVCache
 from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
 from .moe_layer import moe_steps
-from .overlap import CHECKPOINT, Flight, run_pass, run_passes
+from .overlap import CHECKPOINT, Flight, overlap_pays, run_pass, run_passes
 from .topology import Topology
 from .transport import allreduce_bytes
 from .weights import ModelWeights, build_weights
@@ -162,9 +162,11 @@ class Engine:
             with timer.phase("embed"):
                 x = embed(bk, self.weights.embed, bk.asarray(tokens_host))
         else:
-            with timer.phase("stage_recv"):
-                x = self.transport.recv(topo.pipe_comm, (packed.n_tokens, d), bk.dtype,
-                                        source=topo.stage - 1, tag=HIDDEN_TAG)
+            # Yielded like an exchange: a micro-batch waiting for its input does not hold
+            # back the one in flight beside it.
+            x = yield flight.start("stage_recv", lambda: self.transport.irecv(
+                topo.pipe_comm, (packed.n_tokens, d), bk.dtype, source=topo.stage - 1,
+                tag=HIDDEN_TAG))
         rope = rope_tables(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
         for layer in topo.layers:
             x = yield from self.layer_steps(layer, x, packed, rope, timer, flight, cache,
@@ -204,10 +206,12 @@ class Engine:
                            self.model.norm_eps)
 
     def overlaps(self, micro_batches: int) -> bool:
-        """Whether two micro-batches go in flight: asked for (``overlap``), at least two of
-        them, and a stage of several ranks (one rank alone exchanges nothing)."""
-        return (self.config.workload.overlap and micro_batches >= 2
-                and self.topo.layout.group > 1)
+        """Whether two micro-batches go in flight: asked for (``overlap``) and where it can
+        pay (overlap.overlap_pays: two of them or more, a stage of several ranks, a pipeline
+        shallow enough for its longer fill)."""
+        layout = self.topo.layout
+        return self.config.workload.overlap and overlap_pays(micro_batches, layout.pp,
+                                                             layout.group)
 
     # --- prefill -----------------------------------------------------------------------
 
@@ -300,9 +304,10 @@ class Engine:
                 # Stage 0 gets the tokens from the last stage; each stage passes them on
                 # ahead of the hidden rows, so every stage knows which sequences are live.
                 source = topo.layout.pp - 1 if topo.is_first_stage else topo.stage - 1
-                with timer.phase("token_return" if topo.is_first_stage else "stage_recv"):
-                    tokens = self.transport.recv(topo.pipe_comm, (len(seqs), 1), np.int64,
-                                                 source=source, tag=TOKENS_TAG)[:, 0]
+                tokens = (yield flight.start(
+                    "token_return" if topo.is_first_stage else "stage_recv",
+                    lambda: self.transport.irecv(topo.pipe_comm, (len(seqs), 1), np.int64,
+                                                 source=source, tag=TOKENS_TAG)))[:, 0]
                 if not topo.is_last_stage:
                     self.pending.append(self.transport.isend(
                         topo.pipe_comm, tokens[:, None], topo.stage + 1, TOKENS_TAG))

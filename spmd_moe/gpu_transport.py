@@ -30,6 +30,12 @@ micro-batch's dispatch or combine with another's compute) return a
   event recorded on the compute stream; ``Wait`` makes the compute stream wait for the side
   stream's done event: no host synchronisation, the compute stream keeps running.
 
+A stage's receive from the previous stage (``irecv``) is an ``Irecv`` on the host and on
+``mpi-cuda`` (into the device buffer) and ``mpi-host`` (into pinned buffers of its own,
+copied in ``Wait``); on ``nccl`` it stays the compute stream's ``recv`` (one communicator
+used from two streams is not something NCCL promises to order), so there a micro-batch
+waiting for its input holds back the one in flight beside it on the device.
+
 Host arrays (the decode path's int64 token ids) go over plain host MPI on every transport.
 ``recv`` returns a host array for integer and bool dtypes (token ids are host bookkeeping)
 and a device array for every float dtype, bfloat16 included; ``host=`` overrides.
@@ -335,6 +341,20 @@ class DeviceTransport(HostMpiTransport):
         self._recv_device(comm, out, source, tag)
         return out
 
+    def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int,
+              host: bool | None = None):
+        """Start :meth:`recv`; ``Wait()`` returns the array (host or device as ``recv``)."""
+        if self._recv_on_host(dtype, host):
+            return super().irecv(comm, shape, dtype, source, tag)
+        out = self.ops.empty(tuple(shape), np.dtype(dtype))
+        return self._irecv_device(comm, out, source, tag)
+
+    def _irecv_device(self, comm, out, source, tag):
+        """A receive into device memory, already complete: the transports that can start
+        one without blocking override this."""
+        self._recv_device(comm, out, source, tag)
+        return PendingExchange([], out)
+
     # Subclasses implement these on device arrays.
     def _alltoallv_device(self, comm, send, send_counts, recv_counts): ...
     def _allreduce_device(self, comm, arr): ...
@@ -412,6 +432,11 @@ class CudaAwareMpiTransport(DeviceTransport):
                                            dest=peer, tag=tag))
         return PendingExchange(requests, recv, hold=(send,))
 
+    def _irecv_device(self, comm, out, source, tag):
+        self._check()
+        return PendingExchange([comm.Irecv(out.view(_word(out.dtype.itemsize)), source=source,
+                                           tag=tag)], out)
+
     def _exchange_tag(self, comm) -> int:
         key = comm.py2f()
         self._tags[key] = (self._tags.get(key, -1) + 1) % EXCHANGE_TAGS
@@ -474,6 +499,20 @@ class PinnedHostMpiTransport(DeviceTransport):
             return recv
 
         return PendingExchange([request], None, hold=(send,), finish=finish)
+
+    def _irecv_device(self, comm, out, source, tag):
+        staging = self._take_staging()
+        host = staging.get("p2p", out.nbytes)
+        # The buffer's last host->device copy (an earlier exchange's) may still be queued.
+        self.ops.synchronize()
+        request = comm.Irecv(host.view(_word(out.dtype.itemsize)), source=source, tag=tag)
+
+        def finish(result):
+            self.ops.h2d(host, result)
+            self._free_staging.append(staging)
+            return result
+
+        return PendingExchange([request], out, finish=finish)
 
     def _iallreduce_device(self, comm, arr):
         from mpi4py import MPI

@@ -55,6 +55,11 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Iterable
 
 
+# Receives from another stage: started and waited like exchanges, but they are the
+# pipeline's waits (engine.IDLE_PHASES), not communication within the stage.
+PIPELINE_PHASES = ("stage_recv", "token_return")
+
+
 @dataclass
 class Exchange:
     """One started exchange: its request (``Test()``/``Wait()``; transport.PendingExchange)
@@ -107,6 +112,15 @@ class Flight:
                 with self.timer.phase(item.phase):
                     item.test(self.clock)
 
+    def wait_first(self, exchanges: list[Exchange]) -> Exchange:
+        """Test ``exchanges`` in turn until one has completed; return it (the time spent is
+        exposed time of the exchanges tested). MPI's own waits spin the same way."""
+        while True:
+            for exchange in exchanges:
+                with self.timer.phase(exchange.phase):
+                    if exchange.done or exchange.test(self.clock):
+                        return exchange
+
     def wait(self, exchange: Exchange):
         """Wait for ``exchange``; returns its result (received rows, reduced array)."""
         with self.timer.phase(exchange.phase):
@@ -120,10 +134,13 @@ class Flight:
         return result
 
     def summary(self) -> dict[str, float]:
-        """Seconds in flight, exposed and hidden, summed over the finished exchanges (device
-        times where the request has them: ``device_times() -> (in_flight, stalled)``)."""
+        """Seconds in flight, exposed and hidden, summed over the finished exchanges within
+        the stage (device times where the request has them: ``device_times() ->
+        (in_flight, stalled)``); receives from another stage are pipeline waits, not
+        communication to hide, and are left out."""
         in_flight = exposed = hidden = 0.0
-        for exchange in self.finished:
+        exchanges = [e for e in self.finished if e.phase not in PIPELINE_PHASES]
+        for exchange in exchanges:
             device = getattr(exchange.request, "device_times", lambda: None)()
             if device is not None:
                 flying, stalled = device
@@ -134,8 +151,21 @@ class Flight:
             in_flight += flying
             exposed += spent
             hidden += max(0.0, flying - within)
-        return {"exchanges": float(len(self.finished)), "in_flight_s": in_flight,
+        return {"exchanges": float(len(exchanges)), "in_flight_s": in_flight,
                 "exposed_s": exposed, "hidden_s": hidden}
+
+
+def overlap_pays(micro_batches: int, stages: int, group: int) -> bool:
+    """Whether two micro-batches in flight can pay on a stage: there are two, the stage has
+    several ranks (one alone exchanges nothing), and the pipeline is shallow enough for the
+    longer fill. With two in flight at one per interval tau', each micro-batch spends 2 tau'
+    in a stage (Little's law), so P stages fill in 2 (P-1) tau' instead of (P-1) tau; with
+    tau' = r tau the overlap pays when M (1 - r) > (P - 1)(2r - 1). At r = 0.8 (a quarter of
+    a step communicating, four fifths of it hidden: the paper's EP layer, PREDICTIONS.md)
+    that is M > 3 (P - 1)."""
+    if micro_batches < 2 or group < 2:
+        return False
+    return stages == 1 or micro_batches > 3 * (stages - 1)
 
 
 Pass = Generator[object, object, object]
@@ -219,11 +249,15 @@ def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
         newer = in_flight[1] if len(in_flight) > 1 else None
         if newer is None or older.ready(flight):
             resume(older)
-        elif newer.exchanges < older.exchanges and newer.ready(flight):
+        elif newer.exchanges >= older.exchanges:
+            resume(older)                    # the newer may not pass: wait for the older
+        elif newer.ready(flight):
             # The newer computes until its next checkpoint or exchange, which is at most the
             # one the older waits at: it never gets ahead of the older.
             resume(newer)
         else:
-            resume(older)                    # nothing else can run: wait for the older
+            # Both wait: go on with whichever exchange completes first.
+            first = flight.wait_first([older.item, newer.item])
+            resume(older if first is older.item else newer)
         fill()
     return results

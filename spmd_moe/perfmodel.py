@@ -48,6 +48,7 @@ from .chunks import MicroBatch, prefill_schedule, whole_sequences
 from .config import Layout, RunConfig
 from .costs import GIB, attention_core_flops, layer_flops, rank_cost
 from .errors import ConfigError, LayoutError
+from .overlap import overlap_pays
 from .topology import Grid
 
 # --- the cluster ---------------------------------------------------------------------
@@ -528,6 +529,17 @@ class _StagePass:
     hop: float                           # sending the result to the next stage
     layer: dict[str, float]              # one layer's phases (max over ranks)
     exposed: dict[str, float] = field(default_factory=dict)  # comm phases after overlap
+    latency: float | None = None         # start to finish with two in flight
+    alone: float | None = None           # start to finish with none beside it
+
+    def through(self, last: bool) -> float:
+        """Time from starting this micro-batch to handing it on. One at a time: its
+        ``seconds``. Two in flight at one per ``seconds``: each spends two intervals in the
+        stage (Little's law), so a pipeline fills at half speed; the stage's last one runs
+        alone (its own compute and all its exchanges)."""
+        if self.latency is None:
+            return self.seconds
+        return self.alone if last else self.latency
 
 
 def _prefill_micro(config: RunConfig, layout: Layout, lengths: np.ndarray, rank: int,
@@ -547,29 +559,36 @@ def _decode_micro(config: RunConfig, layout: Layout, lengths: np.ndarray,
 
 
 def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int) -> bool:
-    """As engine.Engine.overlaps: asked for, two micro-batches or more, several ranks."""
-    return config.workload.overlap and micro_batches >= 2 and layout.group > 1
+    """As engine.Engine.overlaps: asked for, and where it can pay (overlap.overlap_pays)."""
+    return config.workload.overlap and overlap_pays(micro_batches, layout.pp, layout.group)
 
 
 def exposed_comm(layer: dict[str, float], numpy: bool) -> dict[str, float]:
-    """A layer's communication phases left exposed when two micro-batches alternate
-    (overlap.py), each exchange hiding under the compute the other micro-batch does between
-    its start and its wait (both micro-batches taken alike):
+    """A layer's communication phases left exposed when two micro-batches share a stage
+    (overlap.py: the older runs first, the newer computes while the older waits), both
+    micro-batches taken alike. Per layer a pass starts its count exchange after its
+    permutation, its dispatch as soon as the counts are in, its combine after its experts:
 
-    - expert parallel: the dispatch under the other's attention, router and permute; the
-      combine under the other's experts (and un-permute of the grouped rows);
-    - TP baseline: the attention allreduce under the other's attention and router... up to
-      its own dispatch point; the combine allreduce under the other's experts;
-    - the count exchange blocks (its counts size the dispatch): never hidden.
+    - the count exchange hides under the other's un-permute, residual, attention, router
+      and permutation; the combine under the other's experts;
+    - the dispatch follows the count exchange with no compute between, and the other
+      micro-batch, one exchange behind, reaches its own dispatch with nothing to compute
+      either: the older one's dispatch stays exposed, the newer one's hides under the
+      older's experts. Half of it is counted exposed;
+    - TP baseline: the attention allreduce hides under the other's attention, the combine
+      allreduce under the other's experts.
 
     On NumPy nothing is hidden: MPI progresses only inside MPI calls there (no progress
     thread), and the model has no term for the pokes between compute phases."""
     out = {name: layer[name] for name in COMM_PHASES if name in layer}
     if numpy:
         return out
-    before_dispatch = layer["attention"] + layer["router"] + layer["permute"]
+    front = layer["attention"] + layer["router"] + layer["permute"]
+    back = layer["unpermute"] + layer["residual"]
+    if "count_exchange" in out:
+        out["count_exchange"] = max(0.0, out["count_exchange"] - front - back)
     if "dispatch" in out:
-        out["dispatch"] = max(0.0, out["dispatch"] - before_dispatch)
+        out["dispatch"] = out["dispatch"] / 2
     if "attn_allreduce" in out:
         out["attn_allreduce"] = max(0.0, out["attn_allreduce"] - layer["attention"])
     if "combine" in out:
@@ -672,17 +691,21 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
         phases.update(exposed)
         for name in list(phases):
             phases[name] *= n_layers
-    seconds = (sum(layer[name] for name in COMPUTE_PHASES) + sum(exposed.values())) * n_layers
+    compute = sum(layer[name] for name in COMPUTE_PHASES)
+    seconds = (compute + sum(exposed.values())) * n_layers
+    alone = (compute + sum(comm.values())) * n_layers
     shape0 = rank_shape(config, grids[0], backend)
     if grids[0].is_first_stage:
         embed = max(embed_time(shape0, rates, t) for t in tokens)
         seconds += embed
+        alone += embed
         for phases in per_rank:
             phases["embed"] = embed
     if grids[0].is_last_stage:
         head = max(lm_head_time(shape0, rates, len(new[g])) if grids[g].writes_outputs
                    else 0.0 for g in range(group))
         seconds += head
+        alone += head
         for phases in per_rank:
             phases["lm_head"] = head
         hop = 0.0
@@ -692,22 +715,27 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
         hop += op * OPS["stage_send"]
         for phases, s in zip(per_rank, sent):
             phases["stage_send"] = op * OPS["stage_send"]
-    return _StagePass(seconds, per_rank, hop, layer, exposed)
+    return _StagePass(seconds, per_rank, hop, layer, exposed, 2 * seconds if overlap else None,
+                      alone)
 
 
 def _pipeline(passes: list[list[_StagePass]]) -> tuple[float, list[list[float]]]:
     """Makespan of stages x micro-batches in order, and each (stage, micro-batch)'s wait
-    for its input (what the engine reports as stage_recv)."""
+    for its input (what the engine reports as stage_recv). Stage s starts micro-batch m
+    once m has arrived from s-1 and the stage is free of m-1 (``seconds`` after starting
+    it); m is handed on ``through`` after its start (_StagePass.through: longer than
+    ``seconds`` when two micro-batches overlap)."""
     stages, micro = len(passes), len(passes[0])
     finish = [[0.0] * micro for _ in range(stages)]
     wait = [[0.0] * micro for _ in range(stages)]
     for s in range(stages):
+        free = 0.0
         for m in range(micro):
-            ready = finish[s][m - 1] if m else 0.0
             arrive = finish[s - 1][m] + passes[s - 1][m].hop if s else 0.0
-            start = max(ready, arrive)
-            wait[s][m] = max(0.0, arrive - ready) if s else 0.0
-            finish[s][m] = start + passes[s][m].seconds
+            start = max(free, arrive)
+            wait[s][m] = max(0.0, arrive - free) if s else 0.0
+            free = start + passes[s][m].seconds
+            finish[s][m] = start + passes[s][m].through(m == micro - 1)
     return max(finish[s][-1] for s in range(stages)), wait
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from .config import Layout, RunConfig
 from .costs import GIB, RankCost, decode_step_bytes, plan_costs
 from .errors import LayoutError
+from .overlap import overlap_pays
 from .topology import Grid
 
 
@@ -93,8 +94,8 @@ def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost) -> list[st
     count, chunk = schedule.count, schedule.chunk
     what = (f"chunks of <= {chunk.tokens} tokens per rank ({chunk.reason})"
             if chunk.tokens else f"{chunk.reason}")
-    overlap = ("two in flight (overlap)" if config.workload.overlap and count >= 2
-               and layout.group > 1 else "one at a time")
+    overlap = ("two in flight (overlap)" if config.workload.overlap and overlap_pays(
+        count, layout.pp, layout.group) else "one at a time")
     bubble = (layout.pp - 1) / (count + layout.pp - 1)
     return [f"prefill: {what}",
             f"  {count} micro-batch(es) per rank, {overlap}; ideal bubble {bubble:.1%} over "

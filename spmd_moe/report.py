@@ -89,12 +89,14 @@ def _stage_idle(summaries: list[dict], stages: int) -> list[dict]:
 
 
 def _overlap_summary(summaries: list[dict], on: bool, asked: bool, micro: int,
-                     group: int) -> dict:
+                     group: int, stages: int) -> dict:
     """Whether two micro-batches were in flight (and why not), and the exchanges' time in
     flight, exposed and hidden per forward (ms; mean and max over ranks): overlap.py
     defines them."""
     why = ("two micro-batches in flight" if on else "off: --no-overlap" if not asked else
-           "off: one micro-batch" if micro < 2 else "off: one rank per stage")
+           "off: one micro-batch" if micro < 2 else "off: one rank per stage" if group < 2
+           else f"off: {micro} micro-batches over {stages} stages do not pay for the "
+                f"doubled fill (needs more than {3 * (stages - 1)})")
     out: dict = {"enabled": on, "reason": why}
     for key in ("in_flight", "exposed", "hidden"):
         out[f"{key}_ms"] = _over_ranks([s["exchanges"].get(f"{key}_s", 0.0) * 1e3
@@ -181,7 +183,7 @@ def build_report(session: Session, batch: Batch, result: RunResult) -> dict | No
                                                    for s in summaries]),
                      "stage_idle": _stage_idle(summaries, layout.pp)},
         "overlap": _overlap_summary(summaries, overlap, config.workload.overlap, micro,
-                                    layout.group),
+                                    layout.group, layout.pp),
     }
     if decode:
         step_walls = np.asarray(summaries[0]["step_walls"]) * 1e3

@@ -292,6 +292,13 @@ class HostMpiTransport:
         comm.Recv(self.words(arr), source=source, tag=tag)
         return arr
 
+    def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int,
+              tag: int) -> PendingExchange:
+        """Start :meth:`recv`; ``Wait()`` returns the array. Receives from one source and
+        tag match in the order they are started."""
+        arr = np.empty(shape, dtype=dtype)
+        return PendingExchange([comm.Irecv(self.words(arr), source=source, tag=tag)], arr)
+
     def free(self) -> None:
         for row_type in self._row_types.values():
             row_type.Free()

@@ -346,3 +346,27 @@ def test_pinned_staging_per_exchange_in_flight_is_reused():
     assert len(transport.exchange_staging) == 2          # one set per exchange in flight
     assert len(ops.allocated) <= 4                       # a send and a receive buffer each
     transport.free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_started_receives_match_in_order(kind):
+    """The pipeline's receives, started before they are needed (two micro-batches in
+    flight), several from one source at once, completed in any order."""
+    transport, ops = make(kind)
+    right, left = (RANK + 1) % SIZE, (RANK - 1) % SIZE
+    sends = [transport.isend(WORLD, on_device(ops, np.full((2 + m, 6), RANK * 10 + m,
+                                                           dtype=np.float32).astype(BF16)),
+                             right, tag=11) for m in range(3)]
+    started = [transport.irecv(WORLD, (2 + m, 6), BF16, left, 11) for m in range(3)]
+    tokens = transport.irecv(WORLD, (1, 1), np.int64, left, 12)
+    ids = transport.isend(WORLD, np.array([[RANK]], dtype=np.int64), right, tag=12)
+    for m in (2, 0, 1):
+        got = started[m].Wait()
+        assert ops is None or ops.is_device(got)
+        assert np.array_equal(np.asarray(got).astype(np.float32),
+                              np.full((2 + m, 6), left * 10 + m, dtype=np.float32))
+    assert type(tokens.Wait()) is np.ndarray
+    for request in sends + [ids]:
+        request.Wait()
+    transport.free()
