@@ -40,18 +40,21 @@ between its compute phases. Per exchange, in host time:
   it took: completion is only observed at pokes, and an exchange seen complete at its first
   poke counts as over when its start call began.
 - **exposed**: the time this rank spent inside MPI calls for it (start, pokes, wait);
-- **hidden** = max(0, in flight - the exposed time within it): time the exchange was
-  incomplete while this rank computed instead of waiting for it. In a bulk-synchronous stage
-  an exchange also waits for its slowest peer to join; that wait, too, is hidden when the
-  rank computes meanwhile (the blocking loop pays it inside the collective).
+- **hidden**: the time some exchange was in flight while this rank was not inside an MPI
+  call, i.e. computed. Per rank and forward these are lengths of unions over the exchanges
+  (two in flight at once count once), so hidden <= in flight <= the wall time. In a
+  bulk-synchronous stage an exchange also waits for its slowest peer to join; that wait,
+  too, is hidden when the rank computes meanwhile (the blocking loop pays it inside the
+  collective).
 
 On the GPU with NCCL (the exchange on a side stream) the device measures both: in flight is
 the side stream's time for it, exposed the time the compute stream stalled waiting for it.
 """
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterable
 
 
@@ -63,26 +66,60 @@ PIPELINE_PHASES = ("stage_recv", "token_return")
 @dataclass
 class Exchange:
     """One started exchange: its request (``Test()``/``Wait()``; transport.PendingExchange)
-    and its accounting (host seconds from time.perf_counter)."""
+    and its accounting (host seconds from the Flight's clock)."""
 
     phase: str
     request: object
     began: float
-    exposed: float
-    seen_open: float = 0.0         # last moment seen incomplete (began if never)
-    exposed_then: float = 0.0      # exposed time up to seen_open
+    seen_open: float               # last moment seen incomplete (began if never)
+    calls: list = field(default_factory=list)   # (start, end) of each MPI call for it
     done: bool = False
+
+    @property
+    def exposed(self) -> float:
+        return sum(end - start for start, end in self.calls)
+
+    def call(self, clock, fn):
+        """``fn()``, timed as one of this exchange's MPI calls."""
+        start = clock()
+        try:
+            return fn()
+        finally:
+            self.calls.append((start, clock()))
 
     def test(self, clock) -> bool:
         """Test the request once, accounting for the call; True once complete."""
-        began = clock()
-        done = self.request.Test()
-        now = clock()
-        self.exposed += now - began
-        if not done:
-            self.seen_open, self.exposed_then = now, self.exposed
-        self.done = bool(done)
+        self.done = bool(self.call(clock, self.request.Test))
+        if not self.done:
+            self.seen_open = self.calls[-1][1]
         return self.done
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted union of ``(start, end)`` intervals."""
+    out: list[list[float]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two disjoint sorted interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 class Flight:
@@ -99,7 +136,7 @@ class Flight:
         began = self.clock()
         with self.timer.phase(phase):
             request = starter()
-        exchange = Exchange(phase, request, began, self.clock() - began, seen_open=began)
+        exchange = Exchange(phase, request, began, began, [(began, self.clock())])
         self.timer.add_bytes(phase, nbytes)
         self.pending.append(exchange)
         return exchange
@@ -113,44 +150,55 @@ class Flight:
                     item.test(self.clock)
 
     def wait_first(self, exchanges: list[Exchange]) -> Exchange:
-        """Test ``exchanges`` in turn until one has completed; return it (the time spent is
-        exposed time of the exchanges tested). MPI's own waits spin the same way."""
-        while True:
-            for exchange in exchanges:
-                with self.timer.phase(exchange.phase):
-                    if exchange.done or exchange.test(self.clock):
-                        return exchange
+        """Test ``exchanges`` in turn until one has completed; return it. The whole wait is
+        exposed time of each of them (timed under the first's phase). MPI's own waits spin
+        the same way; this one yields the core between rounds (ranks may share cores)."""
+        began = self.clock()
+        with self.timer.phase(exchanges[0].phase):
+            while True:
+                first = next((e for e in exchanges if e.done or e.request.Test()), None)
+                if first is not None:
+                    break
+                os.sched_yield()
+        span = (began, self.clock())
+        for exchange in exchanges:
+            exchange.calls.append(span)
+            if exchange is not first:
+                exchange.seen_open = span[1]
+        first.done = True
+        return first
 
     def wait(self, exchange: Exchange):
         """Wait for ``exchange``; returns its result (received rows, reduced array)."""
         with self.timer.phase(exchange.phase):
             if not exchange.done:
                 exchange.test(self.clock)
-            began = self.clock()
-            result = exchange.request.Wait()
-            exchange.exposed += self.clock() - began
+            result = exchange.call(self.clock, exchange.request.Wait)
         self.pending.remove(exchange)
         self.finished.append(exchange)
         return result
 
     def summary(self) -> dict[str, float]:
-        """Seconds in flight, exposed and hidden, summed over the finished exchanges within
-        the stage (device times where the request has them: ``device_times() ->
-        (in_flight, stalled)``); receives from another stage are pipeline waits, not
-        communication to hide, and are left out."""
-        in_flight = exposed = hidden = 0.0
+        """Seconds the stage's exchanges were in flight, exposed and hidden (module
+        docstring), over the finished ones: receives from another stage are pipeline waits,
+        not communication to hide, and are left out. Host times are unions over the
+        exchanges (two in flight at once count once); where a request has device times
+        (``device_times() -> (in_flight, stalled)``: NCCL on its side stream) they are
+        summed instead."""
         exchanges = [e for e in self.finished if e.phase not in PIPELINE_PHASES]
+        host = [e for e in exchanges if getattr(e.request, "device_times", None) is None]
+        flying = _union([(e.began, e.seen_open) for e in host])
+        calls = _union([c for e in host for c in e.calls])
+        in_flight, exposed = _length(flying), _length(calls)
+        hidden = in_flight - _overlap(flying, calls)
         for exchange in exchanges:
-            device = getattr(exchange.request, "device_times", lambda: None)()
-            if device is not None:
-                flying, stalled = device
-                spent = within = exchange.exposed if stalled is None else stalled
-            else:
-                flying = exchange.seen_open - exchange.began
-                spent, within = exchange.exposed, exchange.exposed_then
-            in_flight += flying
+            if exchange in host:
+                continue
+            device_flying, stalled = exchange.request.device_times()
+            spent = exchange.exposed if stalled is None else stalled
+            in_flight += device_flying
             exposed += spent
-            hidden += max(0.0, flying - within)
+            hidden += max(0.0, device_flying - spent)
         return {"exchanges": float(len(exchanges)), "in_flight_s": in_flight,
                 "exposed_s": exposed, "hidden_s": hidden}
 

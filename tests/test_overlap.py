@@ -136,3 +136,22 @@ def test_device_times_take_precedence():
     flight.wait(flight.start("dispatch", lambda: Device("x")))
     assert flight.summary() == pytest.approx({"exchanges": 1.0, "in_flight_s": 4.0,
                                               "exposed_s": 1.5, "hidden_s": 2.5})
+
+
+def test_two_exchanges_in_flight_at_once_count_once():
+    clock = Clock()
+    flight = Flight(timer(), clock=clock)
+    first = flight.start("dispatch", lambda: Request("a", polls=3))
+    clock.now = 1.0
+    second = flight.start("combine", lambda: Request("b", polls=3))
+    clock.now = 4.0
+    flight.poke()                                # both open at t=4
+    clock.now = 6.0
+    flight.wait(first)                           # open at 6, then complete
+    flight.wait(second)
+    summary = flight.summary()
+    # Union of [0, 6] and [1, 6]: 6 s in flight, all of it computing (the tests are
+    # instantaneous on this clock), not 11.
+    assert summary == pytest.approx({"exchanges": 2.0, "in_flight_s": 6.0, "exposed_s": 0.0,
+                                     "hidden_s": 6.0})
+    assert summary["hidden_s"] <= clock.now
