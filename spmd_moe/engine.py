@@ -211,7 +211,7 @@ class Engine:
         shallow enough for its longer fill)."""
         layout = self.topo.layout
         return self.config.workload.overlap and overlap_pays(micro_batches, layout.pp,
-                                                             layout.group)
+                                                             layout.group, self.bk.name)
 
     # --- prefill -----------------------------------------------------------------------
 

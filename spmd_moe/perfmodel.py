@@ -558,9 +558,11 @@ def _decode_micro(config: RunConfig, layout: Layout, lengths: np.ndarray,
     return whole_sequences(grid.sequences(len(lengths)), lengths, count)
 
 
-def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int) -> bool:
+def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int,
+                    backend: str = "cupy") -> bool:
     """As engine.Engine.overlaps: asked for, and where it can pay (overlap.overlap_pays)."""
-    return config.workload.overlap and overlap_pays(micro_batches, layout.pp, layout.group)
+    return config.workload.overlap and overlap_pays(micro_batches, layout.pp, layout.group,
+                                                    backend)
 
 
 def exposed_comm(layer: dict[str, float], numpy: bool) -> dict[str, float]:
@@ -750,7 +752,7 @@ def _run(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates, back
         micro = {r: _decode_micro(config, layout, lengths, r) for r in range(layout.world_size)}
     costs = {r: rank_cost(config, Grid(layout, config.model, r), lengths, backend)
              for r in range(layout.world_size)}
-    overlap = overlap_applies(config, layout, len(micro[0]))
+    overlap = overlap_applies(config, layout, len(micro[0]), backend)
     gpn = cluster.gpus_per_node
     known: dict = {}      # stage passes that differ only in which stage runs them
     passes = []

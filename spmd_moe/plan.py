@@ -33,7 +33,7 @@ def plan_rows(costs: list[RankCost], limit: int = 64) -> list[RankCost]:
 
 
 def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
-                device_bytes: float, hbm_gbps: float = 3350.0) -> str:
+                device_bytes: float, hbm_gbps: float = 3350.0, backend: str = "cupy") -> str:
     """The plan's text. ``hbm_gbps``: device memory bandwidth for the decode floor (default
     the H100 SXM datasheet's 3.35 TB/s; pass a measured copy bandwidth when known)."""
     model, work = config.model, config.workload
@@ -65,7 +65,7 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     worst = max(costs, key=lambda c: c.memory_bytes)
     per_layer = worst.send_bytes_per_layer
     flops = costs[0].flops
-    lines += ["", *schedule_lines(config, layout, worst)]
+    lines += ["", *schedule_lines(config, layout, worst, backend)]
     lines += [
         f"memory: max {worst.memory_bytes / GIB:.2f} GiB per rank (rank {worst.rank}) of "
         f"{device_bytes / GIB:.0f} GiB",
@@ -87,7 +87,8 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     return "\n".join(lines)
 
 
-def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost) -> list[str]:
+def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost,
+                   backend: str = "cupy") -> list[str]:
     """The prefill schedule ``cost``'s rank runs: chunk size and why, micro-batches, the
     ideal bubble, whether two are in flight, and what bounds its memory."""
     schedule = cost.schedule
@@ -95,7 +96,7 @@ def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost) -> list[st
     what = (f"chunks of <= {chunk.tokens} tokens per rank ({chunk.reason})"
             if chunk.tokens else f"{chunk.reason}")
     overlap = ("two in flight (overlap)" if config.workload.overlap and overlap_pays(
-        count, layout.pp, layout.group) else "one at a time")
+        count, layout.pp, layout.group, backend) else "one at a time")
     bubble = (layout.pp - 1) / (count + layout.pp - 1)
     return [f"prefill: {what}",
             f"  {count} micro-batch(es) per rank, {overlap}; ideal bubble {bubble:.1%} over "
@@ -129,7 +130,7 @@ def make_plan(config: RunConfig, world_size: int, layout_text: str | None,
 def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
                device_bytes: float, backend: str = "cupy", hbm_gbps: float = 3350.0) -> int:
     layout, costs = make_plan(config, world_size, layout_text, backend)
-    print(format_plan(config, layout, costs, device_bytes, hbm_gbps), flush=True)
+    print(format_plan(config, layout, costs, device_bytes, hbm_gbps, backend), flush=True)
     try:
         check_fit(costs, device_bytes)
     except LayoutError as exc:

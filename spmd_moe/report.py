@@ -96,7 +96,7 @@ def _overlap_summary(summaries: list[dict], on: bool, asked: bool, micro: int,
     why = ("two micro-batches in flight" if on else "off: --no-overlap" if not asked else
            "off: one micro-batch" if micro < 2 else "off: one rank per stage" if group < 2
            else f"off: {micro} micro-batches over {stages} stages do not pay for the "
-                f"doubled fill (needs more than {3 * (stages - 1)})")
+                f"doubled fill (overlap.overlap_pays)")
     out: dict = {"enabled": on, "reason": why}
     for key in ("in_flight", "exposed", "hidden"):
         out[f"{key}_ms"] = _over_ranks([s["exchanges"].get(f"{key}_s", 0.0) * 1e3

@@ -103,9 +103,16 @@ def test_run_prints_the_schedule_and_the_overlap(tmp_path):
     assert "measured idle per stage" in result.stdout and "hidden" in result.stdout
     data = json.loads(report.read_text())
     assert data["pipeline"]["micro_batches"] == 7          # ceil(3 sequences x 11 / 5)
-    assert data["overlap"]["enabled"] and data["config"]["workload"]["chunk_tokens"] == 5
-    off = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,pp=2", "--no-overlap", ranks=4)
-    assert off.returncode == 0 and "overlap: off" in off.stdout
+    assert data["config"]["workload"]["chunk_tokens"] == 5
+    # NumPy: two in flight pay only without a pipeline to fill (overlap.overlap_pays).
+    assert not data["overlap"]["enabled"] and "do not pay" in data["overlap"]["reason"]
+    one_stage = spmd_moe("run", "--preset", "tiny", "--layout", "ep=4", "--chunk-tokens", "5",
+                         ranks=4)
+    assert one_stage.returncode == 0 and "overlap: two micro-batches in flight" in \
+        one_stage.stdout
+    off = spmd_moe("run", "--preset", "tiny", "--layout", "ep=4", "--chunk-tokens", "5",
+                   "--no-overlap", ranks=4)
+    assert off.returncode == 0 and "overlap: off: --no-overlap" in off.stdout
 
 
 def test_plan_refuses_what_does_not_fit():

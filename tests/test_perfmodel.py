@@ -140,6 +140,8 @@ def test_overlap_pays_rule():
     assert overlap_pays(2, 1, 4) and not overlap_pays(1, 1, 4) and not overlap_pays(8, 1, 1)
     assert overlap_pays(136, 16, 16) and not overlap_pays(45, 16, 16)
     assert overlap_pays(46, 16, 16) and not overlap_pays(3, 2, 2) and overlap_pays(4, 2, 2)
+    # NumPy: only one stage (measured: PERFORMANCE.md).
+    assert overlap_pays(2, 1, 4, "numpy") and not overlap_pays(136, 16, 16, "numpy")
 
 
 def test_the_baseline_fits_with_the_default_chunks_and_not_with_whole_sequences():

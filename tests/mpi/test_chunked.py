@@ -79,8 +79,7 @@ def test_chunked_prefill_then_decode_matches_the_reference(layout, chunk):
         assert overlapped is None and alone is None
         return
     # One stage of several ranks: two micro-batches were in flight (chunks make >= 2).
-    assert overlapping[0] == (parsed.group > 1 and (parsed.pp == 1 or
-                                                    overlapping[1] > 3 * (parsed.pp - 1)))
+    assert overlapping[0] == (parsed.group > 1 and parsed.pp == 1)   # NumPy: one stage
     check_against_reference(overlapped, reference_for(config, batch), "float32")
     want = reference_generate(config.model, batch.ids, batch.mask, NEW_TOKENS, config.seed)
     assert np.array_equal(overlapped["tokens"], want)
@@ -132,7 +131,7 @@ def test_report_gives_the_schedule_idle_time_and_hidden_communication():
         assert over["hidden_ms"]["mean"] >= 0 and over["exposed_ms"]["mean"] > 0
     assert not whole["overlap"]["enabled"] and "one micro-batch" in whole["overlap"]["reason"]
     assert chunks["overlap"]["enabled"] == overlap_pays(chunks["pipeline"]["micro_batches"],
-                                                        parsed.pp, parsed.group)
+                                                        parsed.pp, parsed.group, "numpy")
     assert chunks["pipeline"]["bubble_fraction_ideal"] < whole["pipeline"][
         "bubble_fraction_ideal"] or parsed.pp == 1
 
