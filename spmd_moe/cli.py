@@ -45,10 +45,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--micro-batches", type=int,
                        help="whole-sequence micro-batches per rank instead of chunks (and "
                             "for decode steps; default: one per stage)")
-    group.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
-                       help="one micro-batch at a time: no exchange runs under another "
-                            "micro-batch's compute (default: two in flight where a stage has "
-                            "several ranks and micro-batches)")
+    overlap = group.add_mutually_exclusive_group()
+    overlap.add_argument("--no-overlap", dest="overlap", action="store_const", const="off",
+                         help="one micro-batch at a time: no exchange runs under another "
+                              "micro-batch's compute (default: two in flight where it pays)")
+    overlap.add_argument("--overlap", dest="overlap", action="store_const", const="on",
+                         help="two micro-batches in flight wherever a stage has several ranks "
+                              "and two micro-batches, even where the default judges it does "
+                              "not pay (deep pipelines; NumPy pipelines)")
     group.add_argument("--init", choices=("host", "device"),
                        help="weights: SPEC generator on the host (default) or fast device RNG "
                             "(different weights)")

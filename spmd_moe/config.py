@@ -17,6 +17,9 @@ from .errors import ConfigError, LayoutError
 DTYPES = ("bfloat16", "float32")
 WORKLOADS = ("prefill", "decode")
 INITS = ("host", "device")
+OVERLAPS = ("auto", "on", "off")
+OVERLAP_ALIASES = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off",
+                   "0": "off"}
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class WorkloadConfig:
     Prefill micro-batches (chunks.py): chunks of at most ``chunk_tokens`` tokens per rank
     (0: the derived default), or, when ``micro_batches`` > 0, that many groups of whole
     sequences per rank. Decode steps use ``micro_batches`` groups (0: one per stage).
-    ``overlap``: with two micro-batches in flight on a stage, one's dispatch and combine
-    run while the other computes (engine.py).
+    ``overlap``: two micro-batches in flight on a stage, one's exchanges running while the
+    other computes (overlap.py): ``auto`` where it pays (overlap.overlap_pays), ``on``
+    wherever a stage has several ranks and two micro-batches, ``off``.
     """
 
     batch_size: int = 1
@@ -83,7 +87,7 @@ class WorkloadConfig:
     eos_id: int | None = None
     micro_batches: int = 0
     chunk_tokens: int = 0
-    overlap: bool = True
+    overlap: str = "auto"
 
     def validate(self, model: ModelConfig) -> "WorkloadConfig":
         _positive_int("batch_size", self.batch_size)
@@ -112,8 +116,8 @@ class WorkloadConfig:
             raise ConfigError("chunk_tokens", f"{self.chunk_tokens} chunk tokens and "
                                               f"micro_batches={self.micro_batches} both set: "
                                               "give one (micro_batches: whole sequences)")
-        if not isinstance(self.overlap, bool):
-            raise ConfigError("overlap", f"{self.overlap!r} must be true or false")
+        if self.overlap not in OVERLAPS:
+            raise ConfigError("overlap", f"{self.overlap!r} is not one of {', '.join(OVERLAPS)}")
         check_sequence_fits(model, self.seq_len, self.new_tokens if self.workload == "decode"
                             else 0, field_name="seq_len")
         return self
@@ -274,6 +278,9 @@ def _positive_int(name: str, value: Any) -> None:
 
 def _coerce(key: str, value: Any) -> Any:
     """Turn a JSON or ``--set`` value into the field's type, naming the field on failure."""
+    if key == "overlap":
+        text = str(value).strip().lower()
+        return OVERLAP_ALIASES.get(text, text)
     if key == "dtype":
         text = str(value).lower()
         if text not in DTYPE_ALIASES:
@@ -287,8 +294,6 @@ def _coerce(key: str, value: Any) -> Any:
             return None
         raise ConfigError(key, "needs a value")
     try:
-        if kind.startswith("bool"):
-            return _boolean(key, value)
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -300,17 +305,6 @@ def _coerce(key: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(key, f"{value!r} is not a valid {kind.split(' ')[0]}") from None
     return str(value)
-
-
-def _boolean(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(key, f"{value!r} is not true or false")
 
 
 def _canonical(key: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from .chunks import Schedule, prefill_schedule
 from .config import ModelConfig, RunConfig
 from .kv_cache import KVCache
-from .overlap import overlap_pays
+from .overlap import overlap_enabled
 from .topology import Grid
 
 GIB = 1 << 30
@@ -158,8 +158,8 @@ def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: Schedule,
            + mb_rows_out * d * item * 3                   # send, returned, un-permuted
            + mb_rows_in * d * item * 3                    # received, grouped, expert out
            + rows_per_expert * ff * (4 + item))           # one expert's hidden layer
-    in_flight = 2 if config.workload.overlap and overlap_pays(
-        schedule.count, layout.pp, layout.group, backend) else 1
+    in_flight = 2 if overlap_enabled(config.workload.overlap, schedule.count, layout.pp,
+                                     layout.group, backend) else 1
     activations = in_flight * one
     if backend != "cupy":
         activations += 64 << 20                           # attention score blocks

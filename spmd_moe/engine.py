@@ -40,7 +40,7 @@ from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from .kv_cache import KVCache
 from .model import Packed, apply_rope, causal_attention, embed, lm_head, pack, rms_norm, rope_tables
 from .moe_layer import moe_steps
-from .overlap import CHECKPOINT, Flight, overlap_pays, run_pass, run_passes
+from .overlap import CHECKPOINT, Flight, overlap_enabled, run_pass, run_passes
 from .topology import Topology
 from .transport import allreduce_bytes
 from .weights import ModelWeights, build_weights
@@ -206,12 +206,11 @@ class Engine:
                            self.model.norm_eps)
 
     def overlaps(self, micro_batches: int) -> bool:
-        """Whether two micro-batches go in flight: asked for (``overlap``) and where it can
-        pay (overlap.overlap_pays: two of them or more, a stage of several ranks, a pipeline
-        shallow enough for its longer fill)."""
+        """Whether two micro-batches go in flight (the ``overlap`` setting; ``auto``: where
+        it can pay, overlap.overlap_pays)."""
         layout = self.topo.layout
-        return self.config.workload.overlap and overlap_pays(micro_batches, layout.pp,
-                                                             layout.group, self.bk.name)
+        return overlap_enabled(self.config.workload.overlap, micro_batches, layout.pp,
+                               layout.group, self.bk.name)
 
     # --- prefill -----------------------------------------------------------------------
 

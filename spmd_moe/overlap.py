@@ -220,6 +220,15 @@ def overlap_pays(micro_batches: int, stages: int, group: int, backend: str = "cu
     return backend != "numpy" and micro_batches > 3 * (stages - 1)
 
 
+def overlap_enabled(setting: str, micro_batches: int, stages: int, group: int,
+                    backend: str = "cupy") -> bool:
+    """The workload's ``overlap`` setting applied: ``off``; ``on`` wherever two passes can
+    be in flight (two micro-batches, several ranks in the stage); ``auto`` where it pays."""
+    if setting == "off" or micro_batches < 2 or group < 2:
+        return False
+    return setting == "on" or overlap_pays(micro_batches, stages, group, backend)
+
+
 Pass = Generator[object, object, object]
 
 

@@ -48,7 +48,7 @@ from .chunks import MicroBatch, prefill_schedule, whole_sequences
 from .config import Layout, RunConfig
 from .costs import GIB, attention_core_flops, layer_flops, rank_cost
 from .errors import ConfigError, LayoutError
-from .overlap import overlap_pays
+from .overlap import overlap_enabled
 from .topology import Grid
 
 # --- the cluster ---------------------------------------------------------------------
@@ -560,9 +560,9 @@ def _decode_micro(config: RunConfig, layout: Layout, lengths: np.ndarray,
 
 def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int,
                     backend: str = "cupy") -> bool:
-    """As engine.Engine.overlaps: asked for, and where it can pay (overlap.overlap_pays)."""
-    return config.workload.overlap and overlap_pays(micro_batches, layout.pp, layout.group,
-                                                    backend)
+    """As engine.Engine.overlaps (overlap.overlap_enabled)."""
+    return overlap_enabled(config.workload.overlap, micro_batches, layout.pp, layout.group,
+                           backend)
 
 
 def exposed_comm(layer: dict[str, float], numpy: bool) -> dict[str, float]:

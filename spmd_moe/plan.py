@@ -10,7 +10,7 @@ import numpy as np
 from .config import Layout, RunConfig
 from .costs import GIB, RankCost, decode_step_bytes, plan_costs
 from .errors import LayoutError
-from .overlap import overlap_pays
+from .overlap import overlap_enabled
 from .topology import Grid
 
 
@@ -95,8 +95,8 @@ def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost,
     count, chunk = schedule.count, schedule.chunk
     what = (f"chunks of <= {chunk.tokens} tokens per rank ({chunk.reason})"
             if chunk.tokens else f"{chunk.reason}")
-    overlap = ("two in flight (overlap)" if config.workload.overlap and overlap_pays(
-        count, layout.pp, layout.group, backend) else "one at a time")
+    overlap = ("two in flight (overlap)" if overlap_enabled(
+        config.workload.overlap, count, layout.pp, layout.group, backend) else "one at a time")
     bubble = (layout.pp - 1) / (count + layout.pp - 1)
     return [f"prefill: {what}",
             f"  {count} micro-batch(es) per rank, {overlap}; ideal bubble {bubble:.1%} over "

@@ -88,12 +88,12 @@ def _stage_idle(summaries: list[dict], stages: int) -> list[dict]:
     return out
 
 
-def _overlap_summary(summaries: list[dict], on: bool, asked: bool, micro: int,
+def _overlap_summary(summaries: list[dict], on: bool, asked: str, micro: int,
                      group: int, stages: int) -> dict:
     """Whether two micro-batches were in flight (and why not), and the exchanges' time in
     flight, exposed and hidden per forward (ms; mean and max over ranks): overlap.py
     defines them."""
-    why = ("two micro-batches in flight" if on else "off: --no-overlap" if not asked else
+    why = ("two micro-batches in flight" if on else "off: --no-overlap" if asked == "off" else
            "off: one micro-batch" if micro < 2 else "off: one rank per stage" if group < 2
            else f"off: {micro} micro-batches over {stages} stages do not pay for the "
                 f"doubled fill (overlap.overlap_pays)")

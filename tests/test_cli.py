@@ -146,7 +146,8 @@ BAD_INPUTS = {
     "negative chunk": (["--chunk-tokens", "-3"], "chunk_tokens: -3 must be an integer >= 0"),
     "chunks and whole micro-batches": (["--chunk-tokens", "4", "--micro-batches", "2"],
                                        "chunk_tokens: 4 chunk tokens and micro_batches=2"),
-    "overlap not a boolean": (["--set", "overlap=maybe"], "overlap: 'maybe' is not true"),
+    "overlap not a setting": (["--set", "overlap=maybe"], "overlap: 'maybe' is not one of"),
+    "overlap both ways": (["--overlap", "--no-overlap"], "arguments: argument --no-overlap"),
 }
 
 

@@ -90,8 +90,10 @@ def test_bad_values_name_the_field(sets, field):
 
 def test_chunk_and_overlap_settings():
     config = build_run_config("tiny", sets=["chunk_tokens=7", "overlap=false"])
-    assert config.workload.chunk_tokens == 7 and config.workload.overlap is False
-    assert build_run_config("tiny", sets=["overlap=1"]).workload.overlap is True
+    assert config.workload.chunk_tokens == 7 and config.workload.overlap == "off"
+    assert build_run_config("tiny", sets=["overlap=1"]).workload.overlap == "on"
+    assert build_run_config("tiny", sets=["overlap=Auto"]).workload.overlap == "auto"
+    assert build_run_config("tiny").workload.overlap == "auto"
     assert build_run_config("tiny").workload.chunk_tokens == 0      # the derived default
 
 

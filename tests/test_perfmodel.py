@@ -78,9 +78,9 @@ def test_issue_12_chunks_fill_the_paper_pipeline():
     layout = paper_layout("ep=16,pp=16", 256)
     work = PAPER.workload
     chunked = predict(PAPER, layout, H100, DEFAULT_RATES)
-    alone = predict(replace(PAPER, workload=replace(work, overlap=False)), layout, H100,
+    alone = predict(replace(PAPER, workload=replace(work, overlap="off")), layout, H100,
                     DEFAULT_RATES)
-    whole = predict(replace(PAPER, workload=replace(work, micro_batches=16, overlap=False)),
+    whole = predict(replace(PAPER, workload=replace(work, micro_batches=16, overlap="off")),
                     layout, H100, DEFAULT_RATES)
     larger = predict(replace(PAPER, workload=replace(work, chunk_tokens=1024)), layout, H100,
                      DEFAULT_RATES)
@@ -112,7 +112,7 @@ def test_overlap_hides_what_the_other_micro_batch_computes_over():
                                                            "combine": 2.0})
     layout = paper_layout("ep=16,pp=1", 16)
     on = predict(PAPER, layout, H100, DEFAULT_RATES)
-    off = predict(replace(PAPER, workload=replace(PAPER.workload, overlap=False)), layout,
+    off = predict(replace(PAPER, workload=replace(PAPER.workload, overlap="off")), layout,
                   H100, DEFAULT_RATES)
     assert on["overlap"] and not off["overlap"]
     assert on["wall_s"] < off["wall_s"] and on["layer_ms"] == off["layer_ms"]
