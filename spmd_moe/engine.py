@@ -14,8 +14,10 @@ ideal bubble. A chunk attends to its sequence's earlier chunks through the stage
 (kv_cache.py), which a chunked prefill fills and decode continues.
 
 Overlap (overlap.py): a stage pass is a generator that yields at each exchange it has
-started (dispatch, combine, the TP allreduces); with two micro-batches in flight, one's
-exchange moves while the other computes.
+started (its receive from the previous stage, the count exchange, dispatch, combine, the TP
+allreduces) and at checkpoints between compute phases; with two micro-batches in flight,
+one's exchanges move while the other computes. Micro-batch m's collectives go on the stage
+communicator of slot m % 2.
 
 Decode: the prefill fills a per-rank KV cache of the rank's sequences; each step embeds one
 token per live sequence, runs every layer (dispatch and combine included) and takes the
