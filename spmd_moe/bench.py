@@ -78,6 +78,7 @@ class BenchShape:
     top_k: int = 2
     dtype: str = "bfloat16"
     family: object | None = None     # a checkpoint's ModelConfig (--model): its shapes win
+    chunk_tokens: int | None = None  # prefill in chunks of this many tokens (engine's way)
 
     @property
     def tokens(self) -> int:
@@ -97,11 +98,12 @@ class BenchShape:
 
     @classmethod
     def for_model(cls, model, seqs: int, seq_len: int, rows: int | None,
-                  dtype: str | None = None) -> "BenchShape":
+                  dtype: str | None = None, chunk_tokens: int | None = None) -> "BenchShape":
         """One rank's layer step of a checkpoint's model (``--model``): its sizes and
         family; ``dtype`` defaults to the checkpoint's."""
         return cls(seqs, seq_len, rows, model.d_model, model.d_ff, model.n_heads,
-                   model.n_experts, model.top_k, dtype or model.dtype, family=model)
+                   model.n_experts, model.top_k, dtype or model.dtype, family=model,
+                   chunk_tokens=chunk_tokens)
 
     @property
     def spec_layer(self) -> bool:
@@ -115,7 +117,8 @@ class BenchShape:
         for flag, value in (("--seqs", self.seqs), ("--seq-len", self.seq_len),
                             ("--d-model", self.d_model), ("--d-ff", self.d_ff),
                             ("--heads", self.heads), ("--experts", self.experts),
-                            ("--top-k", self.top_k), ("--rows", self.expert_rows)):
+                            ("--top-k", self.top_k), ("--rows", self.expert_rows),
+                            ("--chunk-tokens", self.chunk_tokens or 1)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(flag, f"{value!r} must be a positive integer")
         if layer_step and self.family is None and (self.d_model % self.heads
@@ -176,6 +179,12 @@ def estimate_bytes(shape: BenchShape, on_gpu: bool) -> int:
     rows, routed = shape.expert_rows, shape.routed_rows
     weights = (2 * d * model.q_width + 2 * d * model.kv_width + d * shape.experts
                + matrices * d * f) * param
+    if shape.chunk_tokens and shape.chunk_tokens < t:
+        # One chunk's activations at a time, plus the input [T, d], its output and the
+        # KV cache of every position.
+        weights += t * d * item * 2 + 2 * t * model.kv_width * item
+        t, rows, routed = shape.chunk_tokens, -(-rows * shape.chunk_tokens // t), \
+            -(-routed * shape.chunk_tokens // t)
     activations = (t * wide * item * 10        # x, a, q, k, v, att, h, b, out, spare
                    + t * wide * 4 * 5          # float32 temporaries of norms, RoPE, residual
                    + routed * d * item * 3     # permuted rows, returned rows, un-permuted
@@ -197,14 +206,21 @@ def stats(values: list[float]) -> dict:
 
 class LayerStep:
     """One layer of one rank (expert 0 of a ``shape.experts``-rank expert-parallel layout)
-    with its inputs, built on ``bk``; :meth:`run` does one step under a PhaseTimer."""
+    with its inputs, built on ``bk``; :meth:`run` does one step under a PhaseTimer.
+
+    With ``shape.chunk_tokens`` the step is the engine's chunked prefill of the same work:
+    the sequences cut into micro-batches of that many tokens (chunks.chunked), each chunk's
+    attention reading its sequence's earlier keys from a KV cache, each micro-batch's share
+    of the expert rows through the expert; the phases add up over the micro-batches."""
 
     def __init__(self, bk, shape: BenchShape, seed: int = 0):
         from mpi4py import MPI
 
+        from .chunks import chunked
         from .config import Layout
         from .dispatcher import Dispatcher
         from .engine import fit_kernels_to_family
+        from .kv_cache import KVCache
         from .model import pack, rope_tables
         from .topology import Grid
         from .weights import build_weights
@@ -221,55 +237,81 @@ class LayerStep:
         rng = xp.random.default_rng(seed + 1)
         self.x = rng.standard_normal((shape.tokens, shape.d_model),
                                      dtype=np.float32).astype(bk.dtype)       # [T, d]
-        seqs = np.arange(shape.seqs)
-        self.packed = pack(bk, seqs, np.full(shape.seqs, shape.seq_len, dtype=np.int64))
-        self.rope = rope_tables(bk, self.packed.positions, model.head_dim, model.rope_theta)
         self.scale = float(model.head_dim) ** -0.5
         self.dispatcher = Dispatcher(bk, MPI.COMM_SELF, None, model.n_experts, model.top_k,
                                      grid.experts)
-        routed, rows = shape.routed_rows, shape.expert_rows
-        # When --rows differs from T*k, the expert's rows are the permuted rows repeated or
-        # cut (and its outputs the other way): glue outside the timed phases.
-        self.to_expert = None if rows == routed else bk.asarray(np.arange(rows) % routed)
-        self.from_expert = None if rows == routed else bk.asarray(np.arange(routed) % rows)
+        lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
+        budget = shape.chunk_tokens or shape.tokens
+        self.cache = None
+        if budget < shape.tokens:
+            self.cache = KVCache(bk, range(1), 0, shape.seqs, shape.seq_len, model.kv_heads,
+                                 model.head_dim)
+        # Per micro-batch: packed chunks, their rows of x, RoPE tables, and the glue that
+        # makes its share of the expert rows (--rows) from its permuted rows (untimed).
+        self.micro = []
+        for mb in chunked(range(shape.seqs), lengths, budget):
+            packed = pack(bk, mb.seqs, mb.lengths, mb.starts)
+            rows_of_x = np.concatenate([np.arange(a, a + n) + s * shape.seq_len for s, a, n in
+                                        zip(mb.seqs, mb.starts, mb.lengths)])
+            routed = mb.n_tokens * model.top_k
+            rows = max(1, round(shape.expert_rows * mb.n_tokens / shape.tokens))
+            self.micro.append((
+                packed, None if budget >= shape.tokens else bk.asarray(rows_of_x),
+                rope_tables(bk, packed.positions, model.head_dim, model.rope_theta),
+                None if rows == routed else bk.asarray(np.arange(rows) % routed),
+                None if rows == routed else bk.asarray(np.arange(routed) % rows)))
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self.micro)
 
     def run(self, timer):
         """One step; returns the layer output [T, d] (storage dtype)."""
+        outs = [self._micro_batch(timer, *parts) for parts in self.micro]
+        return outs[0] if len(outs) == 1 else self.bk.xp.concatenate(outs)
+
+    def _micro_batch(self, timer, packed, rows_of_x, rope, to_expert, from_expert):
         from .backend import F32
         from .experts import expert_ffn
         from .model import apply_rope, causal_attention, qk_norm, rms_norm
         from .router import route
 
-        bk, lw, model, packed = self.bk, self.lw, self.model, self.packed
-        x = self.x
+        bk, lw, model, cache = self.bk, self.lw, self.model, self.cache
+        x = self.x if rows_of_x is None else bk.take_rows(self.x, rows_of_x)  # untimed glue
         n, heads, kv_heads, dh = x.shape[0], model.n_heads, model.kv_heads, model.head_dim
         with timer.phase("attn_qkv"):
             a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
-            q = bk.matmul(a, lw.wq).reshape(n, heads, dh)                       # [T, H, Dh]
-            k = bk.matmul(a, lw.wk).reshape(n, kv_heads, dh)                    # [T, Hk, Dh]
+            q = bk.matmul(a, lw.wq).reshape(n, heads, dh)                       # [t, H, Dh]
+            k = bk.matmul(a, lw.wk).reshape(n, kv_heads, dh)                    # [t, Hk, Dh]
             v = bk.matmul(a, lw.wv).reshape(n, kv_heads, dh)
             q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
                            model.q_width, model.kv_width)
         with timer.phase("attn_rope"):
-            q, k = apply_rope(bk, q, *self.rope), apply_rope(bk, k, *self.rope)
+            q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
         with timer.phase("attn_core"):
-            att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, k, v,
-                                   packed.starts_host, packed.lengths_host, self.scale)  # [T, d]
+            if cache is None:
+                keys, values = k, v
+                k_starts, k_lengths = packed.starts_host, packed.lengths_host
+            else:
+                cache.write(0, packed, k, v)
+                keys, values, k_starts, k_lengths = cache.view(0, packed)
+            att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys,
+                                   values, k_starts, k_lengths, self.scale)      # [t, d]
         with timer.phase("attn_out"):
             h = bk.store(x.astype(F32) + bk.matmul(att, lw.wo).astype(F32))
         with timer.phase("router"):
             b = rms_norm(bk, h, lw.moe_norm, model.norm_eps)
             top_experts, weights = route(bk, b, lw.router, model.top_k,
-                                         model.router_renorm)                   # [T, k]
+                                         model.router_renorm)                   # [t, k]
         with timer.phase("permute"):
             plan = self.dispatcher.dispatch_preprocess(top_experts)
             send = self.dispatcher.permute(b, plan)                             # [R, d]
-        rows = send if self.to_expert is None else send[self.to_expert]
+        rows = send if to_expert is None else send[to_expert]
         with timer.phase("experts"):
             out = expert_ffn(bk, rows, self.w1, self.w2, None, *self.w3)        # [rows, d]
-        returned = out if self.from_expert is None else out[self.from_expert]
+        returned = out if from_expert is None else out[from_expert]
         with timer.phase("unpermute"):
-            moe = self.dispatcher.combine_postprocess(returned, plan, weights)   # [T, d] f32
+            moe = self.dispatcher.combine_postprocess(returned, plan, weights)   # [t, d] f32
         with timer.phase("residual"):
             return bk.store(h.astype(F32) + moe)
 
@@ -310,6 +352,7 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     finite = bool(np.isfinite(bk.to_host(out[:4].astype(np.float32))).all())
     flops = layer_flops(shape)
     result = _layer_result(bk, shape, iters, warmup, phases, walls, flops, peak, peak_source)
+    result["micro_batches"] = step.micro_batches
     result["output_finite"] = finite
     del step, out
     if bk.on_gpu:
@@ -735,7 +778,9 @@ def format_layer(result: dict) -> str:
     lines = [
         f"spmd-moe bench: one rank's layer step, {shape['seqs']} x {shape['seq_len']} tokens, "
         f"d={shape['d_model']} H={shape['heads']} F={shape['d_ff']} E={shape['experts']} "
-        f"k={shape['top_k']}, {shape['expert_rows']} expert rows, {shape['dtype']}",
+        f"k={shape['top_k']}, {shape['expert_rows']} expert rows, {shape['dtype']}"
+        + (f"; chunks of {shape['chunk_tokens']} tokens: {result['micro_batches']} "
+           "micro-batches, attention through a KV cache" if shape.get("chunk_tokens") else ""),
         f"  backend {backend['name']} ({backend['device']}); kernels: "
         f"{'on' if backend['kernels'] else 'off'} ({backend['kernels_reason']})",
         f"  peak {result['peak']['tflops']:.4g} TFLOP/s ({result['peak']['source']}); "
@@ -826,12 +871,13 @@ def shape_from_args(args) -> BenchShape:
         model = model_config_from_hf(read_hf_config(args.model),
                                      dtype if dtype in ("bfloat16", "float32") else None)
         return BenchShape.for_model(model, args.seqs, args.seq_len, args.rows,
-                                    dtype or model.dtype)
+                                    dtype or model.dtype, args.chunk_tokens)
     defaults = BenchShape()
     sizes = {name: getattr(args, name) if getattr(args, name) is not None
              else getattr(defaults, name) for _, name in MODEL_SIZE_FLAGS}
     return BenchShape(args.seqs, args.seq_len, args.rows, dtype=args.dtype or defaults.dtype,
-                      **sizes)
+                      chunk_tokens=args.chunk_tokens, **sizes)
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -851,6 +897,10 @@ def add_parser(commands) -> None:
         sizes.add_argument(flag, type=int, help=f"default {getattr(defaults, name)}, or the "
                                                 "model's under --model")
     sizes.add_argument("--dtype", help="bfloat16 (default, or the model's) or float32")
+    sizes.add_argument("--chunk-tokens", type=int, metavar="N",
+                       help="layer step: the same work as the engine's chunked prefill, in "
+                            "micro-batches of N tokens reading a KV cache (default: one "
+                            "micro-batch of whole sequences)")
     run = parser.add_argument_group("execution and output")
     run.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
     run.add_argument("--warmup", type=int, default=1, help="untimed iterations (default 1)")

@@ -48,8 +48,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="weight and input seed (default 0)")
     group.add_argument("--workload", choices=("prefill", "decode"), help="default prefill")
     group.add_argument("--new-tokens", type=int, help="tokens to generate per sequence (decode)")
+    group.add_argument("--chunk-tokens", type=int, metavar="N",
+                       help="prefill in micro-batches of at most N tokens per rank, chunks of "
+                            "sequences packed (default: derived from the layout and batch; "
+                            "run and plan print it)")
     group.add_argument("--micro-batches", type=int,
-                       help="micro-batches per rank for the pipeline (default: one per stage)")
+                       help="whole-sequence micro-batches per rank instead of chunks (and "
+                            "for decode steps; default: one per stage)")
+    overlap = group.add_mutually_exclusive_group()
+    overlap.add_argument("--no-overlap", dest="overlap", action="store_const", const="off",
+                         help="one micro-batch at a time: no exchange runs under another "
+                              "micro-batch's compute (default: two in flight where it pays)")
+    overlap.add_argument("--overlap", dest="overlap", action="store_const", const="on",
+                         help="two micro-batches in flight wherever a stage has several ranks "
+                              "and two micro-batches, even where the default judges it does "
+                              "not pay (deep pipelines; NumPy pipelines)")
     group.add_argument("--init", choices=("host", "device"),
                        help="weights: SPEC generator on the host (default) or fast device RNG "
                             "(different weights)")
@@ -95,7 +108,8 @@ def config_from_args(args, **input_shape) -> RunConfig:
     file's, which wins over every other source."""
     overrides = dict(dtype=args.dtype, seed=args.seed, workload=args.workload,
                      new_tokens=args.new_tokens, micro_batches=args.micro_batches,
-                     init=args.init, layout=getattr(args, "layout", None), **input_shape)
+                     chunk_tokens=args.chunk_tokens, overlap=args.overlap, init=args.init,
+                     layout=getattr(args, "layout", None), **input_shape)
     if getattr(args, "model", None):
         from .checkpoint import checkpoint_run_config
 

@@ -279,11 +279,15 @@ def format_comparison(result: dict) -> str:
         lines.append(f"  {phase:<24}{times['ep_ms']:>{width - 3}.3f} ms"
                      f"{times['baseline_ms']:>{width - 3}.3f} ms")
     for name, report in (("EP", ep), ("baseline", base)):
-        pipe = report["pipeline"]
-        if pipe["stages"] > 1:
-            lines.append(f"  {name} pipeline: {pipe['stages']} stages x "
-                         f"{pipe['micro_batches']} micro-batches, ideal bubble "
-                         f"{pipe['bubble_fraction_ideal'] * 100:.0f}%")
+        pipe, over = report["pipeline"], report["overlap"]
+        chunk = (f"chunks of <= {pipe['chunk_tokens']} tokens" if pipe["chunk_tokens"]
+                 else "whole sequences")
+        idle = max(st["idle_fraction"] for st in pipe["stage_idle"])
+        lines.append(f"  {name} schedule: {chunk}, {pipe['stages']} stage(s) x "
+                     f"{pipe['micro_batches']} micro-batch(es), ideal bubble "
+                     f"{pipe['bubble_fraction_ideal'] * 100:.0f}%, measured idle <= "
+                     f"{idle * 100:.0f}% per stage; overlap {over['reason']}, hidden "
+                     f"{over['hidden_ms']['mean']:.1f} ms per rank")
     return "\n".join(lines)
 
 

@@ -27,6 +27,9 @@ INITS = ("host", "device")
 ACTIVATIONS = ("gelu", "swiglu")     # GELU(x W1) W2  |  (silu(x W1) * x W3) W2
 QK_NORMS = ("none", "head", "full")  # no q/k norm | RMSNorm per head | over the projection
 FAMILIES = ("spmd", "mixtral", "qwen3_moe", "olmoe")   # SPEC §1's, then SPEC §8's
+OVERLAPS = ("auto", "on", "off")
+OVERLAP_ALIASES = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off",
+                   "0": "off"}
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,14 @@ class WorkloadConfig:
 
     ``pad_fraction`` left-pads synthetic inputs (see data.synthetic_input). ``decode``
     generates ``new_tokens`` tokens per sequence after the prefill; a sequence stops early
-    at ``eos_id`` when one is set. ``micro_batches`` splits each rank's sequences for the
-    pipeline (0: as many as there are stages).
+    at ``eos_id`` when one is set.
+
+    Prefill micro-batches (chunks.py): chunks of at most ``chunk_tokens`` tokens per rank
+    (0: the derived default), or, when ``micro_batches`` > 0, that many groups of whole
+    sequences per rank. Decode steps use ``micro_batches`` groups (0: one per stage).
+    ``overlap``: two micro-batches in flight on a stage, one's exchanges running while the
+    other computes (overlap.py): ``auto`` where it pays (overlap.overlap_pays), ``on``
+    wherever a stage has several ranks and two micro-batches, ``off``.
     """
 
     batch_size: int = 1
@@ -145,6 +154,8 @@ class WorkloadConfig:
     new_tokens: int = 0
     eos_id: int | None = None
     micro_batches: int = 0
+    chunk_tokens: int = 0
+    overlap: str = "auto"
 
     def validate(self, model: ModelConfig) -> "WorkloadConfig":
         _positive_int("batch_size", self.batch_size)
@@ -161,11 +172,19 @@ class WorkloadConfig:
                                             and 0 <= self.eos_id < model.vocab_size):
             raise ConfigError("eos_id", f"{self.eos_id!r} must be a token id in "
                                         f"[0, vocab_size={model.vocab_size})")
-        _count("micro_batches", self.micro_batches, "(0: one per pipeline stage)")
+        _count("micro_batches", self.micro_batches,
+               "(0: chunks for the prefill, one per pipeline stage for decode)")
         if self.micro_batches > self.batch_size:
             raise ConfigError("micro_batches", f"{self.micro_batches} is more than batch_size="
                                                f"{self.batch_size}: a micro-batch holds at least "
                                                "one sequence")
+        _count("chunk_tokens", self.chunk_tokens, "(0: the default chunk size)")
+        if self.chunk_tokens and self.micro_batches:
+            raise ConfigError("chunk_tokens", f"{self.chunk_tokens} chunk tokens and "
+                                              f"micro_batches={self.micro_batches} both set: "
+                                              "give one (micro_batches: whole sequences)")
+        if self.overlap not in OVERLAPS:
+            raise ConfigError("overlap", f"{self.overlap!r} is not one of {', '.join(OVERLAPS)}")
         check_sequence_fits(model, self.seq_len, self.new_tokens if self.workload == "decode"
                             else 0, field_name="seq_len")
         return self
@@ -351,6 +370,9 @@ def _positive_int(name: str, value: Any) -> None:
 
 def _coerce(key: str, value: Any) -> Any:
     """Turn a JSON or ``--set`` value into the field's type, naming the field on failure."""
+    if key == "overlap":
+        text = str(value).strip().lower()
+        return OVERLAP_ALIASES.get(text, text)
     if key == "dtype":
         text = str(value).lower()
         if text not in DTYPE_ALIASES:

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .chunks import ScheduleSize, schedule_size
 from .config import ModelConfig, RunConfig
+from .kv_cache import KVCache
+from .overlap import overlap_enabled
 from .topology import Grid
 
 GIB = 1 << 30
@@ -35,6 +38,7 @@ class RankCost:
     kv_bytes: int
     flops: dict[str, float]      # per forward pass, by part
     send_bytes_per_layer: dict[str, float]
+    schedule: ScheduleSize | None = None   # the rank's prefill micro-batches, in size
 
     @property
     def memory_bytes(self) -> int:
@@ -45,25 +49,30 @@ class RankCost:
         return sum(self.flops.values())
 
 
-def attention_core_flops(lengths: np.ndarray, width: int) -> float:
-    """Causal QK^T and PV over sequences of ``lengths`` real tokens, ``width`` = h*Dh."""
+def attention_core_flops(lengths: np.ndarray, width: int,
+                         starts: np.ndarray | None = None) -> float:
+    """Causal QK^T and PV over sequences of ``lengths`` real tokens, ``width`` = h*Dh; or,
+    with ``starts``, over chunks whose queries also see their sequence's ``start`` earlier
+    keys (query r of a chunk attends to ``start + r + 1`` keys)."""
     lengths = np.asarray(lengths, dtype=np.float64)
-    return float(2.0 * width * (lengths * (lengths + 1)).sum())
+    earlier = 0.0 if starts is None else 2.0 * lengths * np.asarray(starts, dtype=np.float64)
+    return float(2.0 * width * (lengths * (lengths + 1) + earlier).sum())
 
 
 def layer_flops(model: ModelConfig, tokens: int, lengths: np.ndarray, heads: int,
-                routed_rows: float, ff_width: int, kv_heads: int | None = None
-                ) -> dict[str, float]:
+                routed_rows: float, ff_width: int, kv_heads: int | None = None,
+                starts: np.ndarray | None = None) -> dict[str, float]:
     """FLOPs of one layer on one rank (multiply-add = 2) with ``heads`` query heads and
     ``kv_heads`` key/value heads (default: as many) of the model's head dim: Q and O
     projections ``d x h*Dh``, K and V ``d x hk*Dh``; two (GELU) or three (SwiGLU) expert
-    matrices of ``d x ff_width``."""
+    matrices of ``d x ff_width``. ``starts``: chunks' first positions
+    (attention_core_flops)."""
     d, dh = model.d_model, model.head_dim
     width = heads * dh
     kv_width = (heads if kv_heads is None else kv_heads) * dh
     return {
         "attention_proj": 2.0 * tokens * d * (2 * width + 2 * kv_width),
-        "attention_core": attention_core_flops(lengths, width),
+        "attention_core": attention_core_flops(lengths, width, starts),
         "router": 2.0 * tokens * d * model.n_experts,
         "experts": 2.0 * routed_rows * model.expert_matrices * d * ff_width,
     }
@@ -103,26 +112,15 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     if grid.is_last_stage:
         weights += (d * model.vocab_size + d) * param_item
 
-    micro = max(1, config.workload.micro_batches or layout.pp)
-    mb_tokens = int(np.ceil(tokens / micro))
-    mb_rows_in = routed / micro
-    mb_rows_out = mb_tokens * k
-    rows_per_expert = mb_rows_in / max(1, len(grid.experts) if layout.tp == 1 else e)
-    wide = max(d, width)                                  # q and att are h*Dh wide
-    activations = (mb_tokens * wide * item * 8            # x, a, q, k, v, att, h, b
-                   + mb_tokens * d * 4 * 2                # float32 attention partial, moe
-                   + mb_tokens * dh * 4 * 2               # RoPE tables
-                   + mb_rows_out * d * item * 3           # send, returned, un-permuted
-                   + mb_rows_in * d * item * 3            # received, grouped, expert out
-                   + rows_per_expert * ff * (4 * (model.expert_matrices - 1) + item))
-    # ^ one expert's hidden layer: float32 accumulator(s) (SwiGLU: gate and up) and stored
-    if backend != "cupy":
-        activations += 64 << 20                           # attention score blocks
-    activations += b_last * model.vocab_size * 4
+    schedule = schedule_size(grid, config.workload, lengths, backend)
+    activations = micro_batch_bytes(config, grid, schedule, backend)
+    activations += b_last * model.vocab_size * 4          # the rank's logits, float32
     kv = 0
-    if new_tokens:
+    if new_tokens or schedule.splits_sequences:
+        # engine.Engine.new_cache: the longest prompt (plus the tokens to generate) for
+        # each of the rank's sequences, every layer of its stage.
         capacity = int(lengths.max()) + new_tokens
-        kv = 2 * n_layers * len(my_lengths) * capacity * kv_width * item
+        kv = KVCache.nbytes(n_layers, len(my_lengths), capacity, kv_heads, dh, item)
 
     row = d * item
     if layout.tp > 1:
@@ -138,7 +136,42 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     if not grid.is_last_stage:
         send["stage_send"] = tokens * row / n_layers
     return RankCost(grid.rank, grid.stage, grid.group_rank, grid.layers, grid.experts, seqs,
-                    tokens, routed, int(weights), int(activations), int(kv), flops, send)
+                    tokens, routed, int(weights), int(activations), int(kv), flops, send,
+                    schedule)
+
+
+def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: ScheduleSize,
+                     backend: str = "cupy") -> int:
+    """Activation bytes of the micro-batches ``grid``'s rank holds at once: its largest
+    micro-batch's tensors (bounded by the chunk budget, not the batch), twice when two are
+    in flight (overlap), assuming balanced routing of the stage's largest micro-batch."""
+    model, layout = config.model, grid.layout
+    d, dh, e, k = model.d_model, model.head_dim, model.n_experts, model.top_k
+    item = 2 if model.dtype == "bfloat16" else 4
+    ff = len(grid.ff_columns)
+    wide = max(d, len(grid.heads) * dh)                 # q and att are h*Dh wide
+    mb_tokens = schedule.largest_tokens
+    if layout.tp > 1:
+        mb_rows_in = mb_tokens * k                          # every row, on an F slice
+        rows_per_expert = mb_rows_in / e
+    else:
+        mb_rows_in = schedule.largest_stage_tokens * k / layout.ep
+        rows_per_expert = mb_rows_in / max(1, len(grid.experts))
+    mb_rows_out = mb_tokens * k
+    one = (mb_tokens * wide * item * 8                    # x, a, q, k, v, att, h, b
+           + mb_tokens * d * 4 * 2                        # float32 attention partial, moe
+           + mb_tokens * wide * 4 * 5                     # float32 temporaries (norm, RoPE)
+           + mb_tokens * dh * 4 * 2                       # RoPE tables
+           + mb_rows_out * d * item * 3                   # send, returned, un-permuted
+           + mb_rows_in * d * item * 3                    # received, grouped, expert out
+           + rows_per_expert * ff * (4 * (model.expert_matrices - 1) + item))
+    # ^ one expert's hidden layer: float32 accumulator(s) (SwiGLU: gate and up) and stored
+    in_flight = 2 if overlap_enabled(config.workload.overlap, schedule.count, layout.pp,
+                                     layout.group, backend) else 1
+    activations = in_flight * one
+    if backend != "cupy":
+        activations += 64 << 20                           # attention score blocks
+    return int(activations)
 
 
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:

@@ -1,10 +1,15 @@
 """Token dispatch and combine: getting each routed row to its expert and back.
 
-Phases, as methods so that each is timed (and later overlapped) on its own:
+Phases, as methods so that each is timed (and overlapped) on its own:
 
     dispatch_preprocess -> permute -> exchange_counts -> token_dispatch -> dispatch_postprocess
         ... experts ...
     combine_preprocess -> token_combine -> combine_postprocess
+
+``token_dispatch`` and ``token_combine`` block; ``start_dispatch`` and ``start_combine``
+start the same exchanges without waiting (a transport.PendingExchange whose ``Wait()`` gives
+what the blocking ones return, before ``finish_combine``), so that the engine can run another
+micro-batch's compute meanwhile (overlap.py).
 
 :class:`AlltoallDispatcher` (expert parallel): rows are sorted by destination expert, the
 per-expert row counts are exchanged with one Alltoall, the rows go by Alltoallv, are
@@ -86,15 +91,35 @@ class AlltoallDispatcher(Dispatcher):
     """Expert parallel: Alltoallv to the experts' ranks and back."""
 
     partial_dtype = None   # expert outputs are whole: stored in the storage dtype
+    exchanges_rows = True  # dispatch moves rows between ranks
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         """One Alltoall of [P, El] counts; returns bytes sent to other ranks."""
+        self.finish_counts(plan, self.transport.alltoall_counts(self.comm,
+                                                                self._counts_by_peer(plan)))
+        return self.count_bytes(plan)
+
+    def start_counts(self, plan: DispatchPlan):
+        """:meth:`exchange_counts`, started (Ialltoall); its ``Wait()`` gives the [P, El]
+        counts for :meth:`finish_counts`. Non-blocking because two passes in flight may
+        interleave differently on different ranks: a blocking collective inside a pass could
+        wait on a rank that is itself blocked in the other pass's (overlap.py)."""
+        return self.transport.ialltoall_counts(self.comm, self._counts_by_peer(plan))
+
+    def finish_counts(self, plan: DispatchPlan, recv_by_expert_host: np.ndarray) -> None:
+        plan.recv_by_expert_host = recv_by_expert_host                        # [P, El]
+        plan.recv_counts_host = recv_by_expert_host.sum(axis=1)
+        plan.tokens_per_local_expert_host = recv_by_expert_host.sum(axis=0)
+
+    def count_bytes(self, plan: DispatchPlan) -> int:
+        """Bytes of counts sent to other ranks."""
+        return plan.tokens_per_expert_host.reshape(self.peers, -1)[
+            np.arange(self.peers) != self.rank].nbytes
+
+    def _counts_by_peer(self, plan: DispatchPlan) -> np.ndarray:
         by_peer = plan.tokens_per_expert_host.reshape(self.peers, -1)        # [P, El]
         plan.send_counts_host = by_peer.sum(axis=1)
-        plan.recv_by_expert_host = self.transport.alltoall_counts(self.comm, by_peer)
-        plan.recv_counts_host = plan.recv_by_expert_host.sum(axis=1)
-        plan.tokens_per_local_expert_host = plan.recv_by_expert_host.sum(axis=0)
-        return by_peer[np.arange(self.peers) != self.rank].nbytes
+        return by_peer
 
     def token_dispatch(self, send_rows, plan: DispatchPlan):
         """send rows [R, d] -> received rows [Rr, d] grouped by source rank, then expert."""
@@ -128,6 +153,19 @@ class AlltoallDispatcher(Dispatcher):
         return self.transport.alltoallv(self.comm, rows, plan.recv_counts_host,
                                         plan.send_counts_host)
 
+    def start_dispatch(self, send_rows, plan: DispatchPlan):
+        """:meth:`token_dispatch`, started (Ialltoallv)."""
+        return self.transport.ialltoallv(self.comm, send_rows, plan.send_counts_host,
+                                         plan.recv_counts_host)
+
+    def start_combine(self, rows, plan: DispatchPlan):
+        """:meth:`token_combine`, started (Ialltoallv); finish with :meth:`finish_combine`."""
+        return self.transport.ialltoallv(self.comm, rows, plan.recv_counts_host,
+                                         plan.send_counts_host)
+
+    def finish_combine(self, rows):
+        return rows
+
     def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
         """Bytes of dispatched rows that leave this rank."""
         return self._to_peers(plan.send_counts_host, rows)
@@ -145,6 +183,7 @@ class AllreduceDispatcher(Dispatcher):
     partial outputs are summed across the tensor-parallel group."""
 
     partial_dtype = F32    # partial sums stay float32 until the allreduce has added them
+    exchanges_rows = False  # no dispatch: every rank holds every expert's F slice
 
     def exchange_counts(self, plan: DispatchPlan) -> int:
         plan.tokens_per_local_expert_host = plan.tokens_per_expert_host
@@ -164,6 +203,18 @@ class AllreduceDispatcher(Dispatcher):
         expert output ``GELU(b W1) W2`` is then stored in dtype before the weighted sum, as
         SPEC §1 has it (and as Megatron reduces permuted rows before un-permuting)."""
         return self.bk.store(self.transport.allreduce_sum(self.comm, rows))
+
+    def start_dispatch(self, send_rows, plan: DispatchPlan):
+        raise AssertionError("the TP baseline dispatches nothing (exchanges_rows is False)")
+
+    def start_combine(self, rows, plan: DispatchPlan):
+        """:meth:`token_combine`'s allreduce, started (Iallreduce of the float32 partials,
+        in place); finish with :meth:`finish_combine`."""
+        return self.transport.iallreduce_sum(self.comm, rows)
+
+    def finish_combine(self, rows):
+        """Round the summed partials once (see :meth:`token_combine`)."""
+        return self.bk.store(rows)
 
     def dispatch_bytes(self, rows, plan: DispatchPlan) -> int:
         return 0

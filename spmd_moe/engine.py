@@ -5,9 +5,20 @@ combine -> un-permute and weighted sum -> residual. The layout decides who owns 
 (topology.py) and how rows meet experts (dispatcher.py); the loop does not branch on it
 beyond the TP allreduce after attention.
 
-Pipeline (``pp`` > 1): each rank's sequences are split into micro-batches; stage s runs
-micro-batch m through its layers and sends the hidden rows to stage s+1 at the same group
-rank, then takes m+1. Stages overlap (fill, steady state, drain); the bubble is reported.
+Pipeline: a rank's prefill is a list of micro-batches (chunks.py): chunks of at most
+``chunk_tokens`` tokens of its sequences, or groups of whole sequences. Stage s runs
+micro-batch m through its layers once it has m from stage s-1, and sends the hidden rows
+to stage s+1 at the same group rank without waiting (``Isend``), then takes m+1. Stages
+overlap (fill, steady state, drain); the report gives each stage's idle time beside the
+ideal bubble. A chunk attends to its sequence's earlier chunks through the stage's KV cache
+(kv_cache.py), which a chunked prefill fills and decode continues.
+
+Overlap (overlap.py): a stage pass is a generator that yields at each exchange it has
+started (its receive from the previous stage, the count exchange, dispatch, combine, the TP
+allreduces: after attention, of the expert partials, and of a whole-projection q/k norm's
+squares) and at checkpoints between compute phases; with two micro-batches in flight,
+one's exchanges move while the other computes. Micro-batch m's collectives go on the stage
+communicator of slot m % 2.
 
 Decode: the prefill fills a per-rank KV cache of the rank's sequences; each step embeds one
 token per live sequence, runs every layer (dispatch and combine included) and takes the
@@ -29,13 +40,16 @@ import numpy as np
 
 from . import kernels
 from .backend import F32, Backend, PhaseTimer
+from .chunks import MicroBatch, Schedule, prefill_schedule
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from .errors import ConfigError
-from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm, rms_norm,
-                    rope_tables)
-from .moe_layer import moe_forward
+from .kv_cache import KVCache
+from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm,
+                    qk_square_sums, rms_norm, rope_tables)
+from .moe_layer import moe_steps
+from .overlap import CHECKPOINT, Flight, overlap_enabled, run_pass, run_passes
 from .topology import Topology
 from .transport import allreduce_bytes
 from .weights import ModelWeights, build_weights
@@ -43,7 +57,9 @@ from .weights import ModelWeights, build_weights
 # The order phases appear in reports.
 PHASES = ("embed", "stage_recv", "attention", "attn_allreduce", "router", "permute",
           "count_exchange", "dispatch", "experts", "combine", "unpermute", "residual",
-          "lm_head", "sample", "stage_send", "token_return")
+          "lm_head", "sample", "stage_send", "stage_drain", "token_return")
+# Phases in which a rank waits on another stage, not works: its pipeline idle time.
+IDLE_PHASES = ("stage_recv", "stage_drain")
 HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-step tags needed
 FAULT_ENV = "SPMD_MOE_FAULT"
 
@@ -134,58 +150,15 @@ def fit_kernels_to_family(bk: Backend, model) -> None:
                               f"{model.activation} kernel)")
 
 
-class KVCache:
-    """Keys and values of this rank's sequences for its stage's layers, preallocated.
-
-    Sequence i (local index) owns rows ``[i*capacity, (i+1)*capacity)`` of each layer's
-    ``[n_seqs*capacity, h, Dh]`` arrays; its real tokens sit at the row of their position.
-    Nothing is ever reallocated: a write past ``capacity`` is a bug and asserts.
-    """
-
-    def __init__(self, bk: Backend, layers: range, first_seq: int, n_seqs: int, capacity: int,
-                 heads: int, head_dim: int):
-        # ``heads`` are the key/value heads this rank holds (fewer than the query heads
-        # under grouped-query attention).
-        self.first_seq, self.n_seqs, self.capacity = first_seq, n_seqs, capacity
-        shape = (n_seqs * capacity, heads, head_dim)
-        self.keys = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
-        self.values = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
-        self.lengths_host = np.zeros(n_seqs, dtype=np.int64)  # filled positions per sequence
-        self.bk = bk
-
-    @staticmethod
-    def nbytes(n_layers: int, n_seqs: int, capacity: int, heads: int, head_dim: int,
-               itemsize: int) -> int:
-        return 2 * n_layers * n_seqs * capacity * heads * head_dim * itemsize
-
-    def slots(self, packed: Packed) -> np.ndarray:
-        """First cache row of each of ``packed``'s sequences [b]."""
-        return (packed.seqs - self.first_seq) * self.capacity
-
-    def write(self, layer: int, packed: Packed, k, v) -> None:
-        """Store k, v [T, h, Dh] of ``packed``'s new tokens at their positions."""
-        local = packed.seqs - self.first_seq
-        first = self.lengths_host[local]
-        assert (first + packed.lengths_host <= self.capacity).all(), "KV cache overflow"
-        rows = np.repeat(self.slots(packed) + first - packed.starts_host, packed.lengths_host)
-        rows = rows + np.arange(packed.n_tokens)
-        rows = self.bk.asarray(rows)
-        self.bk.put_rows(self.keys[layer], rows, k)
-        self.bk.put_rows(self.values[layer], rows, v)
-
-    def advance(self, packed: Packed) -> None:
-        """Record that ``packed``'s tokens are now in the cache (after the last layer)."""
-        self.lengths_host[packed.seqs - self.first_seq] += packed.lengths_host
-
-
 @dataclass
 class StageOutput:
-    """What one rank produced in a prefill: its last-stage rows (empty elsewhere)."""
+    """What one rank produced in a prefill: its last-stage rows (empty elsewhere), in its
+    sequences' order (micro-batches follow the sequences: chunks.py)."""
 
-    seqs: list[np.ndarray] = field(default_factory=list)   # per micro-batch [b]
     hidden: list[object] = field(default_factory=list)     # per micro-batch [T, d]
-    logits: list[object] = field(default_factory=list)     # per micro-batch float32 [b, V]
+    logits: list[object] = field(default_factory=list)     # per micro-batch float32 [b', V]
     expert_counts: np.ndarray | None = None                 # [L, E] this rank's rows
+    schedule: Schedule | None = None
 
 
 class Engine:
@@ -200,8 +173,9 @@ class Engine:
         self.weights = weights if weights is not None else build_weights(
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
-        self.dispatcher = kind(bk, topo.stage_comm, transport, self.model.n_experts,
-                               self.model.top_k, topo.experts)
+        # One dispatcher per slot of micro-batches in flight, each on its own communicator.
+        self.dispatchers = [kind(bk, comm, transport, self.model.n_experts, self.model.top_k,
+                                 topo.experts) for comm in topo.stage_comms]
         self.heads = len(topo.heads)
         self.kv_heads = len(topo.kv_heads)
         # Under TP with more ranks than K/V heads each K/V head sits on tp/H_kv ranks: a sum
@@ -216,56 +190,69 @@ class Engine:
 
     # --- one layer ---------------------------------------------------------------------
 
-    def attention(self, layer: int, x, packed: Packed, rope, cache: KVCache | None):
+    def attention_steps(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
+                        flight: Flight, cache: KVCache | None, slot: int = 0):
         """x: [T, d] -> attention output [T, d]: storage dtype, or a float32 partial sum
-        over this rank's heads under TP."""
+        over this rank's heads under TP. A generator (overlap.py): a norm over the whole q
+        and k projections (``qk_norm`` ``full``) under TP yields the group's sum of squares,
+        an allreduce on ``slot``'s communicator."""
         bk, lw, model = self.bk, self.weights.layers[layer], self.model
         n, dh = x.shape[0], model.head_dim
-        a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
-        q = bk.matmul(a, lw.wq).reshape(n, self.heads, dh)                # [T, h, Dh]
-        k = bk.matmul(a, lw.wk).reshape(n, self.kv_heads, dh)             # [T, hk, Dh]
-        v = bk.matmul(a, lw.wv).reshape(n, self.kv_heads, dh)
-        q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
-                       model.q_width, self.kv_width_summed, self.head_group_sum)
-        q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
-        if cache is None:
-            keys, values = k, v
-            k_starts, k_lengths = packed.starts_host, packed.lengths_host
-        else:
-            cache.write(layer, packed, k, v)
-            keys, values = cache.keys[layer], cache.values[layer]
-            k_starts = cache.slots(packed)
-            k_lengths = cache.lengths_host[packed.seqs - cache.first_seq] + packed.lengths_host
-        att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys, values,
-                               k_starts, k_lengths, self.scale)           # [T, h*Dh]
-        return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
+        with timer.phase("attention"):
+            a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
+            q = bk.matmul(a, lw.wq).reshape(n, self.heads, dh)            # [T, h, Dh]
+            k = bk.matmul(a, lw.wk).reshape(n, self.kv_heads, dh)         # [T, hk, Dh]
+            v = bk.matmul(a, lw.wv).reshape(n, self.kv_heads, dh)
+            summed = None
+            if model.qk_norm == "full" and self.topo.layout.tp > 1:
+                summed = qk_square_sums(bk, q, k)                          # [T, 2] f32
+        if summed is not None:
+            # Non-blocking like every collective of a pass: a blocking one could wait on a
+            # rank that is itself blocked in the other pass's (overlap.py).
+            comm = self.topo.stage_comms[slot]
+            partial = summed
+            summed = yield flight.start(
+                "attn_allreduce", lambda: self.transport.iallreduce_sum(comm, partial),
+                allreduce_bytes(partial.nbytes, self.topo.layout.tp))
+        with timer.phase("attention"):
+            q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
+                           model.q_width, self.kv_width_summed, summed)
+            q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
+            if cache is None:
+                keys, values = k, v
+                k_starts, k_lengths = packed.starts_host, packed.lengths_host
+            else:
+                cache.write(layer, packed, k, v)
+                keys, values, k_starts, k_lengths = cache.view(layer, packed)
+            att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys,
+                                   values, k_starts, k_lengths, self.scale)   # [T, h*Dh]
+            return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
 
-    @property
-    def head_group_sum(self):
-        """Sum of a float32 array over the ranks that split the heads (TP), or None when
-        this rank holds every head: what a norm over a whole projection needs."""
-        if self.topo.layout.tp == 1:
-            return None
-        return lambda arr: self.transport.allreduce_sum(self.topo.stage_comm, arr)
-
-    def layer(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
-              cache: KVCache | None, counts: np.ndarray):
+    def layer_steps(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
+                    flight: Flight, cache: KVCache | None, counts: np.ndarray, slot: int = 0):
         """x: [T, d] -> x after this layer, [T, d]; adds this rank's routed rows to
-        ``counts[layer]``."""
+        ``counts[layer]``. A generator that yields each exchange it starts, and checkpoints
+        between compute phases (overlap.py); its collectives go on ``slot``'s
+        communicator."""
         bk, lw = self.bk, self.weights.layers[layer]
         self._at_layer(layer, timer)
-        with timer.phase("attention"):
-            att = self.attention(layer, x, packed, rope, cache)
+        att = yield from self.attention_steps(layer, x, packed, rope, timer, flight, cache,
+                                              slot)
+        yield CHECKPOINT
         if self.topo.layout.tp > 1:
+            comm = self.topo.stage_comms[slot]
+            att = yield flight.start(
+                "attn_allreduce", lambda: self.transport.iallreduce_sum(comm, att),
+                allreduce_bytes(att.nbytes, self.topo.layout.tp))
             with timer.phase("attn_allreduce"):
                 # Summed in float32, then rounded once, as the whole product would be.
-                att = bk.store(self.transport.allreduce_sum(self.topo.stage_comm, att))
-            timer.add_bytes("attn_allreduce", allreduce_bytes(att.nbytes, self.topo.layout.tp))
+                att = bk.store(att)
         with timer.phase("attention"):
             h = bk.store(x.astype(F32) + att.astype(F32))
         with timer.phase("router"):
             b = rms_norm(bk, h, lw.moe_norm, self.model.norm_eps)
-        moe, tokens_per_expert = moe_forward(self.dispatcher, b, lw, self.model, timer)
+        moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
+                                                      self.model, timer, flight)
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
@@ -284,22 +271,26 @@ class Engine:
 
     # --- a pass of new tokens through this rank's stage ---------------------------------
 
-    def stage_pass(self, packed: Packed, tokens_host: np.ndarray | None, timer: PhaseTimer,
-                   cache: KVCache | None, counts: np.ndarray):
+    def pass_steps(self, packed: Packed, tokens_host: np.ndarray | None, timer: PhaseTimer,
+                   flight: Flight, cache: KVCache | None, counts: np.ndarray, slot: int = 0):
         """Run ``packed``'s new tokens through this stage: embed (first stage) or receive
         them from the previous stage, run the layers, then send them on (returns None) or,
-        on the last stage, return the hidden rows [T, d]."""
+        on the last stage, return the hidden rows [T, d]. A generator (overlap.py); micro-
+        batch m runs in slot m % 2."""
         topo, bk, d = self.topo, self.bk, self.model.d_model
         if topo.is_first_stage:
             with timer.phase("embed"):
                 x = embed(bk, self.weights.embed, bk.asarray(tokens_host))
         else:
-            with timer.phase("stage_recv"):
-                x = self.transport.recv(topo.pipe_comm, (packed.n_tokens, d), bk.dtype,
-                                        source=topo.stage - 1, tag=HIDDEN_TAG)
+            # Yielded like an exchange: a micro-batch waiting for its input does not hold
+            # back the one in flight beside it.
+            x = yield flight.start("stage_recv", lambda: self.transport.irecv(
+                topo.pipe_comm, (packed.n_tokens, d), bk.dtype, source=topo.stage - 1,
+                tag=HIDDEN_TAG))
         rope = rope_tables(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
         for layer in topo.layers:
-            x = self.layer(layer, x, packed, rope, timer, cache, counts)
+            x = yield from self.layer_steps(layer, x, packed, rope, timer, flight, cache,
+                                            counts, slot)
         if cache is not None:
             cache.advance(packed)
         if topo.is_last_stage:
@@ -310,49 +301,94 @@ class Engine:
         timer.add_bytes("stage_send", x.nbytes)
         return None
 
+    def stage_pass(self, packed: Packed, tokens_host: np.ndarray | None, timer: PhaseTimer,
+                   cache: KVCache | None, counts: np.ndarray):
+        """:meth:`pass_steps` run to its end on its own (no overlap)."""
+        flight = Flight(timer)
+        return run_pass(self.pass_steps(packed, tokens_host, timer, flight, cache, counts),
+                        flight)
+
     def finish_sends(self, timer: PhaseTimer) -> None:
-        with timer.phase("stage_send"):
+        """Wait for this pass's sends to the next stage: the pipeline's drain."""
+        with timer.phase("stage_drain"):
             for request in self.pending:
                 request.Wait()
         self.pending = []
 
-    def logits_of(self, hidden, packed: Packed, timer: PhaseTimer):
-        """Last-token logits [b, V] float32 of each sequence in ``packed``."""
+    def logits_of(self, hidden, packed: Packed, timer: PhaseTimer,
+                  ends: np.ndarray | None = None):
+        """Last-token logits [b', V] float32 of each sequence in ``packed`` whose last token
+        it holds (``ends``: which; default all)."""
         with timer.phase("lm_head"):
-            last = self.bk.take_rows(hidden, self.bk.asarray(packed.last_rows_host))
+            rows = packed.last_rows_host if ends is None else packed.last_rows_host[ends]
+            last = self.bk.take_rows(hidden, self.bk.asarray(rows))
             return lm_head(self.bk, last, self.weights.final_norm, self.weights.lm_head,
                            self.model.norm_eps)
 
+    def overlaps(self, micro_batches: int) -> bool:
+        """Whether two micro-batches go in flight (the ``overlap`` setting; ``auto``: where
+        it can pay, overlap.overlap_pays)."""
+        layout = self.topo.layout
+        return overlap_enabled(self.config.workload.overlap, micro_batches, layout.pp,
+                               layout.group, self.bk.name)
+
     # --- prefill -----------------------------------------------------------------------
 
-    def micro_batches(self, batch_size: int) -> list[np.ndarray]:
-        return [np.arange(r.start, r.stop) for r in
-                self.topo.micro_batches(batch_size, self.config.workload.micro_batches)]
+    def schedule(self, batch: Batch) -> Schedule:
+        """This rank's prefill micro-batches (the same count on every rank of its stage)."""
+        return prefill_schedule(self.topo, self.config.workload, batch.lengths, self.bk.name)
+
+    def chunk_ids(self, batch: Batch, mb: MicroBatch) -> np.ndarray:
+        """The token ids of ``mb``'s chunks, packed end to end (int64 [T]): with left
+        padding, position p of sequence s is column ``S - length[s] + p``."""
+        offset = batch.seq_len - batch.lengths[mb.seqs] + mb.starts
+        columns = np.repeat(offset - np.concatenate([[0], np.cumsum(mb.lengths)[:-1]]),
+                            mb.lengths) + np.arange(mb.n_tokens)
+        return batch.ids[np.repeat(mb.seqs, mb.lengths), columns]
 
     def prefill(self, batch: Batch, timer: PhaseTimer, cache: KVCache | None = None,
-                keep_hidden: bool = True) -> StageOutput:
+                keep_hidden: bool = True, flight: Flight | None = None) -> StageOutput:
         """The forward pass of SPEC §1 over this rank's share of ``batch``.
 
         Every rank holds the whole ``batch`` (host). Returns, on last-stage ranks, the
         hidden rows and last-token logits of the rank's sequences; everywhere, the rank's
-        routed-row counts per (layer, expert).
+        routed-row counts per (layer, expert). ``cache``: the decode's, filled here; without
+        one, a chunked schedule that splits a sequence gets its own for the pass.
         """
         self.pending = []
-        lengths = batch.lengths
+        flight = flight if flight is not None else Flight(timer)
+        schedule = self.schedule(batch)
+        if cache is None and schedule.splits_sequences:
+            cache = self.new_cache(batch, 0)
         out = StageOutput(expert_counts=np.zeros((self.model.n_layers, self.model.n_experts),
-                                                 dtype=np.int64))
-        for seqs in self.micro_batches(batch.batch_size):
-            packed = pack(self.bk, seqs, lengths[seqs])
-            ids = batch.real_ids(seqs) if self.topo.is_first_stage else None
-            hidden = self.stage_pass(packed, ids, timer, cache, out.expert_counts)
-            if hidden is not None:
-                out.seqs.append(seqs)
-                out.logits.append(self.logits_of(hidden, packed, timer))
-                out.hidden.append(hidden if keep_hidden else None)
+                                                 dtype=np.int64), schedule=schedule)
+
+        def one(m: int, mb: MicroBatch):
+            packed = pack(self.bk, mb.seqs, mb.lengths, mb.starts)
+            ids = self.chunk_ids(batch, mb) if self.topo.is_first_stage else None
+            hidden = yield from self.pass_steps(packed, ids, timer, flight, cache,
+                                                out.expert_counts, m % 2)
+            if hidden is None:
+                return None
+            return self.logits_of(hidden, packed, timer, mb.ends), (
+                hidden if keep_hidden else None)
+
+        finished = run_passes([one(m, mb) for m, mb in enumerate(schedule.micro_batches)],
+                              flight, self.overlaps(schedule.count))
+        for result in finished:
+            if result is not None:
+                out.logits.append(result[0])
+                out.hidden.append(result[1])
         self.finish_sends(timer)
         return out
 
     # --- decode ------------------------------------------------------------------------
+
+    def decode_micro_batches(self, batch_size: int) -> list[np.ndarray]:
+        """This rank's sequences in the decode steps' micro-batches (``micro_batches``
+        groups, default one per stage)."""
+        return [np.arange(r.start, r.stop) for r in
+                self.topo.micro_batches(batch_size, self.config.workload.micro_batches)]
 
     def new_cache(self, batch: Batch, new_tokens: int) -> KVCache:
         """A cache for this rank's sequences, sized for the longest prompt plus N tokens."""
@@ -367,7 +403,8 @@ class Engine:
             return self.bk.to_host(self.bk.xp.argmax(logits, axis=-1)).astype(np.int64)
 
     def decode_step(self, micro: list[np.ndarray], last_tokens: list[np.ndarray],
-                    cache: KVCache, timer: PhaseTimer, counts: np.ndarray) -> list[np.ndarray]:
+                    cache: KVCache, timer: PhaseTimer, counts: np.ndarray,
+                    flight: Flight | None = None) -> list[np.ndarray]:
         """One token per live sequence through every stage.
 
         ``last_tokens[m]`` (read with one stage only; with several, stage 0 receives them
@@ -375,18 +412,21 @@ class Engine:
         once it has stopped. Returns the new tokens per
         micro-batch on the last stage (-1 for stopped sequences), empty arrays elsewhere.
         """
-        topo, new = self.topo, []
+        topo = self.topo
         self.pending = []
-        for m, seqs in enumerate(micro):
+        flight = flight if flight is not None else Flight(timer)
+
+        def one(m: int, seqs: np.ndarray):
             if topo.layout.pp == 1:
                 tokens = last_tokens[m]
             else:
                 # Stage 0 gets the tokens from the last stage; each stage passes them on
                 # ahead of the hidden rows, so every stage knows which sequences are live.
                 source = topo.layout.pp - 1 if topo.is_first_stage else topo.stage - 1
-                with timer.phase("token_return" if topo.is_first_stage else "stage_recv"):
-                    tokens = self.transport.recv(topo.pipe_comm, (len(seqs), 1), np.int64,
-                                                 source=source, tag=TOKENS_TAG)[:, 0]
+                tokens = (yield flight.start(
+                    "token_return" if topo.is_first_stage else "stage_recv",
+                    lambda: self.transport.irecv(topo.pipe_comm, (len(seqs), 1), np.int64,
+                                                 source=source, tag=TOKENS_TAG)))[:, 0]
                 if not topo.is_last_stage:
                     self.pending.append(self.transport.isend(
                         topo.pipe_comm, tokens[:, None], topo.stage + 1, TOKENS_TAG))
@@ -394,13 +434,16 @@ class Engine:
             seqs_live = seqs[live]
             positions = cache.lengths_host[seqs_live - cache.first_seq]
             packed = pack(self.bk, seqs_live, np.ones(len(seqs_live), dtype=np.int64), positions)
-            hidden = self.stage_pass(packed, tokens[live], timer, cache, counts)
+            hidden = yield from self.pass_steps(packed, tokens[live], timer, flight, cache,
+                                                counts, m % 2)
             if hidden is None:
-                new.append(np.zeros(0, dtype=np.int64))
-                continue
+                return np.zeros(0, dtype=np.int64)
             chosen = np.full(len(seqs), -1, dtype=np.int64)
             chosen[live] = self.sample(self.logits_of(hidden, packed, timer), timer)
-            new.append(chosen)
+            return chosen
+
+        new = run_passes([one(m, seqs) for m, seqs in enumerate(micro)], flight,
+                         self.overlaps(len(micro)))
         self.finish_sends(timer)
         return new
 

@@ -15,6 +15,27 @@ returning device arrays where the host transport takes host arrays:
   first use from a unique id that rank 0 draws and broadcasts over that communicator;
   Alltoallv is a group of send/recv per peer, all on the compute stream (no host sync).
 
+Non-blocking exchanges (``ialltoallv``, ``iallreduce_sum``; engine.py's overlap of one
+micro-batch's dispatch or combine with another's compute) return a
+:class:`~spmd_moe.transport.PendingExchange`:
+
+- ``mpi-cuda``: one ``Isend``/``Irecv`` per peer on the device buffers (point-to-point is
+  the part of CUDA-awareness every MPI has; Open MPI's non-blocking collectives copy and
+  reduce on the host, which a device pointer would crash), the rows kept on this rank a
+  device copy. The allreduce stays blocking on the device: a non-blocking reduction of
+  device memory is not something every CUDA-aware MPI does.
+- ``mpi-host``: the rows staged through pinned buffers of their own (one set per exchange
+  in flight), ``MPI_Ialltoallv``/``MPI_Iallreduce`` on them, copied back in ``Wait``.
+- ``nccl``: the grouped send/recv (or the allreduce) on a side stream that waits for an
+  event recorded on the compute stream; ``Wait`` makes the compute stream wait for the side
+  stream's done event: no host synchronisation, the compute stream keeps running.
+
+A stage's receive from the previous stage (``irecv``) is an ``Irecv`` on the host and on
+``mpi-cuda`` (into the device buffer) and ``mpi-host`` (into pinned buffers of its own,
+copied in ``Wait``); on ``nccl`` it stays the compute stream's ``recv`` (one communicator
+used from two streams is not something NCCL promises to order), so there a micro-batch
+waiting for its input holds back the one in flight beside it on the device.
+
 Host arrays (the decode path's int64 token ids) go over plain host MPI on every transport.
 ``recv`` returns a host array for integer and bool dtypes (token ids are host bookkeeping)
 and a device array for every float dtype, bfloat16 included; ``host=`` overrides.
@@ -34,10 +55,14 @@ import numpy as np
 
 from .backend import Backend
 from .errors import ConfigError
-from .transport import HostMpiTransport, MpiLibrary, PendingSend, displacements, mpi_library
+from .transport import (HostMpiTransport, MpiLibrary, PendingExchange, PendingSend,
+                        displacements, mpi_library)
 
 # NCCL enum values (nccl.h): used when the CuPy module does not name them.
 NCCL_UINT8, NCCL_FLOAT32, NCCL_SUM = 1, 7, 0
+# mpi-cuda's non-blocking exchanges: tags EXCHANGE_TAG_BASE + (n mod EXCHANGE_TAGS), above
+# the engine's pipeline tags and within every MPI's guaranteed tag range (32767).
+EXCHANGE_TAG_BASE, EXCHANGE_TAGS = 1000, 16384
 
 
 # --- device primitives -----------------------------------------------------------------
@@ -54,7 +79,13 @@ class DeviceOps:
     def h2d(self, src: np.ndarray, dst) -> None: ...
     def copy(self, src, dst) -> None: ...
     def synchronize(self) -> None: ...
-    def stream_ptr(self) -> int: ...
+    def stream_ptr(self, stream=None) -> int: ...
+    # Streams and events, for exchanges that run beside the compute stream (NCCL).
+    def side_stream(self): ...
+    def record_event(self, stream=None): ...
+    def wait_event(self, event, stream=None) -> None: ...
+    def event_done(self, event) -> bool: ...
+    def elapsed(self, start, stop) -> float: ...
 
 
 class CupyOps(DeviceOps):
@@ -108,8 +139,31 @@ class CupyOps(DeviceOps):
     def synchronize(self) -> None:
         self.cp.cuda.get_current_stream().synchronize()
 
-    def stream_ptr(self) -> int:
-        return int(self.cp.cuda.get_current_stream().ptr)
+    def stream_ptr(self, stream=None) -> int:
+        return int((stream or self.cp.cuda.get_current_stream()).ptr)
+
+    def side_stream(self):
+        """A new non-blocking stream (it does not synchronise with the legacy default)."""
+        return self.cp.cuda.Stream(non_blocking=True)
+
+    def record_event(self, stream=None):
+        """An event recorded now on ``stream`` (default: the compute stream), with timing."""
+        event = self.cp.cuda.Event()
+        event.record(stream or self.cp.cuda.get_current_stream())
+        return event
+
+    def wait_event(self, event, stream=None) -> None:
+        """``stream`` (default: the compute stream) waits for ``event`` on the device; the
+        host does not."""
+        (stream or self.cp.cuda.get_current_stream()).wait_event(event)
+
+    def event_done(self, event) -> bool:
+        return bool(event.done)
+
+    def elapsed(self, start, stop) -> float:
+        """Seconds between two completed events."""
+        stop.synchronize()
+        return self.cp.cuda.get_elapsed_time(start, stop) / 1e3
 
 
 class DeviceArray(np.ndarray):
@@ -154,8 +208,37 @@ class HostArrayOps(DeviceOps):
     def synchronize(self) -> None:
         pass
 
-    def stream_ptr(self) -> int:
-        return 0
+    def stream_ptr(self, stream=None) -> int:
+        return 0 if stream is None else stream.ptr
+
+    def side_stream(self):
+        return HostStream(1)
+
+    def record_event(self, stream=None):
+        return HostEvent(stream)
+
+    def wait_event(self, event, stream=None) -> None:
+        pass
+
+    def event_done(self, event) -> bool:
+        return True
+
+    def elapsed(self, start, stop) -> float:
+        return 0.0
+
+
+class HostStream:
+    """A stand-in stream (``ptr`` as NCCL sees it): copies on the host are immediate."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class HostEvent:
+    """A stand-in event: what it was recorded on (test stand-ins look at it)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
 
 
 class PinnedStaging:
@@ -225,6 +308,23 @@ class DeviceTransport(HostMpiTransport):
         assert arr.flags.c_contiguous, "allreduce works in place on contiguous arrays"
         return self._allreduce_device(comm, arr)
 
+    def ialltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
+        """Start :meth:`alltoallv`; ``Wait()`` returns the received rows (device)."""
+        if not self.ops.is_device(send):
+            return super().ialltoallv(comm, send, send_counts, recv_counts)
+        assert send.ndim == 2 and int(send_counts.sum()) == send.shape[0], (
+            send.shape, send_counts)
+        return self._ialltoallv_device(comm, self.ops.contiguous(send),
+                                       np.asarray(send_counts, dtype=np.int64),
+                                       np.asarray(recv_counts, dtype=np.int64))
+
+    def iallreduce_sum(self, comm, arr):
+        """Start :meth:`allreduce_sum`; ``Wait()`` returns ``arr``, summed."""
+        if not self.ops.is_device(arr):
+            return super().iallreduce_sum(comm, arr)
+        assert arr.flags.c_contiguous, "allreduce works in place on contiguous arrays"
+        return self._iallreduce_device(comm, arr)
+
     def isend(self, comm, arr, dest: int, tag: int):
         """Start sending ``arr`` (device or host); ``Wait()`` on the result ends it."""
         if not self.ops.is_device(arr):
@@ -241,9 +341,25 @@ class DeviceTransport(HostMpiTransport):
         self._recv_device(comm, out, source, tag)
         return out
 
+    def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int,
+              host: bool | None = None):
+        """Start :meth:`recv`; ``Wait()`` returns the array (host or device as ``recv``)."""
+        if self._recv_on_host(dtype, host):
+            return super().irecv(comm, shape, dtype, source, tag)
+        out = self.ops.empty(tuple(shape), np.dtype(dtype))
+        return self._irecv_device(comm, out, source, tag)
+
+    def _irecv_device(self, comm, out, source, tag):
+        """A receive into device memory, already complete: the transports that can start
+        one without blocking override this."""
+        self._recv_device(comm, out, source, tag)
+        return PendingExchange([], out)
+
     # Subclasses implement these on device arrays.
     def _alltoallv_device(self, comm, send, send_counts, recv_counts): ...
     def _allreduce_device(self, comm, arr): ...
+    def _ialltoallv_device(self, comm, send, send_counts, recv_counts): ...
+    def _iallreduce_device(self, comm, arr): ...
     def _isend_device(self, comm, arr, dest, tag): ...
     def _recv_device(self, comm, out, source, tag) -> None: ...
 
@@ -261,6 +377,7 @@ class CudaAwareMpiTransport(DeviceTransport):
             f"mpi-cuda with an MPI that is not CUDA-aware ({library.cuda_reason})")
         super().__init__(backend, reason, ops)
         self.library = library
+        self._tags: dict[int, int] = {}
 
     def _check(self) -> None:
         assert self.library.cuda_aware, "device buffer for an MPI that is not CUDA-aware"
@@ -287,6 +404,48 @@ class CudaAwareMpiTransport(DeviceTransport):
         comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         return arr
 
+    def _ialltoallv_device(self, comm, send, send_counts, recv_counts):
+        """One Isend/Irecv per peer on device memory (see the module docstring), under a tag
+        of its own: every rank of ``comm`` counts its exchanges in the same order."""
+        self._check()
+        width, item = send.shape[1], send.dtype.itemsize
+        recv = self.ops.empty((int(recv_counts.sum()), width), send.dtype)
+        send_starts, recv_starts = displacements(send_counts), displacements(recv_counts)
+        me = comm.Get_rank()
+        if send_counts[me]:
+            s0, r0, n = int(send_starts[me]), int(recv_starts[me]), int(send_counts[me])
+            self.ops.copy(send[s0:s0 + n], recv[r0:r0 + n])
+        rows = self.row_type(item, width)
+        tag = self._exchange_tag(comm)
+        self.ops.synchronize()      # MPI reads ``send`` outside the stream
+        requests = []
+        for peer in range(comm.Get_size()):
+            if peer == me:
+                continue
+            if recv_counts[peer]:
+                r0, n = int(recv_starts[peer]), int(recv_counts[peer])
+                requests.append(comm.Irecv([recv[r0:r0 + n].view(_word(item)), n, rows],
+                                           source=peer, tag=tag))
+            if send_counts[peer]:
+                s0, n = int(send_starts[peer]), int(send_counts[peer])
+                requests.append(comm.Isend([send[s0:s0 + n].view(_word(item)), n, rows],
+                                           dest=peer, tag=tag))
+        return PendingExchange(requests, recv, hold=(send,))
+
+    def _irecv_device(self, comm, out, source, tag):
+        self._check()
+        return PendingExchange([comm.Irecv(out.view(_word(out.dtype.itemsize)), source=source,
+                                           tag=tag)], out)
+
+    def _exchange_tag(self, comm) -> int:
+        key = comm.py2f()
+        self._tags[key] = (self._tags.get(key, -1) + 1) % EXCHANGE_TAGS
+        return EXCHANGE_TAG_BASE + self._tags[key]
+
+    def _iallreduce_device(self, comm, arr):
+        # Blocking on the device: see the module docstring.
+        return PendingExchange([], self._allreduce_device(comm, arr))
+
     def _isend_device(self, comm, arr, dest, tag):
         self._check()
         self.ops.synchronize()
@@ -310,6 +469,70 @@ class PinnedHostMpiTransport(DeviceTransport):
     def __init__(self, backend: Backend, reason: str = "", ops: DeviceOps | None = None):
         super().__init__(backend, reason, ops)
         self.staging = PinnedStaging(self.ops)
+        # Staging for exchanges in flight: a set of buffers each, back to the pool on Wait.
+        self.exchange_staging: list[PinnedStaging] = []
+        self._free_staging: list[PinnedStaging] = []
+
+    def _take_staging(self) -> PinnedStaging:
+        if not self._free_staging:
+            self.exchange_staging.append(PinnedStaging(self.ops))
+            return self.exchange_staging[-1]
+        return self._free_staging.pop()
+
+    def _ialltoallv_device(self, comm, send, send_counts, recv_counts):
+        width, dtype = send.shape[1], send.dtype
+        item = dtype.itemsize
+        n_recv = int(recv_counts.sum())
+        staging = self._take_staging()
+        send_host = staging.get("send", send.nbytes)
+        recv_host = staging.get("recv", n_recv * width * item)
+        self.ops.d2h(send, send_host)
+        # MPI reads the host copy, and writes a buffer whose last host->device copy (an
+        # earlier exchange's) may still be queued: both need the stream drained.
+        self.ops.synchronize()
+        rows = self.row_type(item, width)
+        request = comm.Ialltoallv([send_host.view(_word(item)),
+                                   (send_counts, displacements(send_counts)), rows],
+                                  [recv_host.view(_word(item)),
+                                   (recv_counts, displacements(recv_counts)), rows])
+
+        def finish(_):
+            recv = self.ops.empty((n_recv, width), dtype)
+            self.ops.h2d(recv_host, recv)     # queued on the compute stream
+            self._free_staging.append(staging)
+            return recv
+
+        return PendingExchange([request], None, hold=(send,), finish=finish)
+
+    def _irecv_device(self, comm, out, source, tag):
+        staging = self._take_staging()
+        host = staging.get("p2p", out.nbytes)
+        # The buffer's last host->device copy (an earlier exchange's) may still be queued.
+        self.ops.synchronize()
+        request = comm.Irecv(host.view(_word(out.dtype.itemsize)), source=source, tag=tag)
+
+        def finish(result):
+            self.ops.h2d(host, result)
+            self._free_staging.append(staging)
+            return result
+
+        return PendingExchange([request], out, finish=finish)
+
+    def _iallreduce_device(self, comm, arr):
+        from mpi4py import MPI
+
+        staging = self._take_staging()
+        host = staging.get("allreduce", arr.nbytes)
+        self.ops.d2h(arr, host)
+        self.ops.synchronize()
+        request = comm.Iallreduce(MPI.IN_PLACE, host.view(arr.dtype), op=MPI.SUM)
+
+        def finish(result):
+            self.ops.h2d(host, result)
+            self._free_staging.append(staging)
+            return result
+
+        return PendingExchange([request], arr, finish=finish)
 
     def _alltoallv_device(self, comm, send, send_counts, recv_counts):
         width, dtype = send.shape[1], send.dtype
@@ -358,6 +581,10 @@ class PinnedHostMpiTransport(DeviceTransport):
 
     def free(self) -> None:
         self.staging.free()
+        for staging in self.exchange_staging:
+            staging.free()
+        self.exchange_staging.clear()
+        self._free_staging.clear()
         super().free()
 
 
@@ -370,6 +597,35 @@ class NcclPending:
     def Wait(self) -> None:
         self.ops.synchronize()
         self.buffer = None
+
+
+class NcclExchange:
+    """An exchange enqueued on the side stream (a PendingExchange's interface): complete
+    once the side stream has passed ``done``. ``Wait`` makes the compute stream wait for it
+    (no host synchronisation) and returns the result; ``device_times`` gives the side
+    stream's time for it and how long the compute stream stalled on it."""
+
+    def __init__(self, ops: DeviceOps, result, hold: tuple, start, done):
+        self.ops, self.result, self.hold = ops, result, hold
+        self.start, self.done = start, done
+        self.stall: tuple | None = None
+
+    def Test(self) -> bool:
+        return self.ops.event_done(self.done)
+
+    def Wait(self):
+        before = self.ops.record_event()
+        self.ops.wait_event(self.done)
+        self.stall = (before, self.ops.record_event())
+        result, self.result, self.hold = self.result, None, ()
+        return result
+
+    def device_times(self) -> tuple[float, float | None]:
+        """(seconds in flight on the side stream, seconds the compute stream stalled);
+        reads events, so the caller has synchronised (after the timed pass)."""
+        in_flight = self.ops.elapsed(self.start, self.done)
+        stalled = self.ops.elapsed(*self.stall) if self.stall is not None else None
+        return in_flight, stalled
 
 
 class NcclTransport(DeviceTransport):
@@ -392,6 +648,7 @@ class NcclTransport(DeviceTransport):
         self.nccl = nccl
         self._factory = communicator_factory or self._new_communicator
         self._communicators: dict[int, Any] = {}
+        self._side = None
         self.uint8 = getattr(nccl, "NCCL_UINT8", NCCL_UINT8)
         self.float32 = getattr(nccl, "NCCL_FLOAT32", NCCL_FLOAT32)
         self.sum = getattr(nccl, "NCCL_SUM", NCCL_SUM)
@@ -442,6 +699,64 @@ class NcclTransport(DeviceTransport):
         finally:
             self.nccl.groupEnd()
         return recv
+
+    def side_stream(self):
+        """The stream non-blocking exchanges run on, beside the compute stream."""
+        if self._side is None:
+            self._side = self.ops.side_stream()
+        return self._side
+
+    def _on_side_stream(self, comm, enqueue, result, hold: tuple):
+        """Enqueue ``enqueue(nccl_comm, stream_ptr)`` on the side stream once the compute
+        stream has produced its inputs; a :class:`NcclExchange` for it."""
+        nccl_comm = self.communicator(comm)
+        side = self.side_stream()
+        self.ops.wait_event(self.ops.record_event(), side)
+        start = self.ops.record_event(side)
+        enqueue(nccl_comm, self.ops.stream_ptr(side))
+        return NcclExchange(self.ops, result, hold, start, self.ops.record_event(side))
+
+    def _ialltoallv_device(self, comm, send, send_counts, recv_counts):
+        width, dtype = send.shape[1], send.dtype
+        row_bytes = width * dtype.itemsize
+        recv = self.ops.empty((int(recv_counts.sum()), width), dtype)
+        send_starts, recv_starts = displacements(send_counts), displacements(recv_counts)
+        me, peers = comm.Get_rank(), comm.Get_size()
+        if send_counts[me]:
+            s0, r0, n = int(send_starts[me]), int(recv_starts[me]), int(send_counts[me])
+            self.ops.copy(send[s0:s0 + n], recv[r0:r0 + n])
+        if peers == 1:
+            return PendingExchange([], recv)
+        send_ptr, recv_ptr = self.ops.ptr(send), self.ops.ptr(recv)
+
+        def enqueue(nccl_comm, stream):
+            self.nccl.groupStart()
+            try:
+                for peer in range(peers):
+                    if peer == me:
+                        continue
+                    if send_counts[peer]:
+                        nccl_comm.send(send_ptr + int(send_starts[peer]) * row_bytes,
+                                       int(send_counts[peer]) * row_bytes, self.uint8, peer,
+                                       stream)
+                    if recv_counts[peer]:
+                        nccl_comm.recv(recv_ptr + int(recv_starts[peer]) * row_bytes,
+                                       int(recv_counts[peer]) * row_bytes, self.uint8, peer,
+                                       stream)
+            finally:
+                self.nccl.groupEnd()
+
+        return self._on_side_stream(comm, enqueue, recv, (send,))
+
+    def _iallreduce_device(self, comm, arr):
+        assert arr.dtype == np.float32, arr.dtype
+        if comm.Get_size() == 1:
+            return PendingExchange([], arr)
+        ptr = self.ops.ptr(arr)
+        return self._on_side_stream(
+            comm, lambda nccl_comm, stream: nccl_comm.allReduce(ptr, ptr, arr.size,
+                                                                self.float32, self.sum, stream),
+            arr, ())
 
     def _allreduce_device(self, comm, arr):
         assert arr.dtype == np.float32, arr.dtype

@@ -27,13 +27,16 @@ class Packed:
 
     ``seqs``: global sequence indices [b]; ``lengths_host``: real tokens per sequence [b];
     ``starts_host``: first packed row of each sequence [b]; ``positions``: RoPE position of
-    each row [T] (0 for a sequence's first real token; decode steps continue the count).
+    each row [T] (0 for a sequence's first real token; later chunks and decode steps
+    continue the count); ``first_positions_host``: the position of each sequence's first
+    new token [b].
     """
 
     seqs: np.ndarray
     lengths_host: np.ndarray
     starts_host: np.ndarray
     positions: object
+    first_positions_host: np.ndarray
 
     @property
     def n_tokens(self) -> int:
@@ -52,15 +55,16 @@ class Packed:
 def pack(bk: Backend, seqs: np.ndarray, lengths_host: np.ndarray,
          first_position_host: np.ndarray | None = None) -> Packed:
     """Describe ``lengths_host[i]`` new tokens of sequence ``seqs[i]``, starting at position
-    ``first_position_host[i]`` (0 for a prefill)."""
+    ``first_position_host[i]`` (0 for a whole prompt)."""
     lengths_host = np.asarray(lengths_host, dtype=np.int64)
     starts = np.zeros(len(lengths_host), dtype=np.int64)
     np.cumsum(lengths_host[:-1], out=starts[1:])
-    first = np.zeros_like(lengths_host) if first_position_host is None else first_position_host
+    first = (np.zeros_like(lengths_host) if first_position_host is None
+             else np.asarray(first_position_host, dtype=np.int64))
     positions = (np.arange(int(lengths_host.sum()), dtype=np.int64)
                  - np.repeat(starts - first, lengths_host))
     return Packed(np.asarray(seqs, dtype=np.int64), lengths_host, starts,
-                  bk.asarray(positions.astype(np.int32)))
+                  bk.asarray(positions.astype(np.int32)), first)
 
 
 def embed(bk: Backend, table, ids) -> object:
@@ -82,31 +86,57 @@ def rms_norm_sharded(bk: Backend, x, gain, eps: float, width: int, reduce=None):
     others (None: x is the whole row, and this is :func:`rms_norm`)."""
     if reduce is None:
         return rms_norm(bk, x, gain, eps)
-    xp = bk.xp
+    return rms_norm_summed(bk, x, gain, eps, width, reduce(square_sum(bk, x)))
+
+
+def square_sum(bk: Backend, x):
+    """x [T, w] -> float32 [T, 1]: each row's sum of squares over these columns."""
     xf = x.astype(F32)
-    square_sum = reduce(xp.ascontiguousarray((xf * xf).sum(axis=-1, keepdims=True)))
-    inv = 1.0 / xp.sqrt(square_sum / np.float32(width) + np.float32(eps))
-    return bk.store(xf * inv * gain.astype(F32))
+    return bk.xp.ascontiguousarray((xf * xf).sum(axis=-1, keepdims=True))
+
+
+def rms_norm_summed(bk: Backend, x, gain, eps: float, width: int, sums):
+    """RMSNorm of this rank's columns x [T, w] of rows ``width`` wide, given the whole
+    rows' sums of squares ``sums`` (float32 [T, 1], added over the ranks holding them)."""
+    inv = 1.0 / bk.xp.sqrt(sums / np.float32(width) + np.float32(eps))
+    return bk.store(x.astype(F32) * inv * gain.astype(F32))
+
+
+def _flat(u):
+    """[T, h, Dh] -> [T, h*Dh] (also for T = 0: an empty micro-batch of a chunk schedule)."""
+    return u.reshape(u.shape[0], u.shape[1] * u.shape[2])
+
+
+def qk_square_sums(bk: Backend, q, k):
+    """q [T, h, Dh], k [T, hk, Dh] -> float32 [T, 2]: each row's sum of squares over this
+    rank's columns of the q and of the k projection; what a ``full`` :func:`qk_norm` needs,
+    summed over the ranks that split the heads (TP), in one allreduce."""
+    return bk.xp.ascontiguousarray(bk.xp.concatenate(
+        [square_sum(bk, _flat(q)), square_sum(bk, _flat(k))], axis=1))
 
 
 def qk_norm(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_width: int,
-            kv_width: int, reduce=None):
+            kv_width: int, summed=None):
     """The q/k normalisation of a family (ModelConfig.qk_norm), before RoPE.
 
     q: [T, h, Dh], k: [T, hk, Dh] (storage dtype) -> the same shapes.
     ``none``: unchanged (SPEC §1, Mixtral). ``head`` (Qwen3-MoE): RMSNorm over each head's
     Dh, gains [Dh]. ``full`` (OLMoE): RMSNorm over the whole projection, H*Dh for q and
     H_kv*Dh for k, gains of this rank's columns; under TP a rank holds some heads only and
-    ``reduce`` sums the squares over the group. ``q_width``/``kv_width`` are the widths that
-    sum covers (a K/V head replicated on r ranks counts r times: r * H_kv*Dh).
+    ``summed`` is :func:`qk_square_sums` summed over the group (None: this rank holds every
+    head). ``q_width``/``kv_width`` are the widths that sum covers (a K/V head replicated on
+    r ranks counts r times: r * H_kv*Dh).
     """
     if kind == "none":
         return q, k
     if kind == "head":
         return rms_norm(bk, q, q_gain, eps), rms_norm(bk, k, k_gain, eps)
-    n = q.shape[0]
-    qn = rms_norm_sharded(bk, q.reshape(n, -1), q_gain, eps, q_width, reduce)   # [T, h*Dh]
-    kn = rms_norm_sharded(bk, k.reshape(n, -1), k_gain, eps, kv_width, reduce)  # [T, hk*Dh]
+    if summed is None:
+        qn = rms_norm(bk, _flat(q), q_gain, eps)                                  # [T, h*Dh]
+        kn = rms_norm(bk, _flat(k), k_gain, eps)                                  # [T, hk*Dh]
+    else:
+        qn = rms_norm_summed(bk, _flat(q), q_gain, eps, q_width, summed[:, :1])
+        kn = rms_norm_summed(bk, _flat(k), k_gain, eps, kv_width, summed[:, 1:])
     return qn.reshape(q.shape), kn.reshape(k.shape)
 
 

@@ -36,6 +36,7 @@ experts, k top-k, s storage bytes, p parameter bytes, P ranks in a stage, M micr
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -43,9 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from .chunks import MicroBatch, prefill_schedule, whole_sequences
 from .config import Layout, RunConfig
-from .costs import GIB, layer_flops, rank_cost
+from .costs import GIB, attention_core_flops, layer_flops, rank_cost
 from .errors import ConfigError, LayoutError
+from .overlap import overlap_enabled
 from .topology import Grid
 
 # --- the cluster ---------------------------------------------------------------------
@@ -342,7 +345,8 @@ PASSES = {
     "gelu_numpy": 40,     # erfc in float64: ~30 float64 passes ~ 40 float32-pass equivalents
 }
 # Array operations per phase (each costs ``op_us``): a count of the calls the engine makes.
-OPS = {"attention": 40, "attention_per_sequence": 14, "router": 27, "permute": 8,
+OPS = {"attention": 40, "attention_per_sequence": 14, "kv_cache": 4, "router": 27,
+       "permute": 8,
        "count_exchange": 2, "dispatch": 2, "experts_per_expert": 8, "combine": 2,
        "unpermute": 10, "residual": 3, "embed": 1, "lm_head": 12, "stage_send": 1}
 
@@ -376,6 +380,7 @@ class RankShape:
     numpy: bool
 
 
+@functools.lru_cache(maxsize=4096)
 def rank_shape(config: RunConfig, grid: Grid, backend: str) -> RankShape:
     model = config.model
     item = 2 if model.dtype == "bfloat16" else 4
@@ -385,43 +390,59 @@ def rank_shape(config: RunConfig, grid: Grid, backend: str) -> RankShape:
                      4 if backend == "numpy" else item, grid.layout.tp, backend == "numpy")
 
 
+def launched(device: float, ops: float, rates: Rates, shape: "RankShape") -> float:
+    """A phase's time from its device work (s) and its array operations: on NumPy each call
+    does its work before returning, so the two add; on the GPU launches are asynchronous
+    (the host queues the next kernels while the device runs), so the slower of the host's
+    launching and the device's work sets the pace."""
+    cost = ops * rates.op_us * 1e-6
+    return device + cost if shape.numpy else max(device, cost)
+
+
 def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np.ndarray,
-                  routed_rows: float, context: np.ndarray | None = None) -> dict[str, float]:
+                  routed_rows: float, context: np.ndarray | None = None,
+                  starts: np.ndarray | None = None) -> dict[str, float]:
     """Seconds of computation per phase for one layer on one rank.
 
-    ``lengths``: new tokens of each of the rank's sequences in this micro-batch;
+    ``lengths``: new tokens of each of the rank's sequences (or chunks) in this micro-batch;
     ``routed_rows``: rows its experts process; ``context``: for a decode step, the keys each
-    sequence attends to (None: a prefill, keys = the new tokens).
+    sequence attends to (None: a prefill); ``starts``: for a chunked prefill, the position
+    of each chunk's first token (its queries attend to ``start + length`` keys, the earlier
+    ones read from the KV cache).
     """
     s, p, d, w, f = shape.item, shape.param_item, shape.d, shape.width, shape.ff
     t = int(np.sum(lengths))
-    hbm, op = rates.hbm, rates.op_us * 1e-6
+    hbm = rates.hbm
     k = shape.top_k
-    flops = layer_flops(config.model, t, lengths, shape.heads, routed_rows, f)
+    flops = layer_flops(config.model, t, lengths, shape.heads, routed_rows, f, starts=starts)
     passes = lambda n_passes, elements: n_passes * elements * PASS_BYTES / hbm  # noqa: E731
+    run = lambda device, ops: launched(device, ops, rates, shape)  # noqa: E731
 
     # Attention: q, k, v, o projections; the core; norm, RoPE, residual add.
     partial = 4 if shape.tp > 1 else s        # TP: float32 partial sums for the allreduce
     proj = 3 * gemm_time(t, d, w, rates.gemm, hbm, s, p, s) + \
         gemm_time(t, w, d, rates.gemm, hbm, s, p, partial)
+    cached = context is not None or starts is not None
     if context is None:
         core_flops = flops["attention_core"]
-        core_bytes = 4 * t * w * s
+        keys = t + (float(np.sum(starts)) if starts is not None else 0.0)
+        core_bytes = 2 * t * w * s + 2 * keys * w * s     # q, o; k, v (cached or new) once
     else:
         keys = float(np.sum(context))
         core_flops = 4.0 * w * keys                   # q.K and p.V for one query per sequence
         core_bytes = 2 * keys * w * s + 2 * t * w * s
     core = max(core_flops / rates.attention, core_bytes / hbm) if t else 0.0
     n_seqs = int(np.count_nonzero(lengths))
-    attention = proj + core + passes(PASSES["norm"] + PASSES["residual"], t * d) + \
-        passes(PASSES["rope"], t * w)
-    attention += op * (OPS["attention"] + (OPS["attention_per_sequence"] * n_seqs
-                                           if shape.numpy else 1))
+    attention = run(proj + core + passes(PASSES["norm"] + PASSES["residual"], t * d)
+                    + passes(PASSES["rope"], t * w) + (2 * t * w * s / hbm if cached else 0),
+                    OPS["attention"] + (OPS["kv_cache"] if cached else 0)
+                    + (OPS["attention_per_sequence"] * n_seqs if shape.numpy else 1))
 
-    router = gemm_time(t, d, shape.experts, rates.gemm, hbm, s, p, 4) + \
-        passes(PASSES["norm"], t * d) + \
-        passes(PASSES["softmax"] + PASSES["topk"] * k, t * shape.experts) + op * OPS["router"]
-    permute = 2 * t * k * d * s / hbm + op * OPS["permute"]
+    router = run(gemm_time(t, d, shape.experts, rates.gemm, hbm, s, p, 4)
+                 + passes(PASSES["norm"], t * d)
+                 + passes(PASSES["softmax"] + PASSES["topk"] * k, t * shape.experts),
+                 OPS["router"])
+    permute = run(2 * t * k * d * s / hbm, OPS["permute"])
 
     # Experts: El experts, routed_rows rows between them, two GEMMs and a GELU each.
     rows = routed_rows
@@ -430,11 +451,11 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
     experts = max(flops["experts"] / rates.expert, expert_bytes / hbm) if rows else 0.0
     if shape.numpy and not rates.expert_tflops:
         experts += passes(PASSES["gelu_numpy"], rows * f)
-    experts += op * OPS["experts_per_expert"] * shape.local_experts
+    experts = run(experts, OPS["experts_per_expert"] * shape.local_experts)
 
-    unpermute = (2 * t * k * d * s) / hbm + passes(PASSES["unpermute"] * k, t * d) + \
-        op * OPS["unpermute"]
-    residual = passes(PASSES["residual"], t * d) + op * OPS["residual"]
+    unpermute = run((2 * t * k * d * s) / hbm + passes(PASSES["unpermute"] * k, t * d),
+                    OPS["unpermute"])
+    residual = run(passes(PASSES["residual"], t * d), OPS["residual"])
     return {"attention": attention, "router": router, "permute": permute,
             "experts": experts, "unpermute": unpermute, "residual": residual}
 
@@ -460,24 +481,18 @@ def alltoallv_time(cluster: Cluster, ranks: list[int], sent: list[float]) -> flo
     peers = len(ranks)
     if peers < 2:
         return 0.0
-    worst = 0.0
-    for i, me in enumerate(ranks):
-        out = {"intra": 0.0, "inter": 0.0}
-        into = {"intra": 0.0, "inter": 0.0}
-        latency = 0.0
-        for j, other in enumerate(ranks):
-            if j == i:
-                continue
-            _, alpha = cluster.link(me, other)
-            kind = "intra" if cluster.node_of(me) == cluster.node_of(other) else "inter"
-            out[kind] += sent[i] / (peers - 1)
-            into[kind] += sent[j] / (peers - 1)
-            latency += alpha
-        moving = max(out["intra"] / cluster.intra_bandwidth, into["intra"] /
-                     cluster.intra_bandwidth, out["inter"] / cluster.inter_bandwidth,
-                     into["inter"] / cluster.inter_bandwidth)
-        worst = max(worst, latency + moving)
-    return worst
+    nodes = np.asarray(ranks) // cluster.gpus_per_node
+    same = nodes[:, None] == nodes[None, :]                                   # [P, P]
+    intra = same & ~np.eye(peers, dtype=bool)
+    inter = ~same
+    share = np.asarray(sent, dtype=np.float64) / (peers - 1)                  # [P] per peer
+    latency = (intra.sum(axis=1) * cluster.intra_latency
+               + inter.sum(axis=1) * cluster.inter_latency)
+    moving = np.maximum.reduce([share * intra.sum(axis=1) / cluster.intra_bandwidth,
+                                intra @ share / cluster.intra_bandwidth,
+                                share * inter.sum(axis=1) / cluster.inter_bandwidth,
+                                inter @ share / cluster.inter_bandwidth])
+    return float((latency + moving).max())
 
 
 def allreduce_time(cluster: Cluster, ranks: list[int], sent: float) -> float:
@@ -513,13 +528,74 @@ class _StagePass:
     per_rank: list[dict[str, float]]     # phase -> seconds, per group rank
     hop: float                           # sending the result to the next stage
     layer: dict[str, float]              # one layer's phases (max over ranks)
+    exposed: dict[str, float] = field(default_factory=dict)  # comm phases after overlap
+    latency: float | None = None         # start to finish with two in flight
+    alone: float | None = None           # start to finish with none beside it
+
+    def through(self, last: bool) -> float:
+        """Time from starting this micro-batch to handing it on. One at a time: its
+        ``seconds``. Two in flight at one per ``seconds``: each spends two intervals in the
+        stage (Little's law), so a pipeline fills at half speed; the stage's last one runs
+        alone (its own compute and all its exchanges)."""
+        if self.latency is None:
+            return self.seconds
+        return self.alone if last else self.latency
 
 
-def _micro_lengths(config: RunConfig, layout: Layout, lengths: np.ndarray,
-                   rank: int) -> list[np.ndarray]:
+def _prefill_micro(config: RunConfig, layout: Layout, lengths: np.ndarray, rank: int,
+                   backend: str) -> list[MicroBatch]:
+    """The engine's prefill micro-batches of ``rank`` (chunks.py)."""
+    return prefill_schedule(Grid(layout, config.model, rank), config.workload, lengths,
+                            backend).micro_batches
+
+
+def _decode_micro(config: RunConfig, layout: Layout, lengths: np.ndarray,
+                  rank: int) -> list[MicroBatch]:
+    """The decode steps' micro-batches of ``rank``: whole sequences, ``micro_batches``
+    groups (one per stage by default), as engine.Engine.decode_micro_batches."""
     grid = Grid(layout, config.model, rank)
-    return [lengths[r.start:r.stop] for r in
-            grid.micro_batches(len(lengths), config.workload.micro_batches)]
+    count = len(grid.micro_batches(len(lengths), config.workload.micro_batches))
+    return whole_sequences(grid.sequences(len(lengths)), lengths, count)
+
+
+def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int,
+                    backend: str = "cupy") -> bool:
+    """As engine.Engine.overlaps (overlap.overlap_enabled)."""
+    return overlap_enabled(config.workload.overlap, micro_batches, layout.pp, layout.group,
+                           backend)
+
+
+def exposed_comm(layer: dict[str, float], numpy: bool) -> dict[str, float]:
+    """A layer's communication phases left exposed when two micro-batches share a stage
+    (overlap.py: the older runs first, the newer computes while the older waits), both
+    micro-batches taken alike. Per layer a pass starts its count exchange after its
+    permutation, its dispatch as soon as the counts are in, its combine after its experts:
+
+    - the count exchange hides under the other's un-permute, residual, attention, router
+      and permutation; the combine under the other's experts;
+    - the dispatch follows the count exchange with no compute between, and the other
+      micro-batch, one exchange behind, reaches its own dispatch with nothing to compute
+      either: the older one's dispatch stays exposed, the newer one's hides under the
+      older's experts. Half of it is counted exposed;
+    - TP baseline: the attention allreduce hides under the other's attention, the combine
+      allreduce under the other's experts.
+
+    On NumPy nothing is hidden: MPI progresses only inside MPI calls there (no progress
+    thread), and the model has no term for the pokes between compute phases."""
+    out = {name: layer[name] for name in COMM_PHASES if name in layer}
+    if numpy:
+        return out
+    front = layer["attention"] + layer["router"] + layer["permute"]
+    back = layer["unpermute"] + layer["residual"]
+    if "count_exchange" in out:
+        out["count_exchange"] = max(0.0, out["count_exchange"] - front - back)
+    if "dispatch" in out:
+        out["dispatch"] = out["dispatch"] / 2
+    if "attn_allreduce" in out:
+        out["attn_allreduce"] = max(0.0, out["attn_allreduce"] - layer["attention"])
+    if "combine" in out:
+        out["combine"] = max(0.0, out["combine"] - layer["experts"])
+    return out
 
 
 def scaled_bytes(costs: list, tokens: list[int], n_layers: int, tp: int,
@@ -547,7 +623,8 @@ def scaled_bytes(costs: list, tokens: list[int], n_layers: int, tp: int,
     return out
 
 
-def bytes_per_micro_batch(config: RunConfig, layout: Layout, lengths: np.ndarray) -> list:
+def bytes_per_micro_batch(config: RunConfig, layout: Layout, lengths: np.ndarray,
+                          backend: str = "cupy") -> list:
     """For every world rank, per micro-batch, the bytes the model moves per layer (balanced
     routing): ``[rank][m] -> {"dispatch" | "combine" | "attn_allreduce" | "stage_send":
     bytes}``. Summed over micro-batches they are :func:`costs.rank_cost`'s."""
@@ -555,25 +632,30 @@ def bytes_per_micro_batch(config: RunConfig, layout: Layout, lengths: np.ndarray
     for rank in range(layout.world_size):
         grid = Grid(layout, config.model, rank)
         stage = [grid.stage * layout.group + g for g in range(layout.group)]
-        costs = [rank_cost(config, Grid(layout, config.model, r), lengths) for r in stage]
-        micro = [_micro_lengths(config, layout, lengths, r) for r in stage]
-        out.append([scaled_bytes(costs, [int(mb[m].sum()) for mb in micro], len(grid.layers),
+        costs = [rank_cost(config, Grid(layout, config.model, r), lengths, backend)
+                 for r in stage]
+        micro = [_prefill_micro(config, layout, lengths, r, backend) for r in stage]
+        out.append([scaled_bytes(costs, [mb[m].n_tokens for mb in micro], len(grid.layers),
                                  layout.tp)[grid.group_rank] for m in range(len(micro[0]))])
     return out
 
 
 def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
-                backend: str, stage: int, micro: list[list[np.ndarray]], m: int,
-                costs: list, decode_context: float | None, imbalance: float) -> _StagePass:
-    """Stage ``stage`` running micro-batch ``m`` (``micro[g][m]``: the lengths of group
-    rank g's sequences in it). ``imbalance``: routed rows of a stage's busiest expert rank
-    over the mean (1: balanced routing); the bulk-synchronous stage runs at its pace."""
+                backend: str, stage: int, micro: list[list[MicroBatch]], m: int,
+                costs: list, decode_context: float | None, imbalance: float,
+                overlap: bool = False) -> _StagePass:
+    """Stage ``stage`` running micro-batch ``m`` (``micro[g][m]``: group rank g's chunks
+    or sequences in it). ``imbalance``: routed rows of a stage's busiest expert rank over
+    the mean (1: balanced routing); the bulk-synchronous stage runs at its pace.
+    ``overlap``: two micro-batches alternate, hiding communication (:func:`exposed_comm`)."""
     group = layout.group
     ranks = [stage * group + g for g in range(group)]
     grids = [Grid(layout, config.model, r) for r in ranks]
     n_layers = len(grids[0].layers)
-    new = [np.ones(len(micro[g][m]), dtype=np.int64) if decode_context is not None
-           else micro[g][m] for g in range(group)]
+    new = [np.ones(len(micro[g][m].seqs), dtype=np.int64) if decode_context is not None
+           else micro[g][m].lengths for g in range(group)]
+    starts = [None if decode_context is not None or not micro[g][m].starts.any()
+              else micro[g][m].starts for g in range(group)]
     tokens = [int(x.sum()) for x in new]
     stage_tokens = sum(tokens)
     k = config.model.top_k
@@ -586,7 +668,7 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
         context = None
         if decode_context is not None:
             context = np.full(len(new[g]), decode_context)
-        phases = layer_compute(config, shape, rates, new[g], routed_rows, context)
+        phases = layer_compute(config, shape, rates, new[g], routed_rows, context, starts[g])
         per_rank.append(phases)
     # Communication: the same time for every rank of the stage (collectives).
     comm: dict[str, float] = {}
@@ -606,21 +688,26 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
         comm[name] += op * OPS.get(name, 2)
     layer = {name: max(p[name] for p in per_rank) for name in COMPUTE_PHASES}
     layer.update(comm)
+    exposed = exposed_comm(layer, backend == "numpy") if overlap else dict(comm)
     for phases in per_rank:
-        phases.update(comm)
+        phases.update(exposed)
         for name in list(phases):
             phases[name] *= n_layers
-    seconds = sum(layer.values()) * n_layers
+    compute = sum(layer[name] for name in COMPUTE_PHASES)
+    seconds = (compute + sum(exposed.values())) * n_layers
+    alone = (compute + sum(comm.values())) * n_layers
     shape0 = rank_shape(config, grids[0], backend)
     if grids[0].is_first_stage:
         embed = max(embed_time(shape0, rates, t) for t in tokens)
         seconds += embed
+        alone += embed
         for phases in per_rank:
             phases["embed"] = embed
     if grids[0].is_last_stage:
         head = max(lm_head_time(shape0, rates, len(new[g])) if grids[g].writes_outputs
                    else 0.0 for g in range(group))
         seconds += head
+        alone += head
         for phases in per_rank:
             phases["lm_head"] = head
         hop = 0.0
@@ -630,22 +717,27 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
         hop += op * OPS["stage_send"]
         for phases, s in zip(per_rank, sent):
             phases["stage_send"] = op * OPS["stage_send"]
-    return _StagePass(seconds, per_rank, hop, layer)
+    return _StagePass(seconds, per_rank, hop, layer, exposed, 2 * seconds if overlap else None,
+                      alone)
 
 
 def _pipeline(passes: list[list[_StagePass]]) -> tuple[float, list[list[float]]]:
     """Makespan of stages x micro-batches in order, and each (stage, micro-batch)'s wait
-    for its input (what the engine reports as stage_recv)."""
+    for its input (what the engine reports as stage_recv). Stage s starts micro-batch m
+    once m has arrived from s-1 and the stage is free of m-1 (``seconds`` after starting
+    it); m is handed on ``through`` after its start (_StagePass.through: longer than
+    ``seconds`` when two micro-batches overlap)."""
     stages, micro = len(passes), len(passes[0])
     finish = [[0.0] * micro for _ in range(stages)]
     wait = [[0.0] * micro for _ in range(stages)]
     for s in range(stages):
+        free = 0.0
         for m in range(micro):
-            ready = finish[s][m - 1] if m else 0.0
             arrive = finish[s - 1][m] + passes[s - 1][m].hop if s else 0.0
-            start = max(ready, arrive)
-            wait[s][m] = max(0.0, arrive - ready) if s else 0.0
-            finish[s][m] = start + passes[s][m].seconds
+            start = max(free, arrive)
+            wait[s][m] = max(0.0, arrive - free) if s else 0.0
+            free = start + passes[s][m].seconds
+            finish[s][m] = start + passes[s][m].through(m == micro - 1)
     return max(finish[s][-1] for s in range(stages)), wait
 
 
@@ -653,17 +745,34 @@ def _run(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates, back
          lengths: np.ndarray, decode_context: float | None, imbalance: float) -> dict:
     """Simulate one prefill (``decode_context`` None) or one decode step."""
     group = layout.group
-    micro = {r: _micro_lengths(config, layout, lengths, r) for r in range(layout.world_size)}
+    if decode_context is None:
+        micro = {r: _prefill_micro(config, layout, lengths, r, backend)
+                 for r in range(layout.world_size)}
+    else:
+        micro = {r: _decode_micro(config, layout, lengths, r) for r in range(layout.world_size)}
     costs = {r: rank_cost(config, Grid(layout, config.model, r), lengths, backend)
              for r in range(layout.world_size)}
+    overlap = overlap_applies(config, layout, len(micro[0]), backend)
+    gpn = cluster.gpus_per_node
+    known: dict = {}      # stage passes that differ only in which stage runs them
     passes = []
     for s in range(layout.pp):
         ranks = range(s * group, (s + 1) * group)
         stage_micro = [micro[r] for r in ranks]
         stage_costs = [costs[r] for r in ranks]
-        passes.append([_stage_pass(config, layout, cluster, rates, backend, s, stage_micro, m,
-                                   stage_costs, decode_context, imbalance)
-                       for m in range(len(stage_micro[0]))])
+        where = (s == 0, s == layout.pp - 1, len(Grid(layout, config.model, ranks[0]).layers),
+                 tuple(r // gpn - ranks[0] // gpn for r in ranks),
+                 tuple(r // gpn == (r + group) // gpn for r in ranks))
+        row = []
+        for m in range(len(stage_micro[0])):
+            key = (where, tuple((mb[m].lengths.tobytes(), mb[m].starts.tobytes())
+                                for mb in stage_micro))
+            if key not in known:
+                known[key] = _stage_pass(config, layout, cluster, rates, backend, s,
+                                         stage_micro, m, stage_costs, decode_context,
+                                         imbalance, overlap)
+            row.append(known[key])
+        passes.append(row)
     makespan, wait = _pipeline(passes)
     totals: list[dict[str, float]] = []
     for s, row in enumerate(passes):
@@ -680,8 +789,9 @@ def _run(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates, back
     busiest = int(np.argmax(busy))
     biggest = max(passes[busiest], key=lambda p: p.seconds)
     return {"makespan": makespan, "stage_busy": busy, "rank_phases": totals,
-            "layer": biggest.layer, "hop": max(p.hop for row in passes for p in row),
-            "micro_batches": len(passes[0])}
+            "layer": biggest.layer, "exposed": biggest.exposed,
+            "hop": max(p.hop for row in passes for p in row),
+            "micro_batches": len(passes[0]), "overlap": overlap}
 
 
 def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
@@ -722,6 +832,9 @@ def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
     busiest = max(prefill["stage_busy"])
     comm_layer = sum(v for n, v in prefill["layer"].items() if n in COMM_PHASES)
     layer_total = sum(prefill["layer"].values())
+    exposed_layer = sum(prefill["exposed"].values())
+    after_total = layer_total - comm_layer + exposed_layer
+    schedule = prefill_schedule(Grid(layout, model, 0), work, lengths, backend)
     tokens_per_s = tokens / wall if wall else 0.0
     decode_ms = step["makespan"] * 1e3
     sent = {key: max(c.send_bytes_per_layer.get(key, 0.0) for c in costs)
@@ -738,13 +851,19 @@ def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
         "seq_len": work.seq_len,
         "tokens": tokens,
         "micro_batches": prefill["micro_batches"],
+        "chunk_tokens": schedule.chunk.tokens,
+        "chunk_reason": schedule.chunk.reason,
+        "overlap": prefill["overlap"],
         "wall_s": wall,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_gpu": tokens_per_s / world,
         "bubble_fraction": 1.0 - busiest / wall if wall else 0.0,
+        "bubble_fraction_ideal": (layout.pp - 1) / (prefill["micro_batches"] + layout.pp - 1),
         "comm_fraction_of_layer": comm_layer / layer_total if layer_total else 0.0,
+        "comm_fraction_after_overlap": exposed_layer / after_total if after_total else 0.0,
         "layer_ms": {p: prefill["layer"][p] * 1e3 for p in LAYER_ORDER
                      if p in prefill["layer"]},
+        "layer_exposed_ms": {p: v * 1e3 for p, v in prefill["exposed"].items()},
         "stage_busy_ms": [b * 1e3 for b in prefill["stage_busy"]],
         "stage_hop_ms": prefill["hop"] * 1e3,
         "phases_ms": phases_ms,
@@ -775,40 +894,16 @@ PAPER_DEPLOYMENTS = (("EP, one expert per GPU", "ep=16,pp=16", 256, "ep"),
                      ("TPxPP baseline", "tp=8,pp=2", 16, "baseline"))
 
 
-def fitting_micro_batches(config: RunConfig, layout: Layout, device_bytes: float,
-                          backend: str = "cupy") -> int:
-    """The config's micro-batch count (0: one per stage) if the layout fits the device with
-    it, else the smallest doubling of it that does (what a user would pass as
-    --micro-batches); the config's own when none fits."""
-    work = config.workload
-    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
-    first = work.micro_batches or layout.pp
-    most = max(len(Grid(layout, config.model, r).sequences(work.batch_size))
-               for r in range(layout.world_size))
-    count = first
-    while True:
-        trial = replace(config, workload=replace(work, micro_batches=count))
-        worst = max(rank_cost(trial, Grid(layout, config.model, r), lengths, backend)
-                    .memory_bytes for r in range(layout.world_size))
-        if worst <= device_bytes:
-            return count
-        if count >= most:
-            return work.micro_batches
-        count = min(most, count * 2)
-
-
 def predict_paper(config: RunConfig, cluster: Cluster, rates: Rates,
                   backend: str = "cupy", device_bytes: float = 80 * GIB,
                   imbalance: float = 1.0) -> list[dict]:
     """The three deployments of the paper for ``config``'s model and batch, each with the
-    paper's claim beside it. A deployment that does not fit the device at one micro-batch
-    per stage gets the fewest micro-batches that fit (the baseline needs 4 at paper size)."""
+    paper's claim beside it, with the config's schedule (by default: chunks of the default
+    size, which bound every deployment's activations by the chunk, not the batch)."""
     rows = []
     for label, text, world, kind in PAPER_DEPLOYMENTS:
         layout = Layout.parse(text, world).validate(config.model, world)
-        micro = fitting_micro_batches(config, layout, device_bytes, backend)
-        run = replace(config, workload=replace(config.workload, micro_batches=micro))
-        row = predict(run, layout, cluster, rates, backend, device_bytes, imbalance)
+        row = predict(config, layout, cluster, rates, backend, device_bytes, imbalance)
         row["label"] = label
         row["paper"] = PAPER_CLAIMS[kind]
         rows.append(row)
@@ -870,14 +965,23 @@ def format_prediction(p: dict) -> str:
         + _rate_sources(p["rates"]["source"]),
         f"  routing: {routing}; memory: max {p['memory_gib_max']:.1f} GiB per rank"
         + ("" if p["fits"] else "  (DOES NOT FIT the device: spmd-moe plan says why)"),
-        "  one layer, largest micro-batch, busiest stage (ms; max over the stage's ranks):",
+        "  prefill micro-batches: " + (f"chunks of <= {p['chunk_tokens']} tokens per rank "
+                                       f"({p['chunk_reason']})" if p["chunk_tokens"]
+                                       else p["chunk_reason"])
+        + f"; ideal bubble {p['bubble_fraction_ideal'] * 100:.1f}%; overlap "
+        + ("on (two micro-batches in flight)" if p["overlap"] else "off"),
+        "  one layer, largest micro-batch, busiest stage (ms; max over the stage's ranks; "
+        "comm exposed after overlap):",
     ]
     for name, ms in p["layer_ms"].items():
-        kind = "comm" if name in COMM_PHASES else "compute"
+        kind = "compute"
+        if name in COMM_PHASES:
+            kind = f"comm, {p['layer_exposed_ms'].get(name, ms):.3f} exposed"
         lines.append(f"    {name:<16}{ms:>12.3f}  {kind}")
     lines += [
         f"    {'total':<16}{sum(p['layer_ms'].values()):>12.3f}  "
-        f"(communication {p['comm_fraction_of_layer'] * 100:.0f}%)",
+        f"(communication {p['comm_fraction_of_layer'] * 100:.0f}%, "
+        f"{p['comm_fraction_after_overlap'] * 100:.0f}% after overlap)",
         f"  stages: busy {', '.join(f'{b:.1f}' for b in p['stage_busy_ms'][:4])}"
         + (" ..." if len(p["stage_busy_ms"]) > 4 else "")
         + f" ms; stage-to-stage hop {p['stage_hop_ms']:.2f} ms; bubble "
@@ -918,17 +1022,20 @@ def format_paper(rows: list[dict]) -> str:
         "  rates " + ", ".join(f"{k} {first['rates'][k]:g}" for k in RATE_KEYS)
         + _rate_sources(first["rates"]["source"]),
         "",
-        f"  {'deployment':<34}{'GPUs':>5}{'M':>4}{'tokens/s':>12}{'paper':>10}{'/GPU':>9}"
-        f"{'1/thr us':>10}{'paper':>7}{'decode ms':>11}{'bubble':>8}{'comm':>6}{'fits':>6}",
+        f"  {'deployment':<34}{'GPUs':>5}{'chunk':>7}{'M':>5}{'tokens/s':>12}{'paper':>10}"
+        f"{'/GPU':>9}{'1/thr us':>10}{'paper':>7}{'decode ms':>11}{'bubble':>8}"
+        f"{'comm':>6}{'after':>7}{'fits':>6}",
     ]
     for r in rows:
         lines.append(
-            f"  {r['label'] + ' ' + r['layout']:<34}{r['world_size']:>5}{r['micro_batches']:>4}"
+            f"  {r['label'] + ' ' + r['layout']:<34}{r['world_size']:>5}"
+            f"{r['chunk_tokens'] or '-':>7}{r['micro_batches']:>5}"
             f"{_fmt_rate(r['tokens_per_s']):>12}{_fmt_rate(r['paper']['tokens_per_s']):>10}"
             f"{_fmt_rate(r['tokens_per_s_per_gpu']):>9}"
             f"{r['ms_per_token']['reciprocal_throughput_us']:>10.3f}"
             f"{r['paper']['ms_per_token']:>7.1f}{r['decode']['step_ms']:>11.2f}"
             f"{r['bubble_fraction'] * 100:>7.0f}%{r['comm_fraction_of_layer'] * 100:>5.0f}%"
+            f"{r['comm_fraction_after_overlap'] * 100:>6.0f}%"
             f"{'yes' if r['fits'] else 'NO':>6}")
     ep256, ep16, base = rows
     claim = PAPER_CLAIMS["ep"]["tokens_per_s"] / PAPER_CLAIMS["baseline"]["tokens_per_s"]
@@ -938,6 +1045,8 @@ def format_paper(rows: list[dict]) -> str:
         f"{ep256['tokens_per_s'] / base['tokens_per_s']:.2f}x, paper {claim:.2f}x; "
         "EP(16)/baseline(16), same GPUs: "
         f"{ep16['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+        "  chunk: prefill chunk tokens per rank; M: micro-batches per rank; comm: share of a",
+        "  layer; after: exposed share once two micro-batches overlap their exchanges.",
         "  'paper' ms/token: 2.2 and 8.3 are 1e6/450,000 and 1e6/120,000, i.e. the reciprocal",
         "  throughput in microseconds (the '1/thr us' column), not a per-step latency; the",
         "  decode column is this project's ms/token (one decode step of the whole batch).",
@@ -1034,9 +1143,12 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     grid = Grid(layout, model, comm.Get_rank())
     bk = Backend(BackendChoice("numpy", "calibration"), model.dtype)
     rng = np.random.default_rng(comm.Get_rank())
-    micro = grid.micro_batches(work.batch_size, work.micro_batches)
-    seqs = max(1, max(len(r) for r in micro))
-    t = seqs * work.seq_len
+    # The engine's largest micro-batch (chunks.py): its chunks' attention reads keys up to
+    # start + length each, as the KV cache holds them.
+    lengths = np.full(work.batch_size, work.seq_len, dtype=np.int64)
+    schedule = prefill_schedule(grid, work, lengths, "numpy")
+    largest = max(schedule.micro_batches, key=lambda mb: mb.n_tokens)
+    t = max(1, largest.n_tokens)
     d, heads, dh = model.d_model, len(grid.heads), model.head_dim
     width, ff = heads * dh, len(grid.ff_columns)
     stage_tokens = t * (layout.ep if layout.tp == 1 else 1)
@@ -1056,12 +1168,16 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     a = bk.store(rng.standard_normal((t, d), dtype=np.float32))
     w = bk.param(rng.standard_normal((d, width), dtype=np.float32))
     gemm = 2.0 * t * d * width / timed(lambda: bk.matmul(a, w))
-    q = bk.store(rng.standard_normal((t, heads, dh), dtype=np.float32))
-    starts = np.arange(seqs, dtype=np.int64) * work.seq_len
-    lens = np.full(seqs, work.seq_len, dtype=np.int64)
-    core = 2.0 * width * float((lens * (lens + 1)).sum())     # costs.attention_core_flops
-    attention = core / timed(lambda: causal_attention(bk, q, starts, lens, q, q, starts, lens,
-                                                      dh ** -0.5))
+    lens = largest.lengths if len(largest.lengths) else np.ones(1, dtype=np.int64)
+    first = largest.starts if len(largest.starts) else np.zeros(1, dtype=np.int64)
+    q = bk.store(rng.standard_normal((int(lens.sum()), heads, dh), dtype=np.float32))
+    q_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    k_lens = first + lens
+    kv = bk.store(rng.standard_normal((int(k_lens.sum()), heads, dh), dtype=np.float32))
+    k_starts = np.concatenate([[0], np.cumsum(k_lens)[:-1]])
+    core = attention_core_flops(lens, width, first)
+    attention = core / timed(lambda: causal_attention(bk, q, q_starts, lens, kv, kv, k_starts,
+                                                      k_lens, dh ** -0.5))
     x = bk.store(rng.standard_normal((rows, d), dtype=np.float32))
     w1 = bk.param(rng.standard_normal((d, ff), dtype=np.float32))
     w2 = bk.param(rng.standard_normal((ff, d), dtype=np.float32))
@@ -1082,8 +1198,9 @@ def measure_cpu_rates(config: RunConfig, layout: Layout, comm, repeats: int = 5)
     return {"rates": dict(zip(keys, (float(v) for v in mean))),
             "measured": {"backend": "numpy", "dtype": model.dtype, "ranks": comm.Get_size(),
                          "layout": str(layout), "gemm_shape": [t, d, width],
-                         "attention": {"sequences": seqs, "seq_len": work.seq_len,
-                                       "heads": heads, "head_dim": dh},
+                         "attention": {"chunks": len(lens), "tokens": t,
+                                       "keys": int(k_lens.sum()), "heads": heads,
+                                       "head_dim": dh},
                          "expert_shape": [rows, d, ff]}}
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from .config import Layout, RunConfig
 from .costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
 from .errors import LayoutError
+from .overlap import overlap_enabled
 from .topology import Grid
 
 
@@ -32,7 +33,7 @@ def plan_rows(costs: list[RankCost], limit: int = 64) -> list[RankCost]:
 
 
 def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
-                device_bytes: float, hbm_gbps: float = 3350.0) -> str:
+                device_bytes: float, hbm_gbps: float = 3350.0, backend: str = "cupy") -> str:
     """The plan's text. ``hbm_gbps``: device memory bandwidth for the decode floor (default
     the H100 SXM datasheet's 3.35 TB/s; pass a measured copy bandwidth when known)."""
     model, work = config.model, config.workload
@@ -72,8 +73,8 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     worst = max(costs, key=lambda c: c.memory_bytes)
     per_layer = worst.send_bytes_per_layer
     flops = costs[0].flops
+    lines += ["", *schedule_lines(config, layout, worst, backend)]
     lines += [
-        "",
         f"memory: max {worst.memory_bytes / GIB:.2f} GiB per rank (rank {worst.rank}) of "
         f"{device_bytes / GIB:.0f} GiB",
         "bytes sent per rank per layer: " + ", ".join(
@@ -94,6 +95,24 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     return "\n".join(lines)
 
 
+def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost,
+                   backend: str = "cupy") -> list[str]:
+    """The prefill schedule ``cost``'s rank runs: chunk size and why, micro-batches, the
+    ideal bubble, whether two are in flight, and what bounds its memory."""
+    schedule = cost.schedule
+    count, chunk = schedule.count, schedule.chunk
+    what = (f"chunks of <= {chunk.tokens} tokens per rank ({chunk.reason})"
+            if chunk.tokens else f"{chunk.reason}")
+    overlap = ("two in flight (overlap)" if overlap_enabled(
+        config.workload.overlap, count, layout.pp, layout.group, backend) else "one at a time")
+    bubble = (layout.pp - 1) / (count + layout.pp - 1)
+    return [f"prefill: {what}",
+            f"  {count} micro-batch(es) per rank, {overlap}; ideal bubble {bubble:.1%} over "
+            f"{layout.pp} stage(s); activations are per micro-batch, the KV cache per batch"
+            + (" (kept: chunks of a sequence span micro-batches)"
+               if schedule.splits_sequences else "")]
+
+
 def check_fit(costs: list[RankCost], device_bytes: float) -> None:
     worst = max(costs, key=lambda c: c.memory_bytes)
     if worst.memory_bytes > device_bytes:
@@ -101,7 +120,7 @@ def check_fit(costs: list[RankCost], device_bytes: float) -> None:
             f"rank {worst.rank} needs {worst.memory_bytes / GIB:.1f} GiB (weights "
             f"{worst.weight_bytes / GIB:.1f}, activations {worst.activation_bytes / GIB:.1f}, "
             f"KV {worst.kv_bytes / GIB:.1f}) but a device has {device_bytes / GIB:.0f} GiB: "
-            "use more ranks, more stages or more micro-batches"))
+            "use more ranks or more stages, or a smaller --chunk-tokens"))
 
 
 def make_plan(config: RunConfig, world_size: int, layout_text: str | None,
@@ -119,7 +138,7 @@ def make_plan(config: RunConfig, world_size: int, layout_text: str | None,
 def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
                device_bytes: float, backend: str = "cupy", hbm_gbps: float = 3350.0) -> int:
     layout, costs = make_plan(config, world_size, layout_text, backend)
-    print(format_plan(config, layout, costs, device_bytes, hbm_gbps), flush=True)
+    print(format_plan(config, layout, costs, device_bytes, hbm_gbps, backend), flush=True)
     try:
         check_fit(costs, device_bytes)
     except LayoutError as exc:

@@ -16,16 +16,21 @@ from . import __version__
 from .config import to_dict
 from .costs import layer_flops
 from .data import Batch
-from .engine import PHASES
+from .engine import IDLE_PHASES, PHASES
 from .runner import RunResult, Session, Timing
 
 
 def _mean_timing(timings: list[Timing]) -> dict:
-    """One rank's per-iteration means: phases (s), bytes, counters, wall (s)."""
+    """One rank's per-iteration means: phases (s), bytes, counters, exchanges (s), wall (s),
+    and its idle time (s): the wall time it spent neither computing nor exchanging within
+    its stage (waiting for the previous stage, for its sends to drain, for the last stage
+    at the closing barrier) - its share of the pipeline bubble."""
     n = max(1, len(timings))
     phases: dict[str, float] = {}
     sent: dict[str, float] = {}
     counters: dict[str, float] = {}
+    exchanges: dict[str, float] = {}
+    idle = 0.0
     for t in timings:
         for key, value in t.phases.items():
             phases[key] = phases.get(key, 0.0) + value / n
@@ -33,8 +38,12 @@ def _mean_timing(timings: list[Timing]) -> dict:
             sent[key] = sent.get(key, 0.0) + value / n
         for key, value in t.counters.items():
             counters[key] = counters.get(key, 0.0) + value / n
-    return {"phases": phases, "bytes": sent, "counters": counters,
-            "wall": [t.wall for t in timings]}
+        for key, value in t.exchanges.items():
+            exchanges[key] = exchanges.get(key, 0.0) + value / n
+        busy = sum(v for k, v in t.phases.items() if k not in IDLE_PHASES)
+        idle += max(0.0, t.wall - busy) / n
+    return {"phases": phases, "bytes": sent, "counters": counters, "exchanges": exchanges,
+            "idle": idle, "wall": [t.wall for t in timings]}
 
 
 def rank_flops(session: Session, batch: Batch, expert_rows: float) -> float:
@@ -72,6 +81,8 @@ def _weights_block(session: Session, summaries: list[dict]) -> dict:
             "family": session.config.model.family,
             "bytes_read_per_rank": read, "load_s_per_rank": seconds,
             "bytes_read": _over_ranks(read), "load_s": _over_ranks(seconds)}
+
+
 SLOW_FACTOR = 3.0   # an iteration this many times the median of the others is flagged
 
 
@@ -106,6 +117,40 @@ def _memory(summaries: list[dict]) -> dict:
     return out
 
 
+def _stage_idle(summaries: list[dict], stages: int) -> list[dict]:
+    """Per stage: its ranks' measured idle time per forward (ms; mean and max over the
+    stage's ranks) and as a fraction of the wall time: the measured bubble."""
+    out = []
+    for stage in range(stages):
+        mine = [s for s in summaries if s["stage"] == stage]
+        idle = [s["idle"] * 1e3 for s in mine]
+        # Each rank's idle share of its own wall time (ranks leave a barrier at slightly
+        # different times), averaged over the stage.
+        share = [s["idle"] / np.mean(s["wall"]) if np.mean(s["wall"]) else 0.0 for s in mine]
+        out.append({"stage": stage, "idle_ms": {"mean": float(np.mean(idle)),
+                                                "max": float(np.max(idle))},
+                    "idle_fraction": float(np.mean(share))})
+    return out
+
+
+def _overlap_summary(summaries: list[dict], on: bool, asked: str, micro: int,
+                     group: int, stages: int) -> dict:
+    """Whether two micro-batches were in flight (and why not), and the exchanges' time in
+    flight, exposed and hidden per forward (ms; mean and max over ranks): overlap.py
+    defines them."""
+    why = ("two micro-batches in flight" if on else "off: --no-overlap" if asked == "off" else
+           "off: one micro-batch" if micro < 2 else "off: one rank per stage" if group < 2
+           else f"off: {micro} micro-batches over {stages} stages do not pay for the "
+                f"doubled fill (overlap.overlap_pays)")
+    out: dict = {"enabled": on, "reason": why}
+    for key in ("in_flight", "exposed", "hidden"):
+        out[f"{key}_ms"] = _over_ranks([s["exchanges"].get(f"{key}_s", 0.0) * 1e3
+                                        for s in summaries])
+    flying = out["in_flight_ms"]["mean"]
+    out["hidden_fraction"] = out["hidden_ms"]["mean"] / flying if flying else 0.0
+    return out
+
+
 def build_report(session: Session, batch: Batch, result: RunResult) -> dict | None:
     """Collective over the world; the report on rank 0, ``None`` elsewhere."""
     with session.watchdog.waiting("report"):
@@ -121,7 +166,8 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
     mine["peak"] = session.peak_flops
     mine["load"] = (session.load.bytes_read, session.load.seconds)
     mine["memory"] = result.memory
-    mine["stage"] = session.topo.stage
+    mine["stage"] = topo.stage
+    mine["micro_batches"] = result.schedule.count if result.schedule else 0
     if decode:
         steps = _mean_timing(result.step_timings)
         mine["step_phases"] = steps["phases"]
@@ -137,8 +183,12 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
     wall = float(walls.mean())
     tokens = batch.n_tokens
     layout = topo.layout
-    # Micro-batches the engine ran (stage passes per prefill), not those the config asked.
+    # Micro-batches the engine ran (stage passes per prefill), not those the config asked;
+    # whether two went in flight is what the engine decided from its schedule's count.
     micro = int(round(max(s["counters"].get("stage_passes", 0.0) for s in summaries)))
+    schedule = result.schedule
+    scheduled = max(s["micro_batches"] for s in summaries)
+    overlap = session.engine.overlaps(scheduled)
     flops = [s["flops"] for s in summaries]
     peak = float(np.mean([s["peak"] for s in summaries]))
     bytes_total = [sum(s["bytes"].values()) for s in summaries]
@@ -182,13 +232,19 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
         "peak_source": session.peak_source,
         "mfu": float(np.sum(flops)) / (wall * peak * len(flops)) if wall and peak else 0.0,
         "pipeline": {"stages": layout.pp, "micro_batches": micro,
+                     "chunk_tokens": schedule.chunk.tokens if schedule else None,
+                     "chunk_reason": schedule.chunk.reason if schedule else "",
                      "bubble_fraction_ideal": (layout.pp - 1) / max(1, micro + layout.pp - 1),
                      "stage_recv_ms": _over_ranks([s["phases"].get("stage_recv", 0.0) * 1e3
                                                    for s in summaries]),
-                     # Idle per stage: mean time its ranks waited on the previous stage.
+                     # Per stage: mean time its ranks waited on the previous stage, and
+                     # their idle time (neither computing nor exchanging within the stage).
                      "stage_recv_ms_by_stage": [float(np.mean(
                          [s["phases"].get("stage_recv", 0.0) * 1e3 for s in summaries
-                          if s["stage"] == stage])) for stage in range(layout.pp)]},
+                          if s["stage"] == stage])) for stage in range(layout.pp)],
+                     "stage_idle": _stage_idle(summaries, layout.pp)},
+        "overlap": _overlap_summary(summaries, overlap, config.workload.overlap, scheduled,
+                                    layout.group, layout.pp),
         "slow_iterations": slow_iterations([w * 1e3 for w in walls.tolist()]),
         "memory_per_rank": _memory(summaries),
         "watchdog": session.watchdog.status,
@@ -244,11 +300,22 @@ def format_report(report: dict) -> str:
                  f"{memory['rss_end_mb']['max']:.0f} after the last (growth "
                  f"{memory['growth_mb']['max']:+.1f}), peak {memory['peak_rss_mb']['max']:.0f}")
     pipe = report["pipeline"]
-    if pipe["stages"] > 1:
-        idle = ", ".join(f"{ms:.1f}" for ms in pipe["stage_recv_ms_by_stage"])
-        lines.append(f"  pipeline: {pipe['stages']} stages x {pipe['micro_batches']} "
-                     f"micro-batches, ideal bubble {pipe['bubble_fraction_ideal'] * 100:.0f}%, "
-                     f"waiting on previous stage per stage [{idle}] ms")
+    chunk = (f"chunks of <= {pipe['chunk_tokens']} tokens ({pipe['chunk_reason']})"
+             if pipe["chunk_tokens"] else pipe["chunk_reason"])
+    lines.append(f"  prefill: {chunk}")
+    waiting = ("; waiting on previous stage per stage [" + ", ".join(
+        f"{ms:.1f}" for ms in pipe["stage_recv_ms_by_stage"]) + "] ms"
+        if pipe["stages"] > 1 else "")
+    lines.append(f"  pipeline: {pipe['stages']} stage(s) x {pipe['micro_batches']} "
+                 f"micro-batch(es), ideal bubble {pipe['bubble_fraction_ideal'] * 100:.1f}%; "
+                 "measured idle per stage: " + ", ".join(
+                     f"{st['idle_ms']['mean']:.1f} ms ({st['idle_fraction'] * 100:.0f}%)"
+                     for st in pipe["stage_idle"]) + waiting)
+    ov = report["overlap"]
+    lines.append(f"  overlap: {ov['reason']}; exchanges in flight "
+                 f"{ov['in_flight_ms']['mean']:.1f} ms, exposed {ov['exposed_ms']['mean']:.1f} "
+                 f"ms, hidden {ov['hidden_ms']['mean']:.1f} ms "
+                 f"({ov['hidden_fraction'] * 100:.0f}%) per rank")
     for label, flagged in (("iteration", report["slow_iterations"]),
                            ("decode step", report.get("decode", {}).get("slow_steps", []))):
         for slow in flagged:

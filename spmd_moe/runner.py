@@ -20,8 +20,10 @@ from .checkpoint import LoadStats, describe, load_weights, open_checkpoint
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
+from .chunks import Schedule
 from .engine import Engine, injected_fault
 from .errors import LayoutError, collective
+from .overlap import Flight
 from .topology import Grid, Topology
 from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
                         mpi_library, nccl_available)
@@ -218,13 +220,15 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
 
 @dataclass
 class Timing:
-    """One timed iteration on one rank."""
+    """One timed iteration on one rank. ``exchanges``: overlap.Flight.summary() (seconds
+    the non-blocking exchanges were in flight, exposed and hidden)."""
 
     wall: float
     phases: dict[str, float]
     bytes_sent: dict[str, int]
     counters: dict[str, int]
     rss: int = 0                      # resident bytes after the iteration
+    exchanges: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,6 +241,7 @@ class RunResult:
     prefill_timing: Timing | None = None                       # decode: the prefill
     expert_counts: np.ndarray | None = None                    # this rank's share [L, E]
     memory: dict[str, int] = field(default_factory=dict)       # RSS bytes (see _memory)
+    schedule: Schedule | None = None                           # this rank's prefill
 
 
 def resident_bytes() -> int:
@@ -258,9 +263,11 @@ def peak_resident_bytes() -> int:
 def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
     """RSS before the first timed iteration (or step), after it, after the last, and the
     peak: a run that leaks grows from the second figure to the third."""
+    # The kernel's high-water mark is updated from per-thread counters that lag /proc's
+    # figure by up to 64 pages: the peak is at least every sample taken.
     return {"rss_before": before, "rss_first": timings[0].rss if timings else before,
             "rss_end": timings[-1].rss if timings else before,
-            "peak_rss": peak_resident_bytes()}
+            "peak_rss": max(peak_resident_bytes(), before, *(t.rss for t in timings))}
 
 
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
@@ -272,7 +279,7 @@ def _progress(session: Session, label: str, index: int, total: int, seconds: flo
 
 # Engine phases in which a rank waits for other ranks (the rest is computing).
 WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "dispatch",
-                         "combine", "stage_send", "token_return"})
+                         "combine", "stage_send", "stage_drain", "token_return"})
 
 
 class WatchedTimer:
@@ -297,22 +304,25 @@ class WatchedTimer:
 
 
 def _timed(session: Session, fn):
-    """Run ``fn(timer)`` between barriers; returns (its result, Timing)."""
+    """Run ``fn(timer, flight)`` between barriers; returns (its result, Timing). ``timer``
+    tells the watchdog where the rank is, and so does ``flight`` (it times every start, test
+    and wait of an exchange under the exchange's phase, one of WAIT_PHASES)."""
     world, bk, watchdog = session.topo.world, session.backend, session.watchdog
-    timer = bk.timer()
+    timer = WatchedTimer(bk.timer(), watchdog)
+    flight = Flight(timer)
     watchdog.iteration += 1
     with watchdog.waiting("barrier before iteration"):
         world.Barrier()
     start = time.perf_counter()
     with watchdog.phase("forward"):
-        result = fn(WatchedTimer(timer, watchdog))
+        result = fn(timer, flight)
     with watchdog.phase("device sync"):
         bk.synchronize()
     with watchdog.waiting("barrier after iteration"):
         world.Barrier()
     wall = time.perf_counter() - start
     return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
-                          resident_bytes())
+                          rss=resident_bytes(), exchanges=flight.summary())
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
@@ -322,14 +332,15 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
     rss_start = resident_bytes()
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
-        out, timing = _timed(session, lambda t: engine.prefill(batch, t, keep_hidden=collect
-                                                               and last))
+        out, timing = _timed(session, lambda t, f: engine.prefill(
+            batch, t, keep_hidden=collect and last, flight=f))
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
     memory = _memory(rss_start, timings)
     outputs = gather_prefill(session, batch, out) if collect else None
-    return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory)
+    return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory,
+                     schedule=out.schedule)
 
 
 def run_decode(session: Session, batch: Batch, new_tokens: int,
@@ -341,7 +352,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     engine, topo = session.engine, session.topo
     rss_start = resident_bytes()
     cache = engine.new_cache(batch, new_tokens)
-    micro = engine.micro_batches(batch.batch_size)
+    micro = engine.decode_micro_batches(batch.batch_size)
     returns: list = []
 
     def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
@@ -353,9 +364,14 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
             returns.extend(engine.return_tokens(inputs, timer))
         return inputs
 
-    def prefill(timer):
-        out = engine.prefill(batch, timer, cache, keep_hidden=collect)
-        chosen = [engine.sample(logits, timer) for logits in out.logits]
+    def prefill(timer, flight):
+        out = engine.prefill(batch, timer, cache, keep_hidden=collect, flight=flight)
+        chosen = []
+        if out.logits:
+            # The prefill's micro-batches (chunks) are not the decode's: regroup the rank's
+            # tokens, in sequence order, by decode micro-batch.
+            mine = np.concatenate([engine.sample(logits, timer) for logits in out.logits])
+            chosen = np.split(mine, np.cumsum([len(seqs) for seqs in micro])[:-1])
         return out, chosen, after_sampling(chosen, 0, timer)
 
     (out, chosen, inputs), prefill_timing = _timed(session, prefill)
@@ -363,8 +379,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     counts = np.zeros_like(out.expert_counts)
     steps = []
     for step in range(1, new_tokens):
-        def one_step(timer, inputs=inputs):
-            new = engine.decode_step(micro, inputs, cache, timer, counts)
+        def one_step(timer, flight, inputs=inputs):
+            new = engine.decode_step(micro, inputs, cache, timer, counts, flight)
             return new, after_sampling(new, step, timer) if topo.is_last_stage else inputs
 
         (new, inputs), timing = _timed(session, one_step)
@@ -383,7 +399,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
         if outputs is not None:
             outputs["tokens"] = tokens
     return RunResult(outputs, [prefill_timing], steps, prefill_timing, out.expert_counts,
-                     memory)
+                     memory, out.schedule)
 
 
 # --- gathering outputs on rank 0 -------------------------------------------------------

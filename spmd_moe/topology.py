@@ -118,7 +118,9 @@ class Topology(Grid):
 
     - ``world``: every rank.
     - ``stage_comm``: the ranks of this stage (rank in it = group rank); dispatch and
-      combine (EP) or the allreduces (TP) run on it.
+      combine (EP) or the allreduces (TP) run on it. ``stage_comms``: it and a duplicate,
+      one per micro-batch in flight (overlap.py: the two passes' collectives may interleave
+      differently on different ranks, so each keeps to its own communicator).
     - ``pipe_comm``: the ranks with this group rank across stages (rank in it = stage);
       hidden states go from stage s to s+1 on it.
     - ``node_comm``: ranks sharing this node's memory, for binding ranks to GPUs.
@@ -132,6 +134,7 @@ class Topology(Grid):
         self.world = world
         self.size = world.Get_size()
         self.stage_comm = world.Split(self.stage, self.rank)
+        self.stage_comms = (self.stage_comm, self.stage_comm.Dup())
         self.pipe_comm = world.Split(self.group_rank, self.rank)
         self.node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         assert self.stage_comm.Get_rank() == self.group_rank
@@ -150,5 +153,5 @@ class Topology(Grid):
         return self.node_comm.Get_size()
 
     def free(self) -> None:
-        for comm in (self.stage_comm, self.pipe_comm, self.node_comm):
+        for comm in (*self.stage_comms, self.pipe_comm, self.node_comm):
             comm.Free()

@@ -152,6 +152,45 @@ def displacements(counts: np.ndarray) -> np.ndarray:
     return out
 
 
+class PendingExchange:
+    """A started non-blocking exchange: a dispatch or combine (``ialltoallv``) or a TP
+    allreduce (``iallreduce_sum``).
+
+    ``Test()`` says whether it has completed (and, being an MPI call, lets MPI progress it:
+    without an asynchronous progress thread MPICH moves data only inside MPI calls);
+    ``Wait()`` blocks until it has and returns its result (the received rows, or the reduced
+    array). ``requests``: MPI requests; ``hold``: buffers MPI reads or writes, kept alive
+    until then; ``finish(result)``: what completes it on the caller's side once MPI is done
+    (a copy back to the device), run once, in ``Wait``. ``Wait`` is the only blocking call,
+    so a stall watchdog wraps it as it wraps any MPI wait.
+    """
+
+    def __init__(self, requests: list, result, hold: tuple = (), finish=None):
+        self.requests, self.result = requests, result
+        self.hold, self.finish = hold, finish
+        self.done = not requests
+
+    def Test(self) -> bool:
+        if not self.done:
+            from mpi4py import MPI
+
+            self.done = bool(MPI.Request.Testall(self.requests))
+        return self.done
+
+    def Wait(self):
+        if not self.done:
+            from mpi4py import MPI
+
+            MPI.Request.Waitall(self.requests)
+            self.done = True
+        result = self.result
+        if self.finish is not None:
+            result, self.finish = self.finish(result), None
+        # Hand the result over: a finished exchange kept for its accounting holds no rows.
+        self.result, self.hold = None, ()
+        return result
+
+
 class PendingSend:
     """A started send and the buffer it reads, which must outlive it."""
 
@@ -196,6 +235,13 @@ class HostMpiTransport:
         comm.Alltoall(send, recv)
         return recv
 
+    def ialltoall_counts(self, comm, send_host: np.ndarray) -> PendingExchange:
+        """Start :meth:`alltoall_counts` (``MPI_Ialltoall``, host memory on every
+        transport); ``Wait()`` returns the int64 [P, n] counts from each peer."""
+        send = np.ascontiguousarray(send_host, dtype=np.int64)
+        recv = np.empty_like(send)
+        return PendingExchange([comm.Ialltoall(send, recv)], recv, hold=(send,))
+
     def alltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
         """send: [R, d] rows grouped by destination peer, ``send_counts[p]`` rows each ->
         [sum(recv_counts), d] grouped by source peer."""
@@ -214,6 +260,28 @@ class HostMpiTransport:
         comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         return arr
 
+    def ialltoallv(self, comm, send, send_counts: np.ndarray,
+                   recv_counts: np.ndarray) -> PendingExchange:
+        """Start :meth:`alltoallv` (``MPI_Ialltoallv``); ``Wait()`` returns the received
+        rows [sum(recv_counts), d], grouped by source peer. Every rank of ``comm`` starts its
+        exchanges on it in the same order (MPI matches non-blocking collectives in order)."""
+        width = send.shape[1]
+        send = np.ascontiguousarray(send)
+        recv = np.empty((int(recv_counts.sum()), width), dtype=send.dtype)
+        rows = self.row_type(send.dtype.itemsize, width)
+        request = comm.Ialltoallv(
+            [self.words(send), (send_counts, displacements(send_counts)), rows],
+            [self.words(recv), (recv_counts, displacements(recv_counts)), rows])
+        return PendingExchange([request], recv, hold=(send,))
+
+    def iallreduce_sum(self, comm, arr) -> PendingExchange:
+        """Start the in-place float32 sum of :meth:`allreduce_sum` (``MPI_Iallreduce``);
+        ``Wait()`` returns ``arr``, summed. Overlap on and off both use it, so their sums
+        are the same bits."""
+        from mpi4py import MPI
+
+        return PendingExchange([comm.Iallreduce(MPI.IN_PLACE, arr, op=MPI.SUM)], arr)
+
     def isend(self, comm, arr, dest: int, tag: int):
         """Start sending rows [n, d]; returns a request whose ``Wait()`` ends it."""
         arr = np.ascontiguousarray(arr)
@@ -223,6 +291,13 @@ class HostMpiTransport:
         arr = np.empty(shape, dtype=dtype)
         comm.Recv(self.words(arr), source=source, tag=tag)
         return arr
+
+    def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int,
+              tag: int) -> PendingExchange:
+        """Start :meth:`recv`; ``Wait()`` returns the array. Receives from one source and
+        tag match in the order they are started."""
+        arr = np.empty(shape, dtype=dtype)
+        return PendingExchange([comm.Irecv(self.words(arr), source=source, tag=tag)], arr)
 
     def free(self) -> None:
         for row_type in self._row_types.values():

@@ -312,3 +312,26 @@ def test_bench_model_flag_takes_the_sizes_and_refuses_changing_them():
                              timeout=120)
     assert refused.returncode == 2
     assert "--d-model: fixed by --model's config.json" in refused.stderr
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 9])
+def test_chunked_layer_step_computes_the_same_layer(chunk):
+    """--chunk-tokens: the same work in micro-batches reading a KV cache gives the layer's
+    output of the whole-sequence step (float32: to rounding), and the same FLOPs."""
+    bk = numpy_backend("float32")
+    whole = bench.LayerStep(bk, BenchShape(**TINY, dtype="float32"))
+    chunked = bench.LayerStep(bk, BenchShape(**TINY, dtype="float32", chunk_tokens=chunk))
+    assert whole.micro_batches == 1 and chunked.micro_batches == -(-21 // chunk)
+    want = whole.run(bk.timer())
+    timer = bk.timer()
+    got = chunked.run(timer)
+    assert got.shape == want.shape
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert all(timer.seconds[p] > 0 for p in LAYER_PHASES)
+    result = run_layer_step(bk, BenchShape(**TINY, chunk_tokens=chunk), iters=1, warmup=0,
+                            peer="none")
+    assert result["micro_batches"] == chunked.micro_batches
+    assert result["flops"] == run_layer_step(bk, BenchShape(**TINY), iters=1, warmup=0,
+                                             peer="none")["flops"]
+    with pytest.raises(ConfigError, match="--chunk-tokens"):
+        BenchShape(**TINY, chunk_tokens=-2).validate()

@@ -100,6 +100,42 @@ def test_plan_paper_16_ranks():
     assert len(lines) == 2 and "964.04" in lines[0]   # 16 layers x 60.25 TFLOP
 
 
+def test_plan_paper_baseline_fits_with_the_default_chunks():
+    """Whole-sequence micro-batches (one per stage) need over 80 GiB per rank (123.7 GiB
+    before chunks existed); the default chunks bound activations by the chunk: the paper's
+    baseline plans with defaults."""
+    result = spmd_moe("plan", "--preset", "paper-baseline", "--world-size", "16", "--layout",
+                      "tp=8,pp=2")
+    assert result.returncode == 0, result.stderr
+    assert "fits: yes" in result.stdout
+    assert "chunks of <= 16384 tokens per rank (default" in result.stdout
+    assert "79 micro-batch(es) per rank, two in flight" in result.stdout
+    whole = spmd_moe("plan", "--preset", "paper-baseline", "--world-size", "16", "--layout",
+                     "tp=8,pp=2", "--micro-batches", "2")
+    assert whole.returncode == 2 and "rank 8 needs" in whole.stderr
+
+
+def test_run_prints_the_schedule_and_the_overlap(tmp_path):
+    report = tmp_path / "r.json"
+    result = spmd_moe("run", "--preset", "tiny", "--layout", "ep=2,pp=2", "--chunk-tokens",
+                      "5", "--report", str(report), ranks=4)
+    assert result.returncode == 0, result.stderr
+    assert "prefill: chunks of <= 5 tokens (chunk_tokens)" in result.stdout
+    assert "measured idle per stage" in result.stdout and "hidden" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["pipeline"]["micro_batches"] == 7          # ceil(3 sequences x 11 / 5)
+    assert data["config"]["workload"]["chunk_tokens"] == 5
+    # NumPy: two in flight pay only without a pipeline to fill (overlap.overlap_pays).
+    assert not data["overlap"]["enabled"] and "do not pay" in data["overlap"]["reason"]
+    one_stage = spmd_moe("run", "--preset", "tiny", "--layout", "ep=4", "--chunk-tokens", "5",
+                         ranks=4)
+    assert one_stage.returncode == 0 and "overlap: two micro-batches in flight" in \
+        one_stage.stdout
+    off = spmd_moe("run", "--preset", "tiny", "--layout", "ep=4", "--chunk-tokens", "5",
+                   "--no-overlap", ranks=4)
+    assert off.returncode == 0 and "overlap: off: --no-overlap" in off.stdout
+
+
 def test_plan_refuses_what_does_not_fit():
     result = spmd_moe("plan", "--preset", "paper", "--world-size", "2")
     assert result.returncode == 2
@@ -139,6 +175,13 @@ BAD_INPUTS = {
     "layout key repeated": (["--layout", "ep=2,ep=1"], "layout: 'ep=2,ep=1' gives ep twice"),
     "micro-batches beyond the batch": (["--micro-batches", "1000000000"],
                                        "micro_batches: 1000000000 is more than batch_size=5"),
+    "negative chunk": (["--chunk-tokens", "-3"], "chunk_tokens: -3 must be an integer >= 0"),
+    "huge chunk": (["--chunk-tokens", "99999999999"],
+                   "chunk_tokens: 99999999999 is too large (at most 2147483647)"),
+    "chunks and whole micro-batches": (["--chunk-tokens", "4", "--micro-batches", "2"],
+                                       "chunk_tokens: 4 chunk tokens and micro_batches=2"),
+    "overlap not a setting": (["--set", "overlap=maybe"], "overlap: 'maybe' is not one of"),
+    "overlap both ways": (["--overlap", "--no-overlap"], "arguments: argument --no-overlap"),
 }
 
 
@@ -242,7 +285,8 @@ def test_a_huge_synthetic_batch_is_refused_before_it_is_built():
 
 def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
     # ~1 MiB on disk, 1 GiB of int64 ids: the headers give the size, the memory check
-    # refuses the run; the ids are never read.
+    # refuses the run (the KV cache of 2M sequences' decode; a prefill's activations are
+    # bounded by its chunks); the ids are never read.
     import time
     import zipfile
 
@@ -256,7 +300,8 @@ def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
                 member.write(zeros)
     assert path.stat().st_size < 4 << 20
     start = time.monotonic()
-    result, peak = peak_rss("run", "--preset", "tiny", "--input", str(path), ranks=2)
+    result, peak = peak_rss("run", "--preset", "tiny", "--set", "max_seq_len=128", "--input",
+                            str(path), "--workload", "decode", "--new-tokens", "8", ranks=2)
     check_refused(result, "layout: rank 0 needs")
     assert peak < 600 << 20, f"a process reached {peak / 2**20:.0f} MiB"
     assert time.monotonic() - start < 60

@@ -207,7 +207,12 @@ def test_bad_inputs_one_line_on_rank_0_and_every_rank_exits_2(args, message):
 def test_format_comparison_of_a_result():
     report = {"workload": "prefill", "batch_size": 2, "seq_len": 3, "tokens": 6,
               "backend": {"name": "numpy"}, "transport": {"name": "mpi-host"},
-              "wall_s": 0.01, "tokens_per_s": 600.0, "pipeline": {"stages": 1},
+              "wall_s": 0.01, "tokens_per_s": 600.0,
+              "pipeline": {"stages": 1, "micro_batches": 2, "chunk_tokens": 3,
+                           "bubble_fraction_ideal": 0.0,
+                           "stage_idle": [{"stage": 0, "idle_fraction": 0.05}]},
+              "overlap": {"reason": "two micro-batches in flight",
+                          "hidden_ms": {"mean": 0.5, "max": 0.7}},
               "phases_ms": {"attention": {"mean": 1.0, "max": 2.0}}}
     from spmd_moe.compare import summarize
 
@@ -217,3 +222,4 @@ def test_format_comparison_of_a_result():
     text = format_comparison({"world_size": 2, "ep": report, "baseline": report,
                               "comparison": summary})
     assert "ratio EP/baseline (tokens/s): 1.00x" in text and "attention" in text
+    assert "chunks of <= 3 tokens, 1 stage(s) x 2 micro-batch(es)" in text

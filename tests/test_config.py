@@ -83,6 +83,10 @@ def test_set_overrides_win_and_take_aliases():
     (["micro_batches=-1"], "micro_batches"),
     (["colour=blue"], "colour"),
     (["d_model"], "--set"),
+    (["chunk_tokens=-1"], "chunk_tokens"),
+    (["chunk_tokens=2.5"], "chunk_tokens"),
+    (["chunk_tokens=4", "micro_batches=2"], "chunk_tokens"),
+    (["overlap=perhaps"], "overlap"),
 ])
 def test_bad_values_name_the_field(sets, field):
     with pytest.raises(ConfigError) as info:
@@ -113,6 +117,15 @@ def test_a_config_must_be_a_small_regular_file(tmp_path):
                         (tmp_path / "deep.json", "deep.json nests too deeply")):
         with pytest.raises(ConfigError, match=f"^--config: .*{match}"):
             build_run_config(config_file=str(path))
+
+
+def test_chunk_and_overlap_settings():
+    config = build_run_config("tiny", sets=["chunk_tokens=7", "overlap=false"])
+    assert config.workload.chunk_tokens == 7 and config.workload.overlap == "off"
+    assert build_run_config("tiny", sets=["overlap=1"]).workload.overlap == "on"
+    assert build_run_config("tiny", sets=["overlap=Auto"]).workload.overlap == "auto"
+    assert build_run_config("tiny").workload.overlap == "auto"
+    assert build_run_config("tiny").workload.chunk_tokens == 0      # the derived default
 
 
 def test_unknown_preset_and_unreadable_file(tmp_path):

@@ -20,6 +20,7 @@ from spmd_moe.backend import BF16, F32, Backend, bf16_census, choose_backend, er
 from spmd_moe.config import build_run_config
 from spmd_moe.data import synthetic_input
 from spmd_moe.gpu_transport import host_view
+from spmd_moe.reference import reference_generate
 from spmd_moe.testing import TOLERANCE, check_against_reference, reference_for, relative_error
 from spmd_moe.transport import TransportChoice, mpi_library
 
@@ -266,6 +267,54 @@ def test_engine_cupy_matches_numpy_and_reference(monkeypatch, kernels, dtype, pr
         assert np.array_equal(gpu["expert_counts"], cpu["expert_counts"])
     else:   # bf16 near-ties may route differently; the totals cannot differ
         assert gpu["expert_counts"].sum() == cpu["expert_counts"].sum()
+
+
+@gpu
+@pytest.mark.parametrize("chunk", [1, 3, 37])
+def test_chunked_prefill_and_decode_on_cupy(chunk):
+    """Chunks attend through the KV cache (the fused kernel with fewer queries than keys);
+    decode continues from the cache the prefill filled."""
+    from spmd_moe.runner import open_session, run_decode
+
+    config = build_run_config("small", sets=["dtype=float32", "n_layers=2", "batch_size=3",
+                                             "seq_len=80", "pad_fraction=0.3",
+                                             f"chunk_tokens={chunk}", "workload=decode",
+                                             "new_tokens=3"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    session = open_session(config, MPI.COMM_SELF, batch, backend="cupy", new_tokens=3)
+    try:
+        result = run_decode(session, batch, 3)
+    finally:
+        session.close()
+    assert result.schedule.count > 1 and result.schedule.splits_sequences
+    check_against_reference(result.outputs, reference_for(config, batch), "float32")
+    want = reference_generate(config.model, batch.ids, batch.mask, 3, config.seed)
+    assert np.array_equal(result.outputs["tokens"], want)
+
+
+@gpu
+def test_nccl_side_stream_exchange(cupy_backend):
+    """An exchange on the side stream: it waits for the compute stream's writes, the compute
+    stream waits for it at Wait (no host sync), and the device times it."""
+    from spmd_moe.gpu_transport import make
+
+    transport = make(TransportChoice("nccl", "test"), cupy_backend)
+    comm = MPI.COMM_SELF.Dup()
+    values = cupy_backend.xp.arange(1 << 20, dtype=np.float32)
+    values *= 2                                     # queued on the compute stream
+    ptr = values.data.ptr
+    request = transport._on_side_stream(
+        comm, lambda nccl_comm, stream: nccl_comm.allReduce(ptr, ptr, values.size,
+                                                            transport.float32, transport.sum,
+                                                            stream), values, ())
+    assert request.Wait() is values
+    values += 1                                     # ordered after the exchange
+    cupy_backend.synchronize()
+    assert float(values[3]) == 7.0 and request.Test()
+    in_flight, stalled = request.device_times()
+    assert in_flight >= 0 and stalled >= 0
+    transport.free()
+    comm.Free()
 
 
 @gpu

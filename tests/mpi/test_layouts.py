@@ -130,19 +130,20 @@ def test_one_expert_per_rank_matches_reference(layout, dtype):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("layout", [l for l in layouts(SIZE) if Layout.parse(l, SIZE).pp > 1])
 def test_micro_batches_change_the_schedule_not_the_result(layout):
-    """--micro-batches M: the report counts M stage passes (the engine's, not the config's),
-    gives each stage's idle time (none for the first), and the outputs stay the
-    reference's."""
+    """--micro-batches M, or chunks (--chunk-tokens, or the default): the report counts the
+    stage passes the engine ran (M, or the chunk schedule's count: not the config's), gives
+    each stage's idle time (none for the first), and the outputs stay the reference's."""
     from spmd_moe.report import build_report
     from spmd_moe.runner import open_session, run_prefill
     from spmd_moe.testing import relative_error
 
     pp = Layout.parse(layout, SIZE).pp
     outputs = {}
-    for micro in (1, 3, 0):                      # 0: the default, one per stage
+    for micro in (1, 3, "chunk_tokens=2", "default"):
+        setting = [f"micro_batches={micro}"] if isinstance(micro, int) else (
+            [] if micro == "default" else [micro])
         config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3",
-                                                "batch_size=5", "seq_len=9",
-                                                f"micro_batches={micro}"])
+                                                "batch_size=5", "seq_len=9", *setting])
         batch = synthetic_input(config.workload, config.model, config.seed)
         session = open_session(config, WORLD, batch, layout=layout, backend="numpy")
         result = run_prefill(session, batch)
@@ -150,12 +151,15 @@ def test_micro_batches_change_the_schedule_not_the_result(layout):
         session.close()
         if WORLD.Get_rank() == 0:
             pipeline = report["pipeline"]
-            assert pipeline["micro_batches"] == (micro or pp), pipeline
+            want = micro if isinstance(micro, int) else result.schedule.count
+            assert pipeline["micro_batches"] == want, pipeline
+            if micro == "chunk_tokens=2":
+                assert want > 3, pipeline
             idle = pipeline["stage_recv_ms_by_stage"]
             assert len(idle) == pp and idle[0] == 0 and all(ms > 0 for ms in idle[1:]), idle
             check_against_reference(result.outputs, reference_for(config, batch), "float32")
             outputs[micro] = result.outputs
     if WORLD.Get_rank() == 0:
-        for micro in (3, 0):
+        for micro in (3, "chunk_tokens=2", "default"):
             assert relative_error(outputs[micro]["logits"], outputs[1]["logits"]) < 1e-6
             assert np.array_equal(outputs[micro]["expert_counts"], outputs[1]["expert_counts"])

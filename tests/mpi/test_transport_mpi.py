@@ -32,6 +32,7 @@ class MpiNccl:
         self.group: list | None = None
         self.in_flight: list = []
         self.unique_ids: list = []
+        self.streams: list = []          # the stream of every send, recv and allreduce
 
     def get_unique_id(self):
         return tuple(int(x) for x in np.random.default_rng().integers(-128, 128, 128))
@@ -57,12 +58,14 @@ class MpiNcclComm:
 
     def send(self, ptr, nbytes, datatype, peer, stream):
         assert datatype == MpiNccl.NCCL_UINT8
+        self.nccl.streams.append(stream)
         request = self.comm.Isend(host_view(ptr, nbytes), dest=peer, tag=99)
         (self.nccl.group if self.nccl.group is not None else self.nccl.in_flight).append(
             request)
 
     def recv(self, ptr, nbytes, datatype, peer, stream):
         assert datatype == MpiNccl.NCCL_UINT8
+        self.nccl.streams.append(stream)
         if self.nccl.group is not None:
             self.nccl.group.append(self.comm.Irecv(host_view(ptr, nbytes), source=peer, tag=99))
         else:
@@ -71,6 +74,7 @@ class MpiNcclComm:
     def allReduce(self, send_ptr, recv_ptr, count, datatype, op, stream):
         assert datatype == MpiNccl.NCCL_FLOAT32 and op == MpiNccl.NCCL_SUM
         assert send_ptr == recv_ptr
+        self.nccl.streams.append(stream)
         self.comm.Allreduce(MPI.IN_PLACE, host_view(recv_ptr, 4 * count).view(np.float32))
 
     def destroy(self):
@@ -273,4 +277,96 @@ def test_pinned_staging_is_reused_across_calls():
     for _ in range(4):
         transport.alltoallv(WORLD, on_device(ops, send), send_counts, recv_counts)
     assert len(ops.allocated) <= 2                    # one send and one receive buffer
+    transport.free()
+
+
+# --- non-blocking exchanges (the overlap of one micro-batch's exchange with another's
+# compute) -------------------------------------------------------------------------------
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_exchanges_in_flight_each_get_their_rows(kind):
+    """As two micro-batches in flight do: A's combine and B's dispatch both started (in the
+    same order on every rank), then waited for in the other order."""
+    transport, ops = make(kind)
+    first = plan(21, 7, BF16, zero_peer=True)
+    second = plan(22, 3, BF16, zero_peer=False)
+    started = [transport.ialltoallv(WORLD, on_device(ops, send), sc, rc)
+               for sc, rc, send, _ in (first, second)]
+    assert all(hasattr(r, "Test") and hasattr(r, "Wait") for r in started)
+    started[0].Test()                     # a poke between compute phases
+    got = [started[1].Wait(), started[0].Wait()][::-1]
+    for recv, (_, _, _, want) in zip(got, (first, second)):
+        assert recv.dtype == BF16 and (ops is None or ops.is_device(recv))
+        assert np.array_equal(bits(recv), bits(want))
+    assert started[0].Test() and started[1].Test()
+    transport.free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonblocking_allreduce_sums_in_place(kind):
+    transport, ops = make(kind)
+    host = np.arange(12, dtype=np.float32).reshape(3, 4) * (RANK + 1)
+    arr = on_device(ops, host)
+    request = transport.iallreduce_sum(WORLD, arr)
+    out = request.Wait()
+    assert out is arr
+    assert np.allclose(np.asarray(out), np.arange(12).reshape(3, 4) * SIZE * (SIZE + 1) / 2)
+    transport.free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_nccl_exchanges_run_on_the_side_stream():
+    """Blocking exchanges on the compute stream (0), started ones on the side stream (1),
+    which waits for the compute stream's event; the caller's Wait waits on the device."""
+    transport, ops = make("nccl")
+    send_counts, recv_counts, send, want = plan(23, 5, BF16, zero_peer=False)
+    transport.alltoallv(WORLD, on_device(ops, send), send_counts, recv_counts)
+    blocking = set(transport.nccl.streams)
+    transport.nccl.streams.clear()
+    request = transport.ialltoallv(WORLD, on_device(ops, send), send_counts, recv_counts)
+    assert request.start.stream is transport.side_stream()
+    assert request.done.stream is transport.side_stream()
+    assert np.array_equal(bits(request.Wait()), bits(want))
+    assert blocking == {0} and set(transport.nccl.streams) == {1}
+    assert request.device_times() == (0.0, 0.0)          # stand-in events take no time
+    transport.free()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pinned_staging_per_exchange_in_flight_is_reused():
+    transport, ops = make("mpi-host")
+    send_counts, recv_counts, send, want = plan(24, 16, BF16, zero_peer=False)
+    for _ in range(3):
+        pair = [transport.ialltoallv(WORLD, on_device(ops, send), send_counts, recv_counts)
+                for _ in range(2)]
+        for request in pair:
+            assert np.array_equal(bits(request.Wait()), bits(want))
+    assert len(transport.exchange_staging) == 2          # one set per exchange in flight
+    assert len(ops.allocated) <= 4                       # a send and a receive buffer each
+    transport.free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", KINDS)
+def test_started_receives_match_in_order(kind):
+    """The pipeline's receives, started before they are needed (two micro-batches in
+    flight), several from one source at once, completed in any order."""
+    transport, ops = make(kind)
+    right, left = (RANK + 1) % SIZE, (RANK - 1) % SIZE
+    sends = [transport.isend(WORLD, on_device(ops, np.full((2 + m, 6), RANK * 10 + m,
+                                                           dtype=np.float32).astype(BF16)),
+                             right, tag=11) for m in range(3)]
+    started = [transport.irecv(WORLD, (2 + m, 6), BF16, left, 11) for m in range(3)]
+    tokens = transport.irecv(WORLD, (1, 1), np.int64, left, 12)
+    ids = transport.isend(WORLD, np.array([[RANK]], dtype=np.int64), right, tag=12)
+    for m in (2, 0, 1):
+        got = started[m].Wait()
+        assert ops is None or ops.is_device(got)
+        assert np.array_equal(np.asarray(got).astype(np.float32),
+                              np.full((2 + m, 6), left * 10 + m, dtype=np.float32))
+    assert type(tokens.Wait()) is np.ndarray
+    for request in sends + [ids]:
+        request.Wait()
     transport.free()

@@ -1,0 +1,324 @@
+"""Two micro-batches in flight on a stage: one's dispatch or combine moves while the other
+computes its attention or its experts (the two-micro-batch overlap of DeepSeek and SGLang).
+
+A stage pass of one micro-batch is a *generator* (engine.Engine.pass_steps): it computes
+until it has started a non-blocking exchange (dispatch, combine, a TP allreduce), yields
+that exchange, and gets its result back when it is resumed; between compute phases it also
+yields :data:`CHECKPOINT`, a point where it may be paused. :func:`run_passes` drives the
+passes of a stage's micro-batches in order:
+
+- without overlap, each pass runs to its end before the next starts, every exchange waited
+  at once (the bulk-synchronous loop of SPEC §3);
+- with overlap, two passes are in flight, the older first: it runs until it waits for an
+  exchange; meanwhile the newer one computes (A's dispatch moves while B computes its
+  attention, B's dispatch while A runs its experts, ...), and at each checkpoint of the
+  newer the driver tests whether the older's exchange has completed and, if so, goes back
+  to the older. Priority to the older keeps a micro-batch's time through the stage close
+  to its own work, which is what a pipeline's next stage waits for; plain alternation
+  would double it and with it the pipeline's fill time.
+
+The newer pass never gets ahead of the older: it runs only while the older waits at an
+exchange it has not itself started yet, and stops at its own next one, which is at most the
+older's (every pass yields the same sequence of exchanges). So a later
+chunk of a sequence finds its earlier chunks' keys in the KV cache of every layer it
+reaches, and passes finish, and send to the next stage, in order.
+
+Which pass runs when depends on when exchanges complete, which differs between ranks. The
+collectives of the two passes in flight therefore go on two communicators (``slot`` m % 2
+of micro-batch m: engine.py gives each slot its own Dup of the stage communicator), so each
+communicator sees its passes' collectives in program order on every rank, as MPI requires;
+pass m+2 starts on m's slot only once m has finished. Both ways run the same operations on
+the same data: outputs are bitwise identical.
+
+:class:`Flight` starts, tests and waits the exchanges and accounts for them. MPI moves data
+only inside MPI calls unless the library runs a progress thread (MPICH:
+``MPIR_CVAR_ASYNC_PROGRESS=1``), so the engine *pokes* (tests) the exchanges in flight
+between its compute phases. Per exchange, in host time:
+
+- **in flight**: from the start call's entry to the last moment the exchange was seen
+  incomplete (by a poke, or by a test just before the final wait). A lower bound of how long
+  it took: completion is only observed at pokes, and an exchange seen complete at its first
+  poke counts as over when its start call began.
+- **exposed**: the time this rank spent inside MPI calls for it (start, pokes, wait);
+- **hidden**: the time some exchange was in flight while this rank was not inside an MPI
+  call, i.e. computed. Per rank and forward these are lengths of unions over the exchanges
+  (two in flight at once count once), so hidden <= in flight <= the wall time. In a
+  bulk-synchronous stage an exchange also waits for its slowest peer to join; that wait,
+  too, is hidden when the rank computes meanwhile (the blocking loop pays it inside the
+  collective).
+
+On the GPU with NCCL (the exchange on a side stream) the device measures both: in flight is
+the side stream's time for it, exposed the time the compute stream stalled waiting for it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Iterable
+
+
+# Receives from another stage: started and waited like exchanges, but they are the
+# pipeline's waits (engine.IDLE_PHASES), not communication within the stage.
+PIPELINE_PHASES = ("stage_recv", "token_return")
+
+
+@dataclass
+class Exchange:
+    """One started exchange: its request (``Test()``/``Wait()``; transport.PendingExchange)
+    and its accounting (host seconds from the Flight's clock)."""
+
+    phase: str
+    request: object
+    began: float
+    seen_open: float               # last moment seen incomplete (began if never)
+    calls: list = field(default_factory=list)   # (start, end) of each MPI call for it
+    done: bool = False
+
+    @property
+    def exposed(self) -> float:
+        return sum(end - start for start, end in self.calls)
+
+    def call(self, clock, fn):
+        """``fn()``, timed as one of this exchange's MPI calls."""
+        start = clock()
+        try:
+            return fn()
+        finally:
+            self.calls.append((start, clock()))
+
+    def test(self, clock) -> bool:
+        """Test the request once, accounting for the call; True once complete."""
+        self.done = bool(self.call(clock, self.request.Test))
+        if not self.done:
+            self.seen_open = self.calls[-1][1]
+        return self.done
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Disjoint, sorted union of ``(start, end)`` intervals."""
+    out: list[list[float]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in intervals)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two disjoint sorted interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+class Flight:
+    """The exchanges a rank has in flight, with their accounting. ``timer`` (a
+    backend.PhaseTimer) gets the exposed time under each exchange's phase."""
+
+    def __init__(self, timer, clock: Callable[[], float] = time.perf_counter):
+        self.timer, self.clock = timer, clock
+        self.pending: list[Exchange] = []
+        self.finished: list[Exchange] = []
+
+    def start(self, phase: str, starter: Callable[[], object], nbytes: int = 0) -> Exchange:
+        """Start an exchange (``starter()`` returns its request)."""
+        began = self.clock()
+        with self.timer.phase(phase):
+            request = starter()
+        exchange = Exchange(phase, request, began, began, [(began, self.clock())])
+        self.timer.add_bytes(phase, nbytes)
+        self.pending.append(exchange)
+        return exchange
+
+    def poke(self, exchange: Exchange | None = None) -> None:
+        """Test ``exchange`` (default: every exchange in flight): lets MPI progress it, and
+        notes when it completed."""
+        for item in (self.pending if exchange is None else [exchange]):
+            if not item.done:
+                with self.timer.phase(item.phase):
+                    item.test(self.clock)
+
+    def wait_first(self, exchanges: list[Exchange]) -> Exchange:
+        """Test ``exchanges`` in turn until one has completed; return it. The whole wait is
+        exposed time of each of them (timed under the first's phase). MPI's own waits spin
+        the same way; this one yields the core between rounds (ranks may share cores)."""
+        began = self.clock()
+        with self.timer.phase(exchanges[0].phase):
+            while True:
+                first = next((e for e in exchanges if e.done or e.request.Test()), None)
+                if first is not None:
+                    break
+                os.sched_yield()
+        span = (began, self.clock())
+        for exchange in exchanges:
+            exchange.calls.append(span)
+            if exchange is not first:
+                exchange.seen_open = span[1]
+        first.done = True
+        return first
+
+    def wait(self, exchange: Exchange):
+        """Wait for ``exchange``; returns its result (received rows, reduced array)."""
+        with self.timer.phase(exchange.phase):
+            if not exchange.done:
+                exchange.test(self.clock)
+            result = exchange.call(self.clock, exchange.request.Wait)
+        self.pending.remove(exchange)
+        self.finished.append(exchange)
+        return result
+
+    def summary(self) -> dict[str, float]:
+        """Seconds the stage's exchanges were in flight, exposed and hidden (module
+        docstring), over the finished ones: receives from another stage are pipeline waits,
+        not communication to hide, and are left out. Host times are unions over the
+        exchanges (two in flight at once count once); where a request has device times
+        (``device_times() -> (in_flight, stalled)``: NCCL on its side stream) they are
+        summed instead."""
+        exchanges = [e for e in self.finished if e.phase not in PIPELINE_PHASES]
+        host = [e for e in exchanges if getattr(e.request, "device_times", None) is None]
+        flying = _union([(e.began, e.seen_open) for e in host])
+        calls = _union([c for e in host for c in e.calls])
+        in_flight, exposed = _length(flying), _length(calls)
+        hidden = in_flight - _overlap(flying, calls)
+        for exchange in exchanges:
+            if exchange in host:
+                continue
+            device_flying, stalled = exchange.request.device_times()
+            spent = exchange.exposed if stalled is None else stalled
+            in_flight += device_flying
+            exposed += spent
+            hidden += max(0.0, device_flying - spent)
+        return {"exchanges": float(len(exchanges)), "in_flight_s": in_flight,
+                "exposed_s": exposed, "hidden_s": hidden}
+
+
+def overlap_pays(micro_batches: int, stages: int, group: int, backend: str = "cupy") -> bool:
+    """Whether two micro-batches in flight can pay on a stage: there are two, the stage has
+    several ranks (one alone exchanges nothing), and the pipeline is shallow enough for the
+    longer fill. With two in flight at one per interval tau', each micro-batch spends 2 tau'
+    in a stage (Little's law), so P stages fill in 2 (P-1) tau' instead of (P-1) tau; with
+    tau' = r tau the overlap pays when M (1 - r) > (P - 1)(2r - 1). On a GPU, r = 0.8 (a
+    quarter of a step communicating, four fifths of it hidden: the paper's EP layer,
+    PREDICTIONS.md): M > 3 (P - 1). On NumPy the cores that compute also move the bytes,
+    r is about 1, and only one stage (nothing to fill) pays: docs/PERFORMANCE.md measured
+    it 1-20% faster at one stage and 10% slower at four."""
+    if micro_batches < 2 or group < 2:
+        return False
+    if stages == 1:
+        return True
+    return backend != "numpy" and micro_batches > 3 * (stages - 1)
+
+
+def overlap_enabled(setting: str, micro_batches: int, stages: int, group: int,
+                    backend: str = "cupy") -> bool:
+    """The workload's ``overlap`` setting applied: ``off``; ``on`` wherever two passes can
+    be in flight (two micro-batches, several ranks in the stage); ``auto`` where it pays."""
+    if setting == "off" or micro_batches < 2 or group < 2:
+        return False
+    return setting == "on" or overlap_pays(micro_batches, stages, group, backend)
+
+
+Pass = Generator[object, object, object]
+
+
+class _Checkpoint:
+    """Yielded by a pass between compute phases: the driver may pause it there."""
+
+    def __repr__(self) -> str:
+        return "CHECKPOINT"
+
+
+CHECKPOINT = _Checkpoint()
+
+
+def run_pass(steps: Pass, flight: Flight):
+    """Run one stage pass to its end, waiting for each exchange as soon as it starts."""
+    value = None
+    while True:
+        try:
+            item = steps.send(value)
+        except StopIteration as stop:
+            return stop.value
+        value = None if item is CHECKPOINT else flight.wait(item)
+
+
+class _InFlight:
+    """A pass between two of its steps: what it yielded last (an exchange, or a
+    checkpoint), and its micro-batch's index."""
+
+    def __init__(self, index: int, steps: Pass):
+        self.index, self.steps, self.item = index, steps, None
+        self.exchanges = 0        # exchanges yielded so far (every pass yields the same)
+
+    def ready(self, flight: Flight) -> bool:
+        """Can run now without blocking: at a checkpoint, or its exchange is complete."""
+        if self.item is CHECKPOINT:
+            return True
+        flight.poke(self.item)
+        return self.item.done
+
+
+def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
+    """Run a stage's passes in order, two in flight (the older first) when ``overlap``;
+    their results, in order (see the module docstring)."""
+    passes = list(passes)
+    if not overlap or len(passes) < 2:
+        return [run_pass(steps, flight) for steps in passes]
+    results: list = [None] * len(passes)
+    upcoming = iter(enumerate(passes))
+    in_flight: list[_InFlight] = []          # oldest first, at most two
+
+    def resume(entry: _InFlight) -> None:
+        """Run ``entry`` to its next yield (an exchange it waits for is waited first)."""
+        value = None
+        if entry.item is not None and entry.item is not CHECKPOINT:
+            value = flight.wait(entry.item)
+        try:
+            entry.item = entry.steps.send(value)
+        except StopIteration as stop:
+            results[entry.index] = stop.value
+            in_flight.remove(entry)
+            return
+        if entry.item is not CHECKPOINT:
+            entry.exchanges += 1
+
+    def fill() -> None:
+        while len(in_flight) < 2:
+            nxt = next(upcoming, None)
+            if nxt is None:
+                return
+            entry = _InFlight(*nxt)
+            in_flight.append(entry)
+            resume(entry)
+
+    fill()
+    while in_flight:
+        if any(entry.item is CHECKPOINT for entry in in_flight):
+            flight.poke()                    # between compute phases: let MPI progress
+        older = in_flight[0]
+        newer = in_flight[1] if len(in_flight) > 1 else None
+        if newer is None or older.ready(flight):
+            resume(older)
+        elif newer.exchanges >= older.exchanges:
+            resume(older)                    # the newer may not pass: wait for the older
+        elif newer.ready(flight):
+            # The newer computes until its next checkpoint or exchange, which is at most the
+            # one the older waits at: it never gets ahead of the older.
+            resume(newer)
+        else:
+            # Both wait: go on with whichever exchange completes first.
+            first = flight.wait_first([older.item, newer.item])
+            resume(older if first is older.item else newer)
+        fill()
+    return results
