@@ -301,6 +301,19 @@ def test_layer_step_of_a_checkpoint_family_counts_its_shapes():
     assert result["shape"]["family"]["qk_norm"] == "head"
 
 
+def test_chunked_layer_step_of_a_checkpoint_family():
+    # Grouped K/V heads in the step's KV cache (2 of 4), q/k norms per head, SwiGLU experts:
+    # chunks of 3 tokens compute the whole-sequence step's output.
+    from spmd_moe.checkpoint import checkpoint_run_config
+
+    model = checkpoint_run_config(HF_QWEN).model
+    bk = numpy_backend("float32")
+    whole = bench.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32"))
+    chunked = bench.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32", 3))
+    assert chunked.micro_batches == 4 and chunked.cache.keys[0].shape == (10, 2, 6)
+    assert np.allclose(chunked.run(bk.timer()), whole.run(bk.timer()), rtol=1e-5, atol=1e-5)
+
+
 def test_bench_model_flag_takes_the_sizes_and_refuses_changing_them():
     common = [sys.executable, "-m", "spmd_moe", "bench", "--model", HF_QWEN, "--seqs", "2",
               "--seq-len", "4", "--iters", "1", "--warmup", "0", "--quiet", "--backend",

@@ -6,7 +6,7 @@ import pytest
 
 from spmd_moe.backend import Backend, BackendChoice, erfc_numpy
 from spmd_moe.model import (apply_rope, causal_attention, pack, qk_norm, rms_norm,
-                            rms_norm_sharded, rope_tables)
+                            qk_square_sums, rms_norm_sharded, rope_tables)
 
 
 def bk(dtype="float32"):
@@ -135,6 +135,26 @@ def test_qk_norms_of_the_families():
     flat = k.reshape(7, 12).astype(np.float64)
     want = flat / np.sqrt((flat ** 2).mean(-1, keepdims=True) + 1e-6) * gk
     assert kn.shape == k.shape and rel(kn.reshape(7, 12), want) < 1e-6
+
+
+def test_a_full_qk_norm_split_between_ranks_and_on_no_tokens():
+    # Two "ranks" hold two heads each of q and one of k; their qk_square_sums, added (the
+    # engine's allreduce), give each rank its columns of the whole-projection norm.
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((5, 4, 6)).astype(np.float32)     # [T, h, Dh]
+    k = rng.standard_normal((5, 2, 6)).astype(np.float32)     # [T, hk, Dh]
+    gq = rng.standard_normal(24).astype(np.float32)
+    gk = rng.standard_normal(12).astype(np.float32)
+    whole = qk_norm(bk(), "full", q, k, gq, gk, 1e-6, 24, 12)
+    summed = sum(qk_square_sums(bk(), q[:, 2 * r:2 * r + 2], k[:, r:r + 1])
+                 for r in (0, 1))                                          # [T, 2]
+    for r in (0, 1):
+        h = slice(2 * r, 2 * r + 2)
+        qn, kn = qk_norm(bk(), "full", q[:, h], k[:, r:r + 1], gq[12 * r:12 * r + 12],
+                         gk[6 * r:6 * r + 6], 1e-6, 24, 12, summed)
+        assert rel(qn, whole[0][:, h]) < 1e-6 and rel(kn, whole[1][:, r:r + 1]) < 1e-6
+    empty = qk_norm(bk(), "full", q[:0], k[:0], gq, gk, 1e-6, 24, 12)   # an empty chunk
+    assert empty[0].shape == (0, 4, 6) and empty[1].shape == (0, 2, 6)
 
 
 def test_a_norm_over_columns_split_between_ranks():

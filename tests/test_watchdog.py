@@ -225,6 +225,32 @@ def test_a_stopped_rank_is_named_and_the_job_is_gone(layout, fault, needles, tmp
     assert all_gone(pids.values()), pids
 
 
+@pytest.mark.parametrize("layout, fault, needles", [
+    # Two micro-batches in flight: the others wait for whichever exchange completes first
+    # (overlap.Flight.wait_first) or for one (Wait); both are waits the watchdog sees.
+    ("ep=4,pp=1", "3:1:stop", ["rank 3 did not arrive within --stall-timeout 2 s",
+                               "rank 3 did not answer", "waiting: ranks 1, 2 in "]),
+    # A chunked pipeline: stage 1 waits for rank 1's chunks (stage_recv, a started receive).
+    ("ep=2,pp=2", "1:1:stop", ["rank 1 did not arrive", "rank 1 did not answer",
+                               "ranks 2, 3 in stage_recv"]),
+    # The TP baseline: its allreduces are non-blocking too.
+    ("tp=4,pp=1", "1:1:stop", ["rank 1 did not arrive", "in attn_allreduce at layer 1",
+                               "waiting: ranks 2, 3 in attn_allreduce"]),
+])
+def test_a_stopped_rank_is_named_with_chunks_and_overlap(layout, fault, needles, tmp_path):
+    out = tmp_path / "out.npz"
+    job = Job("run", "--preset", "tiny", "--layout", layout, "--chunk-tokens", "3",
+              "--overlap", "--stall-timeout", "2", "--output", str(out), fault=fault,
+              cwd=tmp_path)
+    job.wait_for(f"SPMD_MOE_FAULT: rank {fault[0]}")
+    pids = rank_pids(job)
+    status, took, _, stderr = job.finish(limit=60)
+    assert status == EXIT_STALL, stderr
+    check_one_line(stderr, "stall:", *needles, "aborting the job")
+    assert took < 30 and not out.exists()
+    assert all_gone(pids.values()), pids
+
+
 def test_a_rank_stuck_computing_is_named_busy(tmp_path):
     job = Job("run", "--preset", "tiny", "--stall-timeout", "2", fault="2:2:sleep:100",
               cwd=tmp_path)

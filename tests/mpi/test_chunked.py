@@ -136,3 +136,42 @@ def test_report_gives_the_schedule_idle_time_and_hidden_communication():
     assert chunks["pipeline"]["bubble_fraction_ideal"] < whole["pipeline"][
         "bubble_fraction_ideal"] or parsed.pp == 1
 
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("layout", layouts(SIZE))
+def test_every_wait_of_an_overlapped_run_is_one_the_watchdog_sees(layout, monkeypatch):
+    """Each test and wait of a started exchange or send (overlap.Flight's pokes and
+    wait_first, the pipeline's drain, the returned tokens) happens while the rank is marked
+    waiting (runner.WAIT_PHASES or watchdog.waiting): a stalled peer is then named by the
+    watchdog, with two micro-batches in flight too."""
+    from spmd_moe import transport
+    from spmd_moe.watchdog import Watchdog
+
+    dog = Watchdog(None, 0)
+    unseen = []
+
+    def watched(cls, name):
+        method = getattr(cls, name)
+
+        def call(self, *args, **kwargs):
+            phase, layer, waiting, _ = dog.where()
+            if not waiting:
+                unseen.append((cls.__name__, name, phase, layer))
+            return method(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, call)
+
+    for cls, name in ((transport.PendingExchange, "Test"), (transport.PendingExchange, "Wait"),
+                      (transport.PendingSend, "Wait")):
+        watched(cls, name)
+    config = config_for(2, overlap=True)
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    session = open_session(config, WORLD, batch, layout=layout, backend="numpy",
+                           new_tokens=NEW_TOKENS, watchdog=dog)
+    try:
+        result = run_decode(session, batch, NEW_TOKENS)
+        overlapped = session.engine.overlaps(result.schedule.count)
+    finally:
+        session.close()
+    assert overlapped == (Layout.parse(layout, SIZE).group > 1)
+    assert not unseen, sorted(set(unseen))
