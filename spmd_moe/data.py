@@ -208,7 +208,7 @@ class InputFile:
             raise InputError(f"input {name}", f"{name}.npy in {self.path} is not a NumPy "
                                               f"array: {exc}") from None
         if dtype.hasobject:
-            raise InputError(f"input {name}", f"holds Python objects (pickled data), not "
+            raise InputError(f"input {name}", "holds Python objects (pickled data), not "
                                               "numbers; they are never loaded")
         expected = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
         if info.file_size != expected:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ from .backend import F32, Backend, PhaseTimer
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
-from .errors import ConfigError
+from .errors import ConfigError, say
 from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm, rms_norm,
                     rope_tables)
 from .moe_layer import moe_forward
@@ -101,8 +100,8 @@ class Fault:
         if self.kind == "exit":
             raise SystemExit(5)
         # Said on stderr first, so that a test knows the moment (and the pid) to act on.
-        print(f"spmd-moe: {FAULT_ENV}: rank {self.rank} (pid {os.getpid()}) {self.kind} at "
-              f"layer {self.layer}", file=sys.stderr, flush=True)
+        say(f"spmd-moe: {FAULT_ENV}: rank {self.rank} (pid {os.getpid()}) {self.kind} at "
+            f"layer {self.layer}")
         if self.kind == "sleep":
             time.sleep(self.seconds)
         elif self.kind == "stop":
