@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import ConfigError, collective
+from .errors import ConfigError, collective, say
 
 # SPEC §7, for the report (the measured numbers sit beside them; nothing is asserted).
 SPEC_TARGETS = {
@@ -953,7 +953,7 @@ def cmd_bench(args) -> int:
 
     def progress(text: str) -> None:
         if rank == 0 and not args.quiet:
-            print(f"spmd-moe bench: {text}", file=sys.stderr, flush=True)
+            say(f"spmd-moe bench: {text}")
 
     limit = int(args.memory_limit * 2 ** 30) if args.memory_limit else None
     if args.transport_only:

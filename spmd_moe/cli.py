@@ -17,7 +17,7 @@ import numpy as np
 
 from . import bench, compare, generate, perfmodel
 from .config import PRESETS, RunConfig, build_run_config
-from .errors import ConfigError, InputError, SpmdMoeError, collective
+from .errors import ConfigError, InputError, SpmdMoeError, collective, say
 from .watchdog import DEFAULT_STALL_TIMEOUT, Watchdog
 
 GIB = 1 << 30
@@ -230,7 +230,7 @@ def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
 
         rank = MPI.COMM_WORLD.Get_rank()
     if rank == 0:
-        print(f"spmd-moe: error: {exc}", file=sys.stderr, flush=True)
+        say(f"spmd-moe: error: {exc}")
     return 2
 
 
@@ -263,7 +263,7 @@ def end_interrupted(exc: BaseException, watchdog, uses_mpi: bool) -> int:
         what = f"rank {rank} exited ({type(exc).__name__} {status}){where}"
     message = f"spmd-moe: error: {what}; ending the job"
     if not uses_mpi:
-        print(message, file=sys.stderr, flush=True)
+        say(message)
         return code
     abort(world, code, message)
     return code

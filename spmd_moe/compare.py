@@ -21,13 +21,12 @@ only the relative errors are checked (2e-2) and differing counts are reported, n
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .config import Layout, ModelConfig, RunConfig
-from .errors import ConfigError, LayoutError, collective
+from .errors import ConfigError, LayoutError, collective, say
 from .testing import relative_error
 
 # Relative L2 error allowed between the two deployments' logits and hidden states.
@@ -345,7 +344,7 @@ def cmd_compare(args) -> int:
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]
         if not agree:
-            print("spmd-moe: error: compare: the two deployments' outputs disagree beyond "
-                  "the tolerance above", file=sys.stderr, flush=True)
+            say("spmd-moe: error: compare: the two deployments' outputs disagree beyond "
+                "the tolerance above")
     agree = comm.bcast(agree, root=0)
     return 0 if agree else 1

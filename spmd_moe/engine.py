@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ from .chunks import MicroBatch, Schedule, prefill_schedule
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
-from .errors import ConfigError
+from .errors import ConfigError, say
 from .kv_cache import KVCache
 from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm,
                     qk_square_sums, rms_norm, rope_tables)
@@ -117,8 +116,8 @@ class Fault:
         if self.kind == "exit":
             raise SystemExit(5)
         # Said on stderr first, so that a test knows the moment (and the pid) to act on.
-        print(f"spmd-moe: {FAULT_ENV}: rank {self.rank} (pid {os.getpid()}) {self.kind} at "
-              f"layer {self.layer}", file=sys.stderr, flush=True)
+        say(f"spmd-moe: {FAULT_ENV}: rank {self.rank} (pid {os.getpid()}) {self.kind} at "
+            f"layer {self.layer}")
         if self.kind == "sleep":
             time.sleep(self.seconds)
         elif self.kind == "stop":

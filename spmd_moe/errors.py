@@ -6,6 +6,17 @@ values. The CLI prints it once, on rank 0, and every rank exits with status 2. A
 is a bug or a fault and brings the whole job down (``MPI.Abort``) with its traceback.
 """
 
+import sys
+
+
+def say(line: str) -> None:
+    """One whole line on stderr in a single write, flushed. ``print`` writes the text and its
+    newline separately, and an interrupt raised between the two glued the next message
+    ("spmd-moe: error: interrupted ...") onto the unfinished line; a single write leaves
+    the whole line in the buffer even when the flush is interrupted."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
 
 class SpmdMoeError(Exception):
     """A rejected input: one line that names the field and what is allowed."""

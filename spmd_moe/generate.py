@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import replace
 
-from .errors import ConfigError, InputError, collective
+from .errors import ConfigError, InputError, collective, say
 
 DEFAULT_NEW_TOKENS = 32
 
@@ -186,8 +186,8 @@ def cmd_generate(args) -> int:
             [(args.output, "--output", text_writer(lines))]))
     if rank == 0:
         if args.output:
-            print(f"spmd-moe generate: {len(rows)} prompt(s) -> {args.output}; time to "
-                  f"first token {rows[0]['ttft_ms']:.1f} ms", file=sys.stderr, flush=True)
+            say(f"spmd-moe generate: {len(rows)} prompt(s) -> {args.output}; time to "
+                f"first token {rows[0]['ttft_ms']:.1f} ms")
         else:
             sys.stdout.write(lines)
             sys.stdout.flush()

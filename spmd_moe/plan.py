@@ -3,13 +3,12 @@ compute, before any GPU or MPI job is started; layouts that cannot work are refu
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 
 from .config import Layout, RunConfig
 from .costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
-from .errors import LayoutError
+from .errors import LayoutError, say
 from .overlap import overlap_enabled
 from .topology import Grid
 
@@ -142,7 +141,7 @@ def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
     try:
         check_fit(costs, device_bytes)
     except LayoutError as exc:
-        print(f"spmd-moe: error: {exc}", file=sys.stderr, flush=True)
+        say(f"spmd-moe: error: {exc}")
         return 2
     print("fits: yes")
     return 0

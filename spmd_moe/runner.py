@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from .costs import GIB, rank_cost
 from .data import Batch
 from .chunks import Schedule
 from .engine import Engine, injected_fault
-from .errors import LayoutError, collective
+from .errors import LayoutError, collective, say
 from .overlap import Flight
 from .topology import Grid, Topology
 from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
@@ -273,8 +272,7 @@ def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
 def _progress(session: Session, label: str, index: int, total: int, seconds: float,
               always: bool) -> None:
     if session.topo.rank == 0 and (always or seconds > 1.0):
-        print(f"spmd-moe: {label} {index}/{total}: {seconds * 1e3:.1f} ms", file=sys.stderr,
-              flush=True)
+        say(f"spmd-moe: {label} {index}/{total}: {seconds * 1e3:.1f} ms")
 
 
 # Engine phases in which a rank waits for other ranks (the rest is computing).

@@ -40,11 +40,12 @@ import select
 import signal
 import socket
 import struct
-import sys
 import termios
 import threading
 import time
 from typing import Iterator
+
+from .errors import say
 
 EXIT_STALL = 3                        # exit status of a job the watchdog aborted
 DEFAULT_STALL_TIMEOUT = 600.0         # seconds; torch.distributed's default timeout too
@@ -67,7 +68,7 @@ def _pending_output(fd: int) -> int:
 def abort(world, code: int, message: str) -> None:
     """Print ``message`` on stderr, wait (at most a second) until the launcher has read it,
     then end the whole job with ``code``. Never returns."""
-    print(message, file=sys.stderr, flush=True)
+    say(message)
     deadline = time.monotonic() + 1.0
     while _pending_output(2) > 0 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -222,8 +223,7 @@ class Watchdog:
                 if stall is not None:
                     stall.step()
         except BaseException as exc:       # never silently: the job is unguarded from now
-            print(f"spmd-moe: rank {self.rank}: watchdog stopped: {exc!r}", file=sys.stderr,
-                  flush=True)
+            say(f"spmd-moe: rank {self.rank}: watchdog stopped: {exc!r}")
 
     def _interrupted(self, signum: int) -> None:
         if self.rank != 0:

@@ -313,3 +313,27 @@ def test_slow_iterations_are_those_far_above_the_median_of_the_others():
     assert slow_iterations([70000.0, 500.0])[0]["iteration"] == 1   # two iterations suffice
     assert slow_iterations([100.0, 150.0, 120.0]) == []
     assert slow_iterations([100.0]) == []
+
+
+def test_a_line_on_stderr_is_one_write(monkeypatch):
+    # CI once saw "iteration 2/200: 1297.1 msspmd-moe: error: interrupted ...": print wrote
+    # the progress text, the interrupt arrived before its newline, and the error line was
+    # glued on. say() hands stderr the whole line at once.
+    from spmd_moe.errors import say
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            raise KeyboardInterrupt        # the interrupt lands after the write
+
+    stream = Recorder()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with pytest.raises(KeyboardInterrupt):
+        say("spmd-moe: iteration 2/200: 1297.1 ms")
+    assert stream.writes == ["spmd-moe: iteration 2/200: 1297.1 ms\n"]
