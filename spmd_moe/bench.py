@@ -380,16 +380,17 @@ def time_attention_tiles(bk, shape: BenchShape, iters: int, warmup: int, seed: i
     phases are; which height the schedule picks; and whether the heights agree (each row's
     arithmetic is the same, so the outputs should be identical). Without the fused kernels,
     or for float32 (64-row tiles only), says why not."""
-    if bk.kernels is None:
-        return {"available": False, "reason": f"no fused kernels: {bk.kernels_reason}"}
+    if bk.kernels is None or not bk.kernels.fused_attention:
+        what = "kernels" if bk.kernels is None else "attention"
+        return {"available": False, "reason": f"no fused {what}: {bk.kernels_reason}"}
     if shape.dtype != "bfloat16":
         return {"available": False, "reason": "float32 attention has 64-query tiles only"}
     from .kernels.schedule import TILE_ROWS, tile_rows
 
-    n, heads, dh = shape.tokens, shape.heads, shape.head_dim
+    n, heads, kv_heads, dh = shape.tokens, shape.heads, shape.model().kv_heads, shape.head_dim
     rng = bk.xp.random.default_rng(seed + 2)
-    q, k, v = (rng.standard_normal((n, heads, dh), dtype=np.float32).astype(bk.dtype)
-               for _ in range(3))                                              # [T, H, Dh]
+    q, k, v = (rng.standard_normal((n, h, dh), dtype=np.float32).astype(bk.dtype)
+               for h in (heads, kv_heads, kv_heads))                   # [T, H | Hk, Dh]
     starts = np.arange(shape.seqs, dtype=np.int64) * shape.seq_len
     lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
     result = {"available": True, "chosen": tile_rows(lengths, heads, bk.kernels.n_sm,

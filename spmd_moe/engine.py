@@ -133,20 +133,23 @@ def injected_fault(world_size: int, n_layers: int) -> Fault | None:
 
 
 def fit_kernels_to_family(bk: Backend, model) -> None:
-    """Say (``kernels_reason``, shown by ``info`` and the report) what a family needs that
-    the fused kernels do not do, never falling back silently: with grouped-query attention
-    they are dropped (the generic array code runs); SwiGLU experts take the generic expert
-    path (experts.expert_ffn) while attention and permutation stay fused."""
+    """Fit the fused kernels to ``model`` and say what runs fused in ``kernels_reason``
+    (shown by ``info --model`` and the report), never falling back silently. Attention is
+    fused for multi-head and grouped-query heads alike at the head dims the kernel is
+    instantiated for; any other head dim leaves attention alone to the generic array code
+    (kernels.fit_model), the rest staying fused. The expert FFN is fused for GELU and
+    SwiGLU experts, the permutation always. q/k norms and RoPE are array code in every
+    family. Idempotent."""
     if bk.kernels is None:
         return
-    if model.kv_heads != model.n_heads:
-        bk.kernels = None
-        bk.kernels_reason = (f"off for this model: the fused attention has no grouped-query "
-                             f"form ({model.n_heads} query / {model.kv_heads} key-value "
-                             "heads); the CuPy backend runs the generic array code")
-    elif model.activation != "gelu":
-        bk.kernels_reason += (f"; expert FFN: generic array code (no fused "
-                              f"{model.activation} kernel)")
+    kernels.fit_model(bk, model.head_dim)
+    pieces = [f"{model.activation} experts"]
+    if bk.kernels.fused_attention:
+        heads = ("multi-head" if model.kv_heads == model.n_heads else
+                 f"grouped-query ({model.n_heads // model.kv_heads} query heads per K/V head)")
+        pieces.insert(0, f"{heads} attention of head dim {model.head_dim}")
+    bk.kernels_reason = (f"{bk.kernels.describe()}; {model.family} model: fused "
+                         f"{' and '.join(pieces)}")
 
 
 @dataclass

@@ -28,14 +28,16 @@ def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None, w3=None):
     baseline's partial sums, which are reduced before rounding). w1: [d, F], w2: [F, d];
     with w3 [d, F] the expert is SwiGLU, ``(silu(x W1) * x W3) W2``, else ``GELU(x W1) W2``.
     The activation (and SwiGLU's product) runs on the float32 accumulators of the first
-    GEMMs before rounding, as a fused kernel does."""
+    GEMMs before rounding, as a fused kernel does. With the fused kernels (GPU) both forms
+    run there (kernels/fused.py: SwiGLU with these rounding points, GELU on the rounded
+    hidden)."""
+    if bk.kernels is not None:
+        return bk.kernels.expert_ffn(x, w1, w2, out_dtype, w3=w3)
     if w3 is not None:
         gate = bk.matmul(x, w1, out_dtype=F32)                       # [R, F]
         up = bk.matmul(x, w3, out_dtype=F32)                         # [R, F]
         hidden = bk.store(silu(bk, gate) * up)
         return bk.matmul(hidden, w2, out_dtype=out_dtype)            # [R, d]
-    if bk.kernels is not None:
-        return bk.kernels.expert_ffn(x, w1, w2, out_dtype)
     hidden = bk.matmul(x, w1, out_dtype=F32)                         # [R, F]
     hidden = bk.store(bk.gelu(hidden, out=hidden))
     return bk.matmul(hidden, w2, out_dtype=out_dtype)                # [R, d]

@@ -171,7 +171,7 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
     keys ``0 .. k_len - q_len + r`` (prefill: q_len = k_len; a decode step: q_len = 1).
     Returns [Tq, h*Dh] in storage dtype. Scores, softmax and accumulation are float32.
     """
-    if bk.kernels is not None:
+    if bk.kernels is not None and bk.kernels.fused_attention:
         return bk.kernels.attention(q, q_starts_host, q_lengths_host, k, v, k_starts_host,
                                     k_lengths_host, scale)
     xp = bk.xp

@@ -143,6 +143,7 @@ class StubKernels:
     """The fused kernels' attention entry, on NumPy: records the tile heights asked for."""
 
     n_sm = 132
+    fused_attention = True
 
     def __init__(self):
         self.tile_rows = []

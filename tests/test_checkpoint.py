@@ -21,7 +21,7 @@ from spmd_moe.config import Layout, build_run_config
 from spmd_moe.data import synthetic_input
 from spmd_moe.errors import ConfigError, InputError
 from spmd_moe.families import checkpoint_tensors, model_config_from_hf
-from spmd_moe.testing import relative_error, run_layout
+from spmd_moe.testing import TOLERANCE, relative_error, run_layout
 from spmd_moe.tokenizer import TextTokenizer, left_pad
 from spmd_moe.topology import Grid
 
@@ -379,27 +379,42 @@ def test_host_transpose_and_bf16_widening_are_exact():
 
 # --- on a GPU (skipped without one) ----------------------------------------------------------
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
-def test_cupy_backend_matches_transformers(name):
-    """The generic CuPy path of each family (GQA turns the fused kernels off; the report's
-    kernels_reason says so) against transformers, and bf16 weights on the device as bf16."""
+def run_on_cupy(config, batch, decode_tokens=0, eos=None):
+    """Prefill (and greedy decode) on the CuPy backend at one rank: (logits, tokens or
+    None, the backend's kernels and kernels_reason)."""
     from spmd_moe.runner import open_session, run_decode, run_prefill
 
-    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
-    session = open_session(config, WORLD, batch, backend="cupy", new_tokens=hf.NEW_TOKENS)
+    session = open_session(config, WORLD, batch, backend="cupy", new_tokens=decode_tokens)
     try:
         logits = run_prefill(session, batch).outputs["logits"]
-        tokens = run_decode(session, batch, hf.NEW_TOKENS, eos).outputs["tokens"]
-        if config.model.kv_heads != config.model.n_heads:
-            assert session.backend.kernels is None
-            assert "grouped-query" in session.backend.kernels_reason
+        tokens = (run_decode(session, batch, decode_tokens, eos).outputs["tokens"]
+                  if decode_tokens else None)
+        return logits, tokens, session.backend.kernels, session.backend.kernels_reason
     finally:
         session.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["fused", "generic"])
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+def test_cupy_backend_matches_transformers(name, kernels, monkeypatch):
+    """Each family on CuPy against transformers, in float32: with the fused kernels
+    (grouped-query flash attention over the K/V heads' cache, the SwiGLU FFN; the report's
+    kernels_reason says so) and with the generic array code (SPMD_MOE_KERNELS=0); and bf16
+    weights on the device as bf16."""
+    if kernels == "generic":
+        monkeypatch.setenv("SPMD_MOE_KERNELS", "0")
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    logits, tokens, fused, reason = run_on_cupy(config, batch, hf.NEW_TOKENS, eos)
+    if kernels == "fused":
+        assert fused is not None and fused.fused_attention, reason
+        assert "grouped-query" in reason and "swiglu experts" in reason, reason
+    else:
+        assert fused is None and "SPMD_MOE_KERNELS=0" in reason
     suffix = "_float32" if name == hf.BF16 else ""
     assert relative_error(logits, want["logits" + suffix]) < 1e-4
     assert np.array_equal(tokens, want["tokens" + suffix])
-    if name == hf.BF16:
+    if name == hf.BF16 and kernels == "fused":
         bf16 = checkpoint_run_config(hf.path(name)).model
         bk = Backend(choose_backend("cupy"), "bfloat16")
         on_device = load_weights(Grid(Layout(), bf16, 0), bk,
@@ -409,3 +424,20 @@ def test_cupy_backend_matches_transformers(name):
         w1 = on_device.layers[1].experts[5][0]
         assert w1.dtype == BF16                      # no float32 copy on the device
         assert np.array_equal(w1.get().astype(np.float32), on_host.layers[1].experts[5][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
+    """bfloat16 arithmetic through the fused kernels (bf16 tensor-core attention with
+    grouped K/V heads, the SwiGLU FFN) against the NumPy backend's bf16 run of the same
+    checkpoint and, for the bf16 checkpoint, transformers' own bf16 run: within the bf16
+    tolerance (the NumPy run is itself 1.3e-2 to 2.7e-2 from transformers' float32 logits
+    on these fixtures)."""
+    config, batch, want, _ = hf.setup(name, dtype="bfloat16")
+    logits, _, fused, reason = run_on_cupy(config, batch)
+    assert fused is not None and fused.fused_attention, reason
+    on_numpy = run_layout(WORLD, config, batch)["logits"]
+    assert relative_error(logits, on_numpy) < TOLERANCE["bfloat16"]
+    if name == hf.BF16:
+        assert relative_error(logits, want["logits"]) < TOLERANCE["bfloat16"]

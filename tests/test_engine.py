@@ -85,35 +85,6 @@ def test_kv_cache_never_grows_past_its_preallocation():
     session.close()
 
 
-class _Kernels:
-    """Stands in for a loaded FusedKernels (no GPU here)."""
-
-
-def _backend_with_kernels():
-    from spmd_moe.backend import Backend, BackendChoice
-
-    bk = Backend(BackendChoice("numpy", "test"), "float32")
-    bk.kernels, bk.kernels_reason = _Kernels(), "fused (test)"
-    return bk
-
-
-def test_families_the_kernels_cannot_run_say_so():
-    from dataclasses import replace
-
-    from spmd_moe.engine import fit_kernels_to_family
-
-    model = build_run_config("tiny").model
-    bk = _backend_with_kernels()
-    fit_kernels_to_family(bk, model)                      # SPEC §1: kept, reason unchanged
-    assert bk.kernels is not None and bk.kernels_reason == "fused (test)"
-    bk = _backend_with_kernels()
-    fit_kernels_to_family(bk, replace(model, activation="swiglu"))
-    assert bk.kernels is not None and "expert FFN: generic array code" in bk.kernels_reason
-    bk = _backend_with_kernels()
-    fit_kernels_to_family(bk, replace(model, n_kv_heads=2))
-    assert bk.kernels is None and "grouped-query" in bk.kernels_reason
-
-
 # --- chunked prefill -------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5])

@@ -7,11 +7,16 @@ Without a GPU (CI):
   exists; the on-disk cache compiles once per (source, options, target, NVRTC) and the run
   time loads exactly its cubin;
 - the host-side planning (tile lists, tile heights, split-K, variants, alignment, chunking,
-  vector widths) against NumPy, with a float64 emulation of the kernels' tiled online
-  softmax over the schedule;
+  vector widths, which tile and heads a CTA runs) against NumPy, with a float64 emulation
+  of the kernels' tiled online softmax over the schedule;
 - the launch code (fused.py) on a fake device: NumPy emulations of each kernel behind it,
   every launch checked against the kernel's PTX parameter types, outputs poisoned;
-- the ``SPMD_MOE_KERNELS=0``, NumPy-backend and no-device paths of attach().
+  grouped-query attention at groups of 1, 2, 4 and 8 query heads per K/V head, SwiGLU
+  experts with the NumPy path's rounding points;
+- the engine running each checkpoint family (tests/data/hf) through that launch code on
+  the fake device, against transformers' logits and greedy tokens;
+- the ``SPMD_MOE_KERNELS=0``, NumPy-backend and no-device paths of attach(), and what
+  ``fit_kernels_to_family`` leaves fused (and says) for each family and head dim.
 
 With a GPU (``@pytest.mark.gpu``): the same kernel-against-float64 tests on the compiled
 kernels, random shapes and lengths, outputs poisoned with NaN so that an unwritten element
@@ -25,11 +30,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import hf_fixtures as hf
 from spmd_moe import kernels
 from spmd_moe.backend import BF16, F32
 from spmd_moe.kernels import schedule as sch
 from spmd_moe.kernels import compile as kernel_compile
 from spmd_moe.kernels.compile import KERNEL_DIR, SOURCES, compile_source, entry_points, source
+from spmd_moe.kernels.fused import FusedKernels
 
 ARCHS = ("sm_90a", "sm_80")
 
@@ -87,8 +94,8 @@ def test_cache_compiles_once_per_source_and_target(tmp_path, monkeypatch):
     assert [compiled for _, _, compiled in again] == [False, False]
     path, compiled = kernel_compile.cubin_path("expert_ffn.cu", "sm_80")
     assert not compiled and path.read_bytes() == compile_source("expert_ffn.cu", "sm_80").cubin
-    assert set(kernel_compile.cached_entry_points(path)) == {"gelu_bf16_inplace",
-                                                             "gelu_f32_inplace"}
+    assert set(kernel_compile.cached_entry_points(path)) == {
+        "gelu_bf16_inplace", "gelu_f32_inplace", "swiglu_bf16", "swiglu_f32"}
     # Another target, other options or another source text are other entries.
     assert kernel_compile.cubin_path("expert_ffn.cu", "sm_90a")[1]
     monkeypatch.setattr(kernel_compile, "OPTIONS", (*kernel_compile.OPTIONS, "-DUNUSED=1"))
@@ -147,10 +154,29 @@ def ptxas_report(arch: str, kernel: str) -> dict[str, int]:
                                     "flash_attention_bf16_m128_d128_v16"])
 def test_paper_attention_kernels_do_not_spill(kernel):
     """Head dim 128 keeps its Q fragments and O accumulator in registers, with 4 warps (at
-    most 255 registers; ~170 fit two CTAs per SM) and with 8 (one CTA of 256 threads)."""
+    most 255 registers; up to 184 fit two CTAs per SM) and with 8 (one CTA of 256
+    threads)."""
     report = ptxas_report("sm_90a", kernel)
     assert report["spill_stores"] == report["spill_loads"] == report["stack"] == 0, report
     assert report["registers"] <= 255
+    if "_m64_" in kernel:
+        # Two 4-warp CTAs per SM: registers are allocated per warp in units of 256.
+        per_warp = -(-report["registers"] * 32 // 256) * 256
+        assert 2 * 4 * per_warp <= 65536, report
+
+
+@pytest.mark.parametrize("name", ["flash_attention.cu", "expert_ffn.cu"])
+def test_no_kernel_spills_for_sm_90a(name):
+    """Every instantiation (every head dim, tile height, copy width, float32; the GELU and
+    SwiGLU passes), whatever the head layout: the group size of grouped-query attention
+    is a run-time argument, so no variant was added for it."""
+    log = compiled(name, "sm_90a").log
+    reports = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, "
+                         r"(\d+) bytes spill stores, (\d+) bytes spill loads", log, re.DOTALL)
+    names = set(entry_points(compiled(name, "sm_90a").ptx))
+    assert {kernel for kernel, *_ in reports} == names
+    spilled = [r for r in reports if r[1:] != ("0", "0", "0")]
+    assert not spilled, spilled
 
 
 def test_sources_need_no_headers():
@@ -168,7 +194,8 @@ def test_every_launch_name_exists():
                     variant = sch.attention_variant(head_dim, dtype, block_m, pointers)
                     assert variant.kernel in attention
                     assert variant.combine_kernel in attention
-    assert {"gelu_bf16_inplace", "gelu_f32_inplace"} <= entries["expert_ffn.cu"]
+    assert {"gelu_bf16_inplace", "gelu_f32_inplace", "swiglu_bf16",
+            "swiglu_f32"} <= entries["expert_ffn.cu"]
     permute = entries["permute.cu"]
     assert {f"gather_rows_v{w}" for w in (16, 4, 2)} <= permute
     assert {"inverse_permutation", "unpermute_weighted_bf16_v16", "unpermute_weighted_bf16_v2",
@@ -300,15 +327,17 @@ def random_sequences(rng, n_seqs, max_len, decode=False, gap=0):
 
 
 def reference_attention(q, q_starts, q_lengths, k, v, k_starts, k_lengths, scale):
-    """Float64 causal attention, the semantics of model.causal_attention. -> [Tq, h*D]."""
+    """Float64 causal attention, the semantics of model.causal_attention: q [Tq, h, D],
+    k/v [Tk, hk, D], query head j reading K/V head j // (h/hk). -> [Tq, h*D]."""
     n_q, heads, head_dim = q.shape
+    kv_of_head = np.arange(heads) // (heads // k.shape[1])                  # [h]
     out = np.zeros((n_q, heads, head_dim))
     for q0, nq, k0, nk in zip(q_starts, q_lengths, k_starts, k_lengths):
         if nq == 0:
             continue
         qs = q[q0:q0 + nq].astype(np.float64)                           # [nq, h, D]
-        ks = k[k0:k0 + nk].astype(np.float64)
-        vs = v[k0:k0 + nk].astype(np.float64)
+        ks = k[k0:k0 + nk][:, kv_of_head].astype(np.float64)            # [nk, h, D]
+        vs = v[k0:k0 + nk][:, kv_of_head].astype(np.float64)
         scores = np.einsum("qhd,khd->hqk", qs, ks) * scale               # [h, nq, nk]
         visible = np.arange(nk)[None, :] <= (nk - nq + np.arange(nq))[:, None]
         scores = np.where(visible, scores, -np.inf)
@@ -323,13 +352,17 @@ def reference_attention(q, q_starts, q_lengths, k, v, k_starts, k_lengths, scale
 # split partials and their merge, the permutation's float32 operation order), not how;
 # with a fake device they run the launch code of fused.py without a GPU.
 
-def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, head_dim,
-                            scale_log2, block_m):
-    """out [Tq, h*D] (rows of whole tiles), part_o [slots, h, BM, D], part_lse [slots, h, BM].
+def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, kv_heads,
+                            head_dim, scale_log2, block_m):
+    """out [Tq, h*D] (rows of whole tiles), part_o [slots, h, BM, D], part_lse [slots, h, BM];
+    q [Tq, h, D], k/v [Tk, hk, D] (query head j reads K/V head j // (h/hk)).
     Rows go in warps of 16, and a warp skips a key block wholly past its last row's causal
     bound, as the bf16 kernel does (the float32 kernel does the same arithmetic per row)."""
     out3 = out.reshape(out.shape[0], heads, head_dim)
     assert part_o.shape[2] == part_lse.shape[2] == block_m
+    q = q.reshape(q.shape[0], heads, head_dim)
+    k, v = (a.reshape(a.shape[0], kv_heads, head_dim) for a in (k, v))
+    kv_of_head = np.arange(heads) // (heads // kv_heads)                   # [h]
     for q_row0, n_rows, k_row0, diag, kb_begin, kb_end, slot, _ in tiles[:n_tiles]:
         assert 1 <= n_rows <= block_m
         qs = q[q_row0:q_row0 + n_rows].astype(np.float64)                # [r, h, D]
@@ -341,8 +374,8 @@ def emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, n_tiles, head
         warp_last_row = rows // 16 * 16 + 15                             # [r]
         for kb in range(kb_begin, kb_end):
             keys = np.arange(kb * sch.BLOCK_N, min((kb + 1) * sch.BLOCK_N, key_end))
-            ks = k[k_row0 + keys].astype(np.float64)                     # [n, h, D]
-            vs = v[k_row0 + keys].astype(np.float64)
+            ks = k[k_row0 + keys][:, kv_of_head].astype(np.float64)      # [n, h, D]
+            vs = v[k_row0 + keys][:, kv_of_head].astype(np.float64)
             # Rows of warps that skip this block keep their running state.
             active = (kb * sch.BLOCK_N <= diag + warp_last_row)[None, :]  # [1, r]
             s = np.einsum("rhd,nhd->hrn", qs, ks) * float(scale_log2)
@@ -382,6 +415,16 @@ def emulate_gelu(x, n):
     flat[...] = 0.5 * xf * erfc_numpy(xf * np.float32(-0.7071067811865476))
 
 
+def emulate_swiglu(gate, up, out, n):
+    """out = silu(gate) * up in float32, rounded once to out's dtype: experts.silu's
+    operations (NumPy's exp for CUDA's expf, the only difference on the GPU)."""
+    from spmd_moe.experts import silu
+
+    assert all(address(a) % 16 == 0 for a in (gate, up, out)), "vector loads need 16 bytes"
+    g, u = gate.reshape(-1)[:n].astype(np.float32), up.reshape(-1)[:n].astype(np.float32)
+    out.reshape(-1)[:n] = (silu(SimpleNamespace(xp=np), g) * u).astype(out.dtype)
+
+
 def emulate_gather_rows(x, order, out, n_rows, row_vecs, top_k, width):
     assert row_vecs * width == out.shape[1] * out.dtype.itemsize
     src = x.view(np.uint8).reshape(x.shape[0], -1)
@@ -406,7 +449,8 @@ def run_schedule(schedule, q, k, v, scale):
     part_o = np.full((max(schedule.n_slots, 1), heads, schedule.block_m, head_dim), np.nan)
     part_lse = np.full((max(schedule.n_slots, 1), heads, schedule.block_m), np.nan)
     emulate_flash_attention(q, k, v, out, part_o, part_lse, schedule.tiles, schedule.n_tiles,
-                            heads, head_dim, scale * np.log2(np.e), schedule.block_m)
+                            heads, k.shape[1], head_dim, scale * np.log2(np.e),
+                            schedule.block_m)
     emulate_attention_combine(part_o, part_lse, schedule.combine, out, heads, head_dim,
                               schedule.block_m)
     return out
@@ -416,7 +460,8 @@ def run_schedule(schedule, q, k, v, scale):
 def test_schedule_emulation_matches_reference(case):
     rng = np.random.default_rng(case)
     decode = case % 3 == 0
-    heads, head_dim = int(rng.integers(1, 4)), int(rng.choice([8, 16, 32]))
+    kv_heads, head_dim = int(rng.integers(1, 4)), int(rng.choice([8, 16, 32]))
+    heads = kv_heads * (1, 2, 4, 8)[case % 4]
     lengths = random_sequences(rng, int(rng.integers(1, 6)), int(rng.choice([5, 70, 400])),
                                decode=decode, gap=int(rng.integers(0, 3)))
     # Few SMs: long tiles stay whole; many SMs: the schedule splits them (split-K).
@@ -426,8 +471,8 @@ def test_schedule_emulation_matches_reference(case):
     n_q = int(lengths[1].sum())
     n_k = int((lengths[2] + lengths[3]).max()) + 2
     q = rng.standard_normal((n_q, heads, head_dim))
-    k = rng.standard_normal((n_k, heads, head_dim))
-    v = rng.standard_normal((n_k, heads, head_dim))
+    k = rng.standard_normal((n_k, kv_heads, head_dim))
+    v = rng.standard_normal((n_k, kv_heads, head_dim))
     scale = head_dim ** -0.5
     got = run_schedule(schedule, q, k, v, scale)
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
@@ -508,6 +553,37 @@ def test_schedule_of_nothing():
     assert schedule.n_tiles == 0 and schedule.tiles.shape == (0, sch.TILE_FIELDS)
     zero_q = sch.attention_schedule([0], [0], [0], [5], heads=4, n_sm=132)
     assert zero_q.n_tiles == 0
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (5, 5), (8, 4), (8, 2), (8, 1), (12, 3)])
+def test_cta_work_puts_a_group_s_query_heads_side_by_side(heads, kv_heads):
+    n_tiles, group = 7, heads // kv_heads
+    tile, head, kv_head = sch.cta_work(np.arange(n_tiles * heads), n_tiles, heads, kv_heads)
+    pairs = sorted(zip(tile.tolist(), head.tolist()))
+    assert pairs == [(t, h) for t in range(n_tiles) for h in range(heads)]
+    assert (kv_head == head // group).all()
+    # Blocks g*i .. g*i + g-1 are one tile of one K/V head, its g query heads in order.
+    for first in range(0, n_tiles * heads, group):
+        span = slice(first, first + group)
+        assert len(set(tile[span])) == len(set(kv_head[span])) == 1
+        assert head[span].tolist() == list(range(head[first], head[first] + group))
+    if group == 1:                                   # multi-head: head * n_tiles + tile
+        blocks = np.arange(n_tiles * heads)
+        assert (tile == blocks % n_tiles).all() and (head == blocks // n_tiles).all()
+
+
+def test_cta_work_mirrors_the_kernel_source():
+    """The Python mirror and CtaWork in flash_attention.cu compute the same thing: the
+    kernel's formula, evaluated here as written (unsigned division)."""
+    text = (KERNEL_DIR / "flash_attention.cu").read_text()
+    body = re.search(r"struct CtaWork \{.*?\n\};", text, re.DOTALL).group(0)
+    for line in ("const unsigned group = unsigned(heads) / unsigned(kv_heads);",
+                 "const unsigned pair = unsigned(block) / group;",
+                 "tile = pair % unsigned(n_tiles);", "kv_head = pair / unsigned(n_tiles);",
+                 "head = kv_head * group + unsigned(block) % group;"):
+        assert line in body, line
+    # Both kernels (bf16 and float32) take their tile and heads from it.
+    assert text.count("const CtaWork work(blockIdx.x, n_tiles, heads, kv_heads);") == 2
 
 
 def test_schedule_rejects_more_queries_than_keys():
@@ -636,8 +712,14 @@ def _emulation(name: str):
     if name.startswith("flash_attention_"):
         block_m = int(re.search(r"_m(\d+)_", name).group(1)) if "bf16" in name else sch.BLOCK_M
 
-        def run(grid, block, q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, d, scale):
+        def run(grid, block, q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, kv_heads,
+                d, scale):
             assert grid == (int(n_tiles) * int(heads),)
+            # Every (tile, query head) pair runs in exactly one CTA.
+            tile, head, kv_head = sch.cta_work(np.arange(grid[0]), int(n_tiles), int(heads),
+                                               int(kv_heads))
+            assert len(set(zip(tile.tolist(), head.tolist()))) == grid[0]
+            assert (kv_head == head // (int(heads) // int(kv_heads))).all()
             assert block == ((sch.bf16_threads(block_m) if "bf16" in name
                               else sch.F32_THREADS),)
             if "bf16" in name:
@@ -645,7 +727,7 @@ def _emulation(name: str):
                 assert all(address(a) % copy == 0 for a in (q, k, v)), (name, "misaligned")
                 assert address(out) % 4 == 0
             emulate_flash_attention(q, k, v, out, part_o, part_lse, tiles, int(n_tiles),
-                                    int(heads), int(d), scale, block_m)
+                                    int(heads), int(kv_heads), int(d), scale, block_m)
         return run
     if name.startswith("attention_combine_"):
         def run(grid, block, part_o, part_lse, combine, out, heads, d, block_m):
@@ -655,6 +737,11 @@ def _emulation(name: str):
         return run
     if name.startswith("gelu_"):
         return lambda grid, block, x, n: emulate_gelu(x, int(n))
+    if name.startswith("swiglu_"):
+        def run(grid, block, gate, up, out, n):
+            assert out.dtype == (BF16 if name == "swiglu_bf16" else F32)
+            emulate_swiglu(gate, up, out, int(n))
+        return run
     if name.startswith("gather_rows_v"):
         width = int(name.rsplit("_v", 1)[1])
         return lambda grid, block, x, order, out, n_rows, row_vecs, top_k: emulate_gather_rows(
@@ -670,14 +757,10 @@ def _emulation(name: str):
 
 
 def make_fake_fused():
-    from spmd_moe.kernels.fused import FusedKernels
-
     return FusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10, load=FakeModule)
 
 
 def test_fused_kernels_refuse_old_devices():
-    from spmd_moe.kernels.fused import FusedKernels
-
     with pytest.raises(RuntimeError, match="sm_80"):
         FusedKernels(FakeCupy(), "75", n_sm=40, shared_limit=64 << 10, load=FakeModule)
 
@@ -850,25 +933,75 @@ def test_flash_attention_matches_float64(device, head_dim, dtype, mode, tile_row
     assert relative_error(got, want) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2)])
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
-def test_flash_attention_split_k_decode(device, dtype):
-    """Few sequences against long caches: the schedule splits, the combine merges."""
+def test_flash_attention_split_k_decode(device, dtype, heads, kv_heads):
+    """Few sequences against long caches: the schedule splits, the combine merges (also
+    with 4 query heads per cached K/V head)."""
     xp, fused = device
     rng = np.random.default_rng(3)
     k_lengths = np.array([5000, 1, 3000, 64])
     q_lengths = np.ones(4, np.int64)
     k_starts = np.array([0, 5000, 6000, 9000])
-    schedule = sch.attention_schedule(np.arange(4), q_lengths, k_starts, k_lengths, heads=2,
-                                      n_sm=fused.n_sm)
+    schedule = sch.attention_schedule(np.arange(4), q_lengths, k_starts, k_lengths,
+                                      heads=heads, n_sm=fused.n_sm)
     assert schedule.n_slots > 0
-    q = rng.standard_normal((4, 2, 64)).astype(dtype)
-    k = rng.standard_normal((9064, 2, 64)).astype(dtype)
-    v = rng.standard_normal((9064, 2, 64)).astype(dtype)
-    out = poisoned(xp, (4, 128), dtype)
+    q = rng.standard_normal((4, heads, 64)).astype(dtype)
+    k = rng.standard_normal((9064, kv_heads, 64)).astype(dtype)
+    v = rng.standard_normal((9064, kv_heads, 64)).astype(dtype)
+    out = poisoned(xp, (4, heads * 64), dtype)
     fused.attention(xp.asarray(q), np.arange(4), q_lengths, xp.asarray(k), xp.asarray(v),
                     k_starts, k_lengths, 0.125, out=out)
     want = reference_attention(q, np.arange(4), q_lengths, k, v, k_starts, k_lengths, 0.125)
     assert relative_error(out.get(), want) < tolerance(dtype)
+
+
+# Grouped-query attention: 1, 2, 4 and 8 query heads per K/V head, head dims 64 and 128
+# (the published families') and 6 (4-byte copies, padded to 16), prefill against packed
+# keys and decode against a KV cache holding only the K/V heads (rows with unused tails),
+# odd lengths, both tile heights (bf16) and float32.
+GQA_CASES = [(group, head_dim, dtype, mode, tile_rows)
+             for group in (1, 2, 4, 8) for head_dim in (64, 128)
+             for dtype, tile_rows in ((BF16, 64), (BF16, 128), (F32, 64))
+             for mode in ("prefill", "decode")]
+GQA_CASES += [(group, 6, BF16, mode, 64) for group in (2, 8) for mode in ("prefill", "decode")]
+
+
+@pytest.mark.parametrize("group,head_dim,dtype,mode,tile_rows", GQA_CASES, ids=dtype_id)
+def test_grouped_query_attention_matches_float64(device, group, head_dim, dtype, mode,
+                                                 tile_rows):
+    xp, fused = device
+    rng = np.random.default_rng(group * 1000 + head_dim + len(mode) + tile_rows)
+    kv_heads = int(rng.integers(1, 3))
+    heads = kv_heads * group
+    lengths = random_sequences(rng, int(rng.integers(2, 6)), int(rng.choice([37, 131, 301])),
+                               decode=mode == "decode", gap=int(rng.integers(1, 6)))
+    n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
+    q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
+    k = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
+    v = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
+    scale = head_dim ** -0.5
+    out = poisoned(xp, (n_q, heads * head_dim), dtype)
+    fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
+                    scale, out=out, tile_rows=tile_rows)
+    got = out.get().astype(np.float64)
+    assert np.isfinite(got).all(), "rows left unwritten"
+    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
+    assert relative_error(got, want) < tolerance(dtype)
+    if group > 1:
+        # Each query head reads its own group's K/V head: attending to another one (or to
+        # K/V head 0 for all) would be far off.
+        wrong = reference_attention(q, *lengths[:2], np.roll(k, 1, axis=1),
+                                    np.roll(v, 1, axis=1), *lengths[2:], scale)
+        assert kv_heads == 1 or relative_error(got, wrong) > 0.1
+
+
+def test_attention_refuses_k_v_heads_that_do_not_divide_the_query_heads():
+    fused, fake = make_fake_fused(), FakeCupy()
+    q = fake.asarray(np.ones((3, 6, 16), BF16))
+    k = fake.asarray(np.ones((3, 4, 16), BF16))
+    with pytest.raises(AssertionError):
+        fused.attention(q, [0], [3], k, k, [0], [3], 0.25)
 
 
 @pytest.mark.parametrize("dtype,tile_rows", [(BF16, 64), (F32, 64), (BF16, 128)], ids=dtype_id)
@@ -910,6 +1043,115 @@ def test_expert_ffn_matches_float64(device, dtype, out_dtype, n_rows, d, d_ff, m
     assert relative_error(out.get(), reference_ffn(x, w1, w2)) < tolerance(dtype)
 
 
+def reference_swiglu_ffn(x, w1, w2, w3):
+    from spmd_moe.experts import silu
+
+    gate = x.astype(np.float64) @ w1.astype(np.float64)
+    up = x.astype(np.float64) @ w3.astype(np.float64)
+    return (silu(SimpleNamespace(xp=np), gate) * up) @ w2.astype(np.float64)
+
+
+def swiglu_weights(rng, d, d_ff, dtype):
+    return ((rng.standard_normal((d, d_ff)) * d ** -0.5).astype(dtype),
+            (rng.standard_normal((d_ff, d)) * d_ff ** -0.5).astype(dtype),
+            (rng.standard_normal((d, d_ff)) * d ** -0.5).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(BF16, None), (F32, None), (BF16, F32)],
+                         ids=dtype_id)
+@pytest.mark.parametrize("n_rows,d,d_ff", [(1, 32, 40), (301, 64, 197), (1000, 256, 1024)])
+def test_swiglu_expert_ffn_matches_float64(device, dtype, out_dtype, n_rows, d, d_ff,
+                                           monkeypatch):
+    """Odd widths (F = 197: rows of float32 gate/up not 16-byte multiples) and several row
+    chunks under a small workspace."""
+    xp, fused = device
+    rng = np.random.default_rng(n_rows + 1)
+    x = rng.standard_normal((n_rows, d)).astype(dtype)
+    w1, w2, w3 = swiglu_weights(rng, d, d_ff, dtype)
+    monkeypatch.setattr(fused, "ffn_workspace_bytes",
+                        128 * d_ff * sch.swiglu_element_bytes(dtype.itemsize))
+    out = poisoned(xp, (n_rows, d), out_dtype or dtype)
+    fused.expert_ffn(xp.asarray(x), xp.asarray(w1), xp.asarray(w2), out_dtype,
+                     w3=xp.asarray(w3), out=out)
+    assert relative_error(out.get(), reference_swiglu_ffn(x, w1, w2, w3)) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(BF16, None), (F32, None), (BF16, F32)],
+                         ids=dtype_id)
+def test_swiglu_expert_ffn_rounds_where_the_numpy_path_does(device, dtype, out_dtype):
+    """Against experts.expert_ffn on NumPy (the generic path, float32 GEMM outputs, the
+    product rounded once): bit for bit on the fake device, whose GEMMs and SwiGLU pass are
+    that arithmetic; on the GPU within what cuBLAS's summation order and CUDA's expf (2
+    ulp) leave, far below one bf16 rounding of the gate or up projections."""
+    from spmd_moe.backend import Backend, BackendChoice
+    from spmd_moe.experts import expert_ffn
+
+    xp, fused = device
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((211, 96)) * 2).astype(dtype)
+    w1, w2, w3 = swiglu_weights(rng, 96, 150, dtype)
+    numpy_bk = Backend(BackendChoice("numpy", "test"), "bfloat16" if dtype == BF16 else "float32")
+    want = expert_ffn(numpy_bk, x, numpy_bk.param(w1), numpy_bk.param(w2), out_dtype,
+                      numpy_bk.param(w3))
+    got = fused.expert_ffn(xp.asarray(x), xp.asarray(w1), xp.asarray(w2), out_dtype,
+                           w3=xp.asarray(w3)).get()
+    assert got.dtype == want.dtype
+    if xp is np or isinstance(xp, FakeCupy):
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    else:
+        assert relative_error(got, want) < (2e-3 if got.dtype == BF16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("n", [1, 7, 4096 + 3])
+def test_swiglu_pass_matches_the_numpy_product(device, dtype, n):
+    """The elementwise pass alone (vector body and tail): silu(gate) * up from float32
+    gate and up, rounded once. The fake device is the formula; the GPU's expf may differ
+    from NumPy's exp by an ulp or two, which moves a bf16 rounding only at a tie."""
+    from spmd_moe.experts import silu
+
+    xp, fused = device
+    rng = np.random.default_rng(n)
+    gate = (rng.standard_normal(n) * 6).astype(np.float32)
+    gate[:3] = [0.0, -120.0, 95.0][:min(3, n)]             # exp(-|g|) underflow, large g
+    up = rng.standard_normal(n).astype(np.float32)
+    want = (silu(SimpleNamespace(xp=np), gate) * up).astype(dtype)
+    out = poisoned(xp, (n,), dtype)
+    device_gate = xp.asarray(gate)
+    fused.swiglu(device_gate, xp.asarray(up), out)
+    got = out.get()
+    if dtype == F32:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+        # In place over gate (what the float32 FFN does).
+        fused.swiglu(device_gate, xp.asarray(up), device_gate)
+        np.testing.assert_allclose(device_gate.get(), want, rtol=1e-6, atol=1e-30)
+    else:
+        differ = got.view(np.uint16) != want.view(np.uint16)
+        assert differ.mean() <= 0.01
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                                   rtol=2 ** -7, atol=0)
+
+
+def test_expert_ffn_runs_one_swiglu_per_chunk_within_the_workspace():
+    fused, fake = make_fake_fused(), FakeCupy()
+    element = sch.swiglu_element_bytes(2)
+    assert element == 10 and sch.swiglu_element_bytes(4) == 8
+    fused.ffn_workspace_bytes = 128 * 40 * element                # 3 passes: 128, 128, 44
+    x, w1, w2, w3 = (fake.asarray(np.full(shape, 0.5, BF16))
+                     for shape in ((300, 24), (24, 40), (40, 24), (24, 40)))
+    made = []
+    real_empty = fake.empty
+    fake.empty = lambda shape, dtype: (made.append((shape, np.dtype(dtype))),
+                                       real_empty(shape, dtype))[1]
+    fused.cp = fake
+    fused.expert_ffn(x, w1, w2, w3=w3)
+    assert fused.ffn_module.kernels["swiglu_bf16"].launches == 3
+    assert "gelu_bf16_inplace" not in fused.ffn_module.kernels
+    workspace = [(shape, dtype) for shape, dtype in made if shape[-1] == 40]
+    assert sorted(workspace, key=str) == sorted([((128, 40), F32), ((128, 40), F32),
+                                                 ((128, 40), BF16)], key=str)
+
+
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
 @pytest.mark.parametrize("n_tokens,d,top_k", [(37, 32, 2), (500, 4096, 2), (9, 11, 3),
                                               (64, 10, 1), (0, 8, 2)])
@@ -948,9 +1190,159 @@ def test_cupy_backend_attaches_the_kernels(monkeypatch):
     assert "fused" in backend.kernels_reason
 
 
-def test_unsupported_head_dim_drops_the_kernels_with_a_reason():
-    backend = SimpleNamespace(kernels=object(), kernels_reason="loaded", dtype_name="bfloat16")
-    kernels.fit_model(backend, 128)
-    assert backend.kernels is not None
-    kernels.fit_model(backend, 256)
-    assert backend.kernels is None and "head dims up to 128, not 256" in backend.kernels_reason
+# --- which pieces run fused for a model, and the engine on the fake device ---------------
+
+def fake_backend(dtype: str = "float32"):
+    """A NumPy backend carrying the fake device's FusedKernels (as attach() would give a
+    CuPy one), whose launch code the engine then runs (HostFusedKernels)."""
+    from spmd_moe.backend import Backend, BackendChoice
+
+    bk = Backend(BackendChoice("numpy", "test"), dtype)
+    bk.kernels = HostFusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10,
+                                  load=FakeModule)
+    bk.kernels_reason = bk.kernels.describe()
+    return bk
+
+
+def test_unsupported_head_dim_leaves_only_attention_to_the_generic_code():
+    bk = fake_backend()
+    loaded = bk.kernels
+    kernels.fit_model(bk, 128)
+    assert bk.kernels is loaded and bk.kernels.fused_attention
+    kernels.fit_model(bk, 256)
+    assert bk.kernels is not None and not bk.kernels.fused_attention
+    assert loaded.fused_attention            # the process's shared kernels are untouched
+    assert ("attention: generic array code (fused attention supports even head dims up to "
+            "128, not 256)") in bk.kernels_reason
+    assert "expert FFN (cuBLAS + in-place GELU or SwiGLU), permutation" in bk.kernels_reason
+    reason = bk.kernels_reason
+    kernels.fit_model(bk, 256)
+    assert bk.kernels_reason == reason
+
+
+def family_reason(model) -> tuple[object, str]:
+    from spmd_moe.engine import fit_kernels_to_family
+
+    bk = fake_backend()
+    fit_kernels_to_family(bk, model)
+    first = bk.kernels_reason
+    fit_kernels_to_family(bk, model)                       # idempotent
+    assert bk.kernels_reason == first
+    return bk.kernels, first
+
+
+def test_every_family_runs_fused_and_says_so():
+    from dataclasses import replace
+
+    from spmd_moe.checkpoint import checkpoint_run_config
+    from spmd_moe.config import build_run_config
+
+    spec = build_run_config("tiny").model
+    fused, reason = family_reason(spec)
+    assert fused.fused_attention
+    assert reason.endswith("; spmd model: fused multi-head attention of head dim 8 and gelu "
+                           "experts")
+    for name, group, head_dim in (("mixtral", 2, 4), ("qwen3_moe", 2, 6), ("olmoe", 2, 4)):
+        model = checkpoint_run_config(hf.path(name)).model
+        fused, reason = family_reason(model)
+        assert fused is not None and fused.fused_attention, reason
+        assert reason.endswith(f"; {name} model: fused grouped-query ({group} query heads per "
+                               f"K/V head) attention of head dim {head_dim} and swiglu "
+                               "experts"), reason
+        assert "generic" not in reason
+    fused, reason = family_reason(replace(spec, d_model=1024, n_heads=4))   # head dim 256
+    assert fused is not None and not fused.fused_attention
+    assert "attention: generic array code (fused attention supports even head dims up to " \
+           "128, not 256)" in reason and reason.endswith("; spmd model: fused gelu experts")
+
+
+def _on_fake_device(method):
+    """``method`` of FusedKernels taking the engine's NumPy arrays: each is viewed as a
+    FakeArray (what the launch code reads device pointers from), the result handed back
+    as a plain array."""
+    def call(self, *args, **kwargs):
+        fake = lambda a: a.view(FakeArray) if isinstance(a, np.ndarray) else a  # noqa: E731
+        result = method(self, *map(fake, args), **{k: fake(v) for k, v in kwargs.items()})
+        return np.asarray(result)
+    return call
+
+
+class HostFusedKernels(FusedKernels):
+    """The launch code on the fake device, called by the engine with NumPy arrays."""
+
+    attention = _on_fake_device(FusedKernels.attention)
+    expert_ffn = _on_fake_device(FusedKernels.expert_ffn)
+    gather_rows = _on_fake_device(FusedKernels.gather_rows)
+    unpermute_weighted = _on_fake_device(FusedKernels.unpermute_weighted)
+
+
+def launches(fused) -> dict[str, int]:
+    return {name: kernel.launches
+            for module in (fused.attention_module, fused.ffn_module, fused.permute_module)
+            for name, kernel in module.kernels.items() if kernel.launches}
+
+
+def run_on_fake_device(monkeypatch, config, batch, decode_tokens=0, eos=None, layout=None):
+    """The engine through the fused kernels' launch code (emulated kernels) at one rank:
+    (outputs, kernel launches)."""
+    from mpi4py import MPI
+
+    from spmd_moe import runner
+    from spmd_moe.testing import run_layout
+
+    made = []
+
+    class FusedBackend(runner.Backend):
+        def __init__(self, choice, dtype):
+            super().__init__(choice, dtype)
+            fake = fake_backend(dtype)
+            self.kernels, self.kernels_reason = fake.kernels, fake.kernels_reason
+            made.append(self)
+
+    monkeypatch.setattr(runner, "Backend", FusedBackend)
+    outputs = run_layout(MPI.COMM_SELF, config, batch, layout, decode_tokens, eos)
+    (bk,) = made
+    assert bk.kernels is not None and bk.kernels.fused_attention, bk.kernels_reason
+    return outputs, launches(bk.kernels)
+
+
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+def test_each_family_through_the_fused_launch_code_matches_transformers(monkeypatch, name):
+    """Grouped-query attention over the KV cache of the K/V heads, SwiGLU experts, q/k
+    norms as array code: the same tolerance and greedy tokens as the generic path."""
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    prefill, ran = run_on_fake_device(monkeypatch, config, batch)
+    suffix = "_float32" if name == hf.BF16 else ""
+    assert relative_error(prefill["logits"], want["logits" + suffix]) < 1e-4
+    assert ran["swiglu_f32"] > 0 and ran["gather_rows_v16"] > 0
+    assert ran["unpermute_weighted_f32_v16"] > 0
+    assert sum(n for k, n in ran.items() if k.startswith("flash_attention_f32_d16")) \
+        == config.model.n_layers
+    decode, ran = run_on_fake_device(monkeypatch, config, batch, hf.NEW_TOKENS, eos)
+    assert np.array_equal(decode["tokens"], want["tokens" + suffix])
+    assert ran["flash_attention_f32_d16"] > config.model.n_layers     # prefill, then steps
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
+def test_grouped_query_spec_model_through_the_fused_launch_code(monkeypatch, kv_heads):
+    """SPEC §1's model with 8 query heads of dim 16 over 8, 4, 2 or 1 K/V heads and SwiGLU
+    experts, prefill and decode, against the generic NumPy path."""
+    from mpi4py import MPI
+
+    from spmd_moe.config import build_run_config
+    from spmd_moe.data import synthetic_input
+    from spmd_moe.testing import run_layout
+
+    config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3", "n_heads=8",
+                                            "d_head=16", f"n_kv_heads={kv_heads}",
+                                            "activation=swiglu", "n_layers=2"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    want = run_layout(MPI.COMM_SELF, config, batch)
+    got, ran = run_on_fake_device(monkeypatch, config, batch)
+    for key in ("hidden", "logits"):
+        assert relative_error(got[key], want[key]) < 1e-5, key
+    assert np.array_equal(got["expert_counts"], want["expert_counts"])
+    assert ran["flash_attention_f32_d16"] == 2 and ran["swiglu_f32"] > 0
+    want = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=4)
+    got, _ = run_on_fake_device(monkeypatch, config, batch, decode_tokens=4)
+    assert np.array_equal(got["tokens"], want["tokens"])

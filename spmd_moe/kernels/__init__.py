@@ -68,17 +68,19 @@ def attach(backend) -> None:
 
 
 def fit_model(backend, head_dim: int) -> None:
-    """Drop the fused kernels (with the reason) when the model's head dim is one the
-    attention kernel has no variant for, before the first layer rather than in it."""
-    if backend.kernels is None:
+    """Leave attention to the generic array code (with the reason, in ``kernels_reason``)
+    when the model's head dim is one the attention kernel has no variant for, before the
+    first layer rather than in it; the expert FFN and permutation kernels stay on.
+    Idempotent (the engine, ``info --model`` and the bench may each call it)."""
+    if backend.kernels is None or not backend.kernels.fused_attention:
         return
     from .schedule import attention_variant
 
     try:
         attention_variant(head_dim, backend.dtype_name)
     except ValueError as exc:
-        backend.kernels = None
-        backend.kernels_reason = f"off for this model: {exc}"
+        backend.kernels = backend.kernels.without_attention(str(exc))
+        backend.kernels_reason = backend.kernels.describe()
 
 
 def kernel_status() -> str:

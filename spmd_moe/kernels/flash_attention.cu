@@ -1,20 +1,25 @@
 // Causal flash-attention forward for packed variable-length sequences (SPEC §1 attention).
 //
-// Semantics are those of model.causal_attention: q [Tq, h, Dh], k/v [Tk, h, Dh] row-major;
-// sequence i has q_len queries at rows q_start.. and k_len keys at rows k_start..; query r
-// of the sequence attends to keys 0 .. k_len - q_len + r. Output [Tq, h*Dh]. Prefill
-// (q_len = k_len) and a decode step (q_len = 1 against a KV cache laid out as rows) are
-// the same kernel: only the tile list differs.
+// Semantics are those of model.causal_attention: q [Tq, h, Dh], k/v [Tk, hk, Dh] row-major,
+// hk dividing h (grouped-query attention: query head j reads key/value head j / (h/hk);
+// hk = h is plain multi-head attention); sequence i has q_len queries at rows q_start..
+// and k_len keys at rows k_start..; query r of the sequence attends to keys
+// 0 .. k_len - q_len + r. Output [Tq, h*Dh]. Prefill (q_len = k_len) and a decode step
+// (q_len = 1 against a KV cache of the hk heads laid out as rows) are the same kernel:
+// only the tile list differs. The group size is a run-time argument, not a template
+// parameter: every head layout shares one set of instantiations.
 //
 // Work partitioning: the host (schedule.py) builds a list of tiles, one per (sequence,
 // block of BM queries), so variable lengths waste no blocks. A CTA runs one tile for
-// one head: blockIdx.x = head * n_tiles + tile. Tiles are grouped by sequence, longest
-// (most keys) first within it, so the CTAs in flight at any time are the tiles of one or
-// two (sequence, head) pairs: their K/V (10k keys x 128 x 2 x 2 B = 5 MB) is read from
-// DRAM once and then from L2, and the short tiles fill the tail. A tile may be split over
-// its key blocks (split-K, for decode where tiles are few and keys many): each split then
-// writes a normalised float32 partial and its log-sum-exp, and attention_combine merges
-// the splits.
+// one query head: blockIdx.x = (kv_head * n_tiles + tile) * group + g for query head
+// kv_head * group + g (CtaWork below; with group = 1, head * n_tiles + tile). Tiles are
+// grouped by sequence, longest (most keys) first within it, so the CTAs in flight at any
+// time are the tiles of one or two (sequence, K/V head) pairs: their K/V (10k keys x 128 x
+// 2 x 2 B = 5 MB) is read from DRAM once and then from L2, and the short tiles fill the
+// tail. The query heads of a group sit side by side and read the same K/V blocks at about
+// the same time. A tile may be split over its key blocks (split-K, for decode where tiles
+// are few and keys many): each split then writes a normalised float32 partial and its
+// log-sum-exp, and attention_combine merges the splits.
 //
 // Tile descriptor, int32[TILE_FIELDS]:
 //   [0] q_row0    packed row of the tile's first query   [1] n_rows  queries (<= BM)
@@ -119,6 +124,21 @@ struct Tile {
     __device__ int key_end() const { return diag + n_rows; }
 };
 
+// Which tile and heads a CTA runs (the launch code's schedule.cta_work mirrors this).
+// The g query heads of a K/V head take adjacent block indices for the same tile.
+struct CtaWork {
+    int tile, head, kv_head;
+    __device__ CtaWork(int block, int n_tiles, int heads, int kv_heads) {
+        // Unsigned: shorter division sequences (the signed ones cost the 64-row d16 kernel
+        // a spilled register under NVRTC 12.9).
+        const unsigned group = unsigned(heads) / unsigned(kv_heads);
+        const unsigned pair = unsigned(block) / group;   // kv_head * n_tiles + tile
+        tile = pair % unsigned(n_tiles);
+        kv_head = pair / unsigned(n_tiles);
+        head = kv_head * group + unsigned(block) % group;
+    }
+};
+
 // Partial of a split tile: O / l in float32 [slot, head, BM, D] and log2(l) + m [slot, head, BM].
 __device__ __forceinline__ long long partial_row(int slot, int heads, int head, int block_m,
                                                  int row) {
@@ -128,21 +148,22 @@ __device__ __forceinline__ long long partial_row(int slot, int heads, int head, 
 // ---------------------------------------------------------------------------------------
 // bf16 tensor-core kernel
 
-// ROWS x DP tile of rows [row0, row0 + valid) of a [*, h, D] array, columns col0.., into
-// shared memory with stride LD; rows past `valid` and columns past D are zero-filled.
+// ROWS x DP tile of one head's D columns of `valid` rows into shared memory with stride
+// LD: row r of the tile is at g + r * stride (g: the first row's first column of the
+// head, `stride` elements per row); rows past `valid` and columns past D are zero-filled.
 // CH bf16 per copy: 8 (16 bytes: the host checks that D % 8 == 0 and that q, k and v start
 // on 16-byte boundaries), else 2 (4 bytes; D is even). THREADS threads share the copies.
 template <int DP, int CH, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(bf16_t* sdst, const bf16_t* __restrict__ g,
-                                                long long row0, int valid, long long stride,
-                                                long long col0, int D) {
+                                                int valid, int stride, int D) {
     constexpr int LD = DP + SMEM_PAD;
     constexpr int PER_ROW = DP / CH;
     for (int c = threadIdx.x; c < ROWS * PER_ROW; c += THREADS) {
         const int r = c / PER_ROW, col = (c % PER_ROW) * CH;
         const bool ok = r < valid && col < D;
-        // An invalid copy reads nothing, but its address stays inside the allocation.
-        const bf16_t* src = ok ? g + (row0 + r) * stride + col0 + col : g;
+        // An invalid copy reads nothing, but its address stays inside the allocation
+        // (valid >= 1: g is a real row).
+        const bf16_t* src = ok ? g + static_cast<long long>(r) * stride + col : g;
         cp_async<CH * 2>(sdst + r * LD + col, src, ok);
     }
 }
@@ -152,7 +173,7 @@ __device__ __forceinline__ void flash_attention_bf16(
         const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         const bf16_t* __restrict__ v, bf16_t* __restrict__ out, float* __restrict__ part_o,
         float* __restrict__ part_lse, const int* __restrict__ tiles, int n_tiles, int heads,
-        int D, float scale_log2) {
+        int kv_heads, int D, float scale_log2) {
     constexpr int THREADS = BM / 16 * 32;   // one warp per 16 query rows
     constexpr int LD = DP + SMEM_PAD;
     constexpr int KSTEPS = DP / 16;       // k16 steps of S = Q K^T over the head dim
@@ -163,11 +184,16 @@ __device__ __forceinline__ void flash_attention_bf16(
     bf16_t* sK = sQ + BM * LD;                          // [2][BN][LD]
     bf16_t* sV = sK + 2 * BLOCK_N * LD;                 // [2][BN][LD]
 
-    const int tile_index = blockIdx.x % n_tiles, head = blockIdx.x / n_tiles;
-    const Tile t(tiles + static_cast<long long>(tile_index) * TILE_FIELDS);
-    // 64-bit element offsets: a KV cache of 128 x 16k rows x 4096 exceeds 2^31 elements.
-    const long long stride = static_cast<long long>(heads) * D;
-    const long long col0 = static_cast<long long>(head) * D;
+    const CtaWork work(blockIdx.x, n_tiles, heads, kv_heads);
+    const int head = work.head;
+    const Tile t(tiles + static_cast<long long>(work.tile) * TILE_FIELDS);
+    // Row strides in elements: q and out rows hold every query head, k and v rows the K/V
+    // heads only. Row offsets are 64-bit: a KV cache of 128 x 16k rows x 4096 exceeds
+    // 2^31 elements.
+    const int stride = heads * D, kv_stride = kv_heads * D;
+    const long long kv_at = static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
+    const bf16_t* k_seq = k + kv_at;   // key 0 of the tile's sequence, this CTA's K/V head
+    const bf16_t* v_seq = v + kv_at;
     const int key_end = t.key_end();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int quad = lane >> 2, quad_lane = lane & 3;   // the MMA fragment's row and column pair
@@ -179,12 +205,14 @@ __device__ __forceinline__ void flash_attention_bf16(
     auto load_kv = [&](int kb, int buf) {
         const int first = kb * BLOCK_N;
         const int valid = min(BLOCK_N, key_end - first);
-        load_tile_async<DP, CH, BLOCK_N, THREADS>(sK + buf * BLOCK_N * LD, k, t.k_row0 + first,
-                                                  valid, stride, col0, D);
-        load_tile_async<DP, CH, BLOCK_N, THREADS>(sV + buf * BLOCK_N * LD, v, t.k_row0 + first,
-                                                  valid, stride, col0, D);
+        const long long at = static_cast<long long>(first) * kv_stride;
+        load_tile_async<DP, CH, BLOCK_N, THREADS>(sK + buf * BLOCK_N * LD, k_seq + at, valid,
+                                                  kv_stride, D);
+        load_tile_async<DP, CH, BLOCK_N, THREADS>(sV + buf * BLOCK_N * LD, v_seq + at, valid,
+                                                  kv_stride, D);
     };
-    load_tile_async<DP, CH, BM, THREADS>(sQ, q, t.q_row0, t.n_rows, stride, col0, D);
+    load_tile_async<DP, CH, BM, THREADS>(
+        sQ, q + static_cast<long long>(t.q_row0) * stride + head * D, t.n_rows, stride, D);
     if (t.kb_begin < t.kb_end) load_kv(t.kb_begin, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -306,7 +334,7 @@ __device__ __forceinline__ void flash_attention_bf16(
         if (row >= t.n_rows) continue;
         if (t.slot < 0) {
             const float inv = 1.f / sum;   // > 0: key 0 is visible to every row
-            bf16_t* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + col0;
+            bf16_t* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + head * D;
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
                 const int col = dt * 8 + quad_lane * 2;   // even, and D is even
@@ -337,24 +365,28 @@ template <int DP>
 __device__ __forceinline__ void flash_attention_f32(
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
         float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_lse,
-        const int* __restrict__ tiles, int n_tiles, int heads, int D, float scale_log2) {
+        const int* __restrict__ tiles, int n_tiles, int heads, int kv_heads, int D,
+        float scale_log2) {
     constexpr int LDQ = DP + 1;   // odd stride: thread r reads row r without bank conflicts
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float* sQ = reinterpret_cast<float*>(smem_raw);   // [BM][LDQ]
     float* sK = sQ + BLOCK_M * LDQ;                   // [BN][DP] (every thread reads the same key)
     float* sV = sK + BLOCK_N * DP;                    // [BN][DP]
 
-    const int tile_index = blockIdx.x % n_tiles, head = blockIdx.x / n_tiles;
-    const Tile t(tiles + static_cast<long long>(tile_index) * TILE_FIELDS);
-    const long long stride = static_cast<long long>(heads) * D;
-    const long long col0 = static_cast<long long>(head) * D;
+    const CtaWork work(blockIdx.x, n_tiles, heads, kv_heads);
+    const int head = work.head;
+    const Tile t(tiles + static_cast<long long>(work.tile) * TILE_FIELDS);
+    const int stride = heads * D, kv_stride = kv_heads * D;   // as in the bf16 kernel
+    const float* q_tile = q + static_cast<long long>(t.q_row0) * stride + head * D;
+    const long long kv_at = static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
+    const float* k_seq = k + kv_at;
+    const float* v_seq = v + kv_at;
     const int key_end = t.key_end();
     const int row = threadIdx.x;
 
     for (int i = threadIdx.x; i < BLOCK_M * D; i += F32_THREADS) {
         const int r = i / D, c = i % D;
-        const long long at = (t.q_row0 + static_cast<long long>(r)) * stride + col0 + c;
-        sQ[r * LDQ + c] = r < t.n_rows ? q[at] : 0.f;
+        sQ[r * LDQ + c] = r < t.n_rows ? q_tile[static_cast<long long>(r) * stride + c] : 0.f;
     }
     float o[DP];
 #pragma unroll
@@ -367,9 +399,9 @@ __device__ __forceinline__ void flash_attention_f32(
         for (int i = threadIdx.x; i < BLOCK_N * D; i += F32_THREADS) {
             const int j = i / D, c = i % D;
             const bool ok = first + j < key_end;
-            const long long at = (t.k_row0 + static_cast<long long>(first + j)) * stride + col0 + c;
-            sK[j * DP + c] = ok ? k[at] : 0.f;
-            sV[j * DP + c] = ok ? v[at] : 0.f;
+            const long long at = static_cast<long long>(first + j) * kv_stride + c;
+            sK[j * DP + c] = ok ? k_seq[at] : 0.f;
+            sV[j * DP + c] = ok ? v_seq[at] : 0.f;
         }
         __syncthreads();
         if (row >= t.n_rows) continue;
@@ -397,7 +429,7 @@ __device__ __forceinline__ void flash_attention_f32(
     if (row >= t.n_rows) return;
     if (t.slot < 0) {
         const float inv = 1.f / row_sum;
-        float* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + col0;
+        float* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + head * D;
 #pragma unroll
         for (int c = 0; c < DP; ++c)
             if (c < D) dst[c] = o[c] * inv;
@@ -455,10 +487,10 @@ __device__ __forceinline__ void attention_combine(const float* __restrict__ part
 #define FLASH_BF16(BM, BOUNDS, DP, CH, NAME)                                                  \
     extern "C" __global__ void BOUNDS NAME(                                                   \
             const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* part_o,    \
-            float* part_lse, const int* tiles, int n_tiles, int heads, int D,                 \
+            float* part_lse, const int* tiles, int n_tiles, int heads, int kv_heads, int D,   \
             float scale_log2) {                                                               \
         flash_attention_bf16<BM, DP, CH>(q, k, v, out, part_o, part_lse, tiles, n_tiles,      \
-                                         heads, D, scale_log2);                               \
+                                         heads, kv_heads, D, scale_log2);                     \
     }
 FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 8, flash_attention_bf16_m64_d16_v16)
 FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 8, flash_attention_bf16_m64_d32_v16)
@@ -476,10 +508,10 @@ FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 128, 8, flash_attention_bf16_m128_d128_v16
 #define FLASH_F32(DP, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(F32_THREADS) NAME(                           \
             const float* q, const float* k, const float* v, float* out, float* part_o,        \
-            float* part_lse, const int* tiles, int n_tiles, int heads, int D,                 \
+            float* part_lse, const int* tiles, int n_tiles, int heads, int kv_heads, int D,   \
             float scale_log2) {                                                               \
-        flash_attention_f32<DP>(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads, D,     \
-                                scale_log2);                                                  \
+        flash_attention_f32<DP>(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads,        \
+                                kv_heads, D, scale_log2);                                     \
     }
 FLASH_F32(16, flash_attention_f32_d16)
 FLASH_F32(32, flash_attention_f32_d32)

@@ -8,11 +8,12 @@ arguments NumPy int64 arrays. Kernels run on CuPy's current stream (RawKernel la
 and cupy.matmul both use it), so they order with the rest of the backend's work and
 nothing here synchronises the host.
 
-Notation: Tq/Tk query/key rows, h heads, D head dim, T tokens, k top-k, R = T*k routed
-rows, d width, F expert hidden width.
+Notation: Tq/Tk query/key rows, h query heads, hk key/value heads (g = h/hk), D head dim,
+T tokens, k top-k, R = T*k routed rows, d width, F expert hidden width.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -22,7 +23,7 @@ from ..backend import BF16, F32
 from .compile import load_module
 from .schedule import (COMBINE_THREADS, PADDED_HEAD_DIMS, TILE_ROWS, attention_schedule,
                        attention_variant, ffn_row_chunk, row_block, row_grid,
-                       row_vector_bytes)
+                       row_vector_bytes, swiglu_element_bytes)
 from .schedule import tile_rows as choose_tile_rows
 
 LOG2E = 1.4426950408889634
@@ -104,6 +105,9 @@ class FusedKernels:
             or FFN_WORKSPACE_BYTES
         self.attention_tile = _attention_tile_setting()
         self.gemm_to_f32 = gemm_to_f32 or self._upcast_gemm_to_f32
+        # None while attention is fused; else why a model's attention takes the generic
+        # array code (without_attention), the FFN and permutation staying fused.
+        self.attention_off: str | None = None
         self._functions: dict[str, object] = {}
         self._schedule_key: tuple | None = None
         self._schedule = None
@@ -123,12 +127,30 @@ class FusedKernels:
     def _upcast_gemm_to_f32(self, a, b, out):
         self.cp.matmul(a.astype(F32), b.astype(F32), out=out)
 
+    @property
+    def fused_attention(self) -> bool:
+        """Whether :meth:`attention` serves this model (model.causal_attention asks)."""
+        return self.attention_off is None
+
+    def without_attention(self, reason: str) -> "FusedKernels":
+        """These kernels with attention left to the generic array code (``reason``: why,
+        e.g. a head dim with no instantiation); expert FFN and permutation stay fused. A
+        copy: the loaded kernels are shared by every backend of the process."""
+        partial = copy.copy(self)
+        partial.attention_off = reason
+        return partial
+
     def describe(self) -> str:
-        tiles = ("64/128-query tiles by sequence length" if self.attention_tile is None
-                 else f"{self.attention_tile}-query tiles ({ATTENTION_TILE_ENV})")
-        return (f"fused CUDA kernels for sm_{self.arch}: flash attention (bf16 on tensor cores, "
-                f"{tiles}; float32 on FMA; even head dims <= {PADDED_HEAD_DIMS[-1]}), expert "
-                f"FFN (cuBLAS + in-place GELU), permutation")
+        if self.attention_off is None:
+            tiles = ("64/128-query tiles by sequence length" if self.attention_tile is None
+                     else f"{self.attention_tile}-query tiles ({ATTENTION_TILE_ENV})")
+            attention = (f"flash attention (bf16 on tensor cores, {tiles}; float32 on FMA; "
+                         f"even head dims <= {PADDED_HEAD_DIMS[-1]}; grouped-query K/V "
+                         "heads)")
+        else:
+            attention = f"attention: generic array code ({self.attention_off})"
+        return (f"fused CUDA kernels for sm_{self.arch}: {attention}, expert FFN (cuBLAS + "
+                f"in-place GELU or SwiGLU), permutation")
 
     def _function(self, module, name: str, shared_bytes: int = 0):
         fn = self._functions.get(name)
@@ -160,17 +182,22 @@ class FusedKernels:
     def attention(self, q, q_starts_host, q_lengths_host, k, v, k_starts_host, k_lengths_host,
                   scale: float, out=None, tile_rows: int | None = None):
         """Causal attention of packed queries against packed (or cached) keys, as
-        model.causal_attention. q: [Tq, h, D]; k, v: [Tk, h, D], C-contiguous, bf16 or
-        float32 (all the same); ``*_host``: int64 [b]. Returns [Tq, h*D] in q's dtype;
-        rows of no sequence are left unwritten, as in the generic code. ``out`` (optional,
-        [Tq, h*D] C-contiguous, 4-byte aligned) receives the result instead of a new array.
+        model.causal_attention. q: [Tq, h, D]; k, v: [Tk, hk, D] with hk dividing h (query
+        head j reads K/V head j // (h/hk): grouped-query attention; hk = h: multi-head),
+        C-contiguous, bf16 or float32 (all the same); ``*_host``: int64 [b]. Returns
+        [Tq, h*D] in q's dtype; rows of no sequence are left unwritten, as in the generic
+        code. ``out`` (optional, [Tq, h*D] C-contiguous, 4-byte aligned) receives the result
+        instead of a new array.
         ``tile_rows`` (64 or 128) forces the tile height, which is otherwise
         $SPMD_MOE_ATTENTION_TILE or the schedule's choice by sequence length (bf16 only:
         float32 and unaligned inputs always run 64-row tiles)."""
+        assert self.attention_off is None, self.attention_off
         cp = self.cp
         n_q, heads, head_dim = q.shape
-        assert k.ndim == 3 and k.shape[1:] == (heads, head_dim) and v.shape == k.shape, \
+        kv_heads = k.shape[1] if k.ndim == 3 else 0
+        assert k.ndim == 3 and k.shape[2] == head_dim and v.shape == k.shape, \
             (q.shape, k.shape, v.shape)
+        assert kv_heads >= 1 and heads % kv_heads == 0, (q.shape, k.shape)
         assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
         assert q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous
         dtype_name = _dtype_name(q.dtype)
@@ -201,7 +228,8 @@ class FusedKernels:
         kernel = self._function(self.attention_module, variant.kernel, variant.shared_bytes)
         kernel((schedule.n_tiles * heads,), (variant.threads,),
                (q, k, v, out, part_o, part_lse, tiles, np.int32(schedule.n_tiles),
-                np.int32(heads), np.int32(head_dim), np.float32(scale * LOG2E)),
+                np.int32(heads), np.int32(kv_heads), np.int32(head_dim),
+                np.float32(scale * LOG2E)),
                shared_mem=variant.shared_bytes)
         if len(schedule.combine):
             merge = self._function(self.attention_module, variant.combine_kernel)
@@ -212,6 +240,10 @@ class FusedKernels:
 
     # --- expert FFN ----------------------------------------------------------------------
 
+    def _elementwise_blocks(self, n: int, per_thread: int) -> int:
+        """Blocks of a grid-stride elementwise pass, ``per_thread`` elements per step."""
+        return max(1, min(math.ceil(n / per_thread / ELEMENTWISE_THREADS), 32 * self.n_sm))
+
     def gelu_(self, hidden):
         """Exact (erf) GELU of a C-contiguous bf16 or float32 array, in place."""
         assert hidden.flags.c_contiguous and hidden.data.ptr % 16 == 0
@@ -221,26 +253,54 @@ class FusedKernels:
         if n == 0:
             return hidden
         per_thread = 8 if bf16 else 4   # one 16-byte vector
-        blocks = max(1, min(math.ceil(n / per_thread / ELEMENTWISE_THREADS), 32 * self.n_sm))
-        self._function(self.ffn_module, name)((blocks,), (ELEMENTWISE_THREADS,),
-                                              (hidden, np.int64(n)))
+        self._function(self.ffn_module, name)((self._elementwise_blocks(n, per_thread),),
+                                              (ELEMENTWISE_THREADS,), (hidden, np.int64(n)))
         return hidden
 
-    def expert_ffn(self, x, w1, w2, out_dtype=None, *, out=None):
-        """``GELU(x W1) W2``: x [R, d], w1 [d, F], w2 [F, d], all bf16 or all float32 ->
-        [R, d] in that dtype, or in ``out_dtype`` = float32 (the TP baseline's partial sums,
-        reduced before rounding: the second GEMM then writes cuBLAS's float32 accumulator).
+    def swiglu(self, gate, up, out):
+        """``out = silu(gate) * up``: gate, up float32 [rows, F] (the GEMMs' accumulators),
+        out [rows, F] bf16 or float32 (float32: may be gate itself), rounded once; the
+        operations of experts.silu in its order. All C-contiguous and 16-byte aligned."""
+        assert gate.dtype == up.dtype == F32 and gate.shape == up.shape == out.shape, \
+            (gate.dtype, up.dtype, gate.shape, up.shape, out.shape)
+        for array in (gate, up, out):
+            assert array.flags.c_contiguous and array.data.ptr % 16 == 0
+        name = "swiglu_bf16" if _dtype_name(out.dtype) == "bfloat16" else "swiglu_f32"
+        n = gate.size
+        if n:
+            self._function(self.ffn_module, name)((self._elementwise_blocks(n, 4),),
+                                                  (ELEMENTWISE_THREADS,),
+                                                  (gate, up, out, np.int64(n)))
+        return out
 
-        cuBLAS GEMMs (float32 accumulation) with one in-place GELU pass between them, over
-        row chunks so that the [rows, F] hidden stays under ``ffn_workspace_bytes``. The
-        GELU reads the hidden after its rounding to the storage dtype (the generic code
-        rounds after the GELU): a difference of one bf16 rounding. ``out`` (optional,
-        [R, d] of the output dtype) receives the result."""
+    def _gemm_f32(self, a, b, out) -> None:
+        """out float32 [M, N] = a @ b with float32 accumulation, never rounded: cuBLAS's
+        float32 output for bf16 operands, a float32 GEMM for float32 ones."""
+        if a.dtype == F32:
+            self.cp.matmul(a, b, out=out)
+        else:
+            self.gemm_to_f32(a, b, out)
+
+    def expert_ffn(self, x, w1, w2, out_dtype=None, *, w3=None, out=None):
+        """``GELU(x W1) W2``, or with ``w3`` SwiGLU ``(silu(x W1) * x W3) W2``: x [R, d],
+        w1 (and w3) [d, F], w2 [F, d], all bf16 or all float32 -> [R, d] in that dtype, or
+        in ``out_dtype`` = float32 (the TP baseline's partial sums, reduced before rounding:
+        the second GEMM then writes cuBLAS's float32 accumulator).
+
+        cuBLAS GEMMs (float32 accumulation) with one elementwise pass between them, over
+        row chunks so that the [rows, F] intermediates stay under ``ffn_workspace_bytes``.
+        GELU: in place on the hidden after its rounding to the storage dtype (the generic
+        code rounds after the GELU): a difference of one bf16 rounding. SwiGLU: x W1 and
+        x W3 are written as float32 (never rounded) and the product rounded once, as the
+        generic code (experts.expert_ffn) does. ``out`` (optional, [R, d] of the output
+        dtype) receives the result."""
         cp = self.cp
         n_rows, d = x.shape
         d_ff = w1.shape[1]
         assert w1.shape == (d, d_ff) and w2.shape == (d_ff, d), (x.shape, w1.shape, w2.shape)
         assert x.dtype == w1.dtype == w2.dtype, (x.dtype, w1.dtype, w2.dtype)
+        assert w3 is None or (w3.shape == w1.shape and w3.dtype == w1.dtype), \
+            (w1.shape, w3.shape)
         _dtype_name(x.dtype)                                                # bf16 or float32
         out_dtype = x.dtype if out_dtype is None else np.dtype(out_dtype)
         assert out_dtype in (x.dtype, F32), out_dtype
@@ -248,13 +308,29 @@ class FusedKernels:
         out = _output(cp, out, (n_rows, d), out_dtype)                      # [R, d]
         if n_rows == 0:
             return out
-        chunk = ffn_row_chunk(n_rows, d_ff, x.dtype.itemsize, self.ffn_workspace_bytes)
-        hidden_buffer = cp.empty((min(chunk, n_rows), d_ff), dtype=x.dtype)  # [chunk, F]
+        element_bytes = x.dtype.itemsize if w3 is None else swiglu_element_bytes(
+            x.dtype.itemsize)
+        chunk = ffn_row_chunk(n_rows, d_ff, element_bytes, self.ffn_workspace_bytes)
+        rows = min(chunk, n_rows)
+        if w3 is None:
+            hidden_buffer = cp.empty((rows, d_ff), dtype=x.dtype)           # [chunk, F]
+        else:
+            # Separate allocations: each 16-byte aligned for the vector loads whatever F.
+            gate_buffer = cp.empty((rows, d_ff), dtype=F32)                  # [chunk, F]
+            up_buffer = cp.empty((rows, d_ff), dtype=F32)                    # [chunk, F]
+            hidden_buffer = gate_buffer if x.dtype == F32 else cp.empty((rows, d_ff),
+                                                                        dtype=x.dtype)
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
-            hidden = hidden_buffer[:r1 - r0]
-            cp.matmul(x[r0:r1], w1, out=hidden)
-            self.gelu_(hidden)
+            hidden = hidden_buffer[:r1 - r0]                                 # [rows, F]
+            if w3 is None:
+                cp.matmul(x[r0:r1], w1, out=hidden)
+                self.gelu_(hidden)
+            else:
+                gate, up = gate_buffer[:r1 - r0], up_buffer[:r1 - r0]       # float32 [rows, F]
+                self._gemm_f32(x[r0:r1], w1, gate)
+                self._gemm_f32(x[r0:r1], w3, up)
+                self.swiglu(gate, up, hidden)
             if out_dtype == x.dtype:
                 cp.matmul(hidden, w2, out=out[r0:r1])
             else:

@@ -6,13 +6,16 @@
   combine list that merges the splits.
 - :func:`attention_variant`: which compiled kernel serves a head dim, dtype, tile height and
   set of base addresses; :func:`tile_rows`: the tile height for a batch (128 query rows
-  for long prefill, 64 otherwise).
-- :func:`ffn_row_chunk`: rows of the expert FFN per pass under a hidden-activation budget.
+  for long prefill, 64 otherwise); :func:`cta_work`: which tile and heads a CTA runs
+  (grouped-query attention: the query heads of a K/V head side by side).
+- :func:`ffn_row_chunk`: rows of the expert FFN per pass under a hidden-activation budget
+  (:func:`swiglu_element_bytes`: what a SwiGLU hidden element costs).
 - :func:`row_vector_bytes` and :func:`row_block`: vector width and block shape of the
   permutation kernels.
 
 The constants mirror the ``#define`` lines of flash_attention.cu (a test checks that).
-Notation: b sequences, BM queries per tile, BN keys per key block, h heads, D head dim.
+Notation: b sequences, BM queries per tile, BN keys per key block, h query heads, hk
+key/value heads (g = h/hk per group), D head dim.
 """
 from __future__ import annotations
 
@@ -73,8 +76,7 @@ def attention_variant(head_dim: int, dtype_name: str, block_m: int = BLOCK_M,
     not have: those fall back to 64 rows."""
     if head_dim % 2 or not 0 < head_dim <= PADDED_HEAD_DIMS[-1]:
         raise ValueError(f"fused attention supports even head dims up to "
-                         f"{PADDED_HEAD_DIMS[-1]}, not {head_dim} (SPMD_MOE_KERNELS=0 runs "
-                         f"the generic array code)")
+                         f"{PADDED_HEAD_DIMS[-1]}, not {head_dim}")
     if block_m not in TILE_ROWS:
         raise ValueError(f"attention tiles have {' or '.join(map(str, TILE_ROWS))} query "
                          f"rows, not {block_m}")
@@ -94,6 +96,19 @@ def attention_variant(head_dim: int, dtype_name: str, block_m: int = BLOCK_M,
         return AttentionVariant(f"flash_attention_f32_d{padded}", "attention_combine_f32",
                                 padded, BLOCK_M, F32_THREADS, shared)
     raise ValueError(f"fused attention supports bfloat16 and float32, not {dtype_name}")
+
+
+def cta_work(block: np.ndarray, n_tiles: int, heads: int, kv_heads: int):
+    """``(tile, head, kv_head)`` of attention CTA ``block`` (int arrays), as the kernels'
+    CtaWork computes them: ``block = (kv_head * n_tiles + tile) * g + j`` runs query head
+    ``kv_head * g + j`` (g = heads / kv_heads), so the g query heads that share a K/V head
+    take adjacent blocks for the same tile (with g = 1: ``head * n_tiles + tile``)."""
+    assert heads % kv_heads == 0, (heads, kv_heads)
+    block = np.asarray(block, dtype=np.int64)
+    group = heads // kv_heads
+    pair = block // group
+    kv_head = pair // n_tiles
+    return pair % n_tiles, kv_head * group + block % group, kv_head
 
 
 def tile_rows(q_lengths: np.ndarray, heads: int, n_sm: int, dtype_name: str) -> int:
@@ -193,13 +208,22 @@ def attention_schedule(q_starts: np.ndarray, q_lengths: np.ndarray, k_starts: np
                              int(is_split.sum()), block_m)
 
 
-def ffn_row_chunk(n_rows: int, d_ff: int, itemsize: int, workspace_bytes: int) -> int:
-    """Rows per pass of the expert FFN so that the [rows, F] hidden chunk fits in
-    ``workspace_bytes``: all rows when they fit, else a multiple of 128 (whole GEMM tiles)."""
-    if n_rows * d_ff * itemsize <= workspace_bytes:
+def ffn_row_chunk(n_rows: int, d_ff: int, element_bytes: int, workspace_bytes: int) -> int:
+    """Rows per pass of the expert FFN so that its [rows, F] intermediates fit in
+    ``workspace_bytes``, ``element_bytes`` per hidden element in all (GELU: the hidden in
+    the storage dtype; SwiGLU: float32 gate and up, plus the bf16 product): all rows when
+    they fit, else a multiple of 128 (whole GEMM tiles)."""
+    if n_rows * d_ff * element_bytes <= workspace_bytes:
         return max(n_rows, 1)
-    rows = workspace_bytes // (d_ff * itemsize)
+    rows = workspace_bytes // (d_ff * element_bytes)
     return max(128, rows // 128 * 128)
+
+
+def swiglu_element_bytes(itemsize: int) -> int:
+    """Bytes per hidden element of the SwiGLU FFN's workspace: float32 gate and up (the
+    GEMMs' accumulators, so that the product is rounded once), and the product in the
+    storage dtype, except float32, where it overwrites gate."""
+    return 2 * 4 + (itemsize if itemsize != 4 else 0)
 
 
 def row_vector_bytes(row_bytes: int, *pointers: int) -> int:
