@@ -58,6 +58,10 @@ class Dispatcher:
     def dispatch_preprocess(self, top_experts) -> DispatchPlan:
         """top_experts: int32 [T, k] -> the sort order and counts (one device->host copy of
         E counts: the bulk-synchronous loop needs them on the host for MPI)."""
+        kernels = self.bk.kernels
+        if kernels is not None and kernels.fuses("router"):
+            order, counts = kernels.expert_order(top_experts, self.n_experts)  # one launch
+            return DispatchPlan(order, self.bk.to_host(counts).astype(np.int64))
         xp = self.bk.xp
         flat = top_experts.reshape(-1)                                     # [R]
         order = xp.argsort(flat, kind="stable") if xp is np else xp.argsort(flat)

@@ -45,8 +45,8 @@ from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from .errors import ConfigError, say
 from .kv_cache import KVCache
-from .model import (Packed, apply_rope, causal_attention, embed, lm_head, pack, qk_norm,
-                    qk_square_sums, rms_norm, rope_tables)
+from .model import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head, pack,
+                    qk_norm_rope, qk_square_sums, residual_add, rms_norm)
 from .moe_layer import moe_steps
 from .overlap import CHECKPOINT, Flight, overlap_enabled, run_pass, run_passes
 from .topology import Topology
@@ -138,11 +138,13 @@ def fit_kernels_to_family(bk: Backend, model) -> None:
     fused for multi-head and grouped-query heads alike at the head dims the kernel is
     instantiated for; any other head dim leaves attention alone to the generic array code
     (kernels.fit_model), the rest staying fused. The expert FFN is fused for GELU and
-    SwiGLU experts, the permutation always. q/k norms and RoPE are array code in every
-    family. Idempotent."""
+    SwiGLU experts, the permutation and RMSNorm always; the router and q/k norm + RoPE
+    where the model fits them (FusedKernels.fit_rowwise). Idempotent."""
     if bk.kernels is None:
         return
     kernels.fit_model(bk, model.head_dim)
+    bk.kernels = bk.kernels.fit_rowwise(model.n_experts, model.n_heads, model.kv_heads,
+                                        model.qk_norm)
     pieces = [f"{model.activation} experts"]
     if bk.kernels.fused_attention:
         heads = ("multi-head" if model.kv_heads == model.n_heads else
@@ -217,9 +219,9 @@ class Engine:
                 "attn_allreduce", lambda: self.transport.iallreduce_sum(comm, partial),
                 allreduce_bytes(partial.nbytes, self.topo.layout.tp))
         with timer.phase("attention"):
-            q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
-                           model.q_width, self.kv_width_summed, summed)
-            q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
+            q, k = qk_norm_rope(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm,
+                                model.norm_eps, model.q_width, self.kv_width_summed, summed,
+                                rope)
             if cache is None:
                 keys, values = k, v
                 k_starts, k_lengths = packed.starts_host, packed.lengths_host
@@ -249,16 +251,15 @@ class Engine:
             with timer.phase("attn_allreduce"):
                 # Summed in float32, then rounded once, as the whole product would be.
                 att = bk.store(att)
-        with timer.phase("attention"):
-            h = bk.store(x.astype(F32) + att.astype(F32))
         with timer.phase("router"):
-            b = rms_norm(bk, h, lw.moe_norm, self.model.norm_eps)
+            # The residual add and the MoE norm: one kernel with the fused kernels.
+            h, b = add_rms_norm(bk, x, att, lw.moe_norm, self.model.norm_eps)
         moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
                                                       self.model, timer, flight)
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
-            return bk.store(h.astype(F32) + moe)
+            return residual_add(bk, h, moe)
 
     def _at_layer(self, layer: int, timer: PhaseTimer) -> None:
         """Fault injection and progress marks: the watchdog's layer, and one stage pass
@@ -289,7 +290,7 @@ class Engine:
             x = yield flight.start("stage_recv", lambda: self.transport.irecv(
                 topo.pipe_comm, (packed.n_tokens, d), bk.dtype, source=topo.stage - 1,
                 tag=HIDDEN_TAG))
-        rope = rope_tables(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
+        rope = Rope(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
         for layer in topo.layers:
             x = yield from self.layer_steps(layer, x, packed, rope, timer, flight, cache,
                                             counts, slot)

@@ -54,8 +54,13 @@ def run_experts(bk: Backend, rows, tokens_per_expert_host: np.ndarray, experts: 
         count = int(count)
         if count:
             w1, w2, *w3 = matrices
-            out[start:start + count] = expert_ffn(bk, rows[start:start + count], w1, w2,
-                                                  out_dtype, *w3)
+            rows_e, out_e = rows[start:start + count], out[start:start + count]
+            if bk.kernels is not None:
+                # The second GEMM writes the expert's rows of ``out`` in place: no copy.
+                bk.kernels.expert_ffn(rows_e, w1, w2, out_dtype, w3=w3[0] if w3 else None,
+                                      out=out_e)
+            else:
+                out_e[...] = expert_ffn(bk, rows_e, w1, w2, out_dtype, *w3)
         start += count
     assert start == rows.shape[0]
     return out

@@ -73,11 +73,32 @@ def embed(bk: Backend, table, ids) -> object:
 
 
 def rms_norm(bk: Backend, x, gain, eps: float):
-    """``x / sqrt(mean(x^2) + eps) * g`` in float32, stored in dtype. x: [T, d]."""
+    """``x / sqrt(mean(x^2) + eps) * g`` in float32, stored in dtype. x: [T, d] (or
+    [..., d]: over the last axis). One launch with the fused kernels."""
+    if bk.kernels is not None and gain.dtype == x.dtype:
+        return bk.kernels.rms_norm(x, gain, eps)
     xp = bk.xp
     xf = x.astype(F32)
     inv = 1.0 / xp.sqrt(xp.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))
     return bk.store(xf * inv * gain.astype(F32))
+
+
+def add_rms_norm(bk: Backend, x, y, gain, eps: float):
+    """The residual add feeding a norm: x, y [T, d] (storage dtype) -> ``(h, rms_norm(h))``
+    with ``h = x + y`` added in float32 and stored in dtype. One launch with the fused
+    kernels (rowwise.cu: add_rms_norm)."""
+    if bk.kernels is not None and gain.dtype == x.dtype == y.dtype:
+        return bk.kernels.add_rms_norm(x, y, gain, eps)
+    h = bk.store(x.astype(F32) + y.astype(F32))
+    return h, rms_norm(bk, h, gain, eps)
+
+
+def residual_add(bk: Backend, h, moe):
+    """The MoE residual: h [T, d] (storage dtype) + moe float32 [T, d], added in float32,
+    stored in dtype. One launch with the fused kernels (rowwise.cu: residual_add)."""
+    if bk.kernels is not None:
+        return bk.kernels.residual_add(h, moe)
+    return bk.store(h.astype(F32) + moe)
 
 
 def rms_norm_sharded(bk: Backend, x, gain, eps: float, width: int, reduce=None):
@@ -138,6 +159,37 @@ def qk_norm(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_width: i
         qn = rms_norm_summed(bk, _flat(q), q_gain, eps, q_width, summed[:, :1])
         kn = rms_norm_summed(bk, _flat(k), k_gain, eps, kv_width, summed[:, 1:])
     return qn.reshape(q.shape), kn.reshape(k.shape)
+
+
+class Rope:
+    """The rotation of one pass's tokens: ``positions`` int32 [T] (device) and ``theta``.
+    The fused kernel computes its angles from these; the generic code takes the cos/sin
+    :meth:`tables`, built once per pass on first use."""
+
+    def __init__(self, bk: Backend, positions, head_dim: int, theta: float):
+        self.bk, self.positions, self.head_dim, self.theta = bk, positions, head_dim, theta
+        self._tables = None
+
+    def tables(self):
+        if self._tables is None:
+            self._tables = rope_tables(self.bk, self.positions, self.head_dim, self.theta)
+        return self._tables
+
+
+def qk_norm_rope(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_width: int,
+                 kv_width: int, summed, rope: Rope):
+    """:func:`qk_norm` then :func:`apply_rope` on q and k (same arguments; the rotation of
+    ``rope``) -> (q, k). With the fused kernels one launch for both, q and k rewritten in
+    place (rowwise.cu: qk_norm_rope; the norm's result rounded to the storage dtype before
+    the rotation, as here)."""
+    kernels = bk.kernels
+    if kernels is not None and kernels.fuses("qk_rope") and (
+            kind == "none" or q_gain.dtype == k_gain.dtype == q.dtype):
+        return kernels.qk_norm_rope(kind, q, k, q_gain, k_gain, eps, q_width, kv_width,
+                                    summed, rope.positions, rope.theta)
+    q, k = qk_norm(bk, kind, q, k, q_gain, k_gain, eps, q_width, kv_width, summed)
+    cos, sin = rope.tables()
+    return apply_rope(bk, q, cos, sin), apply_rope(bk, k, cos, sin)
 
 
 def rope_tables(bk: Backend, positions, head_dim: int, theta: float):

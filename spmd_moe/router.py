@@ -2,7 +2,8 @@
 
 ``p = softmax(b Wr)``; the k largest p win, ties going to the lower expert index; the
 winners' weights are renormalised to sum to one (SPEC §1, Mixtral, Qwen3-MoE with
-``norm_topk_prob``) or kept as they are (OLMoE; ``ModelConfig.router_renorm``). Top-k is k passes of argmax (which returns
+``norm_topk_prob``) or kept as they are (OLMoE; ``ModelConfig.router_renorm``). With the
+fused kernels everything after the GEMM is one launch (kernels/rowwise.cu: router_topk). Top-k is k passes of argmax (which returns
 the first maximum, hence the tie rule) rather than a sort: k is small, and both backends
 agree on argmax's tie behaviour, not on sort stability.
 
@@ -21,6 +22,8 @@ def route(bk: Backend, b, w_router, top_k: int, renormalize: bool = True):
     probabilities, divided by their sum when ``renormalize``."""
     xp = bk.xp
     logits = bk.matmul(b, w_router, out_dtype=F32)                    # [T, E]
+    if bk.kernels is not None and bk.kernels.fuses("router"):
+        return bk.kernels.route(logits, top_k, renormalize)           # one launch
     probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     n_tokens = probs.shape[0]

@@ -200,6 +200,10 @@ def test_every_launch_name_exists():
     assert {f"gather_rows_v{w}" for w in (16, 4, 2)} <= permute
     assert {"inverse_permutation", "unpermute_weighted_bf16_v16", "unpermute_weighted_bf16_v2",
             "unpermute_weighted_f32_v16", "unpermute_weighted_f32_v4"} <= permute
+    assert {f"{kernel}_{dtype}" for dtype in ("bf16", "f32") for kernel in (
+        "rms_norm", "add_rms_norm", "residual_add",
+        *(f"rope_{kind}" for kind in sch.QK_KINDS))} | {
+        "router_topk", "expert_order"} == entries["rowwise.cu"]
 
 
 def test_python_constants_match_the_kernel_source():
@@ -215,6 +219,12 @@ def test_python_constants_match_the_kernel_source():
     assert {int(m): int(t) for m, t in bounds.items()} == {
         m: sch.bf16_threads(m) for m in sch.TILE_ROWS}
     assert sch.bf16_threads(64) == 128 and sch.bf16_threads(128) == 256
+    rowwise = (KERNEL_DIR / "rowwise.cu").read_text()
+    defined = dict(re.findall(r"^#define (\w+) (\d+)", rowwise, re.MULTILINE))
+    for name in ("ROW_THREADS", "ROUTER_THREADS", "ORDER_THREADS", "MAX_EXPERTS_PER_LANE",
+                 "MAX_HEADS"):
+        assert int(defined[name]) == getattr(sch, name), name
+    assert [int(defined[f"QK_{kind.upper()}"]) for kind in sch.QK_KINDS] == [0, 1, 2, 3]
 
 
 # --- attach() without a GPU --------------------------------------------------------------
@@ -442,6 +452,75 @@ def emulate_unpermute_weighted(rows, inverse, weights, out, n_tokens, d, top_k):
         out[...] = term if j == 0 else out + term
 
 
+F32_1 = np.float32(1.0)
+
+
+def _inv_rms(sums, width, eps):
+    """1/sqrt(sums/width + eps) in float32, each operation rounded (rowwise.cu's inv_rms)."""
+    return F32_1 / np.sqrt(sums.astype(np.float32) / np.float32(width) + np.float32(eps))
+
+
+def _square_sums(xf):
+    """Row sums of squares in float32 (the kernels' tree sums differ in the last bits)."""
+    return (xf * xf).sum(axis=-1, keepdims=True, dtype=np.float32)
+
+
+def emulate_rms_norm(x, gain, out, n_rows, d, eps, y=None, h=None):
+    rows = x.reshape(-1, d)[:n_rows]
+    xf = rows.astype(np.float32)
+    if y is not None:
+        xf = (xf + y.reshape(-1, d)[:n_rows].astype(np.float32)).astype(x.dtype)
+        h.reshape(-1, d)[:n_rows] = xf
+        xf = xf.astype(np.float32)
+    inv = _inv_rms(_square_sums(xf), d, eps)
+    out.reshape(-1, d)[:n_rows] = (xf * inv * gain.astype(np.float32)).astype(out.dtype)
+
+
+def emulate_qk_norm_rope(kind, q, k, q_gain, k_gain, positions, sums, n, heads, kv_heads,
+                         head_dim, q_width, kv_width, eps, theta):
+    """rowwise.cu's qk_norm_rope on q (grid.y 0) and k (grid.y 1), in place; its angles,
+    cos and sin are model.rope_tables' (float64, rounded to float32)."""
+    from spmd_moe.model import rope_tables
+
+    half = head_dim // 2
+    c, sn = rope_tables(SimpleNamespace(xp=np), np.asarray(positions)[:n], head_dim,
+                        float(theta))                                          # [n, 1, D]
+    for which, (u, gain, h, width) in enumerate(((q, q_gain, heads, q_width),
+                                                 (k, k_gain, kv_heads, kv_width))):
+        u3 = u.reshape(n, h, head_dim)
+        uf = u3.astype(np.float32)
+        if kind == "head":
+            inv = _inv_rms(_square_sums(uf), head_dim, eps)                    # [n, h, 1]
+            uf = (uf * inv * gain.astype(np.float32)).astype(u.dtype).astype(np.float32)
+        elif kind in ("full", "summed"):
+            flat = uf.reshape(n, h * head_dim)
+            total = (_square_sums(flat) if kind == "full"
+                     else sums.reshape(n, 2)[:, which:which + 1])
+            inv = _inv_rms(total, width if kind == "summed" else h * head_dim, eps)
+            uf = (flat * inv * gain.astype(np.float32)).astype(u.dtype).astype(
+                np.float32).reshape(n, h, head_dim)
+        rotated = np.concatenate([-uf[..., half:], uf[..., :half]], axis=-1)
+        u3[...] = (uf * c + rotated * sn).astype(u.dtype)
+
+
+def emulate_router_topk(logits, experts, weights, n, n_experts, top_k, renormalize):
+    from spmd_moe.backend import Backend, BackendChoice
+    from spmd_moe.router import route
+
+    bk = Backend(BackendChoice("numpy", "emulation"), "float32")
+    identity = np.eye(n_experts, dtype=np.float32)
+    got_experts, got_weights = route(bk, np.asarray(logits, np.float32).reshape(n, n_experts),
+                                     identity, top_k, bool(renormalize))
+    experts.reshape(n, top_k)[...] = got_experts
+    weights.reshape(n, top_k)[...] = got_weights
+
+
+def emulate_expert_order(experts, order, counts, n_pairs, n_experts):
+    flat = np.asarray(experts).reshape(-1)[:n_pairs]
+    order[:n_pairs] = np.argsort(flat, kind="stable")
+    counts[:n_experts] = np.bincount(flat, minlength=n_experts)
+
+
 def run_schedule(schedule, q, k, v, scale):
     """Both attention kernels over ``schedule`` -> [Tq, h*D] float64, NaN where unwritten."""
     n_q, heads, head_dim = q.shape
@@ -661,7 +740,8 @@ class FakeCupy:
         return out
 
 
-_PTX_TYPE = {np.dtype(np.int32): "u32", np.dtype(np.int64): "u64", np.dtype(np.float32): "f32"}
+_PTX_TYPE = {np.dtype(np.int32): "u32", np.dtype(np.int64): "u64", np.dtype(np.float32): "f32",
+             np.dtype(np.float64): "f64"}
 
 
 class FakeKernel:
@@ -753,6 +833,55 @@ def _emulation(name: str):
         return lambda grid, block, rows, inverse, weights, out, n_tokens, d, top_k: \
             emulate_unpermute_weighted(rows, inverse, weights, out, int(n_tokens), int(d),
                                        int(top_k))
+    if name.startswith(("rms_norm_", "add_rms_norm_", "rope_")):
+        storage = BF16 if name.endswith("bf16") else F32
+
+        def checked(grid, block, arrays, n_rows):
+            assert block == (sch.ROW_THREADS,) and grid[0] <= max(1, int(n_rows))
+            assert all(a.dtype == storage for a in arrays), (name, [a.dtype for a in arrays])
+    if name.startswith("rms_norm_"):
+        def run(grid, block, x, gain, out, n_rows, d, eps):
+            checked(grid, block, (x, gain, out), n_rows)
+            emulate_rms_norm(x, gain, out, int(n_rows), int(d), eps)
+        return run
+    if name.startswith("add_rms_norm_"):
+        def run(grid, block, x, y, gain, h, out, n_rows, d, eps):
+            checked(grid, block, (x, y, gain, h, out), n_rows)
+            emulate_rms_norm(x, gain, out, int(n_rows), int(d), eps, y=y, h=h)
+        return run
+    if name.startswith("rope_"):
+        kind = name.split("_")[1]
+
+        def run(grid, block, q, k, q_gain, k_gain, positions, sums, n, heads, kv_heads,
+                head_dim, q_width, kv_width, eps, theta):
+            checked(grid, block, (q, k) if kind == "none" else (q, k, q_gain, k_gain), n)
+            assert grid[1] == 2 and positions.dtype == np.int32
+            assert kind != "summed" or sums.dtype == F32
+            emulate_qk_norm_rope(kind, q, k, q_gain, k_gain, positions, sums, int(n),
+                                 int(heads), int(kv_heads), int(head_dim), q_width, kv_width,
+                                 eps, theta)
+        return run
+    if name.startswith("residual_add_"):
+        def run(grid, block, h, moe, out, n):
+            assert block == (sch.ROW_THREADS,) and moe.dtype == F32 and out.dtype == h.dtype
+            n = int(n)
+            out.reshape(-1)[:n] = (h.reshape(-1)[:n].astype(np.float32)
+                                   + moe.reshape(-1)[:n]).astype(out.dtype)
+        return run
+    if name == "router_topk":
+        def run(grid, block, logits, experts, weights, n, n_experts, top_k, renormalize):
+            assert block == (sch.ROUTER_THREADS,) and logits.dtype == weights.dtype == F32
+            assert int(n_experts) <= sch.MAX_ROUTER_EXPERTS and experts.dtype == np.int32
+            assert grid[0] * sch.ROUTER_THREADS // 32 >= min(int(n), 32 * 132)
+            emulate_router_topk(logits, experts, weights, int(n), int(n_experts), int(top_k),
+                                int(renormalize))
+        return run
+    if name == "expert_order":
+        def run(grid, block, experts, order, counts, n_pairs, n_experts):
+            assert grid == (int(n_experts),) and block == (sch.ORDER_THREADS,)
+            assert experts.dtype == np.int32 and order.dtype == counts.dtype == np.int64
+            emulate_expert_order(experts, order, counts, int(n_pairs), int(n_experts))
+        return run
     raise AssertionError(f"no emulation for {name}")
 
 
@@ -1180,6 +1309,159 @@ def test_permutation_matches_numpy(device, dtype, n_tokens, d, top_k):
     np.testing.assert_array_equal(moe.get(), want)
 
 
+# --- the row-wise kernels: against the generic array code and float64 -------------------
+
+def generic_backend(dtype):
+    from spmd_moe.backend import Backend, BackendChoice
+
+    return Backend(BackendChoice("numpy", "test"), "bfloat16" if dtype == BF16 else "float32")
+
+
+def close_to_generic(got, want, dtype):
+    """The kernels' tree sums round differently from NumPy's pairwise ones: the same
+    values to float32 rounding, or to one bf16 rounding step."""
+    rtol, atol = (2**-7, 2**-7) if dtype == BF16 else (2e-6, 1e-6)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=rtol, atol=atol)
+
+
+def rms64(x, gain, eps, axis_width=None):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * gain.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("n_rows,d", [(37, 32), (5, 4096), (3, 11), (0, 8), (300, 6)])
+def test_rms_norm_kernels_match_the_generic_code_and_float64(device, dtype, n_rows, d):
+    from spmd_moe import model
+
+    xp, fused = device
+    rng = np.random.default_rng(n_rows + d)
+    x, y = (rng.standard_normal((n_rows, d)).astype(dtype) for _ in range(2))
+    gain = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    out = poisoned(xp, (n_rows, d), dtype)
+    fused.rms_norm(xp.asarray(x), xp.asarray(gain), 1e-5, out=out)
+    bk = generic_backend(dtype)
+    close_to_generic(out.get(), model.rms_norm(bk, x, gain, 1e-5), dtype)
+    assert relative_error(out.get(), rms64(x, gain, 1e-5)) < tolerance(dtype)
+
+    moe = rng.standard_normal((n_rows, d)).astype(np.float32)
+    summed = fused.residual_add(xp.asarray(x), xp.asarray(moe))
+    np.testing.assert_array_equal(summed.get(), model.residual_add(bk, x, moe))   # bit for bit
+
+    h, normed = fused.add_rms_norm(xp.asarray(x), xp.asarray(y), xp.asarray(gain), 1e-5)
+    want_h, want = model.add_rms_norm(bk, x, y, gain, 1e-5)
+    np.testing.assert_array_equal(h.get(), want_h)            # one rounded float32 add
+    close_to_generic(normed.get(), want, dtype)
+    assert relative_error(normed.get(), rms64(want_h, gain, 1e-5)) < tolerance(dtype)
+
+
+def rope64(u, positions, theta):
+    head_dim = u.shape[-1]
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = positions.astype(np.float64)[:, None, None] * inv_freq
+    ang = np.concatenate([ang, ang], axis=-1)
+    half = head_dim // 2
+    rotated = np.concatenate([-u[..., half:], u[..., :half]], axis=-1)
+    return u * np.cos(ang) + rotated * np.sin(ang)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
+@pytest.mark.parametrize("kind", ["none", "head", "full", "summed"])
+@pytest.mark.parametrize("n,heads,kv_heads,head_dim", [(29, 4, 2, 16), (5, 8, 8, 128),
+                                                       (1, 3, 1, 6), (0, 2, 2, 4)])
+def test_qk_norm_rope_matches_the_generic_code_and_float64(device, dtype, kind, n, heads,
+                                                           kv_heads, head_dim):
+    """One launch for q and k: each family's q/k norm (``summed``: OLMoE's whole-projection
+    norm under TP, from the group's square sums), then RoPE at positions up to 10^4."""
+    from spmd_moe import model
+
+    xp, fused = device
+    rng = np.random.default_rng(n * heads + head_dim)
+    q = rng.standard_normal((n, heads, head_dim)).astype(dtype)
+    k = rng.standard_normal((n, kv_heads, head_dim)).astype(dtype)
+    positions = rng.integers(0, 10**4, n).astype(np.int32)
+    gain_shape = {"head": (head_dim,), "none": (head_dim,)}
+    q_gain, k_gain = ((1 + 0.1 * rng.standard_normal(
+        gain_shape.get(kind, (h * head_dim,)))).astype(dtype) for h in (heads, kv_heads))
+    bk = generic_backend(dtype)
+    summed = None
+    if kind == "summed":
+        # As if another rank held as many more columns with the same sums (width doubled).
+        summed = 2 * model.qk_square_sums(bk, q, k)                       # [T, 2]
+    generic_kind = "full" if kind == "summed" else kind
+    q_width, kv_width = 2 * heads * head_dim, 2 * kv_heads * head_dim
+    want_q, want_k = model.qk_norm_rope(bk, generic_kind, q.copy(), k.copy(), q_gain, k_gain,
+                                        1e-6, q_width, kv_width, summed,
+                                        model.Rope(bk, positions, head_dim, 1e4))
+    got_q, got_k = xp.asarray(q), xp.asarray(k)
+    fused.qk_norm_rope(generic_kind, got_q, got_k, xp.asarray(q_gain), xp.asarray(k_gain),
+                       1e-6, q_width, kv_width, None if summed is None else xp.asarray(summed),
+                       xp.asarray(positions), 1e4)
+    for got, want, u, gain in ((got_q, want_q, q, q_gain), (got_k, want_k, k, k_gain)):
+        close_to_generic(got.get(), want, dtype)
+        u64 = u.astype(np.float64)
+        if kind == "head":
+            u64 = rms64(u64, gain, 1e-6)
+        elif kind in ("full", "summed"):
+            flat = u64.reshape(n, u.shape[1] * head_dim)
+            mean = (flat * flat).mean(-1, keepdims=True)      # summed: twice over twice the width
+            u64 = (flat / np.sqrt(mean + 1e-6) * gain.astype(np.float64)).reshape(u.shape)
+        assert relative_error(got.get(), rope64(u64, positions, 1e4)) < 2 * tolerance(dtype)
+
+
+@pytest.mark.parametrize("n,n_experts,top_k,renormalize", [
+    (37, 8, 2, True), (5, 64, 8, False), (300, 128, 8, True), (3, 256, 4, True),
+    (0, 8, 2, True), (33, 5, 5, True), (7, 40, 1, False)])
+def test_router_kernel_matches_the_generic_code_and_float64(device, n, n_experts, top_k,
+                                                            renormalize):
+    """Softmax, k rounds of argmax with ties to the lower expert, renormalised or not; the
+    winners exactly the generic code's (exact ties included), weights to float32 rounding."""
+    from spmd_moe.router import route
+
+    xp, fused = device
+    rng = np.random.default_rng(n + n_experts)
+    logits = rng.standard_normal((n, n_experts)).astype(np.float32)
+    if n > 2:
+        logits[1, :] = 0.5                                     # all tied: experts 0..k-1
+        logits[2, n_experts // 2:] = logits[2, :n_experts - n_experts // 2].max() + 1
+    experts, weights = fused.route(xp.asarray(logits), top_k, renormalize)
+    want_e, want_w = route(generic_backend(F32), logits, np.eye(n_experts, dtype=np.float32),
+                           top_k, renormalize)
+    np.testing.assert_array_equal(experts.get(), want_e)
+    np.testing.assert_allclose(weights.get(), want_w, rtol=2e-6, atol=1e-7)
+    p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    chosen = np.take_along_axis(p, want_e.astype(np.int64), axis=-1)
+    if renormalize:
+        chosen /= chosen.sum(-1, keepdims=True)
+    assert relative_error(weights.get(), chosen) < 1e-5
+
+
+@pytest.mark.parametrize("n_pairs,n_experts", [(74, 8), (4800, 16), (9, 128), (0, 4),
+                                               (1000, 3)])
+def test_expert_order_is_the_stable_sort_and_counts(device, n_pairs, n_experts):
+    xp, fused = device
+    rng = np.random.default_rng(n_pairs)
+    # Skewed: some experts get nothing, one gets most.
+    experts = np.minimum(rng.geometric(0.3, n_pairs) - 1, n_experts - 1).astype(np.int32)
+    order, counts = fused.expert_order(xp.asarray(experts.reshape(-1, 1)), n_experts)
+    np.testing.assert_array_equal(order.get(), np.argsort(experts, kind="stable"))
+    np.testing.assert_array_equal(counts.get(), np.bincount(experts, minlength=n_experts))
+
+
+def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so():
+    fused = make_fake_fused()
+    assert fused.fit_rowwise(256, 64, 8, "head") is fused
+    fitted = fused.fit_rowwise(257, 300, 4, "head")
+    assert fused.fuses("router") and not fitted.fuses("router")
+    assert not fitted.fuses("qk_rope") and fused.fit_rowwise(8, 300, 4, "full").fuses("qk_rope")
+    text = fitted.describe()
+    assert "router: generic array code (257 experts; the fused router holds at most 256)" \
+        in text and "q/k norm and RoPE: generic array code (300 heads per rank" in text
+    assert "router softmax" not in text and "RMSNorm with the residual add" in text
+
+
 @pytest.mark.gpu
 def test_cupy_backend_attaches_the_kernels(monkeypatch):
     from spmd_moe.backend import Backend, choose_backend
@@ -1263,6 +1545,8 @@ def _on_fake_device(method):
     def call(self, *args, **kwargs):
         fake = lambda a: a.view(FakeArray) if isinstance(a, np.ndarray) else a  # noqa: E731
         result = method(self, *map(fake, args), **{k: fake(v) for k, v in kwargs.items()})
+        if isinstance(result, tuple):
+            return tuple(np.asarray(r) for r in result)
         return np.asarray(result)
     return call
 
@@ -1274,11 +1558,18 @@ class HostFusedKernels(FusedKernels):
     expert_ffn = _on_fake_device(FusedKernels.expert_ffn)
     gather_rows = _on_fake_device(FusedKernels.gather_rows)
     unpermute_weighted = _on_fake_device(FusedKernels.unpermute_weighted)
+    rms_norm = _on_fake_device(FusedKernels.rms_norm)
+    add_rms_norm = _on_fake_device(FusedKernels.add_rms_norm)
+    qk_norm_rope = _on_fake_device(FusedKernels.qk_norm_rope)
+    residual_add = _on_fake_device(FusedKernels.residual_add)
+    route = _on_fake_device(FusedKernels.route)
+    expert_order = _on_fake_device(FusedKernels.expert_order)
 
 
 def launches(fused) -> dict[str, int]:
     return {name: kernel.launches
-            for module in (fused.attention_module, fused.ffn_module, fused.permute_module)
+            for module in (fused.attention_module, fused.ffn_module, fused.permute_module,
+                           fused.rowwise_module)
             for name, kernel in module.kernels.items() if kernel.launches}
 
 
@@ -1318,6 +1609,11 @@ def test_each_family_through_the_fused_launch_code_matches_transformers(monkeypa
     assert ran["unpermute_weighted_f32_v16"] > 0
     assert sum(n for k, n in ran.items() if k.startswith("flash_attention_f32_d16")) \
         == config.model.n_layers
+    layers = config.model.n_layers
+    # The row-wise kernels: one each per layer (RMSNorm: attention's, and the final norm).
+    assert ran[f"rope_{config.model.qk_norm}_f32"] == layers
+    assert ran["router_topk"] == ran["expert_order"] == ran["add_rms_norm_f32"] == layers
+    assert ran["rms_norm_f32"] == layers + 1 and ran["residual_add_f32"] == layers
     decode, ran = run_on_fake_device(monkeypatch, config, batch, hf.NEW_TOKENS, eos)
     assert np.array_equal(decode["tokens"], want["tokens" + suffix])
     assert ran["flash_attention_f32_d16"] > config.model.n_layers     # prefill, then steps

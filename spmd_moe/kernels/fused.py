@@ -3,7 +3,8 @@
 
 Each method has the signature and semantics of the generic array code it replaces
 (model.causal_attention, experts.expert_ffn, Dispatcher.permute and
-Dispatcher.combine_postprocess); inputs are CuPy arrays on the current device, ``*_host``
+Dispatcher.combine_postprocess; model.rms_norm, model.add_rms_norm, model.qk_norm_rope,
+router.route and Dispatcher.dispatch_preprocess for the row-wise kernels); inputs are CuPy arrays on the current device, ``*_host``
 arguments NumPy int64 arrays. Kernels run on CuPy's current stream (RawKernel launches
 and cupy.matmul both use it), so they order with the rest of the backend's work and
 nothing here synchronises the host.
@@ -21,9 +22,10 @@ import numpy as np
 
 from ..backend import BF16, F32
 from .compile import load_module
-from .schedule import (COMBINE_THREADS, PADDED_HEAD_DIMS, TILE_ROWS, attention_schedule,
-                       attention_variant, ffn_row_chunk, row_block, row_grid,
-                       row_vector_bytes, swiglu_element_bytes)
+from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_ROUTER_EXPERTS, ORDER_THREADS,
+                       PADDED_HEAD_DIMS, ROUTER_THREADS, ROW_THREADS, TILE_ROWS,
+                       attention_schedule, attention_variant, ffn_row_chunk, row_block,
+                       row_grid, row_vector_bytes, swiglu_element_bytes)
 from .schedule import tile_rows as choose_tile_rows
 
 LOG2E = 1.4426950408889634
@@ -37,6 +39,8 @@ FFN_WORKSPACE_ENV = "SPMD_MOE_FFN_WORKSPACE_MB"
 # otherwise), or 64 / 128 to force one for a measurement.
 ATTENTION_TILE_ENV = "SPMD_MOE_ATTENTION_TILE"
 ELEMENTWISE_THREADS = 256
+# Attention schedules kept on the device (per pass in flight, and a decode step's two).
+SCHEDULES_KEPT = 4
 # Dynamic shared memory above this needs the per-kernel opt-in attribute.
 DEFAULT_SHARED_LIMIT = 48 << 10
 
@@ -101,6 +105,7 @@ class FusedKernels:
         self.attention_module = load("flash_attention.cu")
         self.ffn_module = load("expert_ffn.cu")
         self.permute_module = load("permute.cu")
+        self.rowwise_module = load("rowwise.cu")
         self.ffn_workspace_bytes = int(float(os.environ.get(FFN_WORKSPACE_ENV, 0)) * 2**20) \
             or FFN_WORKSPACE_BYTES
         self.attention_tile = _attention_tile_setting()
@@ -108,8 +113,13 @@ class FusedKernels:
         # None while attention is fused; else why a model's attention takes the generic
         # array code (without_attention), the FFN and permutation staying fused.
         self.attention_off: str | None = None
+        # Row-wise pieces ("router", "qk_rope") left to the generic array code, and why
+        # (fit_rowwise); RMSNorm has no limit and is always fused.
+        self.rowwise_off: dict[str, str] = {}
         self._functions: dict[str, object] = {}
-        self._schedule_key: tuple | None = None
+        # Attention schedules by lengths, newest last: two micro-batches in flight alternate
+        # layer by layer, and each keeps its own (no re-upload per layer).
+        self._schedules: dict[tuple, tuple] = {}
         self._schedule = None
 
     @classmethod
@@ -140,6 +150,31 @@ class FusedKernels:
         partial.attention_off = reason
         return partial
 
+    def fuses(self, piece: str) -> bool:
+        """Whether the row-wise kernel ``piece`` ("router": softmax/top-k and expert order;
+        "qk_rope": q/k norm and RoPE) serves this model."""
+        return piece not in self.rowwise_off
+
+    def fit_rowwise(self, n_experts: int, heads: int, kv_heads: int,
+                    qk_norm: str) -> "FusedKernels":
+        """These kernels, or a copy with the row-wise pieces a model exceeds left to the
+        generic array code (the reason kept for describe()): the router kernel holds at
+        most MAX_ROUTER_EXPERTS experts per token in registers, the per-head q/k norm at
+        most MAX_HEADS heads per row in shared memory."""
+        off = {}
+        if n_experts > MAX_ROUTER_EXPERTS:
+            off["router"] = (f"router: generic array code ({n_experts} experts; the fused "
+                             f"router holds at most {MAX_ROUTER_EXPERTS})")
+        if qk_norm == "head" and max(heads, kv_heads) > MAX_HEADS:
+            off["qk_rope"] = (f"q/k norm and RoPE: generic array code ({max(heads, kv_heads)} "
+                              f"heads per rank; the fused per-head norm takes at most "
+                              f"{MAX_HEADS})")
+        if off == self.rowwise_off:
+            return self
+        fitted = copy.copy(self)
+        fitted.rowwise_off = off
+        return fitted
+
     def describe(self) -> str:
         if self.attention_off is None:
             tiles = ("64/128-query tiles by sequence length" if self.attention_tile is None
@@ -149,8 +184,14 @@ class FusedKernels:
                          "heads)")
         else:
             attention = f"attention: generic array code ({self.attention_off})"
+        rowwise = ", ".join(["RMSNorm with the residual add"]
+                            + [what for piece, what in (
+                                ("qk_rope", "q/k norm + RoPE"),
+                                ("router", "router softmax/top-k and expert order"))
+                               if self.fuses(piece)])
+        off = "".join(f"; {reason}" for reason in self.rowwise_off.values())
         return (f"fused CUDA kernels for sm_{self.arch}: {attention}, expert FFN (cuBLAS + "
-                f"in-place GELU or SwiGLU), permutation")
+                f"in-place GELU or SwiGLU), permutation, {rowwise}{off}")
 
     def _function(self, module, name: str, shared_bytes: int = 0):
         fn = self._functions.get(name)
@@ -167,17 +208,21 @@ class FusedKernels:
     def _attention_schedule(self, q_starts_host, q_lengths_host, k_starts_host, k_lengths_host,
                             heads: int, block_m: int):
         """The tile and combine lists on the device. Every layer of a pass sees the same
-        lengths, so the last schedule is kept: one small host->device copy per pass."""
+        lengths, so the last SCHEDULES_KEPT schedules are kept: two small host->device
+        copies per pass, also with two passes in flight taking turns."""
         arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (
             q_starts_host, q_lengths_host, k_starts_host, k_lengths_host)]
         key = (heads, self.n_sm, block_m, *(a.tobytes() for a in arrays))
-        if key != self._schedule_key:
+        kept = self._schedules.pop(key, None)
+        if kept is None:
             schedule = attention_schedule(*arrays, heads=heads, n_sm=self.n_sm,
                                           block_m=block_m)
-            self._schedule = (schedule, self.cp.asarray(schedule.tiles),
-                              self.cp.asarray(schedule.combine))
-            self._schedule_key = key
-        return self._schedule
+            kept = (schedule, self.cp.asarray(schedule.tiles), self.cp.asarray(schedule.combine))
+            while len(self._schedules) >= SCHEDULES_KEPT:
+                self._schedules.pop(next(iter(self._schedules)))      # the oldest
+        self._schedules[key] = kept                                   # the newest last
+        self._schedule = kept
+        return kept
 
     def attention(self, q, q_starts_host, q_lengths_host, k, v, k_starts_host, k_lengths_host,
                   scale: float, out=None, tile_rows: int | None = None):
@@ -396,3 +441,135 @@ class FusedKernels:
         kernel((row_grid(n_tokens, block[1], self.n_sm),), block,
                (rows, inverse, weights, out, np.int64(n_tokens), np.int32(d), np.int32(top_k)))
         return out
+
+    # --- row-wise kernels (rowwise.cu) ---------------------------------------------------
+
+    def _rows(self, x, name: str):
+        """x as a C-contiguous array: copied when a strided view comes in (the engine's
+        arrays are contiguous; ``name`` says which argument, for the assertion)."""
+        assert x.dtype.itemsize in (2, 4), (name, x.dtype)
+        return x if x.flags.c_contiguous else self.cp.ascontiguousarray(x)
+
+    def rms_norm(self, x, gain, eps: float, out=None):
+        """model.rms_norm: x [..., d] (bf16 or float32), gain [d] of the same dtype ->
+        ``x / sqrt(mean(x^2) + eps) * gain`` over the last axis in float32, stored in x's
+        dtype, one launch. ``out`` (optional, x's shape) receives it."""
+        name = _dtype_name(x.dtype)
+        x, gain = self._rows(x, "x"), self._rows(gain, "gain")
+        d = x.shape[-1]
+        assert gain.shape == (d,) and gain.dtype == x.dtype, (x.shape, gain.shape, gain.dtype)
+        out = _output(self.cp, out, x.shape, x.dtype)
+        n_rows = x.size // d if d else 0
+        if n_rows:
+            kernel = self._function(self.rowwise_module,
+                                    "rms_norm_bf16" if name == "bfloat16" else "rms_norm_f32")
+            kernel((row_grid(n_rows, 1, self.n_sm),), (ROW_THREADS,),
+                   (x, gain, out, np.int64(n_rows), np.int32(d), np.float32(eps)))
+        return out
+
+    def add_rms_norm(self, x, y, gain, eps: float):
+        """model.add_rms_norm: x, y [T, d] of one dtype, gain [d] -> ``(h, rms_norm(h))``
+        with ``h = x + y`` in float32 stored in that dtype, the norm taken of the stored h;
+        one launch."""
+        name = _dtype_name(x.dtype)
+        x, y, gain = self._rows(x, "x"), self._rows(y, "y"), self._rows(gain, "gain")
+        assert x.ndim == 2 and y.shape == x.shape and x.dtype == y.dtype == gain.dtype \
+            and gain.shape == (x.shape[1],), (x.shape, y.shape, gain.shape, y.dtype)
+        n_rows, d = x.shape
+        h = _output(self.cp, None, x.shape, x.dtype)                         # [T, d]
+        out = _output(self.cp, None, x.shape, x.dtype)                       # [T, d]
+        if n_rows and d:
+            kernel = self._function(self.rowwise_module, "add_rms_norm_bf16"
+                                    if name == "bfloat16" else "add_rms_norm_f32")
+            kernel((row_grid(n_rows, 1, self.n_sm),), (ROW_THREADS,),
+                   (x, y, gain, h, out, np.int64(n_rows), np.int32(d), np.float32(eps)))
+        return h, out
+
+    def residual_add(self, h, moe):
+        """The layer's last residual: h [T, d] (bf16 or float32), moe float32 [T, d] ->
+        ``h + moe`` added in float32, stored in h's dtype (bit for bit the generic
+        ``store(h.astype(float32) + moe)``); one launch."""
+        name = _dtype_name(h.dtype)
+        h, moe = self._rows(h, "h"), self._rows(moe, "moe")
+        assert moe.shape == h.shape and moe.dtype == F32, (h.shape, moe.shape, moe.dtype)
+        out = _output(self.cp, None, h.shape, h.dtype)                       # [T, d]
+        if h.size:
+            self._function(self.rowwise_module, "residual_add_"
+                           + ("bf16" if name == "bfloat16" else "f32"))(
+                (self._elementwise_blocks(h.size, 1),), (ROW_THREADS,),
+                (h, moe, out, np.int64(h.size)))
+        return out
+
+    def qk_norm_rope(self, kind: str, q, k, q_gain, k_gain, eps: float, q_width: int,
+                     kv_width: int, summed, positions, theta: float):
+        """model.qk_norm_rope in one launch, q and k rewritten in place and returned.
+
+        q [T, h, D], k [T, hk, D] (one dtype, C-contiguous); ``kind`` as model.qk_norm
+        (``full`` with ``summed``, the TP group's float32 [T, 2] square sums, runs the
+        ``summed`` variant); gains of q's dtype; ``positions`` int32 [T] and ``theta``:
+        the rotation (angles computed in the kernel, in float64 as model.rope_tables).
+        """
+        name = _dtype_name(q.dtype)
+        n, heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        assert k.shape == (n, kv_heads, head_dim) and k.dtype == q.dtype, (q.shape, k.shape)
+        assert q.flags.c_contiguous and k.flags.c_contiguous, "q, k are rewritten in place"
+        assert head_dim % 2 == 0 and positions.shape == (n,) and positions.dtype == np.int32, \
+            (head_dim, positions.shape, positions.dtype)
+        positions = self._rows(positions, "positions")
+        variant = "summed" if kind == "full" and summed is not None else kind
+        assert variant in ("none", "head", "full", "summed"), kind
+        assert variant != "head" or max(heads, kv_heads) <= MAX_HEADS, (heads, MAX_HEADS)
+        if variant == "none":
+            q_gain = k_gain = q                     # unread
+        else:
+            q_gain, k_gain = self._rows(q_gain, "q_gain"), self._rows(k_gain, "k_gain")
+            assert q_gain.dtype == k_gain.dtype == q.dtype, (q_gain.dtype, q.dtype)
+        if variant == "summed":
+            summed = self._rows(summed, "summed")
+            assert summed.shape == (n, 2) and summed.dtype == F32, (summed.shape, summed.dtype)
+        else:
+            summed = positions                      # unread
+        if n:
+            kernel = self._function(self.rowwise_module, f"rope_{variant}_"
+                                    + ("bf16" if name == "bfloat16" else "f32"))
+            kernel((row_grid(n, 1, self.n_sm), 2), (ROW_THREADS,),
+                   (q, k, q_gain, k_gain, positions, summed, np.int64(n), np.int32(heads),
+                    np.int32(kv_heads), np.int32(head_dim), np.float32(q_width),
+                    np.float32(kv_width), np.float32(eps), np.float64(theta)))
+        return q, k
+
+    def route(self, logits, top_k: int, renormalize: bool):
+        """router.route after its GEMM: logits float32 [T, E] -> ``experts`` int32 [T, k]
+        (best first, ties to the lower expert) and ``weights`` float32 [T, k] (the
+        winners' softmax probabilities, divided by their sum when ``renormalize``); one
+        launch, E <= MAX_ROUTER_EXPERTS."""
+        cp = self.cp
+        n, n_experts = logits.shape
+        assert logits.dtype == F32 and 1 <= top_k <= n_experts <= MAX_ROUTER_EXPERTS, \
+            (logits.dtype, top_k, n_experts)
+        logits = self._rows(logits, "logits")
+        experts = _output(cp, None, (n, top_k), np.dtype(np.int32))              # [T, k]
+        weights = _output(cp, None, (n, top_k), F32)                              # [T, k]
+        if n:
+            per_block = ROUTER_THREADS // 32
+            self._function(self.rowwise_module, "router_topk")(
+                (row_grid(n, per_block, self.n_sm),), (ROUTER_THREADS,),
+                (logits, experts, weights, np.int64(n), np.int32(n_experts),
+                 np.int32(top_k), np.int32(bool(renormalize))))
+        return experts, weights
+
+    def expert_order(self, top_experts, n_experts: int):
+        """Dispatcher.dispatch_preprocess's sort: top_experts int32 [T, k] -> ``order``
+        int64 [R] (pair indices t*k + j stably sorted by expert) and ``counts`` int64 [E]
+        on the device; one launch (block e writes expert e's run)."""
+        cp = self.cp
+        assert top_experts.dtype == np.int32, top_experts.dtype
+        flat = self._rows(top_experts, "experts").reshape(-1)                     # [R]
+        n_pairs = flat.shape[0]
+        order = _output(cp, None, (n_pairs,), np.dtype(np.int64))                 # [R]
+        counts = _output(cp, None, (n_experts,), np.dtype(np.int64))              # [E]
+        self._function(self.rowwise_module, "expert_order")(
+            (n_experts,), (ORDER_THREADS,),
+            (flat, order, counts, np.int64(n_pairs), np.int32(n_experts)))
+        return order, counts

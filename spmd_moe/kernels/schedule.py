@@ -246,3 +246,14 @@ def row_block(row_vecs: int, threads: int = 128) -> tuple[int, int]:
 def row_grid(n_rows: int, rows_per_block: int, n_sm: int) -> int:
     """Blocks for a grid-stride loop over rows: enough for the rows, capped at a few waves."""
     return max(1, min(_cdiv(n_rows, rows_per_block), 32 * n_sm))
+
+
+# --- the row-wise kernels (rowwise.cu) -------------------------------------------------------
+
+ROW_THREADS = 256          # rms_norm, add_rms_norm, qk_norm_rope: one block per row
+ROUTER_THREADS = 128       # router_topk: one warp per token
+ORDER_THREADS = 256        # expert_order: one block per expert
+MAX_EXPERTS_PER_LANE = 8   # router_topk keeps a token's probabilities in registers
+MAX_ROUTER_EXPERTS = 32 * MAX_EXPERTS_PER_LANE
+MAX_HEADS = 256            # qk_norm_rope's per-head norms of one row, in shared memory
+QK_KINDS = ("none", "head", "full", "summed")   # QK_NONE.. in rowwise.cu, in this order
