@@ -144,7 +144,7 @@ def fit_kernels_to_family(bk: Backend, model) -> None:
         return
     kernels.fit_model(bk, model.head_dim)
     bk.kernels = bk.kernels.fit_rowwise(model.n_experts, model.n_heads, model.kv_heads,
-                                        model.qk_norm)
+                                        model.qk_norm, model.head_dim)
     pieces = [f"{model.activation} experts"]
     if bk.kernels.fused_attention:
         heads = ("multi-head" if model.kv_heads == model.n_heads else

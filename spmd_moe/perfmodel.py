@@ -344,11 +344,46 @@ PASSES = {
     "unpermute": 3,       # per k: astype, weight, accumulate over [t, d]
     "gelu_numpy": 40,     # erfc in float64: ~30 float64 passes ~ 40 float32-pass equivalents
 }
-# Array operations per phase (each costs ``op_us``): a count of the calls the engine makes.
+# Array operations per phase (each costs ``op_us``) on the NumPy path (the generic array
+# code; attention runs per sequence there), and the communication phases' calls on both.
 OPS = {"attention": 40, "attention_per_sequence": 14, "kv_cache": 4, "router": 27,
        "permute": 8,
        "count_exchange": 2, "dispatch": 2, "experts_per_expert": 8, "combine": 2,
        "unpermute": 10, "residual": 3, "embed": 1, "lm_head": 12, "stage_send": 1}
+# The GPU path (CuPy with the fused kernels): calls into the device (kernel launches,
+# cuBLAS GEMMs, host<->device copies) per phase of one layer, counted on the engine by
+# tests/test_launch_count.py (each family, prefill chunk and decode step), not estimated.
+GPU_OPS = {
+    "attention": 7,       # RMSNorm, q/k/v/o GEMMs (4), q/k norm + RoPE, flash attention
+    "kv_cache": 3,        # the new rows' cache index uploaded, K and V scattered
+    "router": 3,          # residual add + RMSNorm, router GEMM, softmax/top-k
+    "permute": 3,         # expert order, its counts to the host, the send rows' gather
+    "regroup": 2,         # several local experts: index upload, regroup gather (dispatch)
+    "experts_gelu": 3,    # per local expert: GEMM, GELU, GEMM
+    "experts_swiglu": 4,  # per local expert: two GEMMs, SwiGLU, GEMM
+    "unpermute": 2,       # inverse permutation, weighted combine
+    "unregroup": 1,       # several local experts: the rows scattered back (combine)
+    "residual": 1,        # residual add
+    "embed": 2,           # token ids uploaded, embedding rows gathered
+    "lm_head": 4,         # last rows' index uploaded, gathered, final RMSNorm, GEMM
+    "pass": 3,            # per stage pass: positions uploaded, attention schedule (2)
+}
+
+
+def gpu_layer_ops(local_experts: int, swiglu: bool, cached: bool,
+                  with_rows: int | None = None) -> dict[str, int]:
+    """Device calls per compute phase of one layer on the GPU path (:data:`GPU_OPS`):
+    ``local_experts`` experts on the rank, ``with_rows`` of them getting rows (default:
+    all), ``cached``: the layer writes (and attends through) a KV cache (a chunked
+    prefill or a decode step)."""
+    several = local_experts > 1
+    with_rows = local_experts if with_rows is None else with_rows
+    return {"attention": GPU_OPS["attention"] + (GPU_OPS["kv_cache"] if cached else 0),
+            "router": GPU_OPS["router"],
+            "permute": GPU_OPS["permute"] + (GPU_OPS["regroup"] if several else 0),
+            "experts": GPU_OPS["experts_swiglu" if swiglu else "experts_gelu"] * with_rows,
+            "unpermute": GPU_OPS["unpermute"] + (GPU_OPS["unregroup"] if several else 0),
+            "residual": GPU_OPS["residual"]}
 
 
 def gemm_time(m: float, k: int, n: int, rate: float, hbm: float, in_bytes: int,
@@ -378,6 +413,7 @@ class RankShape:
     param_item: int     # weight bytes as the backend keeps them
     tp: int
     numpy: bool
+    swiglu: bool = False   # gated (SwiGLU) experts: a third GEMM and more launches
 
 
 @functools.lru_cache(maxsize=4096)
@@ -387,7 +423,8 @@ def rank_shape(config: RunConfig, grid: Grid, backend: str) -> RankShape:
     return RankShape(model.d_model, len(grid.heads) * model.head_dim, len(grid.heads),
                      model.head_dim, len(grid.ff_columns), model.n_experts, len(grid.experts),
                      model.top_k, model.vocab_size, item,
-                     4 if backend == "numpy" else item, grid.layout.tp, backend == "numpy")
+                     4 if backend == "numpy" else item, grid.layout.tp, backend == "numpy",
+                     model.activation == "swiglu")
 
 
 def launched(device: float, ops: float, rates: Rates, shape: "RankShape") -> float:
@@ -433,16 +470,38 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
         core_bytes = 2 * keys * w * s + 2 * t * w * s
     core = max(core_flops / rates.attention, core_bytes / hbm) if t else 0.0
     n_seqs = int(np.count_nonzero(lengths))
-    attention = run(proj + core + passes(PASSES["norm"] + PASSES["residual"], t * d)
-                    + passes(PASSES["rope"], t * w) + (2 * t * w * s / hbm if cached else 0),
-                    OPS["attention"] + (OPS["kv_cache"] if cached else 0)
-                    + (OPS["attention_per_sequence"] * n_seqs if shape.numpy else 1))
+    if shape.numpy:
+        ops = {"attention": OPS["attention"] + (OPS["kv_cache"] if cached else 0)
+               + OPS["attention_per_sequence"] * n_seqs,
+               "router": OPS["router"], "permute": OPS["permute"],
+               "experts": OPS["experts_per_expert"] * shape.local_experts,
+               "unpermute": OPS["unpermute"], "residual": OPS["residual"]}
+        # The generic array code's float32 passes (PASSES).
+        rowwise = {"attention": passes(PASSES["norm"] + PASSES["residual"], t * d)
+                   + passes(PASSES["rope"], t * w),
+                   "router": passes(PASSES["norm"], t * d)
+                   + passes(PASSES["softmax"] + PASSES["topk"] * k, t * shape.experts),
+                   "unpermute": 2 * t * k * d * s / hbm + passes(PASSES["unpermute"] * k, t * d),
+                   "residual": passes(PASSES["residual"], t * d)}
+    else:
+        ops = gpu_layer_ops(shape.local_experts, shape.swiglu, cached)
+        # The fused kernels' own traffic (rowwise.cu, permute.cu), bytes per element:
+        # RMSNorm reads its rows twice and writes once (3 s); q/k norm + RoPE reads q and k
+        # (twice with a norm) and rewrites them in place (<= 3 s over q's width, k's
+        # counted as wide); the residual add + MoE norm reads x and y twice and writes h
+        # and the normed rows (6 s); the router reads its float32 logits once; the
+        # weighted combine reads k rows and writes float32 (k s + 4); the last residual
+        # reads h and the float32 combine and writes (2 s + 4).
+        rowwise = {"attention": (3 * s * t * d + 3 * s * t * w) / hbm,
+                   "router": (6 * s * t * d + 4 * t * shape.experts) / hbm,
+                   "unpermute": t * d * (k * s + 4) / hbm,
+                   "residual": t * d * (2 * s + 4) / hbm}
+    attention = run(proj + core + rowwise["attention"]
+                    + (2 * t * w * s / hbm if cached else 0), ops["attention"])
 
-    router = run(gemm_time(t, d, shape.experts, rates.gemm, hbm, s, p, 4)
-                 + passes(PASSES["norm"], t * d)
-                 + passes(PASSES["softmax"] + PASSES["topk"] * k, t * shape.experts),
-                 OPS["router"])
-    permute = run(2 * t * k * d * s / hbm, OPS["permute"])
+    router = run(gemm_time(t, d, shape.experts, rates.gemm, hbm, s, p, 4) + rowwise["router"],
+                 ops["router"])
+    permute = run(2 * t * k * d * s / hbm, ops["permute"])
 
     # Experts: El experts, routed_rows rows between them, two GEMMs and a GELU each.
     rows = routed_rows
@@ -451,24 +510,25 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
     experts = max(flops["experts"] / rates.expert, expert_bytes / hbm) if rows else 0.0
     if shape.numpy and not rates.expert_tflops:
         experts += passes(PASSES["gelu_numpy"], rows * f)
-    experts = run(experts, OPS["experts_per_expert"] * shape.local_experts)
+    experts = run(experts, ops["experts"])
 
-    unpermute = run((2 * t * k * d * s) / hbm + passes(PASSES["unpermute"] * k, t * d),
-                    OPS["unpermute"])
-    residual = run(passes(PASSES["residual"], t * d), OPS["residual"])
+    unpermute = run(rowwise["unpermute"], ops["unpermute"])
+    residual = run(rowwise["residual"], ops["residual"])
     return {"attention": attention, "router": router, "permute": permute,
             "experts": experts, "unpermute": unpermute, "residual": residual}
 
 
 def embed_time(shape: RankShape, rates: Rates, tokens: int) -> float:
-    return 2 * tokens * shape.d * shape.item / rates.hbm + rates.op_us * 1e-6 * OPS["embed"]
+    ops = OPS["embed"] if shape.numpy else GPU_OPS["embed"]
+    return 2 * tokens * shape.d * shape.item / rates.hbm + rates.op_us * 1e-6 * ops
 
 
 def lm_head_time(shape: RankShape, rates: Rates, sequences: int) -> float:
     if sequences == 0:
         return 0.0
+    ops = OPS["lm_head"] if shape.numpy else GPU_OPS["lm_head"]
     return gemm_time(sequences, shape.d, shape.vocab, rates.gemm, rates.hbm, shape.item,
-                     shape.param_item, 4) + rates.op_us * 1e-6 * OPS["lm_head"]
+                     shape.param_item, 4) + rates.op_us * 1e-6 * ops
 
 
 # --- communication ---------------------------------------------------------------------
@@ -696,6 +756,10 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
     compute = sum(layer[name] for name in COMPUTE_PHASES)
     seconds = (compute + sum(exposed.values())) * n_layers
     alone = (compute + sum(comm.values())) * n_layers
+    if backend != "numpy":
+        # The pass's own uploads (positions, the attention schedule): launch-bound.
+        seconds += op * GPU_OPS["pass"]
+        alone += op * GPU_OPS["pass"]
     shape0 = rank_shape(config, grids[0], backend)
     if grids[0].is_first_stage:
         embed = max(embed_time(shape0, rates, t) for t in tokens)

@@ -222,7 +222,7 @@ def test_python_constants_match_the_kernel_source():
     rowwise = (KERNEL_DIR / "rowwise.cu").read_text()
     defined = dict(re.findall(r"^#define (\w+) (\d+)", rowwise, re.MULTILINE))
     for name in ("ROW_THREADS", "ROUTER_THREADS", "ORDER_THREADS", "MAX_EXPERTS_PER_LANE",
-                 "MAX_HEADS"):
+                 "MAX_HEADS", "MAX_HEAD_DIM"):
         assert int(defined[name]) == getattr(sch, name), name
     assert [int(defined[f"QK_{kind.upper()}"]) for kind in sch.QK_KINDS] == [0, 1, 2, 3]
 
@@ -1456,6 +1456,10 @@ def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so():
     fitted = fused.fit_rowwise(257, 300, 4, "head")
     assert fused.fuses("router") and not fitted.fuses("router")
     assert not fitted.fuses("qk_rope") and fused.fit_rowwise(8, 300, 4, "full").fuses("qk_rope")
+    wide = fused.fit_rowwise(8, 4, 4, "none", head_dim=1024)
+    assert wide.fuses("router") and not wide.fuses("qk_rope")
+    assert "q/k norm and RoPE: generic array code (head dim 1024; the fused rotation takes " \
+        "at most 512)" in wide.describe()
     text = fitted.describe()
     assert "router: generic array code (257 experts; the fused router holds at most 256)" \
         in text and "q/k norm and RoPE: generic array code (300 heads per rank" in text

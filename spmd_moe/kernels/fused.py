@@ -22,7 +22,7 @@ import numpy as np
 
 from ..backend import BF16, F32
 from .compile import load_module
-from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_ROUTER_EXPERTS, ORDER_THREADS,
+from .schedule import (COMBINE_THREADS, MAX_HEAD_DIM, MAX_HEADS, MAX_ROUTER_EXPERTS, ORDER_THREADS,
                        PADDED_HEAD_DIMS, ROUTER_THREADS, ROW_THREADS, TILE_ROWS,
                        attention_schedule, attention_variant, ffn_row_chunk, row_block,
                        row_grid, row_vector_bytes, swiglu_element_bytes)
@@ -155,17 +155,21 @@ class FusedKernels:
         "qk_rope": q/k norm and RoPE) serves this model."""
         return piece not in self.rowwise_off
 
-    def fit_rowwise(self, n_experts: int, heads: int, kv_heads: int,
-                    qk_norm: str) -> "FusedKernels":
+    def fit_rowwise(self, n_experts: int, heads: int, kv_heads: int, qk_norm: str,
+                    head_dim: int = 0) -> "FusedKernels":
         """These kernels, or a copy with the row-wise pieces a model exceeds left to the
         generic array code (the reason kept for describe()): the router kernel holds at
-        most MAX_ROUTER_EXPERTS experts per token in registers, the per-head q/k norm at
-        most MAX_HEADS heads per row in shared memory."""
+        most MAX_ROUTER_EXPERTS experts per token in registers, the q/k norm + RoPE kernel
+        a row's cos/sin (head dim <= MAX_HEAD_DIM) and, per-head norm, at most MAX_HEADS
+        heads' norms in shared memory."""
         off = {}
         if n_experts > MAX_ROUTER_EXPERTS:
             off["router"] = (f"router: generic array code ({n_experts} experts; the fused "
                              f"router holds at most {MAX_ROUTER_EXPERTS})")
-        if qk_norm == "head" and max(heads, kv_heads) > MAX_HEADS:
+        if head_dim > MAX_HEAD_DIM:
+            off["qk_rope"] = (f"q/k norm and RoPE: generic array code (head dim {head_dim}; "
+                              f"the fused rotation takes at most {MAX_HEAD_DIM})")
+        elif qk_norm == "head" and max(heads, kv_heads) > MAX_HEADS:
             off["qk_rope"] = (f"q/k norm and RoPE: generic array code ({max(heads, kv_heads)} "
                               f"heads per rank; the fused per-head norm takes at most "
                               f"{MAX_HEADS})")
@@ -514,8 +518,8 @@ class FusedKernels:
         kv_heads = k.shape[1]
         assert k.shape == (n, kv_heads, head_dim) and k.dtype == q.dtype, (q.shape, k.shape)
         assert q.flags.c_contiguous and k.flags.c_contiguous, "q, k are rewritten in place"
-        assert head_dim % 2 == 0 and positions.shape == (n,) and positions.dtype == np.int32, \
-            (head_dim, positions.shape, positions.dtype)
+        assert head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and positions.shape == (n,) \
+            and positions.dtype == np.int32, (head_dim, positions.shape, positions.dtype)
         positions = self._rows(positions, "positions")
         variant = "summed" if kind == "full" and summed is not None else kind
         assert variant in ("none", "head", "full", "summed"), kind

@@ -29,6 +29,7 @@
 #define ORDER_THREADS 256
 #define MAX_EXPERTS_PER_LANE 8
 #define MAX_HEADS 256
+#define MAX_HEAD_DIM 512
 #define NEG_INF __int_as_float(0xff800000)
 
 #define QK_NONE 0
@@ -167,6 +168,7 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
                              float eps, double theta) {
     __shared__ float scratch[33];
     __shared__ float inv_of[MAX_HEADS];
+    __shared__ float cos_of[MAX_HEAD_DIM / 2], sin_of[MAX_HEAD_DIM / 2];
     const bool is_k = blockIdx.y == 1;
     T* u = is_k ? k : q;
     const T* gain = is_k ? k_gain : q_gain;
@@ -175,6 +177,15 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (long long r = blockIdx.x; r < n_rows; r += gridDim.x) {
         const long long base = r * width;
+        // model.rope_tables' angles in float64 (float32 would lose ~1e-3 rad at 10^4
+        // positions), cos and sin rounded to float32: once per row, shared by its heads.
+        for (int j = threadIdx.x; j < half; j += blockDim.x) {
+            const double inv_freq = pow(theta, -static_cast<double>(2 * j) / head_dim);
+            double sd, cd;
+            sincos(static_cast<double>(positions[r]) * inv_freq, &sd, &cd);
+            cos_of[j] = static_cast<float>(cd);
+            sin_of[j] = static_cast<float>(sd);
+        }
         float inv = 1.0f;
         if (KIND == QK_FULL) {
             float part = 0.0f;
@@ -195,8 +206,8 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
                 part = warp_sum(part);
                 if (lane == 0) inv_of[hh] = inv_rms(part, static_cast<float>(head_dim), eps);
             }
-            __syncthreads();
         }
+        __syncthreads();   // inv_of, cos_of, sin_of written
         // Each thread owns pairs (a, a + half) of a head: it reads both before writing.
         for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
             const int hh = p / half, j = p - hh * half;
@@ -208,16 +219,11 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
                 ua = rounded(u, __fmul_rn(__fmul_rn(ua, s), load_f(gain, ga)));
                 ub = rounded(u, __fmul_rn(__fmul_rn(ub, s), load_f(gain, gb)));
             }
-            // model.rope_tables' angle in float64 (float32 would lose ~1e-3 rad at 10^4
-            // positions), its cos and sin rounded to float32; columns j and j + half share it.
-            const double inv_freq = pow(theta, -static_cast<double>(2 * j) / head_dim);
-            double sd, cd;
-            sincos(static_cast<double>(positions[r]) * inv_freq, &sd, &cd);
-            const float c = static_cast<float>(cd), sn = static_cast<float>(sd);
+            const float c = cos_of[j], sn = sin_of[j];   // columns j and j + half share it
             store_f(u, base + a, __fadd_rn(__fmul_rn(ua, c), __fmul_rn(-ub, sn)));
             store_f(u, base + b, __fadd_rn(__fmul_rn(ub, c), __fmul_rn(ua, sn)));
         }
-        if (KIND == QK_HEAD) __syncthreads();   // inv_of is rewritten by the next row
+        __syncthreads();   // the next row rewrites them
     }
 }
 

@@ -256,4 +256,5 @@ ORDER_THREADS = 256        # expert_order: one block per expert
 MAX_EXPERTS_PER_LANE = 8   # router_topk keeps a token's probabilities in registers
 MAX_ROUTER_EXPERTS = 32 * MAX_EXPERTS_PER_LANE
 MAX_HEADS = 256            # qk_norm_rope's per-head norms of one row, in shared memory
+MAX_HEAD_DIM = 512         # qk_norm_rope's cos/sin of one row, in shared memory
 QK_KINDS = ("none", "head", "full", "summed")   # QK_NONE.. in rowwise.cu, in this order

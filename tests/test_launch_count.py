@@ -1,0 +1,99 @@
+"""perfmodel's GPU op table against a count of the engine's device calls.
+
+The engine runs on the fake device (tests/launch_count.py: the fused kernels' launch code
+with NumPy emulations behind it, every kernel launch, cuBLAS GEMM, host<->device copy and
+generic array operation counted per phase, as CuPy would issue them), for SPEC §1's model
+and each checkpoint family, through a chunked prefill (every chunk writes and reads the KV
+cache) and decode steps; a layer that is not a pass's first is compared with
+``perfmodel.gpu_layer_ops`` phase by phase. So the model cannot claim a launch the engine
+does not save, nor miss one it makes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import hf_fixtures as hf
+from launch_count import counting
+from spmd_moe import perfmodel
+from spmd_moe.config import build_run_config
+from spmd_moe.data import synthetic_input
+from spmd_moe.testing import run_layout
+
+COMPUTE = ("attention", "router", "permute", "experts", "unpermute", "residual")
+
+
+def counted_run(monkeypatch, config, batch, decode_tokens):
+    with counting(monkeypatch) as counter:
+        outputs = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=decode_tokens)
+    return counter, outputs
+
+
+def check_layer(counter, pass_index: int, layer: int, model, local_experts: int):
+    counted = {phase: n for phase, n in counter.ops(pass_index, layer).items()
+               if phase in COMPUTE}
+    # The experts that got rows run (a decode step's few rows leave some idle).
+    ffn_calls = counter.detail(pass_index, layer, "experts")["kernel expert_ffn"]
+    assert 1 <= ffn_calls <= local_experts
+    want = perfmodel.gpu_layer_ops(local_experts, model.activation == "swiglu", cached=True,
+                                   with_rows=ffn_calls)
+    assert counted == want, {phase: dict(counter.detail(pass_index, layer, phase))
+                             for phase in COMPUTE}
+    return counted
+
+
+def check_run(counter, config, decode_tokens: int):
+    """Every pass: its later layers match the model exactly; its first layer adds the
+    attention schedule's two uploads (GPU_OPS['pass'] with the positions' upload)."""
+    model = config.model
+    passes = counter.pass_index + 1
+    assert passes > 2 + decode_tokens - 1
+    for p in range(passes):
+        for layer in range(1, model.n_layers):
+            check_layer(counter, p, layer, model, model.n_experts)
+        first = counter.ops(p, 0)
+        later = counter.ops(p, 1)
+        assert first["attention"] - later["attention"] == 2            # tiles, combine lists
+    assert perfmodel.GPU_OPS["pass"] == 3
+
+
+def test_spec_model_chunked_prefill_and_decode_launches_match_the_model(monkeypatch):
+    config = build_run_config("tiny", sets=["n_layers=3", "chunk_tokens=5", "n_experts=4",
+                                            "top_k=2", "workload=decode", "new_tokens=3"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    counter, _ = counted_run(monkeypatch, config, batch, 3)
+    check_run(counter, config, 3)
+    # The whole GPU layer of the SPEC model at one expert per rank (the paper's ep=16):
+    per_layer = sum(perfmodel.gpu_layer_ops(1, False, cached=True).values())
+    assert per_layer == 22
+
+
+@pytest.mark.parametrize("name", hf.FLOAT32)
+def test_each_family_s_launches_match_the_model(monkeypatch, name):
+    """q/k norms (none, per head, whole projection), SwiGLU experts, renormalised or not:
+    the same count; every chunk of a prefill chunked by 7 and every decode step."""
+    config, batch, _, eos = hf.setup(name, dtype="bfloat16", decode=True)
+    from dataclasses import replace
+
+    config = replace(config, workload=replace(config.workload, chunk_tokens=7))
+    counter, _ = counted_run(monkeypatch, config, batch, hf.NEW_TOKENS)
+    check_run(counter, config, hf.NEW_TOKENS)
+
+
+def test_the_model_s_gpu_layer_is_the_counted_one():
+    """layer_compute charges gpu_layer_ops' counts (x op_us) on the GPU, whatever the
+    device work: a layer with no tokens costs exactly its launches."""
+    from spmd_moe.config import Layout
+    from spmd_moe.perfmodel import layer_compute, rank_shape
+    from spmd_moe.topology import Grid
+
+    config = build_run_config("tiny", sets=["n_experts=4", "top_k=2"])
+    grid = Grid(Layout.parse("ep=2", 2), config.model, 0)
+    shape = rank_shape(config, grid, "cupy")
+    rates = perfmodel.DEFAULT_RATES
+    phases = layer_compute(config, shape, rates, np.zeros(1, dtype=np.int64), 0.0,
+                           starts=np.zeros(1, dtype=np.int64))
+    want = perfmodel.gpu_layer_ops(shape.local_experts, False, cached=True)
+    for phase in COMPUTE:
+        assert phases[phase] == pytest.approx(want[phase] * rates.op_us * 1e-6), phase
