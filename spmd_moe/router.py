@@ -2,10 +2,11 @@
 
 ``p = softmax(b Wr)``; the k largest p win, ties going to the lower expert index; the
 winners' weights are renormalised to sum to one (SPEC §1, Mixtral, Qwen3-MoE with
-``norm_topk_prob``) or kept as they are (OLMoE; ``ModelConfig.router_renorm``). With the
-fused kernels everything after the GEMM is one launch (kernels/rowwise.cu: router_topk). Top-k is k passes of argmax (which returns
-the first maximum, hence the tie rule) rather than a sort: k is small, and both backends
-agree on argmax's tie behaviour, not on sort stability.
+``norm_topk_prob``) or kept as they are (OLMoE; ``ModelConfig.router_renorm``). Top-k is
+k passes of argmax (which returns the first maximum, hence the tie rule) rather than a
+sort: k is small, and both backends agree on argmax's tie behaviour, not on sort
+stability. With the fused kernels everything after the GEMM is one launch
+(kernels/rowwise.cu: router_topk, the same rule).
 
 Notation: T tokens, d width, E experts, k top-k.
 """
