@@ -372,12 +372,14 @@ GPU_OPS = {
 
 
 def gpu_layer_ops(local_experts: int, swiglu: bool, cached: bool,
-                  with_rows: int | None = None) -> dict[str, int]:
+                  with_rows: int | None = None, tp: int = 1) -> dict[str, int]:
     """Device calls per compute phase of one layer on the GPU path (:data:`GPU_OPS`):
     ``local_experts`` experts on the rank, ``with_rows`` of them getting rows (default:
     all), ``cached``: the layer writes (and attends through) a KV cache (a chunked
-    prefill or a decode step)."""
-    several = local_experts > 1
+    prefill or a decode step). Under TP (``tp`` > 1) rows stay put: no regrouping. (The
+    count checks the expert-parallel path; TP's extra roundings of its allreduced partials
+    are charged to the communication phases' calls.)"""
+    several = local_experts > 1 and tp == 1
     with_rows = local_experts if with_rows is None else with_rows
     return {"attention": GPU_OPS["attention"] + (GPU_OPS["kv_cache"] if cached else 0),
             "router": GPU_OPS["router"],
@@ -484,7 +486,7 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
                    "unpermute": 2 * t * k * d * s / hbm + passes(PASSES["unpermute"] * k, t * d),
                    "residual": passes(PASSES["residual"], t * d)}
     else:
-        ops = gpu_layer_ops(shape.local_experts, shape.swiglu, cached)
+        ops = gpu_layer_ops(shape.local_experts, shape.swiglu, cached, tp=shape.tp)
         # The fused kernels' own traffic (rowwise.cu, permute.cu), bytes per element:
         # RMSNorm reads its rows twice and writes once (3 s); q/k norm + RoPE reads q and k
         # (twice with a norm) and rewrites them in place (<= 3 s over q's width, k's
