@@ -4,8 +4,8 @@ The engine runs on the fake device (tests/launch_count.py: the fused kernels' la
 with NumPy emulations behind it, every kernel launch, cuBLAS GEMM, host<->device copy and
 generic array operation counted per phase, as CuPy would issue them), for SPEC §1's model
 and each checkpoint family, through a chunked prefill (every chunk writes and reads the KV
-cache) and decode steps; a layer that is not a pass's first is compared with
-``perfmodel.gpu_layer_ops`` phase by phase. So the model cannot claim a launch the engine
+cache) and decode steps, in bf16 (its greedy tokens those of the NumPy path); a layer that
+is not a pass's first is compared with ``perfmodel.gpu_layer_ops`` phase by phase. So the model cannot claim a launch the engine
 does not save, nor miss one it makes.
 """
 from __future__ import annotations
@@ -25,8 +25,12 @@ COMPUTE = ("attention", "router", "permute", "experts", "unpermute", "residual")
 
 
 def counted_run(monkeypatch, config, batch, decode_tokens):
+    """The decode run on the counting backend; its greedy tokens must be the NumPy path's
+    (bf16 through the fused kernels' launch code, no op left out of the computation)."""
+    want = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=decode_tokens)
     with counting(monkeypatch) as counter:
         outputs = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=decode_tokens)
+    assert np.array_equal(outputs["tokens"], want["tokens"])
     return counter, outputs
 
 
