@@ -96,6 +96,19 @@ def choose_backend(requested: str, node_rank: int = 0, node_size: int = 1) -> Ba
                          shared_device=node_size > count, node_size=node_size)
 
 
+# The fused kernels sit above this module (they import its dtypes and cuBLAS GEMM), so they
+# register their ``attach(backend)`` here when spmd_moe.kernels is imported (the engine
+# imports it) instead of being imported back from here.
+_attach_kernels = None
+
+
+def register_kernels(attach) -> None:
+    """Called by spmd_moe.kernels on import: ``attach(backend)`` sets a CuPy backend's
+    ``kernels`` and ``kernels_reason``."""
+    global _attach_kernels
+    _attach_kernels = attach
+
+
 class Backend:
     """Array module, storage dtype and the operations whose best form is backend specific."""
 
@@ -124,9 +137,12 @@ class Backend:
         self.kernels = None
         self.kernels_reason = "NumPy backend: generic array code"
         if self.name == "cupy":
-            from . import kernels
-
-            kernels.attach(self)
+            if _attach_kernels is None:
+                self.kernels_reason = ("fused kernels not registered (spmd_moe.kernels was "
+                                       "not imported): the CuPy backend runs the generic "
+                                       "array code")
+            else:
+                _attach_kernels(self)
 
     # --- placement -------------------------------------------------------------------
 

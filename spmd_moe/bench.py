@@ -923,9 +923,10 @@ def add_parser(commands) -> None:
 def cmd_bench(args) -> int:
     from mpi4py import MPI
 
+    from . import kernels  # noqa: F401  (registers the fused kernels with the backend)
     from .backend import Backend, choose_backend
+    from .command import check_execution_arguments
     from .data import check_output_path, write_text
-    from .cli import check_execution_arguments
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -978,7 +979,8 @@ def cmd_bench(args) -> int:
 
 
 def _open_transport(comm, bk, requested: str):
-    from .transport import choose_transport, make_transport, mpi_library
+    from .gpu_transport import make_transport
+    from .transport import choose_transport, mpi_library
 
     nccl = False
     if bk.on_gpu:

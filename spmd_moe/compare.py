@@ -293,7 +293,7 @@ def format_comparison(result: dict) -> str:
 # --- the command -----------------------------------------------------------------------
 
 def add_parser(commands) -> None:
-    from .cli import add_config_arguments, add_execution_arguments
+    from .command import add_config_arguments, add_execution_arguments
 
     parser = commands.add_parser(
         "compare", help="run the expert-parallel deployment and the TPxPP baseline on the "
@@ -311,7 +311,7 @@ def add_parser(commands) -> None:
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import load_batch, memory_limit_bytes, on_rank_0, plan_workload
+    from .command import load_batch, memory_limit_bytes, on_rank_0, plan_workload
     from .data import write_text
     from .runner import plan_session
 

@@ -153,7 +153,7 @@ def cmd_generate(args) -> int:
     from mpi4py import MPI
 
     from .checkpoint import checkpoint_run_config
-    from .cli import on_rank_0
+    from .command import on_rank_0
     from .data import check_output_path, text_writer, write_files
 
     comm = MPI.COMM_WORLD

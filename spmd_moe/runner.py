@@ -22,10 +22,11 @@ from .data import Batch
 from .chunks import Schedule
 from .engine import Engine, injected_fault
 from .errors import LayoutError, collective, say
+from .gpu_transport import make_transport
 from .overlap import Flight
 from .topology import Grid, Topology
-from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
-                        mpi_library, nccl_available)
+from .transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
+                        nccl_available)
 from .watchdog import Watchdog
 
 
