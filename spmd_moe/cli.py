@@ -12,8 +12,8 @@ import sys
 from . import bench, compare, generate, perfmodel
 from .command import (GIB, ArgumentParser, abort_job, add_config_arguments,
                       add_execution_arguments, config_from_args, end_interrupted, load_batch,
-                      memory_limit_bytes, on_rank_0, plan_workload, report_error,
-                      start_watchdog)
+                      gather_trace, memory_limit_bytes, on_rank_0, plan_workload,
+                      report_error, start_trace, start_watchdog)
 from .errors import ConfigError, SpmdMoeError, collective
 
 # The commands that run under mpiexec.
@@ -109,7 +109,7 @@ def cmd_run(args) -> int:
 
     from .data import npz_writer, text_writer, write_files
     from .report import build_report, format_report, report_json
-    from .runner import plan_session, run_decode, run_prefill, start_session
+    from .runner import plan_session, run_decode, run_prefill, start_session, trace_session
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -117,11 +117,16 @@ def cmd_run(args) -> int:
     config = planned.config
     workload = config.workload
     decode = workload.workload == "decode"
+    tracer = start_trace(comm, args)
     plan = plan_session(config, comm, planned.lengths, backend=args.backend,
                         transport=args.transport, new_tokens=planned.new_tokens,
                         memory_limit=memory_limit_bytes(args), watchdog=args.watchdog)
     batch = load_batch(comm, planned, args.watchdog)
+    started = tracer.now() if tracer else 0.0
     session = start_session(plan)
+    if tracer is not None:
+        trace_session(session, tracer)
+        tracer.host_span("set-up (weights, buffers, peak)", started, tracer.now())
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
                             collect=bool(args.output), progress=args.progress)
@@ -129,6 +134,7 @@ def cmd_run(args) -> int:
         result = run_prefill(session, batch, args.warmup, args.iters,
                              collect=bool(args.output), progress=args.progress)
     report = build_report(session, batch, result)
+    trace = gather_trace(comm, args, tracer)
     session.close()
 
     def write_outputs() -> None:
@@ -138,6 +144,8 @@ def cmd_run(args) -> int:
             files.append((args.report, "--report", text_writer(report_json(report))))
         if args.output:
             files.append((args.output, "--output", npz_writer(result.outputs)))
+        if args.trace:
+            files.append((args.trace, "--trace", text_writer(trace)))
         write_files(files)
 
     with args.watchdog.waiting("write outputs"):

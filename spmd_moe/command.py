@@ -70,6 +70,9 @@ def add_execution_arguments(parser: argparse.ArgumentParser):
     io = parser.add_argument_group("inputs, outputs and execution")
     io.add_argument("--input", help=".npz with ids [B,S] and optional mask [B,S]")
     io.add_argument("--report", help="JSON report to write (rank 0)")
+    io.add_argument("--trace", metavar="FILE.json",
+                    help="a Chrome trace-event timeline of every rank (open it in Perfetto "
+                         "or chrome://tracing; docs/PERFORMANCE.md)")
     io.add_argument("--warmup", type=int, default=0, help="untimed iterations (default 0)")
     io.add_argument("--iters", type=int, default=1, help="timed iterations (default 1)")
     io.add_argument("--backend", default="auto", help="auto | cupy | numpy")
@@ -244,11 +247,34 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
         check_execution_arguments(args)
         if rank == 0:
             check_output_paths((getattr(args, "output", None), "--output"),
-                               (args.report, "--report"))
+                               (args.report, "--report"), (args.trace, "--trace"))
 
     watchdog = args.watchdog or Watchdog(None, 0)
     with watchdog.waiting("set-up"):
         return _plan_workload(comm, args, checked_arguments, watchdog)
+
+
+def start_trace(comm, args):
+    """Collective: a trace.Tracer with the ranks' clocks aligned when ``--trace`` is given
+    (else None)."""
+    if not getattr(args, "trace", None):
+        return None
+    from .trace import Tracer
+
+    tracer = Tracer(comm)
+    watchdog = args.watchdog or Watchdog(None, 0)
+    with watchdog.waiting("aligning trace clocks"):
+        tracer.align()
+    return tracer
+
+
+def gather_trace(comm, args, tracer) -> str | None:
+    """Collective: the trace's JSON on rank 0 (None elsewhere, or without a tracer)."""
+    if tracer is None:
+        return None
+    watchdog = args.watchdog or Watchdog(None, 0)
+    with watchdog.waiting("gather trace"):
+        return tracer.gather()
 
 
 def on_rank_0(comm, watchdog, what: str, fn):

@@ -72,6 +72,13 @@ def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[s
                 _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
 
 
+def _by_rank(summaries: list[dict], key: str) -> list[dict]:
+    """Per rank: its stage, group rank (expert- or tensor-rank) and mean ms per phase."""
+    return [{"rank": r, "stage": s["stage"], "group_rank": s["group_rank"],
+             "phases": {p: s[key][p] * 1e3 for p in PHASES if p in s[key]}}
+            for r, s in enumerate(summaries)]
+
+
 def _weights_block(session: Session, summaries: list[dict]) -> dict:
     """Where the weights came from, and per rank the bytes read from the checkpoint and the
     seconds it took to read (or generate) them."""
@@ -167,6 +174,7 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
     mine["load"] = (session.load.bytes_read, session.load.seconds)
     mine["memory"] = result.memory
     mine["stage"] = topo.stage
+    mine["group_rank"] = topo.group_rank
     mine["micro_batches"] = result.schedule.count if result.schedule else 0
     if decode:
         steps = _mean_timing(result.step_timings)
@@ -226,6 +234,10 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
             p: _over_ranks([s["bytes"].get(p, 0.0) for s in summaries])
             for p in PHASES if any(p in s["bytes"] for s in summaries)}},
         "expert_load": load,
+        # What `spmd-moe plot` draws: routed rows per (layer, expert) over all ranks, and
+        # each rank's mean phase times (ms) with its place in the layout.
+        "expert_counts": counts.astype(np.int64).tolist(),
+        "phases_ms_by_rank": _by_rank(summaries, "phases"),
         "flops_per_rank": _over_ranks(flops),
         "achieved_tflops_per_rank": float(np.mean(flops)) / wall / 1e12 if wall else 0.0,
         "peak_tflops": peak / 1e12,
@@ -264,6 +276,8 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
             "decode_tokens_per_s": generated / (step_walls.sum() / 1e3)
             if len(step_walls) else 0.0,
             "step_phases_ms": step_table,
+            "step_phases_ms_by_rank": _by_rank(summaries, "step_phases"),
+            "step_ms": step_walls.tolist(),
             "slow_steps": slow_iterations(step_walls.tolist()),
             "alltoall_share": (sum(step_table.get(p, {}).get("max", 0.0) for p in small)
                                / step_mean if step_mean else 0.0),

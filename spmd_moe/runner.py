@@ -25,6 +25,7 @@ from .errors import LayoutError, collective, say
 from .gpu_transport import make_transport
 from .overlap import Flight
 from .topology import Grid, Topology
+from .trace import SPANS_PER_LAYER, Tracer, rank_label
 from .transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
                         nccl_available)
 from .watchdog import Watchdog
@@ -47,6 +48,7 @@ class Session:
     peak_source: str = ""
     weights_source: str = ""                                   # where the weights came from
     load: LoadStats = field(default_factory=LoadStats)         # this rank's bytes and time
+    tracer: object = None                                      # trace.Tracer (--trace)
 
     def close(self) -> None:
         self.transport.free()
@@ -195,7 +197,6 @@ def start_session(plan: SessionPlan) -> Session:
         weights = (load_weights(plan.topo, plan.backend, checkpoint)
                    if checkpoint is not None else None)
         engine = Engine(config, plan.topo, plan.backend, moved, weights)
-        engine.watchdog = watchdog
         load = checkpoint.stats if checkpoint is not None else LoadStats(
             seconds=time.perf_counter() - started)
     session = Session(config, plan.topo, plan.backend, moved, engine, plan.library,
@@ -217,6 +218,27 @@ def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = Non
 
 
 # --- running ---------------------------------------------------------------------------
+
+def trace_session(session: Session, tracer: Tracer, prefix: str = "", offset: int = 0) -> None:
+    """Record ``session``'s iterations in ``tracer`` (already aligned), this rank's process
+    named ``prefix`` + its rank, stage and expert- or tensor-rank, ``pid = offset + rank``."""
+    topo = session.topo
+    kind = "tensor" if topo.layout.tp > 1 else "expert"
+    tracer.deployment(rank_label(kind, topo.rank, topo.stage, topo.group_rank, prefix),
+                      offset)
+    session.tracer = tracer
+
+
+def _plan_trace(session: Session, micro_batches: int, iterations: int, what: str) -> None:
+    """Count the spans the schedule will make against the tracer's limit; rank 0 says
+    which iterations fit when not all do (trace.Tracer.plan)."""
+    if session.tracer is None:
+        return
+    per = micro_batches * (len(session.topo.layers) * SPANS_PER_LAYER + 8) + 8
+    line = session.tracer.plan(per, iterations, what)
+    if line is not None and session.topo.rank == 0:
+        say(f"spmd-moe: {line}")
+
 
 @dataclass
 class Timing:
@@ -282,16 +304,33 @@ WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "disp
 
 
 class WatchedTimer:
-    """A backend PhaseTimer whose phases also tell the watchdog where this rank is."""
+    """A backend PhaseTimer whose phases also tell the watchdog where this rank is: the
+    phase, and the layer of the stage pass running (its ``context``, trace.SpanContext,
+    which --trace records with each span: one mark for both)."""
 
     def __init__(self, timer: PhaseTimer, watchdog: Watchdog):
         self.timer, self.watchdog = timer, watchdog
 
+    @property
+    def context(self):
+        return self.timer.context
+
+    @context.setter
+    def context(self, context) -> None:
+        self.timer.context = context
+        if context is not None:
+            self.watchdog.at_layer(context.layer)
+
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, context=None):
+        """``name`` timed (and traced) in ``context`` (default: the running pass's; an
+        exchange's own when it is poked or waited), the watchdog told the phase and that
+        context's layer."""
+        if context is not None:
+            self.watchdog.at_layer(context.layer)
         before = self.watchdog.enter(name, name in WAIT_PHASES)
         try:
-            with self.timer.phase(name):
+            with self.timer.phase(name, context):
                 yield
         except BaseException:
             self.watchdog.leave(before, failed=True)
@@ -302,24 +341,40 @@ class WatchedTimer:
         return getattr(self.timer, name)
 
 
-def _timed(session: Session, fn):
+def _timed(session: Session, fn, label: str = "iteration"):
     """Run ``fn(timer, flight)`` between barriers; returns (its result, Timing). ``timer``
     tells the watchdog where the rank is, and so does ``flight`` (it times every start, test
-    and wait of an exchange under the exchange's phase, one of WAIT_PHASES)."""
-    world, bk, watchdog = session.topo.world, session.backend, session.watchdog
+    and wait of an exchange under the exchange's phase, one of WAIT_PHASES). With a tracer
+    the timer keeps its spans, and the iteration (``label``), its barriers and the device
+    sync are host spans."""
+    world, bk, watchdog, tracer = (session.topo.world, session.backend, session.watchdog,
+                                   session.tracer)
     timer = WatchedTimer(bk.timer(), watchdog)
     flight = Flight(timer)
     watchdog.iteration += 1
+    entered = time.perf_counter()
     with watchdog.waiting("barrier before iteration"):
         world.Barrier()
+    if tracer is not None:
+        tracer.arm(timer.timer, bk)
     start = time.perf_counter()
     with watchdog.phase("forward"):
         result = fn(timer, flight)
+    computed = time.perf_counter()
     with watchdog.phase("device sync"):
         bk.synchronize()
+    synced = time.perf_counter()
     with watchdog.waiting("barrier after iteration"):
         world.Barrier()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
+    if tracer is not None:
+        tracer.collect(timer.timer, bk)
+        tracer.host_span(label, entered, end,
+                         args={"wall_ms": wall * 1e3})
+        tracer.host_span("barrier", entered, start)
+        tracer.host_span("device sync", computed, synced)
+        tracer.host_span("barrier", synced, end)
     return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
                           rss=resident_bytes(), exchanges=flight.summary())
 
@@ -329,10 +384,13 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
     """``warmup + iters`` forward passes; outputs of the last gathered on rank 0."""
     engine, timings = session.engine, []
     rss_start = resident_bytes()
+    if session.tracer is not None:
+        _plan_trace(session, engine.schedule(batch).count, warmup + iters, "iteration")
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
+        label = f"warm-up {i + 1}" if i < warmup else f"iteration {i - warmup + 1}"
         out, timing = _timed(session, lambda t, f: engine.prefill(
-            batch, t, keep_hidden=collect and last, flight=f))
+            batch, t, keep_hidden=collect and last, flight=f), label)
         if i >= warmup:
             timings.append(timing)
             _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
@@ -353,6 +411,9 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     cache = engine.new_cache(batch, new_tokens)
     micro = engine.decode_micro_batches(batch.batch_size)
     returns: list = []
+    if session.tracer is not None:
+        _plan_trace(session, max(len(micro), engine.schedule(batch).count), new_tokens,
+                    "decode step")
 
     def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
         """The tokens step ``step + 1`` embeds (-1 for stopped sequences), sent to the first
@@ -373,7 +434,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
             chosen = np.split(mine, np.cumsum([len(seqs) for seqs in micro])[:-1])
         return out, chosen, after_sampling(chosen, 0, timer)
 
-    (out, chosen, inputs), prefill_timing = _timed(session, prefill)
+    (out, chosen, inputs), prefill_timing = _timed(session, prefill, "prefill")
     generated = [chosen]
     counts = np.zeros_like(out.expert_counts)
     steps = []
@@ -382,7 +443,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
             new = engine.decode_step(micro, inputs, cache, timer, counts, flight)
             return new, after_sampling(new, step, timer) if topo.is_last_stage else inputs
 
-        (new, inputs), timing = _timed(session, one_step)
+        (new, inputs), timing = _timed(session, one_step, f"decode step {step}")
         if topo.is_last_stage:
             generated.append(new)
         steps.append(timing)
