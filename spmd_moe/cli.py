@@ -1,4 +1,4 @@
-"""``spmd-moe run | plan | info | bench | compare | generate | export``: parse, build, call
+"""``spmd-moe run | plan | info | bench | compare | generate | export | plot``: parse, build, call
 the engine, report.
 
 Errors a user can cause print one line on rank 0 (``spmd-moe: error: FIELD: ...``) and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import bench, compare, generate, perfmodel
+from . import bench, compare, generate, perfmodel, plot
 from .command import (GIB, ArgumentParser, abort_job, add_config_arguments,
                       add_execution_arguments, config_from_args, end_interrupted, load_batch,
                       gather_trace, memory_limit_bytes, on_rank_0, plan_workload,
@@ -51,6 +51,7 @@ def build_parser() -> ArgumentParser:
     bench.add_parser(commands)
     compare.add_parser(commands)
     generate.add_parser(commands)
+    plot.add_parser(commands)
 
     export = commands.add_parser("export", help="write a preset's generated weights as a "
                                                 "Hugging Face model directory (--model loads "
