@@ -13,7 +13,7 @@ from . import bench, compare, generate, perfmodel, plot
 from .command import (GIB, ArgumentParser, abort_job, add_config_arguments,
                       add_execution_arguments, config_from_args, end_interrupted, load_batch,
                       gather_trace, memory_limit_bytes, on_rank_0, plan_workload,
-                      report_error, start_trace, start_watchdog)
+                      progress_reporter, report_error, start_trace, start_watchdog)
 from .errors import ConfigError, SpmdMoeError, collective
 
 # The commands that run under mpiexec.
@@ -30,7 +30,9 @@ def build_parser() -> ArgumentParser:
     io = add_execution_arguments(run)
     io.add_argument("--output", help=".npz to write (rank 0): hidden, logits, expert_counts"
                                      "[, tokens]")
-    io.add_argument("--progress", action="store_true", help="a line per timed iteration")
+    io.add_argument("--progress", action="store_true",
+                    help="a line for every timed iteration or decode step, even quick ones "
+                         "(default: progress only for steps longer than 2 s)")
     run.set_defaults(func=cmd_run)
 
     plan = commands.add_parser("plan", help="placement, memory, bytes and FLOPs per rank; "
@@ -124,16 +126,16 @@ def cmd_run(args) -> int:
                         memory_limit=memory_limit_bytes(args), watchdog=args.watchdog)
     batch = load_batch(comm, planned, args.watchdog)
     started = tracer.now() if tracer else 0.0
-    session = start_session(plan)
+    session = start_session(plan, progress_reporter(comm, args))
     if tracer is not None:
         trace_session(session, tracer)
         tracer.host_span("set-up (weights, buffers, peak)", started, tracer.now())
     if decode:
         result = run_decode(session, batch, workload.new_tokens, workload.eos_id,
-                            collect=bool(args.output), progress=args.progress)
+                            collect=bool(args.output))
     else:
         result = run_prefill(session, batch, args.warmup, args.iters,
-                             collect=bool(args.output), progress=args.progress)
+                             collect=bool(args.output))
     report = build_report(session, batch, result)
     trace = gather_trace(comm, args, tracer)
     session.close()

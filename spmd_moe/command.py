@@ -79,6 +79,9 @@ def add_execution_arguments(parser: argparse.ArgumentParser):
     io.add_argument("--transport", default="auto", help="auto | mpi-cuda | mpi-host | nccl")
     io.add_argument("--memory-limit", type=float, metavar="GIB",
                     help="memory per rank for the pre-allocation check (default: free memory)")
+    io.add_argument("--quiet", action="store_true",
+                    help="no progress on stderr (default: a bar on a terminal, else a line "
+                         "every few seconds, for steps that take more than 2 s)")
     io.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
                     metavar="SECONDS",
                     help="abort the job, naming the ranks that did not arrive, when a rank "
@@ -93,6 +96,9 @@ def check_execution_arguments(args) -> None:
         raise ConfigError("--warmup", f"{args.warmup} must be >= 0")
     if args.iters < 1:
         raise ConfigError("--iters", f"{args.iters} must be >= 1")
+    if getattr(args, "progress", False) and args.quiet:
+        raise ConfigError("--progress", "a line per iteration cannot be combined with "
+                                        "--quiet")
     if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
         raise ConfigError("--memory-limit", f"{args.memory_limit} must be a finite number "
                                             "of GiB > 0")
@@ -252,6 +258,15 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
     watchdog = args.watchdog or Watchdog(None, 0)
     with watchdog.waiting("set-up"):
         return _plan_workload(comm, args, checked_arguments, watchdog)
+
+
+def progress_reporter(comm, args):
+    """Rank 0's progress.Reporter for ``--quiet`` / ``--progress`` (a line per iteration) /
+    neither (a bar on a terminal, rate-limited lines otherwise); silent on other ranks."""
+    from .progress import Reporter, choose_mode
+
+    return Reporter(choose_mode(args.quiet, getattr(args, "progress", False),
+                                rank=comm.Get_rank()))
 
 
 def start_trace(comm, args):

@@ -20,7 +20,6 @@ only the relative errors are checked (2e-2) and differing counts are reported, n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -116,6 +115,7 @@ class RunOptions:
     memory_limit: int | None = None
     watchdog: object = None          # the CLI's watchdog.Watchdog (none: nothing watched)
     tracer: object = None            # trace.Tracer (--trace): both deployments, one file
+    progress: object = None          # progress.Reporter (rank 0's progress; none: silent)
 
 
 def run_deployment(config: RunConfig, comm, batch, layout: Layout,
@@ -129,6 +129,7 @@ def run_deployment(config: RunConfig, comm, batch, layout: Layout,
     ``(None, None)`` elsewhere. With ``options.tracer`` its ranks are the trace's processes
     ``index * world size + rank``, named ``name: rank ...``.
     """
+    from .progress import SILENT
     from .report import build_report
     from .runner import open_session, run_decode, run_prefill, trace_session
 
@@ -137,7 +138,8 @@ def run_deployment(config: RunConfig, comm, batch, layout: Layout,
     session = open_session(config, comm, batch, layout=str(layout), backend=options.backend,
                            transport=options.transport,
                            new_tokens=work.new_tokens if decode else 0,
-                           memory_limit=options.memory_limit, watchdog=options.watchdog)
+                           memory_limit=options.memory_limit, watchdog=options.watchdog,
+                           progress=options.progress or SILENT)
     if options.tracer is not None:
         trace_session(session, options.tracer, f"{name or layout}: ", index * comm.Get_size())
     try:
@@ -319,8 +321,9 @@ def cmd_compare(args) -> int:
     from mpi4py import MPI
 
     from .command import (gather_trace, load_batch, memory_limit_bytes, on_rank_0,
-                          plan_workload, start_trace)
+                          plan_workload, progress_reporter, start_trace)
     from .data import text_writer, write_files
+    from .report import report_json
     from .runner import plan_session
 
     comm = MPI.COMM_WORLD
@@ -334,7 +337,8 @@ def cmd_compare(args) -> int:
     planned = plan_workload(comm, args, no_layout)
     config = planned.config
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
-                         memory_limit_bytes(args), args.watchdog)
+                         memory_limit_bytes(args), args.watchdog,
+                         progress=progress_reporter(comm, args))
     # Both deployments' checks (memory included) before the batch is built or read.
     for layout in collective(comm, resolve_layouts, config.model, comm.Get_size(),
                              args.ep_layout, args.baseline_layout):
@@ -351,7 +355,7 @@ def cmd_compare(args) -> int:
         files = []
         if args.report:
             files.append((args.report, "--report",
-                          text_writer(json.dumps(result, indent=2) + "\n")))
+                          text_writer(report_json(result))))
         if args.trace:
             files.append((args.trace, "--trace", text_writer(trace)))
         write_files(files)

@@ -4,7 +4,7 @@ Panels, one column per deployment (a compare report has two, side by side):
 
 - **phases per rank**: each rank's mean time per phase (ms per iteration), stacked, in the
   engine's phase order, so the tallest bar is the slowest rank and its segments say where
-  the time went (``phases_ms_by_rank``);
+  the time went (``per_rank.phases_ms``);
 - **expert load**: routed rows per layer and expert as a heatmap (``expert_counts``, all
   ranks' rows), the imbalance a router makes visible at a glance;
 - **decode**: the wall time of each decode step (``decode.step_ms``), per-token latency
@@ -78,7 +78,7 @@ def deployments(data: dict, path: str = "REPORT") -> list[tuple[str, dict]]:
     else:
         parts = [(f"{data.get('workload', 'run')} {data.get('layout', '')}", data)]
     for title, report in parts:
-        for key in ("phases_ms_by_rank", "expert_counts"):
+        for key in ("per_rank", "expert_counts"):
             if key not in report:
                 raise InputError("REPORT", f"{path}: not a spmd-moe report with {key} (run "
                                            "or compare --report of this version, or a "
@@ -93,22 +93,19 @@ def panels_of(report: dict) -> list[str]:
     return kinds
 
 
-def plot_phases(ax, report: dict, key: str = "phases_ms_by_rank") -> None:
-    """Per rank, stacked mean ms per phase."""
-    rows = report[key]
-    names = []
-    for row in rows:
-        names += [p for p in row["phases"] if p not in names]
-    bottoms = [0.0] * len(rows)
-    ranks = [row["rank"] for row in rows]
-    for phase in names:
-        heights = [row["phases"].get(phase, 0.0) for row in rows]
+def plot_phases(ax, report: dict) -> None:
+    """Per rank, stacked mean ms per phase (per_rank.phases_ms: a column per phase)."""
+    columns = report["per_rank"]
+    ranks = list(range(len(columns["stage"])))
+    bottoms = [0.0] * len(ranks)
+    for phase, column in columns["phases_ms"].items():
+        heights = [ms or 0.0 for ms in column]          # null: the rank has no such phase
         ax.bar(ranks, heights, bottom=bottoms, label=phase, width=0.8,
                color=PHASE_COLORS.get(phase))
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set_xticks(ranks)
-    ax.set_xticklabels([f"{row['rank']}\ns{row['stage']}/g{row['group_rank']}" for row in rows],
-                       fontsize=7)
+    ax.set_xticklabels([f"{r}\ns{columns['stage'][r]}/g{columns['group_rank'][r]}"
+                        for r in ranks], fontsize=7)
     ax.set_xlabel("rank (stage / expert- or tensor-rank)")
     ax.set_ylabel("ms per iteration")
     ax.set_title("time per phase, by rank", fontsize=9)

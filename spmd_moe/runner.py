@@ -24,11 +24,13 @@ from .engine import Engine, injected_fault
 from .errors import LayoutError, collective, say
 from .gpu_transport import make_transport
 from .overlap import Flight
+from .progress import SILENT, Reporter
 from .topology import Grid, Topology
 from .trace import SPANS_PER_LAYER, Tracer, rank_label
 from .transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
                         nccl_available)
 from .watchdog import Watchdog
+from .weights import build_weights
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Session:
     weights_source: str = ""                                   # where the weights came from
     load: LoadStats = field(default_factory=LoadStats)         # this rank's bytes and time
     tracer: object = None                                      # trace.Tracer (--trace)
+    progress: Reporter = SILENT                                # rank 0's progress output
 
     def close(self) -> None:
         self.transport.free()
@@ -186,23 +189,28 @@ def _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
                        checkpoint)
 
 
-def start_session(plan: SessionPlan) -> Session:
+def start_session(plan: SessionPlan, progress: Reporter = SILENT) -> Session:
     """Allocate what ``plan`` checked: transport buffers and this rank's weights (read from
-    the checkpoint, or generated). Collective."""
+    the checkpoint, or generated; ``progress`` shows how far). Collective."""
     watchdog, checkpoint, config = plan.watchdog, plan.checkpoint, plan.config
     with watchdog.waiting("set-up"):
         moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
     with watchdog.phase("weights"):
         started = time.perf_counter()
-        weights = (load_weights(plan.topo, plan.backend, checkpoint)
-                   if checkpoint is not None else None)
+        topo = plan.topo
+        with progress("loading weights" if checkpoint is not None else "generating weights",
+                      len(topo.layers) * (len(topo.experts) + 1)) as task:
+            weights = (load_weights(topo, plan.backend, checkpoint, task)
+                       if checkpoint is not None else
+                       build_weights(topo, plan.backend, config.seed, config.init,
+                                     progress=task))
         engine = Engine(config, plan.topo, plan.backend, moved, weights)
         load = checkpoint.stats if checkpoint is not None else LoadStats(
             seconds=time.perf_counter() - started)
     session = Session(config, plan.topo, plan.backend, moved, engine, plan.library,
                       plan.backend_choice, plan.transport_choice, watchdog,
                       weights_source=describe(config.checkpoint, config.seed, config.init),
-                      load=load)
+                      load=load, progress=progress)
     with watchdog.phase("peak measurement"):
         session.peak_flops, session.peak_source = measure_peak(plan.backend)
     return session
@@ -210,11 +218,11 @@ def start_session(plan: SessionPlan) -> Session:
 
 def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None,
-                 watchdog: Watchdog | None = None) -> Session:
+                 memory_limit: int | None = None, watchdog: Watchdog | None = None,
+                 progress: Reporter = SILENT) -> Session:
     """:func:`plan_session` for ``batch``, then :func:`start_session`. Collective."""
     return start_session(plan_session(config, comm, batch.lengths, layout, backend, transport,
-                                      new_tokens, memory_limit, watchdog))
+                                      new_tokens, memory_limit, watchdog), progress)
 
 
 # --- running ---------------------------------------------------------------------------
@@ -290,12 +298,6 @@ def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
     return {"rss_before": before, "rss_first": timings[0].rss if timings else before,
             "rss_end": timings[-1].rss if timings else before,
             "peak_rss": max(peak_resident_bytes(), before, *(t.rss for t in timings))}
-
-
-def _progress(session: Session, label: str, index: int, total: int, seconds: float,
-              always: bool) -> None:
-    if session.topo.rank == 0 and (always or seconds > 1.0):
-        say(f"spmd-moe: {label} {index}/{total}: {seconds * 1e3:.1f} ms")
 
 
 # Engine phases in which a rank waits for other ranks (the rest is computing).
@@ -380,20 +382,29 @@ def _timed(session: Session, fn, label: str = "iteration"):
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
-                collect: bool = True, progress: bool = False) -> RunResult:
-    """``warmup + iters`` forward passes; outputs of the last gathered on rank 0."""
+                collect: bool = True) -> RunResult:
+    """``warmup + iters`` forward passes; outputs of the last gathered on rank 0. Rank 0
+    shows progress (``session.progress``) of the warm-up and of the timed iterations."""
     engine, timings = session.engine, []
     rss_start = resident_bytes()
     if session.tracer is not None:
         _plan_trace(session, engine.schedule(batch).count, warmup + iters, "iteration")
+    warming = session.progress("warm-up", warmup, each=True)
+    timed = None
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
         label = f"warm-up {i + 1}" if i < warmup else f"iteration {i - warmup + 1}"
         out, timing = _timed(session, lambda t, f: engine.prefill(
             batch, t, keep_hidden=collect and last, flight=f), label)
-        if i >= warmup:
-            timings.append(timing)
-            _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
+        if i < warmup:
+            warming.update(i + 1, f"{timing.wall * 1e3:.1f} ms")
+            continue
+        if timed is None:
+            warming.close()
+            timed = session.progress("iteration", iters, each=True)
+        timings.append(timing)
+        timed.update(i - warmup + 1, f"{timing.wall * 1e3:.1f} ms")
+    timed.close()
     memory = _memory(rss_start, timings)
     outputs = gather_prefill(session, batch, out) if collect else None
     return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory,
@@ -402,7 +413,7 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
 
 def run_decode(session: Session, batch: Batch, new_tokens: int,
                eos_id: int | list[int] | None = None,
-               collect: bool = True, progress: bool = False) -> RunResult:
+               collect: bool = True) -> RunResult:
     """Prefill the prompts into the KV cache, then ``new_tokens`` greedy tokens per
     sequence, one decode step at a time. A sequence that emits ``eos_id`` (or one of a list of
     them: checkpoints may name several) stops (its later tokens are -1)."""
@@ -438,6 +449,7 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     generated = [chosen]
     counts = np.zeros_like(out.expert_counts)
     steps = []
+    stepping = session.progress("decode step", new_tokens - 1, each=True)
     for step in range(1, new_tokens):
         def one_step(timer, flight, inputs=inputs):
             new = engine.decode_step(micro, inputs, cache, timer, counts, flight)
@@ -447,7 +459,8 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
         if topo.is_last_stage:
             generated.append(new)
         steps.append(timing)
-        _progress(session, "decode step", step, new_tokens - 1, timing.wall, progress)
+        stepping.update(step, f"{timing.wall * 1e3:.1f} ms")
+    stepping.close()
     with session.watchdog.waiting("token_return"):
         for request in returns:
             request.Wait()

@@ -65,11 +65,11 @@ def test_a_prefill_report_plots_phases_per_rank_and_the_expert_heatmap(reports, 
     report = json.loads(reports["prefill"].read_text())
     fig = plot.report_figure(report)
     bars, heat = fig.axes[0], fig.axes[1]
-    phases = report["phases_ms_by_rank"][0]["phases"]
+    phases = report["per_rank"]["phases_ms"]
     # one bar segment per phase on the one rank, stacked to the rank's total
     assert len(bars.patches) == len(phases)
     top = max(p.get_y() + p.get_height() for p in bars.patches)
-    assert top == pytest.approx(sum(phases.values()))
+    assert top == pytest.approx(sum(column[0] or 0.0 for column in phases.values()))
     assert heat.images[0].get_array().shape == (5, 12)        # tiny: L=5, E=12
     assert (heat.images[0].get_array().sum(axis=1) == 55 * 2).all()   # k rows per token
 
@@ -117,7 +117,7 @@ def test_without_matplotlib_one_line_names_the_package(reports, tmp_path, monkey
 
 @pytest.mark.parametrize("content, needle", [
     ("not json", "is not JSON"),
-    ('{"workload": "prefill"}', "not a spmd-moe report with phases_ms_by_rank"),
+    ('{"workload": "prefill"}', "not a spmd-moe report with per_rank"),
     ("[1, 2]", "not a spmd-moe report or trace"),
 ])
 def test_a_bad_report_is_one_line(tmp_path, capsys, content, needle):
@@ -137,3 +137,14 @@ def test_the_output_path_is_checked_before_plotting(reports, tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "missing.json"), "-o",
                      str(tmp_path / "x.png")]) == 2
     assert "REPORT: cannot read" in capsys.readouterr().err
+
+
+def test_report_json_keeps_number_lists_on_one_line(reports):
+    from spmd_moe.report import report_json
+
+    report = json.loads(reports["decode"].read_text())
+    text = report_json(report)
+    assert json.loads(text) == report
+    assert '"step_ms": [' in text and "\n        [" not in text
+    rows = [line for line in text.splitlines() if line.strip().startswith("[")]
+    assert len(rows) >= 5                      # expert_counts: a line per layer
