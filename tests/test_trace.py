@@ -244,3 +244,39 @@ def test_chrome_json_names_rows_and_notes_drops():
         "slot 1")
     assert data["otherData"]["truncated"]["dropped_spans_by_rank"] == {"1": 3}
     assert np.isclose([e for e in data["traceEvents"] if e["ph"] == "X"][0]["dur"], 2.0)
+
+
+def test_gpu_spans_are_event_durations_placed_by_the_reference_event():
+    """On the GPU a span's duration is its CUDA events' elapsed time, and its start is the
+    reference event's host time plus the elapsed time from the reference event (a stand-in
+    device whose clock runs 1000 s away from the host's)."""
+    from types import SimpleNamespace
+
+    from spmd_moe.backend import PhaseTimer
+
+    device_now = [1000.0]
+
+    class Event:
+        def record(self):
+            self.t = device_now[0]
+
+        def synchronize(self):
+            pass
+
+    cuda = SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3)
+    bk = SimpleNamespace(on_gpu=True, xp=SimpleNamespace(cuda=cuda), synchronize=lambda: None)
+    tracer = Tracer(MPI.COMM_SELF)
+    tracer.align()
+    timer = PhaseTimer(bk)
+    tracer.arm(timer, bk)
+    _, host_ref = tracer._reference
+    timer.context = SpanContext(0, 0, 2, 7)
+    device_now[0] += 0.25                    # the device reaches the phase 250 ms later
+    with timer.phase("experts"):
+        device_now[0] += 0.125
+    tracer.collect(timer, bk)
+    (pid, tid, name, start, end, args), = tracer.events
+    assert (tid, name, args) == (SLOT_TID, "experts",
+                                 {"micro_batch": 0, "slot": 0, "rows": 7, "layer": 2})
+    assert start == pytest.approx(host_ref + 0.25) and end - start == pytest.approx(0.125)
+    assert timer.totals() == {"experts": pytest.approx(0.125)}
