@@ -507,6 +507,7 @@ class PhaseTimer:
     span_room: int = 0
     span_dropped: int = 0
     context: Any = None
+    _last_span: list | None = None        # the span the last phase went into (None: dropped)
 
     @contextlib.contextmanager
     def phase(self, name: str, context: Any = None) -> Iterator[None]:
@@ -534,17 +535,21 @@ class PhaseTimer:
     def _span(self, name: str, start, stop, context) -> None:
         context = self.context if context is None else context
         spans = self.spans
-        if spans and spans[-1][0] == name and spans[-1][3] == context:
+        if spans and spans[-1] is self._last_span and spans[-1][0] == name and \
+                spans[-1][3] == context:
             spans[-1][2] = stop
         elif len(spans) < self.span_room:
             spans.append([name, start, stop, context, 0])
+            self._last_span = spans[-1]
         else:
             self.span_dropped += 1
+            self._last_span = None
 
     def add_bytes(self, name: str, count: int) -> None:
         self.bytes_sent[name] = self.bytes_sent.get(name, 0) + int(count)
-        if self.spans and self.spans[-1][0] == name:
-            self.spans[-1][4] += int(count)
+        if self.spans is not None and self._last_span is not None and \
+                self._last_span[0] == name:
+            self._last_span[4] += int(count)     # the bytes of the phase just timed
 
     def count(self, name: str, amount: int) -> None:
         """Count work done (e.g. rows through the experts) for FLOP accounting."""

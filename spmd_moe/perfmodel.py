@@ -27,8 +27,9 @@ readings. docs/CLUSTER.md derives the equations; in short:
 Nothing overlaps communication with computation, because the engine does not. Routing is
 balanced unless ``--routing-imbalance`` says how much busier the busiest expert rank is
 (:func:`measured_imbalance` reads it off a run's ``expert_counts``). ``--against REPORT``
-sets a prediction beside a measured run; :func:`measure_cpu_rates` and
-:func:`measure_mpi_links` calibrate the model on a CPU machine (bin/calibrate-local).
+sets a prediction beside a measured run; calibrate.py's ``measure_cpu_rates`` and
+``measure_mpi_links`` calibrate the model on a CPU machine (bin/calibrate-local). The
+cluster and the kernel rates, the model's inputs, are cluster.py's.
 
 Notation: t tokens of a micro-batch on one rank, T the stage's tokens of it, d width,
 w = heads*Dh this rank's attention width, f this rank's F slice, E experts, El local

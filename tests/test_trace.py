@@ -280,3 +280,18 @@ def test_gpu_spans_are_event_durations_placed_by_the_reference_event():
                                  {"micro_batch": 0, "slot": 0, "rows": 7, "layer": 2})
     assert start == pytest.approx(host_ref + 0.25) and end - start == pytest.approx(0.125)
     assert timer.totals() == {"experts": pytest.approx(0.125)}
+
+
+def test_bytes_go_to_the_span_just_timed_even_past_the_limit():
+    timer = Backend(choose_backend("numpy"), "float32").timer()
+    timer.spans, timer.span_room = [], 1
+    timer.context = SpanContext(0, 0, 0, 3)
+    with timer.phase("dispatch"):
+        pass
+    timer.add_bytes("dispatch", 10)
+    timer.context = SpanContext(0, 0, 1, 3)
+    with timer.phase("dispatch"):              # dropped: past the room of one span
+        pass
+    timer.add_bytes("dispatch", 99)
+    assert [s[4] for s in timer.spans] == [10] and timer.span_dropped == 1
+    assert timer.bytes_sent == {"dispatch": 109}
