@@ -96,6 +96,19 @@ def choose_backend(requested: str, node_rank: int = 0, node_size: int = 1) -> Ba
                          shared_device=node_size > count, node_size=node_size)
 
 
+# The fused kernels sit above this module (they import its dtypes and cuBLAS GEMM), so they
+# register their ``attach(backend)`` here when spmd_moe.kernels is imported (the engine
+# imports it) instead of being imported back from here.
+_attach_kernels = None
+
+
+def register_kernels(attach) -> None:
+    """Called by spmd_moe.kernels on import: ``attach(backend)`` sets a CuPy backend's
+    ``kernels`` and ``kernels_reason``."""
+    global _attach_kernels
+    _attach_kernels = attach
+
+
 class Backend:
     """Array module, storage dtype and the operations whose best form is backend specific."""
 
@@ -124,9 +137,12 @@ class Backend:
         self.kernels = None
         self.kernels_reason = "NumPy backend: generic array code"
         if self.name == "cupy":
-            from . import kernels
-
-            kernels.attach(self)
+            if _attach_kernels is None:
+                self.kernels_reason = ("fused kernels not registered (spmd_moe.kernels was "
+                                       "not imported): the CuPy backend runs the generic "
+                                       "array code")
+            else:
+                _attach_kernels(self)
 
     # --- placement -------------------------------------------------------------------
 
@@ -474,6 +490,12 @@ class PhaseTimer:
 
     On the GPU the phases are bracketed by CUDA events on the compute stream (a host clock
     would time kernel launches, not kernels); times are read once, in :meth:`totals`.
+
+    With ``spans`` a list (trace.py's Tracer.arm), each phase is also kept as a span
+    ``[name, start, stop, context, bytes]``: host seconds on NumPy, the CUDA events on the
+    GPU; ``context`` is ``self.context`` (what a stage pass sets: trace.SpanContext) unless
+    the phase names its own; consecutive spans of one phase in one context are one span;
+    past ``span_room`` spans are counted in ``span_dropped``, not kept.
     """
 
     backend: Backend
@@ -481,9 +503,14 @@ class PhaseTimer:
     bytes_sent: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
     _events: list[tuple[str, Any, Any]] = field(default_factory=list)
+    spans: list | None = None
+    span_room: int = 0
+    span_dropped: int = 0
+    context: Any = None
+    _last_span: list | None = None        # the span the last phase went into (None: dropped)
 
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str, context: Any = None) -> Iterator[None]:
         if self.backend.on_gpu:
             cuda = self.backend.xp.cuda
             start, stop = cuda.Event(), cuda.Event()
@@ -493,15 +520,36 @@ class PhaseTimer:
             finally:
                 stop.record()
                 self._events.append((name, start, stop))
+                if self.spans is not None:
+                    self._span(name, start, stop, context)
         else:
             start = time.perf_counter()
             try:
                 yield
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                stop = time.perf_counter()
+                self.seconds[name] = self.seconds.get(name, 0.0) + stop - start
+                if self.spans is not None:
+                    self._span(name, start, stop, context)
+
+    def _span(self, name: str, start, stop, context) -> None:
+        context = self.context if context is None else context
+        spans = self.spans
+        if spans and spans[-1] is self._last_span and spans[-1][0] == name and \
+                spans[-1][3] == context:
+            spans[-1][2] = stop
+        elif len(spans) < self.span_room:
+            spans.append([name, start, stop, context, 0])
+            self._last_span = spans[-1]
+        else:
+            self.span_dropped += 1
+            self._last_span = None
 
     def add_bytes(self, name: str, count: int) -> None:
         self.bytes_sent[name] = self.bytes_sent.get(name, 0) + int(count)
+        if self.spans is not None and self._last_span is not None and \
+                self._last_span[0] == name:
+            self._last_span[4] += int(count)     # the bytes of the phase just timed
 
     def count(self, name: str, amount: int) -> None:
         """Count work done (e.g. rows through the experts) for FLOP accounting."""

@@ -318,8 +318,9 @@ class LayerStep:
 
 def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed: int = 0,
                    peer: str = "auto", memory_limit: int | None = None,
-                   progress=None) -> dict:
-    """The layer-step measurement on ``bk``; returns the result dict (see module doc)."""
+                   progress=None, tracer=None) -> dict:
+    """The layer-step measurement on ``bk``; returns the result dict (see module doc).
+    ``tracer`` (trace.Tracer): each iteration's phases as spans."""
     from .runner import available_memory, measure_peak
 
     shape.validate()
@@ -339,9 +340,14 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     walls: list[float] = []
     for i in range(warmup + iters):
         timer = bk.timer()
+        if tracer is not None:
+            tracer.arm(timer, bk)
+            began = tracer.now()
         with timer.phase("step"):      # encloses the step's own phases
             out = step.run(timer)
         seconds = timer.totals()
+        if tracer is not None:
+            _trace_iteration(tracer, timer, bk, began, i, warmup)
         wall = seconds["step"] * 1e3
         say(f"{'warm-up' if i < warmup else 'iteration'} {i + 1 - (warmup if i >= warmup else 0)}"
             f": {wall:.1f} ms")
@@ -652,8 +658,17 @@ def _torch_eager_step(torch, F, shape: BenchShape, randn, device, dtype):
 
 # --- dispatch + combine against a raw Alltoallv ----------------------------------------------
 
+def _trace_iteration(tracer, timer, bk, began: float, i: int, warmup: int) -> None:
+    """Iteration ``i``'s phases into ``tracer`` after its ``totals()`` (device synced), and
+    the iteration itself as a host span."""
+    bk.synchronize()
+    tracer.collect(timer, bk)
+    label = f"warm-up {i + 1}" if i < warmup else f"iteration {i - warmup + 1}"
+    tracer.host_span(label, began, tracer.now())
+
+
 def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup: int = 1,
-                  seed: int = 0, progress=None) -> dict | None:
+                  seed: int = 0, progress=None, tracer=None) -> dict | None:
     """Dispatch and combine of ``shape.tokens`` tokens per rank across ``comm`` (each rank
     owning ``E/P`` experts), timed against a raw host Alltoallv of the same rows both ways.
     Collective; the result on rank 0, None elsewhere."""
@@ -683,6 +698,8 @@ def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup
         timer = bk.timer()
         bk.synchronize()
         comm.Barrier()
+        if tracer is not None:
+            tracer.arm(timer, bk)
         t0 = time.perf_counter()
         with timer.phase("permute"):
             plan = dispatcher.dispatch_preprocess(top_experts)
@@ -702,6 +719,8 @@ def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup
         bk.synchronize()
         elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
         seconds = timer.totals()
+        if tracer is not None:
+            _trace_iteration(tracer, timer, bk, t0, i, warmup)
         raw_elapsed = _raw_alltoallv(comm, transport, plan, shape.d_model, bk.dtype)
         say(f"{'warm-up' if i < warmup else 'iteration'}: dispatch+combine "
             f"{elapsed * 1e3:.2f} ms, raw Alltoallv x2 {raw_elapsed * 1e3:.2f} ms")
@@ -916,6 +935,9 @@ def add_parser(commands) -> None:
     run.add_argument("--memory-limit", type=float, metavar="GIB",
                      help="memory for the pre-allocation check (default: free memory)")
     run.add_argument("--json", help="write the result as JSON (rank 0)")
+    run.add_argument("--trace", metavar="FILE.json",
+                     help="a Chrome trace-event timeline of the timed phases (Perfetto, "
+                          "chrome://tracing)")
     run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=cmd_bench)
 
@@ -923,9 +945,10 @@ def add_parser(commands) -> None:
 def cmd_bench(args) -> int:
     from mpi4py import MPI
 
+    from . import kernels  # noqa: F401  (registers the fused kernels with the backend)
     from .backend import Backend, choose_backend
-    from .data import check_output_path, write_text
-    from .cli import check_execution_arguments
+    from .command import check_execution_arguments, gather_trace, start_trace
+    from .data import check_output_paths, text_writer, write_files
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -939,8 +962,8 @@ def cmd_bench(args) -> int:
         if not args.transport_only and comm.Get_size() > 1:
             raise ConfigError("bench", "the layer step is one rank's work: run it without "
                                        "mpiexec, or add --transport-only")
-        if rank == 0 and args.json:
-            check_output_path(args.json, "--json")
+        if rank == 0:
+            check_output_paths((args.json, "--json"), (args.trace, "--trace"))
         return shape
 
     shape = collective(comm, checked)
@@ -957,28 +980,46 @@ def cmd_bench(args) -> int:
             say(f"spmd-moe bench: {text}")
 
     limit = int(args.memory_limit * 2 ** 30) if args.memory_limit else None
+    tracer = start_trace(comm, args)
     if args.transport_only:
         transport = _open_transport(comm, bk, args.transport)
+        if tracer is not None:
+            tracer.deployment(f"rank {rank}: dispatch + combine")
         try:
             result = run_transport(comm, bk, transport, shape, args.iters, args.warmup,
-                                   args.seed, progress)
+                                   args.seed, progress, tracer)
         finally:
             transport.free()
         text = format_transport(result) if result else ""
     else:
+        if tracer is not None:
+            tracer.deployment("rank 0: layer step")
         result = run_layer_step(bk, shape, args.iters, args.warmup, args.seed, args.peer,
-                                limit, progress)
+                                limit, progress, tracer)
         text = format_layer(result)
-    if args.json:
-        collective(comm, lambda: write_text(args.json, json.dumps(result, indent=2) + "\n",
-                                            "--json") if rank == 0 else None)
+    trace = gather_trace(comm, args, tracer)
+
+    def write_outputs() -> None:
+        if rank != 0:
+            return
+        files = []
+        if args.json:
+            files.append((args.json, "--json",
+                          text_writer(json.dumps(result, indent=2) + "\n")))
+        if args.trace:
+            files.append((args.trace, "--trace", text_writer(trace)))
+        write_files(files)
+
+    if args.json or args.trace:
+        collective(comm, write_outputs)
     if rank == 0:
         print(text, flush=True)
     return 0
 
 
 def _open_transport(comm, bk, requested: str):
-    from .transport import choose_transport, make_transport, mpi_library
+    from .gpu_transport import make_transport
+    from .transport import choose_transport, mpi_library
 
     nccl = False
     if bk.on_gpu:

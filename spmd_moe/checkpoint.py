@@ -339,14 +339,16 @@ def transpose(block: np.ndarray, tile: int = 64) -> np.ndarray:
     return out
 
 
-def load_weights(grid: Grid, backend: Backend, checkpoint: Checkpoint):
+def load_weights(grid: Grid, backend: Backend, checkpoint: Checkpoint, progress=None):
     """This rank's :class:`weights.ModelWeights` from ``checkpoint`` (checked already by
-    :func:`open_checkpoint`); the time goes into ``checkpoint.stats``."""
+    :func:`open_checkpoint`); the time goes into ``checkpoint.stats``. ``progress``:
+    weights.build_weights'."""
     from .weights import build_weights
 
     started = time.perf_counter()
     weights = build_weights(grid, backend, source=CheckpointSource(grid.model, backend,
-                                                                   checkpoint))
+                                                                   checkpoint),
+                            progress=progress)
     backend.synchronize()
     checkpoint.stats.seconds += time.perf_counter() - started
     checkpoint.close()

@@ -20,7 +20,6 @@ only the relative errors are checked (2e-2) and differing counts are reported, n
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -115,26 +114,34 @@ class RunOptions:
     iters: int = 1
     memory_limit: int | None = None
     watchdog: object = None          # the CLI's watchdog.Watchdog (none: nothing watched)
+    tracer: object = None            # trace.Tracer (--trace): both deployments, one file
+    progress: object = None          # progress.Reporter (rank 0's progress; none: silent)
 
 
 def run_deployment(config: RunConfig, comm, batch, layout: Layout,
-                   options: RunOptions) -> tuple[dict | None, dict | None]:
+                   options: RunOptions, index: int = 0,
+                   name: str = "") -> tuple[dict | None, dict | None]:
     """Open a session with ``layout``, run the config's workload, close it. Collective.
 
     Returns ``(outputs, report)`` on rank 0 (outputs as written by ``spmd-moe run
     --output``: ``hidden`` float32 [B, S, d] for prefill, ``logits`` float32 [B, V],
     ``expert_counts`` int64 [L, E], ``tokens`` int64 [B, N] for decode) and
-    ``(None, None)`` elsewhere.
+    ``(None, None)`` elsewhere. With ``options.tracer`` its ranks are the trace's processes
+    ``index * world size + rank``, named ``name: rank ...``.
     """
+    from .progress import SILENT
     from .report import build_report
-    from .runner import open_session, run_decode, run_prefill
+    from .runner import open_session, run_decode, run_prefill, trace_session
 
     work = config.workload
     decode = work.workload == "decode"
     session = open_session(config, comm, batch, layout=str(layout), backend=options.backend,
                            transport=options.transport,
                            new_tokens=work.new_tokens if decode else 0,
-                           memory_limit=options.memory_limit, watchdog=options.watchdog)
+                           memory_limit=options.memory_limit, watchdog=options.watchdog,
+                           progress=options.progress or SILENT)
+    if options.tracer is not None:
+        trace_session(session, options.tracer, f"{name or layout}: ", index * comm.Get_size())
     try:
         if decode:
             result = run_decode(session, batch, work.new_tokens, work.eos_id, collect=True)
@@ -232,8 +239,10 @@ def run_compare(config: RunConfig, comm, batch, ep_layout: str | None = None,
                               baseline_layout)
     # The config's own layout (paper-baseline names one) must not override either run.
     config = replace(config, layout=None)
-    ep_out, ep_report = run_deployment(config, comm, batch, ep, options)
-    base_out, base_report = run_deployment(config, comm, batch, baseline, options)
+    ep_out, ep_report = run_deployment(config, comm, batch, ep, options, 0,
+                                       layout_name(ep, False))
+    base_out, base_report = run_deployment(config, comm, batch, baseline, options, 1,
+                                           layout_name(baseline, True))
     if comm.Get_rank() != 0:
         return None
     outputs = compare_outputs(ep_out, base_out, config.model.dtype)
@@ -293,7 +302,7 @@ def format_comparison(result: dict) -> str:
 # --- the command -----------------------------------------------------------------------
 
 def add_parser(commands) -> None:
-    from .cli import add_config_arguments, add_execution_arguments
+    from .command import add_config_arguments, add_execution_arguments
 
     parser = commands.add_parser(
         "compare", help="run the expert-parallel deployment and the TPxPP baseline on the "
@@ -311,8 +320,10 @@ def add_parser(commands) -> None:
 def cmd_compare(args) -> int:
     from mpi4py import MPI
 
-    from .cli import load_batch, memory_limit_bytes, on_rank_0, plan_workload
-    from .data import write_text
+    from .command import (gather_trace, load_batch, memory_limit_bytes, on_rank_0,
+                          plan_workload, progress_reporter, start_trace)
+    from .data import text_writer, write_files
+    from .report import report_json
     from .runner import plan_session
 
     comm = MPI.COMM_WORLD
@@ -326,7 +337,8 @@ def cmd_compare(args) -> int:
     planned = plan_workload(comm, args, no_layout)
     config = planned.config
     options = RunOptions(args.backend, args.transport, args.warmup, args.iters,
-                         memory_limit_bytes(args), args.watchdog)
+                         memory_limit_bytes(args), args.watchdog,
+                         progress=progress_reporter(comm, args))
     # Both deployments' checks (memory included) before the batch is built or read.
     for layout in collective(comm, resolve_layouts, config.model, comm.Get_size(),
                              args.ep_layout, args.baseline_layout):
@@ -334,12 +346,23 @@ def cmd_compare(args) -> int:
                      options.backend, options.transport, planned.new_tokens,
                      options.memory_limit, options.watchdog).close()
     batch = load_batch(comm, planned, args.watchdog)
+    options.tracer = start_trace(comm, args)
     result = run_compare(config, comm, batch, args.ep_layout, args.baseline_layout, options)
+    trace = gather_trace(comm, args, options.tracer)
     agree = None
-    if args.report:
+
+    def write_outputs() -> None:
+        files = []
+        if args.report:
+            files.append((args.report, "--report",
+                          text_writer(report_json(result))))
+        if args.trace:
+            files.append((args.trace, "--trace", text_writer(trace)))
+        write_files(files)
+
+    if args.report or args.trace:
         with args.watchdog.waiting("write outputs"):
-            on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_text(
-                args.report, json.dumps(result, indent=2) + "\n", "--report"))
+            on_rank_0(comm, args.watchdog, "writing outputs", write_outputs)
     if rank == 0:
         print(format_comparison(result), flush=True)
         agree = result["comparison"]["outputs"]["agree"]

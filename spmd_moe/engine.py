@@ -50,6 +50,7 @@ from .model import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head
 from .moe_layer import moe_steps
 from .overlap import CHECKPOINT, Flight, overlap_enabled, run_pass, run_passes
 from .topology import Topology
+from .trace import SpanContext
 from .transport import allreduce_bytes
 from .weights import ModelWeights, build_weights
 
@@ -189,7 +190,6 @@ class Engine:
         self.scale = float(self.model.head_dim) ** -0.5
         fault = injected_fault(topo.size, self.model.n_layers)
         self.fault = fault if fault is not None and fault.rank == topo.rank else None
-        self.watchdog = None      # set by the runner: where this rank is, for stalls
         self.pending: list = []   # sends to the next stage started by the current pass
 
     # --- one layer ---------------------------------------------------------------------
@@ -262,10 +262,10 @@ class Engine:
             return residual_add(bk, h, moe)
 
     def _at_layer(self, layer: int, timer: PhaseTimer) -> None:
-        """Fault injection and progress marks: the watchdog's layer, and one stage pass
+        """Fault injection and progress marks: the pass's layer in the timer's context
+        (the watchdog's layer and the trace's: runner.WatchedTimer), and one stage pass
         (a micro-batch through the stage) counted at the stage's first layer."""
-        if self.watchdog is not None:
-            self.watchdog.at_layer(layer)
+        timer.context = (timer.context or SpanContext(-1, -1))._replace(layer=layer)
         if layer == self.topo.layers.start:
             timer.count("stage_passes", 1)
         if self.fault is not None and layer == self.fault.layer:
@@ -296,6 +296,8 @@ class Engine:
                                             counts, slot)
         if cache is not None:
             cache.advance(packed)
+        if timer.context is not None:
+            timer.context = timer.context._replace(layer=-1)
         if topo.is_last_stage:
             return x
         with timer.phase("stage_send"):
@@ -367,6 +369,7 @@ class Engine:
                                                  dtype=np.int64), schedule=schedule)
 
         def one(m: int, mb: MicroBatch):
+            timer.context = SpanContext(m, m % 2, -1, mb.n_tokens)
             packed = pack(self.bk, mb.seqs, mb.lengths, mb.starts)
             ids = self.chunk_ids(batch, mb) if self.topo.is_first_stage else None
             hidden = yield from self.pass_steps(packed, ids, timer, flight, cache,
@@ -378,6 +381,7 @@ class Engine:
 
         finished = run_passes([one(m, mb) for m, mb in enumerate(schedule.micro_batches)],
                               flight, self.overlaps(schedule.count))
+        timer.context = None
         for result in finished:
             if result is not None:
                 out.logits.append(result[0])
@@ -420,6 +424,7 @@ class Engine:
         flight = flight if flight is not None else Flight(timer)
 
         def one(m: int, seqs: np.ndarray):
+            timer.context = SpanContext(m, m % 2, -1, len(seqs))
             if topo.layout.pp == 1:
                 tokens = last_tokens[m]
             else:
@@ -447,6 +452,7 @@ class Engine:
 
         new = run_passes([one(m, seqs) for m, seqs in enumerate(micro)], flight,
                          self.overlaps(len(micro)))
+        timer.context = None
         self.finish_sends(timer)
         return new
 

@@ -76,10 +76,11 @@ def prepare(config, directory: str, texts: list[str]):
 
 def generate_text(comm, config, texts: list[str], backend: str = "auto",
                   transport: str = "auto", memory_limit: int | None = None,
-                  watchdog=None) -> list[dict] | None:
+                  watchdog=None, progress=None) -> list[dict] | None:
     """Greedy generation for ``texts`` with ``config`` (a ``--model`` RunConfig whose
     workload is decode with ``new_tokens``). Collective; the results on rank 0 (one dict per
-    prompt), None elsewhere."""
+    prompt), None elsewhere. ``progress``: rank 0's progress.Reporter (none: silent)."""
+    from .progress import SILENT
     from .runner import open_session, run_decode
 
     directory = config.checkpoint
@@ -91,7 +92,7 @@ def generate_text(comm, config, texts: list[str], backend: str = "auto",
     new_tokens = config.workload.new_tokens
     session = open_session(config, comm, batch, backend=backend, transport=transport,
                            new_tokens=new_tokens, memory_limit=memory_limit,
-                           watchdog=watchdog)
+                           watchdog=watchdog, progress=progress or SILENT)
     try:
         result = run_decode(session, batch, new_tokens, eos or None, collect=True)
     finally:
@@ -146,6 +147,9 @@ def add_parser(commands) -> None:
     run.add_argument("--memory-limit", type=float, metavar="GIB",
                      help="memory per rank for the pre-allocation check (default: free "
                           "memory)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress on stderr (default: loading the weights and the "
+                          "decode steps show it when they take more than 2 s)")
     parser.set_defaults(func=cmd_generate)
 
 
@@ -153,7 +157,7 @@ def cmd_generate(args) -> int:
     from mpi4py import MPI
 
     from .checkpoint import checkpoint_run_config
-    from .cli import on_rank_0
+    from .command import on_rank_0, progress_reporter
     from .data import check_output_path, text_writer, write_files
 
     comm = MPI.COMM_WORLD
@@ -178,7 +182,7 @@ def cmd_generate(args) -> int:
     texts = comm.bcast(texts, root=0)
     limit = int(args.memory_limit * (1 << 30)) if args.memory_limit else None
     rows = generate_text(comm, config, texts, args.backend, args.transport, limit,
-                         args.watchdog)
+                         args.watchdog, progress_reporter(comm, args))
     lines = "".join(json.dumps(row) + "\n" for row in rows) if rank == 0 else ""
     if args.output:
         # Rank 0 writes; a failure (a full disk) is every rank's one-line error.

@@ -806,6 +806,15 @@ def make(choice, backend: Backend, world=None, ops: DeviceOps | None = None,
     raise ValueError(f"no device transport named {choice.name!r}")
 
 
+def make_transport(choice, backend: Backend, world=None):
+    """The transport object for ``choice`` on any backend: the host transport on NumPy, a
+    device transport (:func:`make`) on CuPy. It lives here, above transport.py, so that
+    transport.py never imports the device transports back."""
+    if not backend.on_gpu:
+        return HostMpiTransport(backend, choice.reason)
+    return make(choice, backend, world)
+
+
 def host_view(ptr: int, nbytes: int) -> np.ndarray:
     """uint8 array over host memory at ``ptr`` (for the CPU stand-in of NCCL in tests)."""
     if nbytes == 0:

@@ -369,6 +369,7 @@ def facts(backend_name: str, facts_json: str) -> int:
 
     line("torch (peer only)", torch_facts)
     try:
+        from . import kernels  # noqa: F401  (registers the fused kernels with the backend)
         from .backend import Backend, bf16_census, choose_backend
         from .transport import mpi_library
 

@@ -74,6 +74,7 @@ class Exchange:
     seen_open: float               # last moment seen incomplete (began if never)
     calls: list = field(default_factory=list)   # (start, end) of each MPI call for it
     done: bool = False
+    context: object = None         # the timer's context when started (its pass: trace.py)
 
     @property
     def exposed(self) -> float:
@@ -136,7 +137,8 @@ class Flight:
         began = self.clock()
         with self.timer.phase(phase):
             request = starter()
-        exchange = Exchange(phase, request, began, began, [(began, self.clock())])
+        exchange = Exchange(phase, request, began, began, [(began, self.clock())],
+                            context=self.timer.context)
         self.timer.add_bytes(phase, nbytes)
         self.pending.append(exchange)
         return exchange
@@ -146,7 +148,7 @@ class Flight:
         notes when it completed."""
         for item in (self.pending if exchange is None else [exchange]):
             if not item.done:
-                with self.timer.phase(item.phase):
+                with self.timer.phase(item.phase, item.context):
                     item.test(self.clock)
 
     def wait_first(self, exchanges: list[Exchange]) -> Exchange:
@@ -154,7 +156,7 @@ class Flight:
         exposed time of each of them (timed under the first's phase). MPI's own waits spin
         the same way; this one yields the core between rounds (ranks may share cores)."""
         began = self.clock()
-        with self.timer.phase(exchanges[0].phase):
+        with self.timer.phase(exchanges[0].phase, exchanges[0].context):
             while True:
                 first = next((e for e in exchanges if e.done or e.request.Test()), None)
                 if first is not None:
@@ -170,7 +172,7 @@ class Flight:
 
     def wait(self, exchange: Exchange):
         """Wait for ``exchange``; returns its result (received rows, reduced array)."""
-        with self.timer.phase(exchange.phase):
+        with self.timer.phase(exchange.phase, exchange.context):
             if not exchange.done:
                 exchange.test(self.clock)
             result = exchange.call(self.clock, exchange.request.Wait)
@@ -260,6 +262,7 @@ class _InFlight:
     def __init__(self, index: int, steps: Pass):
         self.index, self.steps, self.item = index, steps, None
         self.exchanges = 0        # exchanges yielded so far (every pass yields the same)
+        self.context = None       # the timer's context while it runs (trace.py)
 
     def ready(self, flight: Flight) -> bool:
         """Can run now without blocking: at a checkpoint, or its exchange is complete."""
@@ -284,12 +287,17 @@ def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
         value = None
         if entry.item is not None and entry.item is not CHECKPOINT:
             value = flight.wait(entry.item)
+        # The timer's context is the running pass's: set what the pass last left, keep
+        # what it leaves (a pass sets its own when it starts and at each layer).
+        flight.timer.context = entry.context
         try:
             entry.item = entry.steps.send(value)
         except StopIteration as stop:
             results[entry.index] = stop.value
             in_flight.remove(entry)
             return
+        finally:
+            entry.context = flight.timer.context
         if entry.item is not CHECKPOINT:
             entry.exchanges += 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 
 import numpy as np
 
@@ -70,6 +71,21 @@ def _phase_table(summaries: list[dict], key: str = "phases") -> dict[str, dict[s
     names = [p for p in PHASES if any(p in s[key] for s in summaries)]
     return {p: {stat: v * 1e3 for stat, v in
                 _over_ranks([s[key].get(p, 0.0) for s in summaries]).items()} for p in names}
+
+
+def _per_rank(summaries: list[dict], decode: bool) -> dict:
+    """Columns over ranks (index = rank): stage, group rank (expert- or tensor-rank), and
+    per phase each rank's mean ms (to 0.1 us; null where it has no such phase), of the
+    iterations and, for decode, of the steps. Columns keep the report small."""
+    out = {"stage": [s["stage"] for s in summaries],
+           "group_rank": [s["group_rank"] for s in summaries]}
+    for key, name in (("phases", "phases_ms"), ("step_phases", "step_phases_ms")):
+        if key == "step_phases" and not decode:
+            continue
+        out[name] = {p: [round(s[key][p] * 1e3, 4) if p in s[key] else None
+                         for s in summaries]
+                     for p in PHASES if any(p in s[key] for s in summaries)}
+    return out
 
 
 def _weights_block(session: Session, summaries: list[dict]) -> dict:
@@ -167,6 +183,7 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
     mine["load"] = (session.load.bytes_read, session.load.seconds)
     mine["memory"] = result.memory
     mine["stage"] = topo.stage
+    mine["group_rank"] = topo.group_rank
     mine["micro_batches"] = result.schedule.count if result.schedule else 0
     if decode:
         steps = _mean_timing(result.step_timings)
@@ -226,6 +243,10 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
             p: _over_ranks([s["bytes"].get(p, 0.0) for s in summaries])
             for p in PHASES if any(p in s["bytes"] for s in summaries)}},
         "expert_load": load,
+        # What `spmd-moe plot` draws: routed rows per (layer, expert) over all ranks, and
+        # each rank's mean phase times (ms) with its place in the layout.
+        "expert_counts": counts.astype(np.int64).tolist(),
+        "per_rank": _per_rank(summaries, decode),
         "flops_per_rank": _over_ranks(flops),
         "achieved_tflops_per_rank": float(np.mean(flops)) / wall / 1e12 if wall else 0.0,
         "peak_tflops": peak / 1e12,
@@ -264,6 +285,7 @@ def _build_report(session: Session, batch: Batch, result: RunResult) -> dict | N
             "decode_tokens_per_s": generated / (step_walls.sum() / 1e3)
             if len(step_walls) else 0.0,
             "step_phases_ms": step_table,
+            "step_ms": [round(ms, 3) for ms in step_walls.tolist()],
             "slow_steps": slow_iterations(step_walls.tolist()),
             "alltoall_share": (sum(step_table.get(p, {}).get("max", 0.0) for p in small)
                                / step_mean if step_mean else 0.0),
@@ -346,5 +368,10 @@ def format_report(report: dict) -> str:
 
 
 def report_json(report: dict) -> str:
-    return json.dumps(report, indent=2) + "\n"
+    """The report as indented JSON, a list of numbers on one line (expert_counts' rows,
+    the per-rank columns, decode's step times) instead of one number per line."""
+    text = json.dumps(report, indent=2)
+    return re.sub(r"\[(\s+(?:[-+0-9.eE]+|null),?)+\s+\]", lambda m: "[" + ", ".join(
+        item.strip().rstrip(",") for item in m.group(0)[1:-1].split("\n")
+        if item.strip()) + "]", text) + "\n"
 

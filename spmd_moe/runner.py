@@ -22,11 +22,15 @@ from .data import Batch
 from .chunks import Schedule
 from .engine import Engine, injected_fault
 from .errors import LayoutError, collective, say
+from .gpu_transport import make_transport
 from .overlap import Flight
+from .progress import SILENT, Reporter
 from .topology import Grid, Topology
-from .transport import (MpiLibrary, TransportChoice, choose_transport, make_transport,
-                        mpi_library, nccl_available)
+from .trace import SPANS_PER_LAYER, Tracer, rank_label
+from .transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
+                        nccl_available)
 from .watchdog import Watchdog
+from .weights import build_weights
 
 
 @dataclass
@@ -46,6 +50,8 @@ class Session:
     peak_source: str = ""
     weights_source: str = ""                                   # where the weights came from
     load: LoadStats = field(default_factory=LoadStats)         # this rank's bytes and time
+    tracer: object = None                                      # trace.Tracer (--trace)
+    progress: Reporter = SILENT                                # rank 0's progress output
 
     def close(self) -> None:
         self.transport.free()
@@ -183,24 +189,28 @@ def _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
                        checkpoint)
 
 
-def start_session(plan: SessionPlan) -> Session:
+def start_session(plan: SessionPlan, progress: Reporter = SILENT) -> Session:
     """Allocate what ``plan`` checked: transport buffers and this rank's weights (read from
-    the checkpoint, or generated). Collective."""
+    the checkpoint, or generated; ``progress`` shows how far). Collective."""
     watchdog, checkpoint, config = plan.watchdog, plan.checkpoint, plan.config
     with watchdog.waiting("set-up"):
         moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
     with watchdog.phase("weights"):
         started = time.perf_counter()
-        weights = (load_weights(plan.topo, plan.backend, checkpoint)
-                   if checkpoint is not None else None)
+        topo = plan.topo
+        with progress("loading weights" if checkpoint is not None else "generating weights",
+                      len(topo.layers) * (len(topo.experts) + 1)) as task:
+            weights = (load_weights(topo, plan.backend, checkpoint, task)
+                       if checkpoint is not None else
+                       build_weights(topo, plan.backend, config.seed, config.init,
+                                     progress=task))
         engine = Engine(config, plan.topo, plan.backend, moved, weights)
-        engine.watchdog = watchdog
         load = checkpoint.stats if checkpoint is not None else LoadStats(
             seconds=time.perf_counter() - started)
     session = Session(config, plan.topo, plan.backend, moved, engine, plan.library,
                       plan.backend_choice, plan.transport_choice, watchdog,
                       weights_source=describe(config.checkpoint, config.seed, config.init),
-                      load=load)
+                      load=load, progress=progress)
     with watchdog.phase("peak measurement"):
         session.peak_flops, session.peak_source = measure_peak(plan.backend)
     return session
@@ -208,14 +218,35 @@ def start_session(plan: SessionPlan) -> Session:
 
 def open_session(config: RunConfig, comm, batch: Batch, layout: str | None = None,
                  backend: str = "auto", transport: str = "auto", new_tokens: int = 0,
-                 memory_limit: int | None = None,
-                 watchdog: Watchdog | None = None) -> Session:
+                 memory_limit: int | None = None, watchdog: Watchdog | None = None,
+                 progress: Reporter = SILENT) -> Session:
     """:func:`plan_session` for ``batch``, then :func:`start_session`. Collective."""
     return start_session(plan_session(config, comm, batch.lengths, layout, backend, transport,
-                                      new_tokens, memory_limit, watchdog))
+                                      new_tokens, memory_limit, watchdog), progress)
 
 
 # --- running ---------------------------------------------------------------------------
+
+def trace_session(session: Session, tracer: Tracer, prefix: str = "", offset: int = 0) -> None:
+    """Record ``session``'s iterations in ``tracer`` (already aligned), this rank's process
+    named ``prefix`` + its rank, stage and expert- or tensor-rank, ``pid = offset + rank``."""
+    topo = session.topo
+    kind = "tensor" if topo.layout.tp > 1 else "expert"
+    tracer.deployment(rank_label(kind, topo.rank, topo.stage, topo.group_rank, prefix),
+                      offset)
+    session.tracer = tracer
+
+
+def _plan_trace(session: Session, micro_batches: int, iterations: int, what: str) -> None:
+    """Count the spans the schedule will make against the tracer's limit; rank 0 says
+    which iterations fit when not all do (trace.Tracer.plan)."""
+    if session.tracer is None:
+        return
+    per = micro_batches * (len(session.topo.layers) * SPANS_PER_LAYER + 8) + 8
+    line = session.tracer.plan(per, iterations, what)
+    if line is not None and session.topo.rank == 0:
+        say(f"spmd-moe: {line}")
+
 
 @dataclass
 class Timing:
@@ -269,28 +300,39 @@ def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
             "peak_rss": max(peak_resident_bytes(), before, *(t.rss for t in timings))}
 
 
-def _progress(session: Session, label: str, index: int, total: int, seconds: float,
-              always: bool) -> None:
-    if session.topo.rank == 0 and (always or seconds > 1.0):
-        say(f"spmd-moe: {label} {index}/{total}: {seconds * 1e3:.1f} ms")
-
-
 # Engine phases in which a rank waits for other ranks (the rest is computing).
 WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "dispatch",
                          "combine", "stage_send", "stage_drain", "token_return"})
 
 
 class WatchedTimer:
-    """A backend PhaseTimer whose phases also tell the watchdog where this rank is."""
+    """A backend PhaseTimer whose phases also tell the watchdog where this rank is: the
+    phase, and the layer of the stage pass running (its ``context``, trace.SpanContext,
+    which --trace records with each span: one mark for both)."""
 
     def __init__(self, timer: PhaseTimer, watchdog: Watchdog):
         self.timer, self.watchdog = timer, watchdog
 
+    @property
+    def context(self):
+        return self.timer.context
+
+    @context.setter
+    def context(self, context) -> None:
+        self.timer.context = context
+        if context is not None:
+            self.watchdog.at_layer(context.layer)
+
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, context=None):
+        """``name`` timed (and traced) in ``context`` (default: the running pass's; an
+        exchange's own when it is poked or waited), the watchdog told the phase and that
+        context's layer."""
+        if context is not None:
+            self.watchdog.at_layer(context.layer)
         before = self.watchdog.enter(name, name in WAIT_PHASES)
         try:
-            with self.timer.phase(name):
+            with self.timer.phase(name, context):
                 yield
         except BaseException:
             self.watchdog.leave(before, failed=True)
@@ -301,40 +343,68 @@ class WatchedTimer:
         return getattr(self.timer, name)
 
 
-def _timed(session: Session, fn):
+def _timed(session: Session, fn, label: str = "iteration"):
     """Run ``fn(timer, flight)`` between barriers; returns (its result, Timing). ``timer``
     tells the watchdog where the rank is, and so does ``flight`` (it times every start, test
-    and wait of an exchange under the exchange's phase, one of WAIT_PHASES)."""
-    world, bk, watchdog = session.topo.world, session.backend, session.watchdog
+    and wait of an exchange under the exchange's phase, one of WAIT_PHASES). With a tracer
+    the timer keeps its spans, and the iteration (``label``), its barriers and the device
+    sync are host spans."""
+    world, bk, watchdog, tracer = (session.topo.world, session.backend, session.watchdog,
+                                   session.tracer)
     timer = WatchedTimer(bk.timer(), watchdog)
     flight = Flight(timer)
     watchdog.iteration += 1
+    entered = time.perf_counter()
     with watchdog.waiting("barrier before iteration"):
         world.Barrier()
+    if tracer is not None:
+        tracer.arm(timer.timer, bk)
     start = time.perf_counter()
     with watchdog.phase("forward"):
         result = fn(timer, flight)
+    computed = time.perf_counter()
     with watchdog.phase("device sync"):
         bk.synchronize()
+    synced = time.perf_counter()
     with watchdog.waiting("barrier after iteration"):
         world.Barrier()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall = end - start
+    if tracer is not None:
+        tracer.collect(timer.timer, bk)
+        tracer.host_span(label, entered, end,
+                         args={"wall_ms": wall * 1e3})
+        tracer.host_span("barrier", entered, start)
+        tracer.host_span("device sync", computed, synced)
+        tracer.host_span("barrier", synced, end)
     return result, Timing(wall, timer.totals(), dict(timer.bytes_sent), dict(timer.counters),
                           rss=resident_bytes(), exchanges=flight.summary())
 
 
 def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
-                collect: bool = True, progress: bool = False) -> RunResult:
-    """``warmup + iters`` forward passes; outputs of the last gathered on rank 0."""
+                collect: bool = True) -> RunResult:
+    """``warmup + iters`` forward passes; outputs of the last gathered on rank 0. Rank 0
+    shows progress (``session.progress``) of the warm-up and of the timed iterations."""
     engine, timings = session.engine, []
     rss_start = resident_bytes()
+    if session.tracer is not None:
+        _plan_trace(session, engine.schedule(batch).count, warmup + iters, "iteration")
+    warming = session.progress("warm-up", warmup, each=True)
+    timed = None
     for i in range(warmup + iters):
         last = i == warmup + iters - 1
+        label = f"warm-up {i + 1}" if i < warmup else f"iteration {i - warmup + 1}"
         out, timing = _timed(session, lambda t, f: engine.prefill(
-            batch, t, keep_hidden=collect and last, flight=f))
-        if i >= warmup:
-            timings.append(timing)
-            _progress(session, "iteration", i - warmup + 1, iters, timing.wall, progress)
+            batch, t, keep_hidden=collect and last, flight=f), label)
+        if i < warmup:
+            warming.update(i + 1, f"{timing.wall * 1e3:.1f} ms")
+            continue
+        if timed is None:
+            warming.close()
+            timed = session.progress("iteration", iters, each=True)
+        timings.append(timing)
+        timed.update(i - warmup + 1, f"{timing.wall * 1e3:.1f} ms")
+    timed.close()
     memory = _memory(rss_start, timings)
     outputs = gather_prefill(session, batch, out) if collect else None
     return RunResult(outputs, timings, expert_counts=out.expert_counts, memory=memory,
@@ -343,7 +413,7 @@ def run_prefill(session: Session, batch: Batch, warmup: int = 0, iters: int = 1,
 
 def run_decode(session: Session, batch: Batch, new_tokens: int,
                eos_id: int | list[int] | None = None,
-               collect: bool = True, progress: bool = False) -> RunResult:
+               collect: bool = True) -> RunResult:
     """Prefill the prompts into the KV cache, then ``new_tokens`` greedy tokens per
     sequence, one decode step at a time. A sequence that emits ``eos_id`` (or one of a list of
     them: checkpoints may name several) stops (its later tokens are -1)."""
@@ -352,6 +422,9 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
     cache = engine.new_cache(batch, new_tokens)
     micro = engine.decode_micro_batches(batch.batch_size)
     returns: list = []
+    if session.tracer is not None:
+        _plan_trace(session, max(len(micro), engine.schedule(batch).count), new_tokens,
+                    "decode step")
 
     def after_sampling(chosen: list[np.ndarray], step: int, timer) -> list[np.ndarray]:
         """The tokens step ``step + 1`` embeds (-1 for stopped sequences), sent to the first
@@ -372,20 +445,22 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
             chosen = np.split(mine, np.cumsum([len(seqs) for seqs in micro])[:-1])
         return out, chosen, after_sampling(chosen, 0, timer)
 
-    (out, chosen, inputs), prefill_timing = _timed(session, prefill)
+    (out, chosen, inputs), prefill_timing = _timed(session, prefill, "prefill")
     generated = [chosen]
     counts = np.zeros_like(out.expert_counts)
     steps = []
+    stepping = session.progress("decode step", new_tokens - 1, each=True)
     for step in range(1, new_tokens):
         def one_step(timer, flight, inputs=inputs):
             new = engine.decode_step(micro, inputs, cache, timer, counts, flight)
             return new, after_sampling(new, step, timer) if topo.is_last_stage else inputs
 
-        (new, inputs), timing = _timed(session, one_step)
+        (new, inputs), timing = _timed(session, one_step, f"decode step {step}")
         if topo.is_last_stage:
             generated.append(new)
         steps.append(timing)
-        _progress(session, "decode step", step, new_tokens - 1, timing.wall, progress)
+        stepping.update(step, f"{timing.wall * 1e3:.1f} ms")
+    stepping.close()
     with session.watchdog.waiting("token_return"):
         for request in returns:
             request.Wait()

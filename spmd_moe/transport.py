@@ -304,11 +304,3 @@ class HostMpiTransport:
             row_type.Free()
         self._row_types.clear()
 
-
-def make_transport(choice: TransportChoice, backend: Backend, world=None):
-    """Build the transport object for ``choice`` (GPU transports live in gpu_transport)."""
-    if not backend.on_gpu:
-        return HostMpiTransport(backend, choice.reason)
-    from . import gpu_transport
-
-    return gpu_transport.make(choice, backend, world)

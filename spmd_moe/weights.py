@@ -168,9 +168,10 @@ class WeightSource:
 
 
 def build_weights(grid: Grid, backend: Backend, seed: int = 0, init: str = "host",
-                  source=None) -> ModelWeights:
+                  source=None, progress=None) -> ModelWeights:
     """Exactly the tensors (and slices) ``grid``'s rank owns, from ``source`` (a
-    checkpoint.CheckpointSource) or, by default, SPEC §1's generator."""
+    checkpoint.CheckpointSource) or, by default, SPEC §1's generator. ``progress``
+    (progress.Progress): updated per layer and expert, of ``layers x (experts + 1)``."""
     model = grid.model
     src = source if source is not None else WeightSource(model, backend, seed, init)
     dh = model.head_dim
@@ -178,7 +179,8 @@ def build_weights(grid: Grid, backend: Backend, seed: int = 0, init: str = "host
     kv_cols = range(grid.kv_heads.start * dh, grid.kv_heads.stop * dh)
     ff = grid.ff_columns
     layers = {}
-    for layer in grid.layers:
+    per_layer = len(grid.experts) + 1
+    for index, layer in enumerate(grid.layers):
         prefix = f"layers.{layer}"
         lw = LayerWeights(
             attn_norm=src.gain(f"{prefix}.attn_norm"),
@@ -199,6 +201,9 @@ def build_weights(grid: Grid, backend: Backend, seed: int = 0, init: str = "host
             if model.activation == "swiglu":
                 matrices += (src.param(f"{name}.w3", cols=ff),)
             lw.experts[expert] = matrices
+            if progress is not None:
+                progress.update(index * per_layer + expert - grid.experts.start + 2,
+                                f"layer {layer}")
         layers[layer] = lw
     weights = ModelWeights(layers)
     if grid.is_first_stage:

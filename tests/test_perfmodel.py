@@ -15,11 +15,11 @@ import pytest
 from spmd_moe.config import Layout, build_run_config
 from spmd_moe.costs import plan_costs
 from spmd_moe.errors import ConfigError, LayoutError
-from spmd_moe.perfmodel import (CLUSTERS, DEFAULT_RATES, PAPER_CLAIMS, _pipeline, _StagePass,
-                                against_report, allreduce_time, alltoallv_time,
-                                bytes_per_micro_batch, cluster_from_dict, exposed_comm,
-                                load_cluster, load_rates,
-                                measured_imbalance, predict, predict_paper, rates_from_dict)
+from spmd_moe.cluster import (CLUSTERS, DEFAULT_RATES, cluster_from_dict, load_cluster,
+                              load_rates, rates_from_dict)
+from spmd_moe.perfmodel import (PAPER_CLAIMS, _pipeline, _StagePass, against_report,
+                                allreduce_time, alltoallv_time, bytes_per_micro_batch,
+                                exposed_comm, measured_imbalance, predict, predict_paper)
 
 H100 = CLUSTERS["h100-ib"]
 PAPER = build_run_config("paper")

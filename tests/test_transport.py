@@ -15,9 +15,10 @@ from spmd_moe import gpu_transport
 from spmd_moe.backend import BF16, Backend, choose_backend
 from spmd_moe.errors import ConfigError
 from spmd_moe.gpu_transport import (CudaAwareMpiTransport, DeviceArray, HostArrayOps,
-                                    NcclTransport, PinnedHostMpiTransport, PinnedStaging)
+                                    NcclTransport, PinnedHostMpiTransport, PinnedStaging,
+                                    make_transport)
 from spmd_moe.transport import (CUDA_AWARE_ENV, TRANSPORTS, HostMpiTransport, MpiLibrary,
-                                TransportChoice, choose_transport, make_transport, mpi_library,
+                                TransportChoice, choose_transport, mpi_library,
                                 query_cuda_support)
 
 AWARE = MpiLibrary("Test MPI", "/fake/libmpi.so", True, "MPIX_Query_cuda_support() = 1")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from ..backend import register_kernels
 from .compile import SOURCES, compile_source, entry_points, precompile
 
 __all__ = ["SOURCES", "attach", "compile_source", "entry_points", "kernel_status",
@@ -81,6 +82,9 @@ def fit_model(backend, head_dim: int) -> None:
     except ValueError as exc:
         backend.kernels = backend.kernels.without_attention(str(exc))
         backend.kernels_reason = backend.kernels.describe()
+
+
+register_kernels(attach)
 
 
 def kernel_status() -> str:

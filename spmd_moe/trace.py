@@ -1,0 +1,263 @@
+"""``--trace FILE.json``: a Chrome trace-event timeline of every rank (Perfetto, chrome://tracing).
+
+What is recorded, and how (docs/PERFORMANCE.md shows how to read one):
+
+- **Spans are the phases the report times**, no second instrument: backend.PhaseTimer, the
+  one timer every phase goes through (runner.WatchedTimer puts the watchdog's marks around
+  the same ``phase`` call), keeps each phase's (start, stop) when given a span list - host
+  clock readings on NumPy, the CUDA events it records anyway on the GPU. Each span carries
+  the :class:`SpanContext` of the stage pass it belongs to (micro-batch, slot, layer, rows)
+  and the bytes the phase sent. Consecutive spans of one phase in one context (nothing else
+  ran between them) are one span.
+- **Where a pass is** is ``timer.context``: a pass sets it when it starts (engine.py) and at
+  each layer; overlap.run_passes saves and restores it when it switches between the two
+  passes in flight; an exchange keeps the context it was started in, so a poke or a wait
+  of micro-batch 3's dispatch is drawn on micro-batch 3's row even while micro-batch 4
+  runs. runner.WatchedTimer hands the layer to the watchdog from the same context.
+- **Rows** (Chrome ``tid``s) of a rank (``pid`` = rank): 0 ``iterations`` (host: each timed
+  iteration or decode step, the barriers around it, the device sync, the set-up), 1
+  ``stage`` (phases outside a micro-batch: draining the sends to the next stage, returning
+  tokens), 2 and 3 the two overlap slots (micro-batch m runs in slot m % 2, so with
+  overlap on the two passes in flight are two rows). Idle waits are spans of their own:
+  ``stage_recv`` (waiting for the previous stage), ``stage_drain``, ``token_return``,
+  ``barrier``; the categories (``cat``) are ``compute``, ``comm`` (exchanges within the
+  stage), ``idle`` and ``host``.
+- **GPU times**: durations come from the CUDA events; each span is placed on the host
+  timeline by a reference event recorded at the start of the iteration right after the
+  device was synchronised (so it completes at once, at a host time read right after
+  recording it): ``t = t_ref + elapsed(ref, start)``. The error of the placement is the
+  launch latency of that one event (microseconds); durations are exact to the events'
+  resolution.
+- **Clocks**: every rank leaves a barrier at set-up and takes its host clock
+  (``time.perf_counter``) there as time zero. The residual skew is how far apart ranks left
+  that barrier; for ranks on one host (one system-wide monotonic clock) it is measured
+  exactly and written in the trace's metadata (``clock.barrier_exit_spread_us``, the spread
+  over three barriers: median and max); across hosts it is of the order of one barrier's
+  latency and not measured.
+- **Bounded memory**: a rank keeps at most ``limit`` spans (default
+  :data:`MAX_SPANS_PER_RANK`). Before running, :meth:`Tracer.plan` counts the spans the
+  schedule will make (micro-batches x the stage's layers x :data:`SPANS_PER_LAYER` per
+  iteration or step) and says on rank 0 which iterations will fit; while running, spans
+  beyond the limit are dropped and counted, and the trace's metadata says how many
+  (``truncated``). Nothing grows past the limit.
+
+The trace is gathered to rank 0 (``gather``: collective) and written with the run's other
+outputs (data.write_files: all or none, atomically).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import NamedTuple
+
+# A rank keeps at most this many spans: ~200 bytes each in memory and in the file, so 20 MB
+# per rank (a 16-rank trace of 300 MB is still one Perfetto opens).
+MAX_SPANS_PER_RANK = 100_000
+# Spans one micro-batch makes per layer, at most (the phases, the pokes of its exchanges
+# between the other micro-batch's phases with overlap, the split attention and permute).
+SPANS_PER_LAYER = 24
+
+ITERATIONS_TID, STAGE_TID, SLOT_TID = 0, 1, 2          # slot s is tid SLOT_TID + s
+THREAD_NAMES = {ITERATIONS_TID: "iterations (host)", STAGE_TID: "stage (between micro-batches)",
+                SLOT_TID: "slot 0 (even micro-batches)", SLOT_TID + 1: "slot 1 (odd micro-batches)"}
+COMM_PHASES = frozenset({"attn_allreduce", "count_exchange", "dispatch", "combine",
+                         "stage_send"})
+IDLE_PHASES = frozenset({"stage_recv", "stage_drain", "token_return", "barrier"})
+
+
+class SpanContext(NamedTuple):
+    """Which stage pass a span belongs to: its micro-batch (index in the iteration), slot
+    (micro_batch % 2: its communicator and its row in the trace), layer (-1 outside the
+    layer loop), and rows (the micro-batch's tokens on this rank)."""
+
+    micro_batch: int
+    slot: int
+    layer: int = -1
+    rows: int = 0
+
+
+def category(name: str) -> str:
+    if name in IDLE_PHASES:
+        return "idle"
+    return "comm" if name in COMM_PHASES else "compute"
+
+
+class Tracer:
+    """One rank's trace. Build it on every rank and :meth:`align` (collective) before the
+    first timed iteration; :meth:`gather` (collective) returns the Chrome JSON on rank 0.
+
+    ``processes``: ``[(pid offset, label)]`` of the deployments this rank runs (compare runs
+    two: each gets its own processes, ``pid = offset + rank``); :meth:`deployment` switches.
+    """
+
+    def __init__(self, world, limit: int = MAX_SPANS_PER_RANK):
+        self.world = world
+        self.rank = world.Get_rank()
+        self.size = world.Get_size()
+        self.limit = limit
+        self.events: list[tuple] = []      # (pid, tid, name, start_s, end_s, args|None)
+        self.processes: dict[int, str] = {}
+        self.pid = self.rank
+        self.dropped = 0
+        self.t0 = 0.0
+        self.skew: dict = {}
+        self.notes: list[str] = []
+        self._reference = None             # (cuda event, host seconds) of this iteration
+
+    # --- set-up --------------------------------------------------------------------------
+
+    def align(self) -> None:
+        """Collective: time zero is this rank's exit from a barrier (the last of three); the
+        spread of the exits between ranks on one host is measured."""
+        from mpi4py import MPI
+
+        exits = []
+        for _ in range(3):
+            self.world.Barrier()
+            exits.append(time.perf_counter())
+        self.t0 = exits[-1]
+        rows = self.world.gather((MPI.Get_processor_name(), exits), root=0)
+        if self.rank == 0:
+            spreads: list[float] = []
+            hosts = {host for host, _ in rows}
+            for host in hosts:
+                same = [times for name, times in rows if name == host]
+                if len(same) > 1:
+                    for i in range(3):
+                        column = [times[i] for times in same]
+                        spreads.append((max(column) - min(column)) * 1e6)
+            self.skew = {"method": "barrier exit, time.perf_counter (CLOCK_MONOTONIC)",
+                         "hosts": len(hosts)}
+            if spreads:
+                self.skew["barrier_exit_spread_us"] = {
+                    "median": statistics.median(spreads), "max": max(spreads)}
+            if len(hosts) > 1:
+                self.skew["across_hosts"] = "not measured (about one barrier's latency)"
+
+    def deployment(self, label: str, offset: int = 0) -> None:
+        """Name this rank's process (``pid = offset + rank``) and record into it."""
+        self.pid = offset + self.rank
+        self.processes[self.pid] = label
+
+    def plan(self, per_iteration: int, iterations: int, what: str = "iteration") -> str | None:
+        """The spans ``iterations`` of ``per_iteration`` will make, against the limit; a
+        line saying which iterations fit when they do not all fit (else None)."""
+        room = self.limit - len(self.events)
+        total = per_iteration * iterations
+        if total <= room:
+            return None
+        fit = max(0, room // max(1, per_iteration))
+        line = (f"--trace: the schedule makes about {per_iteration:,} spans per {what} on a "
+                f"rank, {total:,} for {iterations}; the trace keeps {self.limit:,} per rank "
+                f"(about the first {fit} {what}s) and notes what it dropped")
+        self.notes.append(line)
+        return line
+
+    # --- recording -----------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+    def host_span(self, name: str, start: float, end: float, tid: int = ITERATIONS_TID,
+                  args: dict | None = None) -> None:
+        """A span timed on the host (seconds of time.perf_counter)."""
+        if len(self.events) >= self.limit:
+            self.dropped += 1
+            return
+        self.events.append((self.pid, tid, name, start, end, args))
+
+    def arm(self, timer, bk) -> None:
+        """Give ``timer`` (a backend.PhaseTimer) a span list and the room left, and on the
+        GPU record the reference event (the device is idle: the iteration starts after a
+        synchronisation and a barrier)."""
+        timer.spans = []
+        timer.span_room = max(0, self.limit - len(self.events))
+        self._reference = None
+        if bk.on_gpu:
+            bk.synchronize()
+            event = bk.xp.cuda.Event()
+            event.record()
+            self._reference = (event, time.perf_counter())
+
+    def collect(self, timer, bk) -> None:
+        """Move ``timer``'s spans (after the iteration's device sync) into the trace."""
+        spans, timer.spans = timer.spans or [], None
+        self.dropped += timer.span_dropped
+        reference = self._reference
+        for name, start, stop, context, sent in spans:
+            if len(self.events) >= self.limit:
+                self.dropped += 1
+                continue
+            if reference is not None:
+                elapsed = bk.xp.cuda.get_elapsed_time
+                event, host = reference
+                start_s = host + elapsed(event, start) / 1e3
+                end_s = host + elapsed(event, stop) / 1e3
+            else:
+                start_s, end_s = start, stop
+            if context is None:
+                tid, args = STAGE_TID, {}
+            else:
+                tid = SLOT_TID + max(0, context.slot)
+                args = {"micro_batch": context.micro_batch, "slot": context.slot,
+                        "rows": context.rows}
+                if context.layer >= 0:
+                    args["layer"] = context.layer
+            if sent:
+                args["bytes"] = sent
+            self.events.append((self.pid, tid, name, start_s, end_s, args or None))
+
+    # --- output --------------------------------------------------------------------------
+
+    def gather(self) -> str | None:
+        """Collective: every rank's events to rank 0; the trace's JSON text there (None
+        elsewhere)."""
+        t0 = self.t0
+        mine = [(pid, tid, name, round((start - t0) * 1e6, 3),
+                 round(max(0.0, end - start) * 1e6, 3), args)
+                for pid, tid, name, start, end, args in self.events]
+        gathered = self.world.gather({"events": mine, "processes": self.processes,
+                                      "dropped": self.dropped}, root=0)
+        if self.rank != 0:
+            return None
+        return chrome_json(gathered, self.skew, self.notes, self.limit)
+
+
+def chrome_json(per_rank: list[dict], skew: dict, notes: list[str], limit: int) -> str:
+    """The Chrome trace-event JSON (object form) of every rank's events."""
+    events: list[dict] = []
+    processes: dict[int, str] = {}
+    for part in per_rank:
+        processes.update(part["processes"])
+    for pid, label in sorted(processes.items()):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "ts": 0,
+                       "args": {"name": label}})
+        events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
+                       "ts": 0, "args": {"sort_index": pid}})
+        for tid, name in THREAD_NAMES.items():
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "ts": 0,
+                           "args": {"name": name}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid,
+                           "ts": 0, "args": {"sort_index": tid}})
+    for part in per_rank:
+        for pid, tid, name, ts, dur, args in part["events"]:
+            event = {"ph": "X", "name": name, "cat": "host" if tid == ITERATIONS_TID and
+                     name not in IDLE_PHASES else category(name), "pid": pid, "tid": tid,
+                     "ts": ts, "dur": dur}
+            if args:
+                event["args"] = args
+            events.append(event)
+    dropped = {str(rank): part["dropped"] for rank, part in enumerate(per_rank)
+               if part["dropped"]}
+    meta = {"generator": "spmd-moe --trace", "clock": skew, "span_limit_per_rank": limit,
+            "time_unit": "microseconds from the set-up barrier"}
+    if dropped or notes:
+        meta["truncated"] = {"dropped_spans_by_rank": dropped, "notes": notes}
+    return json.dumps({"traceEvents": events, "displayTimeUnit": "ms",
+                       "otherData": meta}, separators=(",", ":")) + "\n"
+
+
+def rank_label(kind: str, rank: int, stage: int, group_rank: int, prefix: str = "") -> str:
+    """``rank 5: stage 1, expert-rank 1`` (the process name in the trace)."""
+    return f"{prefix}rank {rank}: stage {stage}, {kind}-rank {group_rank}"
