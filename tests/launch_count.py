@@ -225,12 +225,12 @@ def _rewrap(inner):
 
 class CountingTimer(PhaseTimer):
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, context=None):
         outer = COUNTER.phase if COUNTER is not None else None
         if COUNTER is not None:
             COUNTER.phase = name
         try:
-            with super().phase(name):
+            with super().phase(name, context):
                 yield
         finally:
             if COUNTER is not None:

@@ -17,6 +17,7 @@ from mpi4py import MPI
 import hf_fixtures as hf
 from launch_count import counting
 from spmd_moe import perfmodel
+from spmd_moe.cluster import DEFAULT_RATES
 from spmd_moe.config import build_run_config
 from spmd_moe.data import synthetic_input
 from spmd_moe.testing import run_layout
@@ -99,7 +100,7 @@ def test_the_model_s_gpu_layer_is_the_counted_one():
     config = build_run_config("tiny", sets=["n_experts=4", "top_k=2"])
     grid = Grid(Layout.parse("ep=2", 2), config.model, 0)
     shape = rank_shape(config, grid, "cupy")
-    rates = perfmodel.DEFAULT_RATES
+    rates = DEFAULT_RATES
     phases = layer_compute(config, shape, rates, np.zeros(1, dtype=np.int64), 0.0,
                            starts=np.zeros(1, dtype=np.int64))
     want = perfmodel.gpu_layer_ops(shape.local_experts, False, cached=True)
