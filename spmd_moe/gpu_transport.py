@@ -295,11 +295,7 @@ class DeviceTransport(HostMpiTransport):
         grouped by source peer (device). Counts are rows, host int64 [P]."""
         if not self.ops.is_device(send):
             return super().alltoallv(comm, send, send_counts, recv_counts)
-        assert send.ndim == 2 and int(send_counts.sum()) == send.shape[0], (
-            send.shape, send_counts)
-        return self._alltoallv_device(comm, self.ops.contiguous(send),
-                                      np.asarray(send_counts, dtype=np.int64),
-                                      np.asarray(recv_counts, dtype=np.int64))
+        return self._alltoallv_device(comm, *self._device_rows(send, send_counts, recv_counts))
 
     def allreduce_sum(self, comm, arr):
         """In-place sum over ranks of a float32 array (device or host); returns it."""
@@ -312,11 +308,15 @@ class DeviceTransport(HostMpiTransport):
         """Start :meth:`alltoallv`; ``Wait()`` returns the received rows (device)."""
         if not self.ops.is_device(send):
             return super().ialltoallv(comm, send, send_counts, recv_counts)
+        return self._ialltoallv_device(comm, *self._device_rows(send, send_counts, recv_counts))
+
+    def _device_rows(self, send, send_counts, recv_counts):
+        """An all-to-all's device arguments, checked: contiguous [R, d] rows (R the sum of
+        ``send_counts``) and the counts as host int64."""
         assert send.ndim == 2 and int(send_counts.sum()) == send.shape[0], (
             send.shape, send_counts)
-        return self._ialltoallv_device(comm, self.ops.contiguous(send),
-                                       np.asarray(send_counts, dtype=np.int64),
-                                       np.asarray(recv_counts, dtype=np.int64))
+        return (self.ops.contiguous(send), np.asarray(send_counts, dtype=np.int64),
+                np.asarray(recv_counts, dtype=np.int64))
 
     def iallreduce_sum(self, comm, arr):
         """Start :meth:`allreduce_sum`; ``Wait()`` returns ``arr``, summed."""
