@@ -182,6 +182,39 @@ def read_header(path: str) -> dict[str, TensorEntry]:
 
 # --- a model directory -----------------------------------------------------------------
 
+def shard_path(directory: str, shard: str) -> str:
+    """The path of shard ``shard`` named by the index of model directory ``directory``.
+
+    A shard is a plain file name of the model directory: no separator, no ``..``, no
+    absolute path, no control character; and once symlinks are resolved it still lies
+    inside the directory. Refused (InputError naming the index) before anything is opened,
+    so an index can never make a rank read a file outside its model directory."""
+    label = f"{INDEX_FILE} weight_map"
+    plain = (shard and shard not in (".", "..") and "/" not in shard and "\\" not in shard
+             and not os.path.isabs(shard) and all(ord(c) >= 32 and c != "\x7f" for c in shard))
+    if not plain:
+        raise InputError(label, f"shard {shard!r} is not a plain file name of {directory}")
+    path = os.path.join(directory, shard)
+    if not resolves_inside(directory, path):
+        raise InputError(label, f"shard {shard!r} resolves to a file outside {directory}")
+    return path
+
+
+def resolves_inside(directory: str, path: str) -> bool:
+    """Whether ``path``, symlinks resolved, is a file of model directory ``directory``.
+
+    The one allowance is the Hugging Face hub cache, where a snapshot's files are links
+    into the same repository's blob store (``<repo>/snapshots/<rev>/f -> ../../blobs/<h>``):
+    for a directory ``<repo>/snapshots/<rev>``, a file of ``<repo>/blobs`` counts as inside."""
+    target = os.path.dirname(os.path.realpath(path))
+    root = os.path.realpath(directory)
+    if target == root:
+        return True
+    snapshots = os.path.dirname(root)
+    return (os.path.basename(snapshots) == "snapshots"
+            and target == os.path.join(os.path.dirname(snapshots), "blobs"))
+
+
 @dataclass
 class LoadStats:
     """What one rank read: bytes of tensor data copied out of the mapped files, the time
@@ -211,7 +244,14 @@ class Checkpoint:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InputError(INDEX_FILE, f"{index_path} has no weight_map")
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise InputError(f"{INDEX_FILE} weight_map", f"the shard of {name!r} "
+                                                                  f"must be a file name, "
+                                                                  f"not {shard!r}")
             files = sorted(set(weight_map.values()))
+            for shard in files:
+                shard_path(directory, shard)
             for shard in files:
                 if not os.path.exists(os.path.join(directory, shard)):
                     first = next(n for n, f in weight_map.items() if f == shard)

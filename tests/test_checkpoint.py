@@ -325,6 +325,83 @@ def test_absent_shard_is_named(tmp_path):
     assert "shard model-00002-of-00003.safetensors" in message and "absent" in message
 
 
+def rewrite_index(directory: str, change) -> None:
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    with open(index_path) as handle:
+        index = json.load(handle)
+    change(index["weight_map"])
+    with open(index_path, "w") as handle:
+        json.dump(index, handle)
+
+
+def opened_paths(monkeypatch) -> list[str]:
+    """Every path opened from now on (builtins.open and numpy's memmap), resolved."""
+    seen, real_open, real_memmap = [], open, np.memmap
+
+    def spy_open(path, *args, **kwargs):
+        seen.append(os.path.realpath(path))
+        return real_open(path, *args, **kwargs)
+
+    def spy_memmap(path, *args, **kwargs):
+        seen.append(os.path.realpath(path))
+        return real_memmap(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    monkeypatch.setattr(np, "memmap", spy_memmap)
+    return seen
+
+
+@pytest.mark.parametrize("shard", ["../outside/x.safetensors", "/etc/passwd",
+                                   "sub/model-00001-of-00003.safetensors", "..", ".", "",
+                                   "a\nb.safetensors"])
+def test_a_shard_name_that_leaves_the_directory_is_refused_before_opening(tmp_path, shard,
+                                                                           monkeypatch):
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    # A valid shard outside the directory: before the check, the index loaded it (exit 0).
+    os.makedirs(tmp_path / "outside")
+    first = "model-00001-of-00003.safetensors"
+    shutil.copy(os.path.join(directory, first), tmp_path / "outside" / "x.safetensors")
+    rewrite_index(directory, lambda weights: weights.update(
+        {n: shard for n, f in list(weights.items()) if f == first}))
+    opened = opened_paths(monkeypatch)
+    message = refused(directory)
+    assert message.startswith("model.safetensors.index.json weight_map: shard ")
+    assert "\n" not in message
+    inside = os.path.realpath(directory)
+    assert all(os.path.dirname(p) == inside for p in opened), opened
+
+
+def test_a_shard_symlinked_outside_the_directory_is_refused(tmp_path):
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    shard = "model-00002-of-00003.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(os.path.join(directory, shard), outside)
+    os.symlink(outside, os.path.join(directory, shard))
+    assert f"shard '{shard}' resolves to a file outside" in refused(directory)
+
+
+def test_a_hub_cache_snapshot_may_link_into_its_blobs(tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--x--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for number, entry in enumerate(sorted(os.listdir(hf.path("qwen3_moe")))):
+        blob = repo / "blobs" / f"{number:040x}"
+        shutil.copy(os.path.join(hf.path("qwen3_moe"), entry), blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob.name), snapshot / entry)
+    model = checkpoint_run_config(str(snapshot)).model
+    open_checkpoint(str(snapshot), model)
+
+
+def test_a_shard_that_is_not_a_string_is_refused(tmp_path):
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    rewrite_index(directory, lambda weights: weights.__setitem__(
+        "model.layers.0.mlp.gate.weight", 5))
+    assert "weight_map: the shard of 'model.layers.0.mlp.gate.weight' must be a file name" \
+        in refused(directory)
+
+
 def test_truncated_file_is_caught_from_its_header(tmp_path):
     directory = copy_fixture(tmp_path, "qwen3_moe")
     file_path = os.path.join(directory, "model-00003-of-00003.safetensors")
