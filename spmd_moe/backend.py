@@ -26,8 +26,6 @@ bfloat16 on CuPy (ml_dtypes' dtype, CuPy 14) is handled here, in one place:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from .host import host_memory, share_blas_threads
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
@@ -421,57 +421,6 @@ def bf16_census(bk: Backend) -> dict[str, str]:
     return results
 
 
-BLAS_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                 "MKL_Set_Num_Threads")
-
-
-def share_blas_threads(ranks_on_node: int) -> str:
-    """Give each rank ``cores / ranks on the node`` BLAS threads (at least one), unless the
-    user set a thread variable. Every rank's BLAS spawning a thread per core oversubscribes
-    the node: on 2 cores, 4 ranks ran the ``small`` preset 9x slower (docs/PERFORMANCE.md).
-    Returns a line for the report saying what was done."""
-    for name in BLAS_THREAD_ENV:
-        if os.environ.get(name):
-            return f"BLAS threads left to {name}={os.environ[name]}"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, ranks_on_node))
-    blas = [p for p in loaded_libraries()
-            if any(f in os.path.basename(p) for f in ("openblas", "mkl_rt", "libblas"))]
-    for path in blas:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in _BLAS_SETTERS:
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(threads))
-                return (f"BLAS threads {threads} per rank ({cores} cores, {ranks_on_node} "
-                        f"rank(s) on this node)")
-    return "BLAS threads not set (no known BLAS library loaded)"
-
-
-def loaded_libraries() -> list[str]:
-    """Paths of the shared libraries this process has mapped, in load order (from
-    /proc/self/maps; empty where there is none)."""
-    found: list[str] = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                path = fields[-1] if len(fields) >= 6 else ""
-                if ".so" in os.path.basename(path) and path not in found:
-                    found.append(path)
-    except OSError:
-        pass
-    return found
-
-
 def erfc_numpy(x: np.ndarray) -> np.ndarray:
     """erfc to float32 accuracy (fractional error < 1.2e-7, Numerical Recipes' Chebyshev
     fit), computed in float64 and returned as float32. NumPy itself has no erf."""
@@ -565,3 +514,15 @@ class PhaseTimer:
                 self.seconds[name] = self.seconds.get(name, 0.0) + ms / 1e3
             self._events.clear()
         return dict(self.seconds)
+
+
+def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
+    """Bytes this rank may use: the device's free memory over the ranks sharing it, or the
+    host's available memory over the node's ranks."""
+    if choice.name == "cupy":
+        import cupy
+
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        sharing = -(-node_size // max(1, choice.device_count))
+        return free // sharing, f"GPU {choice.device_id} free memory / {sharing} rank(s)"
+    return host_memory(node_size)

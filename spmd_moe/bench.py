@@ -321,7 +321,8 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
                    progress=None, tracer=None) -> dict:
     """The layer-step measurement on ``bk``; returns the result dict (see module doc).
     ``tracer`` (trace.Tracer): each iteration's phases as spans."""
-    from .runner import available_memory, measure_peak
+    from .backend import available_memory
+    from .runner import measure_peak
 
     shape.validate()
     say = progress or (lambda text: None)
@@ -948,7 +949,7 @@ def cmd_bench(args) -> int:
     from . import kernels  # noqa: F401  (registers the fused kernels with the backend)
     from .backend import Backend, choose_backend
     from .command import check_execution_arguments, gather_trace, start_trace
-    from .data import check_output_paths, text_writer, write_files
+    from .files import check_output_paths, text_writer, write_files
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

@@ -299,3 +299,29 @@ def _stage_schedule(layout: Layout, model: ModelConfig, stage: int, workload: Wo
         stage_tokens = tuple(sum(s[m].n_tokens for s in lists if m < len(s))
                              for m in range(total))
     return choice, lists, stage_tokens
+
+
+def overlap_pays(micro_batches: int, stages: int, group: int, backend: str = "cupy") -> bool:
+    """Whether two micro-batches in flight can pay on a stage: there are two, the stage has
+    several ranks (one alone exchanges nothing), and the pipeline is shallow enough for the
+    longer fill. With two in flight at one per interval tau', each micro-batch spends 2 tau'
+    in a stage (Little's law), so P stages fill in 2 (P-1) tau' instead of (P-1) tau; with
+    tau' = r tau the overlap pays when M (1 - r) > (P - 1)(2r - 1). On a GPU, r = 0.8 (a
+    quarter of a step communicating, four fifths of it hidden: the paper's EP layer,
+    PREDICTIONS.md): M > 3 (P - 1). On NumPy the cores that compute also move the bytes,
+    r is about 1, and only one stage (nothing to fill) pays: docs/PERFORMANCE.md measured
+    it 1-20% faster at one stage and 10% slower at four."""
+    if micro_batches < 2 or group < 2:
+        return False
+    if stages == 1:
+        return True
+    return backend != "numpy" and micro_batches > 3 * (stages - 1)
+
+
+def overlap_enabled(setting: str, micro_batches: int, stages: int, group: int,
+                    backend: str = "cupy") -> bool:
+    """The workload's ``overlap`` setting applied: ``off``; ``on`` wherever two passes can
+    be in flight (two micro-batches, several ranks in the stage); ``auto`` where it pays."""
+    if setting == "off" or micro_batches < 2 or group < 2:
+        return False
+    return setting == "on" or overlap_pays(micro_batches, stages, group, backend)

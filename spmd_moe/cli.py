@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from . import bench, compare, generate, perfmodel, plot
-from .command import (GIB, ArgumentParser, abort_job, add_config_arguments,
-                      add_execution_arguments, config_from_args, end_interrupted, load_batch,
-                      gather_trace, memory_limit_bytes, on_rank_0, plan_workload,
-                      progress_reporter, report_error, start_trace, start_watchdog)
+from . import bench, compare, generate, plan, plot
+from .command import (ArgumentParser, abort_job, add_config_arguments, add_execution_arguments,
+                      config_from_args, end_interrupted, gather_trace, load_batch,
+                      memory_limit_bytes, on_rank_0, plan_workload, progress_reporter,
+                      report_error, start_trace, start_watchdog)
 from .errors import ConfigError, SpmdMoeError, collective
 
 # The commands that run under mpiexec.
@@ -35,20 +35,7 @@ def build_parser() -> ArgumentParser:
                          "(default: progress only for steps longer than 2 s)")
     run.set_defaults(func=cmd_run)
 
-    plan = commands.add_parser("plan", help="placement, memory, bytes and FLOPs per rank; "
-                                            "no GPU or MPI job needed")
-    add_config_arguments(plan)
-    plan.add_argument("--world-size", type=int,
-                      help="number of ranks (required unless --predict --paper-deployments)")
-    plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
-                      help="memory per device to check against (default 80, an H100)")
-    plan.add_argument("--backend", default="cupy", choices=("cupy", "numpy"),
-                      help="whose weight storage to count (default cupy)")
-    plan.add_argument("--hbm-gbps", type=float, default=3350.0,
-                      help="device memory bandwidth for the decode-step floor (default 3350, "
-                           "the H100 SXM datasheet)")
-    plan.set_defaults(func=cmd_plan)
-    perfmodel.add_arguments(plan)
+    plan.add_parser(commands)
 
     bench.add_parser(commands)
     compare.add_parser(commands)
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args) -> int:
     from mpi4py import MPI
 
-    from .data import npz_writer, text_writer, write_files
+    from .files import npz_writer, text_writer, write_files
     from .report import build_report, format_report, report_json
     from .runner import plan_session, run_decode, run_prefill, start_session, trace_session
 
@@ -159,17 +146,6 @@ def cmd_run(args) -> int:
 
 
 # --- plan ------------------------------------------------------------------------------
-
-def cmd_plan(args) -> int:
-    from .plan import print_plan
-
-    config = config_from_args(args)
-    if args.world_size is None and not (args.predict and args.paper_deployments):
-        raise ConfigError("--world-size", "required: the number of ranks to plan for")
-    if args.predict:
-        return perfmodel.cmd_predict(args, config)
-    return print_plan(config, args.world_size, args.layout or config.layout,
-                      args.device_memory * GIB, args.backend, args.hbm_gbps)
 
 
 # --- export ----------------------------------------------------------------------------

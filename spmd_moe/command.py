@@ -218,7 +218,7 @@ def check_batch_size(comm, batch_size: int, seq_len: int, memory_limit: int | No
     from mpi4py import MPI
 
     from .data import batch_host_bytes
-    from .runner import host_memory
+    from .host import host_memory
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     node_size = node.Get_size()
@@ -243,7 +243,7 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
     the run will actually have. No [B, S] array is built before its size is checked; the
     ids are read by :func:`load_batch` once the run's memory check has passed.
     ``extra_check(args)`` may add the command's own checks (raising SpmdMoeError)."""
-    from .data import check_output_paths
+    from .files import check_output_paths
 
     rank = comm.Get_rank()
 

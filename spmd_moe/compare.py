@@ -322,7 +322,7 @@ def cmd_compare(args) -> int:
 
     from .command import (gather_trace, load_batch, memory_limit_bytes, on_rank_0,
                           plan_workload, progress_reporter, start_trace)
-    from .data import text_writer, write_files
+    from .files import text_writer, write_files
     from .report import report_json
     from .runner import plan_session
 

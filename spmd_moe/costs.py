@@ -13,13 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chunks import ScheduleSize, schedule_size
+from .chunks import overlap_enabled
 from .config import ModelConfig, RunConfig
-from .kv_cache import KVCache
-from .overlap import overlap_enabled
 from .topology import Grid
 
 GIB = 1 << 30
 
+
+
+def kv_cache_bytes(n_layers: int, n_seqs: int, capacity: int, heads: int, head_dim: int,
+                   itemsize: int) -> int:
+    """What kv_cache.KVCache's constructor allocates: keys and values of ``n_seqs``
+    sequences of ``capacity`` positions, ``heads`` x ``head_dim`` each, per layer."""
+    return 2 * n_layers * n_seqs * capacity * heads * head_dim * itemsize
 
 @dataclass
 class RankCost:
@@ -120,7 +126,7 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
         # engine.Engine.new_cache: the longest prompt (plus the tokens to generate) for
         # each of the rank's sequences, every layer of its stage.
         capacity = int(lengths.max()) + new_tokens
-        kv = KVCache.nbytes(n_layers, len(my_lengths), capacity, kv_heads, dh, item)
+        kv = kv_cache_bytes(n_layers, len(my_lengths), capacity, kv_heads, dh, item)
 
     row = d * item
     if layout.tp > 1:

@@ -1,4 +1,4 @@
-"""Inputs and outputs at the edge: token ids and mask in, hidden/logits/counts out (SPEC §4).
+"""Inputs at the edge: token ids and mask in (SPEC §4); the outputs' writers are files.py.
 
 Every check on an input file happens here, once, with errors that name the field; inside,
 code trusts a :class:`Batch`. Left padding is the only padding (SPEC §1): position S-1 of
@@ -7,17 +7,15 @@ every sequence is real. Token ids at padding positions are ignored (any integer 
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
 
 import numpy as np
 
 from .config import ModelConfig, WorkloadConfig
-from .errors import ConfigError, InputError, OutputError
+from .errors import InputError
+from .files import file_kind
 from .weights import tensor_rng
 
 
@@ -157,7 +155,7 @@ class InputFile:
             info = os.stat(path)
         except OSError as exc:
             raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
-        kind = _kind(info.st_mode)
+        kind = file_kind(info.st_mode)
         if kind is not None:
             raise InputError("--input", f"{path} is {kind}, not an .npz file")
         if info.st_size == 0:
@@ -287,107 +285,3 @@ def synthetic_input(workload: WorkloadConfig, model: ModelConfig, seed: int) -> 
     return Batch(ids.astype(np.int64), mask)
 
 
-def _kind(mode: int) -> str | None:
-    """What a non-regular file is, in words (None for a regular file)."""
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return None if stat.S_ISREG(mode) else "not a regular file"
-
-
-def check_output_path(path: str, field: str = "--output") -> None:
-    """Refuse, before any work is done, an output path that is not absent or a regular file
-    (a link, directory, FIFO or device is never replaced) or whose directory is missing or
-    not writable."""
-    if not path:
-        raise ConfigError(field, "the path is empty")
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    except OSError as exc:
-        raise ConfigError(field, f"cannot use {path}: {exc.strerror}") from None
-    if mode is not None and _kind(mode) is not None:
-        raise ConfigError(field, f"{path} is {_kind(mode)}; give a regular file or a new "
-                                 "path (it would be replaced)")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ConfigError(field, f"directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(field, f"directory {directory} is not writable")
-
-
-def check_output_paths(*named: tuple[str | None, str]) -> None:
-    """Each ``(path, field)`` with a path passes :func:`check_output_path`, and no two name
-    the same file (compared by real path, and by inode when both exist)."""
-    seen: list[tuple[str, str]] = []
-    for path, field in named:
-        if path is None:
-            continue
-        check_output_path(path, field)
-        for other, other_field in seen:
-            same = os.path.realpath(path) == os.path.realpath(other)
-            if not same and os.path.exists(path) and os.path.exists(other):
-                same = os.path.samefile(path, other)
-            if same:
-                raise ConfigError(field, f"{path} is the same file as {other_field} {other}")
-        seen.append((path, field))
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_files(files: list[tuple[str, str, Callable[[BinaryIO], None]]]) -> None:
-    """Write every ``(path, field, writer)`` or none: each goes to a temporary file beside
-    its target (mode 0666 less the umask, synced to disk), and only when all are complete
-    are they renamed into place, so a reader never sees a partial file and a full disk
-    leaves nothing behind. A failure raises :class:`OutputError` naming the field."""
-    staged: list[tuple[str, str, str]] = []
-    try:
-        for path, field, writer in files:
-            directory = os.path.dirname(os.path.abspath(path))
-            try:
-                handle, tmp = tempfile.mkstemp(dir=directory, prefix=".spmd_moe-",
-                                               suffix=".tmp")
-            except OSError as exc:
-                raise OutputError(field, f"cannot write {path}: {exc.strerror}") from None
-            staged.append((path, field, tmp))
-            try:
-                os.fchmod(handle, 0o666 & ~_umask())
-                with os.fdopen(handle, "wb") as out:
-                    writer(out)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except OSError as exc:
-                raise OutputError(field, f"cannot write {path}: "
-                                         f"{exc.strerror or exc}") from None
-        for path, field, tmp in staged:
-            check_output_path(path, field)      # not turned into a link or FIFO meanwhile
-        for path, field, tmp in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for _, _, tmp in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-
-
-def npz_writer(arrays: dict[str, np.ndarray]) -> Callable[[BinaryIO], None]:
-    return lambda out: np.savez(out, **arrays)
-
-
-def text_writer(text: str) -> Callable[[BinaryIO], None]:
-    return lambda out: out.write(text.encode())
-
-
-def write_npz(path: str, **arrays: np.ndarray) -> None:
-    write_files([(path, "--output", npz_writer(arrays))])
-
-
-def write_text(path: str, text: str, field: str = "--report") -> None:
-    write_files([(path, field, text_writer(text))])

@@ -40,6 +40,7 @@ import numpy as np
 from . import kernels
 from .backend import F32, Backend, PhaseTimer
 from .chunks import MicroBatch, Schedule, prefill_schedule
+from .chunks import overlap_enabled
 from .config import RunConfig
 from .data import Batch
 from .dispatcher import AllreduceDispatcher, AlltoallDispatcher
@@ -48,7 +49,7 @@ from .kv_cache import KVCache
 from .model import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head, pack,
                     qk_norm_rope, qk_square_sums, residual_add, rms_norm)
 from .moe_layer import moe_steps
-from .overlap import CHECKPOINT, Flight, overlap_enabled, run_pass, run_passes
+from .overlap import CHECKPOINT, Flight, run_pass, run_passes
 from .topology import Topology
 from .trace import SpanContext
 from .transport import allreduce_bytes

@@ -158,7 +158,7 @@ def cmd_generate(args) -> int:
 
     from .checkpoint import checkpoint_run_config
     from .command import on_rank_0, progress_reporter
-    from .data import check_output_path, text_writer, write_files
+    from .files import check_output_path, text_writer, write_files
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

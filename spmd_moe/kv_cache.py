@@ -30,19 +30,13 @@ class KVCache:
     def __init__(self, bk: Backend, layers: range, first_seq: int, n_seqs: int, capacity: int,
                  heads: int, head_dim: int):
         # ``heads`` are the key/value heads this rank holds (fewer than the query heads
-        # under grouped-query attention).
+        # under grouped-query attention). costs.kv_cache_bytes charges exactly this.
         self.first_seq, self.n_seqs, self.capacity = first_seq, n_seqs, capacity
         shape = (n_seqs * capacity, heads, head_dim)
         self.keys = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
         self.values = {l: bk.xp.zeros(shape, dtype=bk.dtype) for l in layers}
         self.lengths_host = np.zeros(n_seqs, dtype=np.int64)  # positions filled per sequence
         self.bk = bk
-
-    @staticmethod
-    def nbytes(n_layers: int, n_seqs: int, capacity: int, heads: int, head_dim: int,
-               itemsize: int) -> int:
-        """What the constructor allocates (costs.py charges exactly this)."""
-        return 2 * n_layers * n_seqs * capacity * heads * head_dim * itemsize
 
     def slots(self, packed: Packed) -> np.ndarray:
         """First cache row of each of ``packed``'s sequences [b]."""

@@ -38,19 +38,15 @@ experts, k top-k, s storage bytes, p parameter bytes, P ranks in a stage, M micr
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from .chunks import MicroBatch, prefill_schedule, whole_sequences
-from .cluster import (CLUSTERS, RATE_KEYS, Cluster, Rates, _read_json, cluster_to_dict,
-                      load_cluster, load_rates)
+from .chunks import MicroBatch, overlap_enabled, prefill_schedule, whole_sequences
+from .cluster import RATE_KEYS, Cluster, Rates, cluster_to_dict
 from .config import Layout, RunConfig
 from .costs import GIB, layer_flops, rank_cost
 from .errors import ConfigError, LayoutError
-from .overlap import overlap_enabled
 from .topology import Grid
 
 # --- compute ---------------------------------------------------------------------------
@@ -856,60 +852,4 @@ def format_against(a: dict) -> str:
 
 # --- the command ---------------------------------------------------------------------------
 
-def add_arguments(parser) -> None:
-    group = parser.add_argument_group("performance prediction (--predict)")
-    group.add_argument("--predict", action="store_true",
-                       help="predict times on a cluster instead of printing the plan table")
-    group.add_argument("--cluster", default="h100-ib", metavar="NAME|FILE",
-                       help=f"built-in ({', '.join(CLUSTERS)}, the default) or a JSON file "
-                            "(docs/CLUSTER.md)")
-    group.add_argument("--calibration", metavar="FILE",
-                       help="kernel rates: JSON with {\"rates\": {gemm_tflops, "
-                            "attention_tflops, hbm_gbps}} (e.g. spmd-moe bench --json "
-                            "output); default: H100 assumptions")
-    group.add_argument("--paper-deployments", action="store_true",
-                       help="predict the paper's three deployments (ep=16,pp=16 on 256, "
-                            "ep=16 on 16, tp=8,pp=2 on 16) beside its claims; --world-size "
-                            "and --layout are then ignored")
-    group.add_argument("--routing-imbalance", type=float, default=1.0, metavar="F",
-                       help="expert parallel: routed rows of the busiest expert rank over "
-                            "the mean (default 1: balanced routing)")
-    group.add_argument("--against", metavar="REPORT",
-                       help="a spmd-moe run --report JSON of the same layout: print predicted "
-                            "vs measured")
-    group.add_argument("--json", dest="predict_json", metavar="FILE",
-                       help="write the prediction(s) as JSON")
 
-
-def cmd_predict(args, config: RunConfig) -> int:
-    from .data import check_output_path, write_text
-
-    cluster = load_cluster(args.cluster)
-    rates = load_rates(args.calibration)
-    device_bytes = args.device_memory * GIB
-    if args.predict_json:
-        check_output_path(args.predict_json, "--json")
-    if args.paper_deployments:
-        rows = predict_paper(config, cluster, rates, args.backend, device_bytes,
-                             args.routing_imbalance)
-        print(format_paper(rows), flush=True)
-        result: Any = {"deployments": rows, "paper_claims": PAPER_CLAIMS}
-    else:
-        world = args.world_size
-        if world < 1:
-            raise LayoutError("--world-size", f"{world} must be >= 1")
-        layout = Layout.parse(args.layout or config.layout, world).validate(config.model,
-                                                                            world)
-        result = predict(config, layout, cluster, rates, args.backend, device_bytes,
-                         args.routing_imbalance)
-        print(format_prediction(result), flush=True)
-        if args.against:
-            report = _read_json(args.against, "--against", "file not found")
-            if not isinstance(report, dict):
-                raise ConfigError("--against", "not a spmd-moe run --report JSON")
-            comparison = against_report(result, report)
-            print(format_against(comparison), flush=True)
-            result = {"prediction": result, "against": comparison}
-    if args.predict_json:
-        write_text(args.predict_json, json.dumps(result, indent=2) + "\n", "--json")
-    return 0

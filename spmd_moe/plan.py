@@ -3,13 +3,19 @@ compute, before any GPU or MPI job is started; layouts that cannot work are refu
 """
 from __future__ import annotations
 
+import json
+from typing import Any
 
 import numpy as np
 
+from .chunks import overlap_enabled
+from .cluster import CLUSTERS, _read_json, load_cluster, load_rates
+from .command import add_config_arguments, config_from_args
 from .config import Layout, RunConfig
 from .costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
-from .errors import LayoutError, say
-from .overlap import overlap_enabled
+from .errors import ConfigError, LayoutError, say
+from .perfmodel import (PAPER_CLAIMS, against_report, format_against, format_paper,
+                        format_prediction, predict, predict_paper)
 from .topology import Grid
 
 
@@ -145,3 +151,89 @@ def print_plan(config: RunConfig, world_size: int, layout_text: str | None,
         return 2
     print("fits: yes")
     return 0
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("performance prediction (--predict)")
+    group.add_argument("--predict", action="store_true",
+                       help="predict times on a cluster instead of printing the plan table")
+    group.add_argument("--cluster", default="h100-ib", metavar="NAME|FILE",
+                       help=f"built-in ({', '.join(CLUSTERS)}, the default) or a JSON file "
+                            "(docs/CLUSTER.md)")
+    group.add_argument("--calibration", metavar="FILE",
+                       help="kernel rates: JSON with {\"rates\": {gemm_tflops, "
+                            "attention_tflops, hbm_gbps}} (e.g. spmd-moe bench --json "
+                            "output); default: H100 assumptions")
+    group.add_argument("--paper-deployments", action="store_true",
+                       help="predict the paper's three deployments (ep=16,pp=16 on 256, "
+                            "ep=16 on 16, tp=8,pp=2 on 16) beside its claims; --world-size "
+                            "and --layout are then ignored")
+    group.add_argument("--routing-imbalance", type=float, default=1.0, metavar="F",
+                       help="expert parallel: routed rows of the busiest expert rank over "
+                            "the mean (default 1: balanced routing)")
+    group.add_argument("--against", metavar="REPORT",
+                       help="a spmd-moe run --report JSON of the same layout: print predicted "
+                            "vs measured")
+    group.add_argument("--json", dest="predict_json", metavar="FILE",
+                       help="write the prediction(s) as JSON")
+
+
+def cmd_predict(args, config: RunConfig) -> int:
+    from .files import check_output_path, write_text
+
+    cluster = load_cluster(args.cluster)
+    rates = load_rates(args.calibration)
+    device_bytes = args.device_memory * GIB
+    if args.predict_json:
+        check_output_path(args.predict_json, "--json")
+    if args.paper_deployments:
+        rows = predict_paper(config, cluster, rates, args.backend, device_bytes,
+                             args.routing_imbalance)
+        print(format_paper(rows), flush=True)
+        result: Any = {"deployments": rows, "paper_claims": PAPER_CLAIMS}
+    else:
+        world = args.world_size
+        if world < 1:
+            raise LayoutError("--world-size", f"{world} must be >= 1")
+        layout = Layout.parse(args.layout or config.layout, world).validate(config.model,
+                                                                            world)
+        result = predict(config, layout, cluster, rates, args.backend, device_bytes,
+                         args.routing_imbalance)
+        print(format_prediction(result), flush=True)
+        if args.against:
+            report = _read_json(args.against, "--against", "file not found")
+            if not isinstance(report, dict):
+                raise ConfigError("--against", "not a spmd-moe run --report JSON")
+            comparison = against_report(result, report)
+            print(format_against(comparison), flush=True)
+            result = {"prediction": result, "against": comparison}
+    if args.predict_json:
+        write_text(args.predict_json, json.dumps(result, indent=2) + "\n", "--json")
+    return 0
+
+
+def add_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="placement, memory, bytes and FLOPs per rank; "
+                                            "no GPU or MPI job needed")
+    add_config_arguments(plan)
+    plan.add_argument("--world-size", type=int,
+                      help="number of ranks (required unless --predict --paper-deployments)")
+    plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
+                      help="memory per device to check against (default 80, an H100)")
+    plan.add_argument("--backend", default="cupy", choices=("cupy", "numpy"),
+                      help="whose weight storage to count (default cupy)")
+    plan.add_argument("--hbm-gbps", type=float, default=3350.0,
+                      help="device memory bandwidth for the decode-step floor (default 3350, "
+                           "the H100 SXM datasheet)")
+    plan.set_defaults(func=cmd_plan)
+    add_arguments(plan)
+
+
+def cmd_plan(args) -> int:
+    config = config_from_args(args)
+    if args.world_size is None and not (args.predict and args.paper_deployments):
+        raise ConfigError("--world-size", "required: the number of ranks to plan for")
+    if args.predict:
+        return cmd_predict(args, config)
+    return print_plan(config, args.world_size, args.layout or config.layout,
+                      args.device_memory * GIB, args.backend, args.hbm_gbps)

@@ -228,7 +228,7 @@ def add_parser(commands) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .data import check_output_path, write_files
+    from .files import check_output_path, write_files
 
     check_output_path(args.output, "--output")
     load_matplotlib()

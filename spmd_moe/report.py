@@ -18,7 +18,8 @@ from .config import to_dict
 from .costs import layer_flops
 from .data import Batch
 from .engine import IDLE_PHASES, PHASES
-from .runner import RunResult, Session, Timing
+from .runner import RunResult, Timing
+from .session import Session
 
 
 def _mean_timing(timings: list[Timing]) -> dict:

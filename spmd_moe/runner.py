@@ -8,77 +8,30 @@ reach. Failures after set-up are bugs or faults; the CLI aborts the job on them.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Backend, BackendChoice, PhaseTimer, choose_backend
+from .backend import Backend, BackendChoice, PhaseTimer, available_memory, choose_backend
 from .checkpoint import LoadStats, describe, load_weights, open_checkpoint
+from .chunks import Schedule
 from .config import Layout, RunConfig
 from .costs import GIB, rank_cost
 from .data import Batch
-from .chunks import Schedule
 from .engine import Engine, injected_fault
 from .errors import LayoutError, collective, say
 from .gpu_transport import make_transport
+from .host import peak_resident_bytes, resident_bytes
+from .outputs import gather_prefill, gather_tokens
 from .overlap import Flight
 from .progress import SILENT, Reporter
+from .session import Session
 from .topology import Grid, Topology
 from .trace import SPANS_PER_LAYER, Tracer, rank_label
-from .transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
-                        nccl_available)
+from .transport import MpiLibrary, TransportChoice, choose_transport, mpi_library, nccl_available
 from .watchdog import Watchdog
 from .weights import build_weights
-
-
-@dataclass
-class Session:
-    """Everything one rank needs to run: config, topology, backend, transport, engine."""
-
-    config: RunConfig
-    topo: Topology
-    backend: Backend
-    transport: object
-    engine: Engine
-    library: MpiLibrary
-    backend_choice: BackendChoice
-    transport_choice: TransportChoice
-    watchdog: Watchdog
-    peak_flops: float = 0.0
-    peak_source: str = ""
-    weights_source: str = ""                                   # where the weights came from
-    load: LoadStats = field(default_factory=LoadStats)         # this rank's bytes and time
-    tracer: object = None                                      # trace.Tracer (--trace)
-    progress: Reporter = SILENT                                # rank 0's progress output
-
-    def close(self) -> None:
-        self.transport.free()
-        self.topo.free()
-
-
-def host_memory(node_size: int) -> tuple[int, str]:
-    """Bytes of host memory one of the node's ``node_size`` ranks may use."""
-    try:
-        with open("/proc/meminfo") as info:
-            fields = dict(line.split(":", 1) for line in info)
-        free = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62, "host memory unknown"
-    return free // node_size, f"host MemAvailable / {node_size} rank(s) on this node"
-
-
-def available_memory(choice: BackendChoice, node_size: int) -> tuple[int, str]:
-    """Bytes this rank may use: the device's free memory over the ranks sharing it, or the
-    host's available memory over the node's ranks."""
-    if choice.name == "cupy":
-        import cupy
-
-        free, _ = cupy.cuda.runtime.memGetInfo()
-        sharing = -(-node_size // max(1, choice.device_count))
-        return free // sharing, f"GPU {choice.device_id} free memory / {sharing} rank(s)"
-    return host_memory(node_size)
 
 
 def check_memory(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str,
@@ -274,22 +227,6 @@ class RunResult:
     schedule: Schedule | None = None                           # this rank's prefill
 
 
-def resident_bytes() -> int:
-    """This process's resident set size now (bytes; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_resident_bytes() -> int:
-    """The largest resident set size this process has had (bytes)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
-
-
 def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
     """RSS before the first timed iteration (or step), after it, after the last, and the
     peak: a run that leaks grows from the second figure to the third."""
@@ -477,101 +414,4 @@ def run_decode(session: Session, batch: Batch, new_tokens: int,
 
 # --- gathering outputs on rank 0 -------------------------------------------------------
 
-def _contributors(session: Session, batch_size: int) -> list[range]:
-    """For each world rank, the sequences whose outputs it sends to rank 0 (maybe none)."""
-    topo = session.topo
-    out = []
-    for rank in range(topo.size):
-        grid = Grid(topo.layout, topo.model, rank)
-        useful = grid.is_last_stage and grid.writes_outputs
-        out.append(grid.sequences(batch_size) if useful else range(0))
-    return out
 
-
-def _gather_rows(session: Session, rows: np.ndarray, counts: list[int], width: int,
-                 dtype: np.dtype) -> np.ndarray | None:
-    """Gatherv of [n, width] rows to world rank 0 (counts in rows)."""
-    world, transport = session.topo.world, session.transport
-    row_type = transport.row_type(dtype.itemsize, width)
-    rows = np.ascontiguousarray(rows, dtype=dtype).reshape(-1, width)
-    recv = None
-    if world.Get_rank() == 0:
-        counts_arr = np.asarray(counts, dtype=np.int64)
-        starts = np.zeros_like(counts_arr)
-        np.cumsum(counts_arr[:-1], out=starts[1:])
-        recv = np.empty((int(counts_arr.sum()), width), dtype=dtype)
-        world.Gatherv(transport.words(rows), [transport.words(recv), (counts_arr, starts),
-                                              row_type], root=0)
-    else:
-        world.Gatherv([transport.words(rows), rows.shape[0], row_type], None, root=0)
-    return recv
-
-
-def gather_prefill(session: Session, batch: Batch, out):
-    """``hidden`` float32 [B, S, d] (zero at padding), ``logits`` float32 [B, V] and
-    ``expert_counts`` int64 [L, E] on world rank 0; ``None`` on other ranks."""
-    with session.watchdog.waiting("gather outputs"):
-        return _gather_prefill(session, batch, out)
-
-
-def _gather_prefill(session: Session, batch: Batch, out):
-    topo, bk, model = session.topo, session.backend, session.config.model
-    world = topo.world
-    counts = np.zeros_like(out.expert_counts)
-    world.Reduce(out.expert_counts, counts, root=0)
-    lengths = batch.lengths
-    sources = _contributors(session, batch.batch_size)
-    mine = sources[topo.rank]
-    d, vocab = model.d_model, model.vocab_size
-    if len(mine):
-        logits = np.concatenate([bk.to_host(x) for x in out.logits]).astype(np.float32)
-    else:
-        logits = np.zeros((0, vocab), dtype=np.float32)
-    all_logits = _gather_rows(session, logits, [len(s) for s in sources], vocab,
-                              np.dtype(np.float32))
-    if len(mine):
-        hidden = np.concatenate([bk.to_host(x) for x in out.hidden])
-    else:
-        hidden = np.zeros((0, d), dtype=bk.dtype)
-    token_counts = [int(lengths[s.start:s.stop].sum()) for s in sources]
-    hidden_rows = _gather_rows(session, hidden, token_counts, d, bk.dtype)
-    if topo.rank != 0:
-        return None
-    order = np.concatenate([np.arange(s.start, s.stop) for s in sources])
-    result = {"logits": np.empty((batch.batch_size, vocab), dtype=np.float32),
-              "expert_counts": counts}
-    result["logits"][order] = all_logits
-    full = np.zeros((batch.batch_size, batch.seq_len, d), dtype=np.float32)
-    row = 0
-    for seq in order:
-        n = int(lengths[seq])
-        full[seq, batch.seq_len - n:] = hidden_rows[row:row + n].astype(np.float32)
-        row += n
-    result["hidden"] = full
-    return result
-
-
-def gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
-                  new_tokens: int) -> np.ndarray | None:
-    """Greedy tokens int64 [B, N] on world rank 0 (-1 after a sequence stopped)."""
-    with session.watchdog.waiting("gather outputs"):
-        return _gather_tokens(session, batch, generated, new_tokens)
-
-
-def _gather_tokens(session: Session, batch: Batch, generated: list[list[np.ndarray]],
-                   new_tokens: int) -> np.ndarray | None:
-    sources = _contributors(session, batch.batch_size)
-    mine = sources[session.topo.rank]
-    if len(mine):
-        steps = [np.concatenate(step) for step in generated]         # N x [b]
-        tokens = np.stack(steps, axis=1)                              # [b, N]
-    else:
-        tokens = np.zeros((0, new_tokens), dtype=np.int64)
-    rows = _gather_rows(session, tokens, [len(s) for s in sources], new_tokens,
-                        np.dtype(np.int64))
-    if session.topo.rank != 0:
-        return None
-    order = np.concatenate([np.arange(s.start, s.stop) for s in sources])
-    result = np.empty((batch.batch_size, new_tokens), dtype=np.int64)
-    result[order] = rows
-    return result

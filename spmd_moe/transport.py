@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Backend, loaded_libraries
+from .backend import Backend
 from .errors import ConfigError
+from .host import loaded_libraries
 
 TRANSPORTS = ("auto", "mpi-cuda", "mpi-host", "nccl")
 CUDA_AWARE_ENV = "SPMD_MOE_CUDA_AWARE"

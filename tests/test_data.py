@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from spmd_moe.config import PRESETS, build_run_config
-from spmd_moe.data import (InputFile, check_output_paths, load_input, synthetic_input, text_writer,
-                           validate_batch, write_files, write_npz)
+from spmd_moe.data import InputFile, load_input, synthetic_input, validate_batch
 from spmd_moe.errors import ConfigError, InputError, OutputError
+from spmd_moe.files import check_output_paths, text_writer, write_files, write_npz
 from spmd_moe.testing import broken_inputs
 
 MODEL = PRESETS["tiny"].model

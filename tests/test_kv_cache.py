@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from spmd_moe.backend import Backend, choose_backend
+from spmd_moe.costs import kv_cache_bytes
 from spmd_moe.kv_cache import KVCache
 from spmd_moe.model import pack
 
@@ -48,5 +49,5 @@ def test_advance_keeps_the_furthest_position_and_overflow_asserts():
     too_far = pack(bk, np.array([1]), np.array([2]), np.array([3]))
     with pytest.raises(AssertionError, match="KV cache overflow"):
         cache.write(0, too_far, keys_of(1, [3, 4]), keys_of(1, [3, 4]))
-    assert KVCache.nbytes(1, 2, 4, 2, 4, 4) == sum(a.nbytes for a in
+    assert kv_cache_bytes(1, 2, 4, 2, 4, 4) == sum(a.nbytes for a in
                                                    (*cache.keys.values(), *cache.values.values()))

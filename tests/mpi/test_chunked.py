@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from spmd_moe.chunks import overlap_pays
 from spmd_moe.config import Layout, build_run_config
 from spmd_moe.data import synthetic_input
 from spmd_moe.errors import LayoutError
-from spmd_moe.overlap import overlap_pays
 from spmd_moe.reference import reference_generate
 from spmd_moe.report import build_report
 from spmd_moe.runner import open_session, run_decode, run_prefill
