@@ -24,7 +24,7 @@ def _world():
 
 
 def gpu_available() -> bool:
-    from spmd_moe.backend import probe_cupy
+    from spmd_moe.backend.array import probe_cupy
 
     return probe_cupy()[0] is not None
 

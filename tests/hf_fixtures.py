@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from spmd_moe.checkpoint import checkpoint_run_config, eos_token_ids
-from spmd_moe.data import validate_batch
+from spmd_moe.model.checkpoint import checkpoint_run_config, eos_token_ids
+from spmd_moe.model.inputs import validate_batch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hf")
 FLOAT32 = ("mixtral", "qwen3_moe", "olmoe")   # float32 checkpoints, one per family

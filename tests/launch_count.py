@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from spmd_moe.backend import F32, Backend, BackendChoice, PhaseTimer
+from spmd_moe.backend.array import F32, Backend, BackendChoice, PhaseTimer
 
 from test_kernels import FakeArray, FakeCupy, FakeModule, HostFusedKernels
 
@@ -293,7 +293,7 @@ def counting(monkeypatch):
     """Run the engine (runner.Backend) on the counting backend; yields the counter. Passes
     and layers are marked at Engine._at_layer."""
     global COUNTER
-    from spmd_moe import engine, runner
+    from spmd_moe.engine import engine, runner
 
     counter = LaunchCounter()
     at_layer = engine.Engine._at_layer

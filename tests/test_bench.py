@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe import bench
-from spmd_moe.backend import Backend, choose_backend
-from spmd_moe.bench import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES, BenchShape,
-                            layer_flops, layer_targets, run_layer_step, run_transport)
-from spmd_moe.costs import layer_flops as engine_layer_flops
-from spmd_moe.errors import ConfigError
-from spmd_moe.transport import HostMpiTransport
+from spmd_moe.commands import bench
+from spmd_moe.backend.array import Backend, choose_backend
+from spmd_moe.commands.bench import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES, BenchShape,
+                                     layer_flops, layer_targets, run_layer_step, run_transport)
+from spmd_moe.core.costs import layer_flops as engine_layer_flops
+from spmd_moe.core.errors import ConfigError
+from spmd_moe.parallel.transport import HostMpiTransport
 
 TINY = dict(seqs=3, seq_len=7, d_model=24, d_ff=40, heads=4, experts=4, top_k=2)
 TINY_ARGS = ["--seqs", "3", "--seq-len", "7", "--d-model", "24", "--d-ff", "40", "--heads",
@@ -286,7 +286,7 @@ HF_QWEN = os.path.join(ROOT, "tests", "data", "hf", "qwen3_moe")
 def test_layer_step_of_a_checkpoint_family_counts_its_shapes():
     # Qwen3-MoE's shapes: 4 query heads of 6 (24 wide on a 16-wide model), 2 K/V heads,
     # q/k norms per head, three expert matrices; the PyTorch peer says why it does not run.
-    from spmd_moe.checkpoint import checkpoint_run_config
+    from spmd_moe.model.checkpoint import checkpoint_run_config
 
     model = checkpoint_run_config(HF_QWEN).model
     shape = BenchShape.for_model(model, seqs=2, seq_len=5, rows=7, dtype="float32")
@@ -305,7 +305,7 @@ def test_layer_step_of_a_checkpoint_family_counts_its_shapes():
 def test_chunked_layer_step_of_a_checkpoint_family():
     # Grouped K/V heads in the step's KV cache (2 of 4), q/k norms per head, SwiGLU experts:
     # chunks of 3 tokens compute the whole-sequence step's output.
-    from spmd_moe.checkpoint import checkpoint_run_config
+    from spmd_moe.model.checkpoint import checkpoint_run_config
 
     model = checkpoint_run_config(HF_QWEN).model
     bk = numpy_backend("float32")

@@ -14,16 +14,17 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import hf_fixtures as hf
-from spmd_moe.backend import BF16, Backend, BackendChoice, choose_backend
-from spmd_moe.checkpoint import (Checkpoint, checkpoint_run_config, eos_token_ids,
-                                 export_generated, load_weights, open_checkpoint, read_header)
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.errors import ConfigError, InputError
-from spmd_moe.families import checkpoint_tensors, model_config_from_hf
-from spmd_moe.testing import TOLERANCE, relative_error, run_layout
-from spmd_moe.tokenizer import TextTokenizer, left_pad
-from spmd_moe.topology import Grid
+from spmd_moe.backend.array import BF16, Backend, BackendChoice, choose_backend
+from spmd_moe.model.checkpoint import (Checkpoint, checkpoint_run_config, eos_token_ids,
+                                       export_generated, load_weights, open_checkpoint,
+                                       read_header)
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.core.errors import ConfigError, InputError
+from spmd_moe.model.families import checkpoint_tensors, model_config_from_hf
+from spmd_moe.engine.testing import TOLERANCE, relative_error, run_layout
+from spmd_moe.model.tokenizer import TextTokenizer, left_pad
+from spmd_moe.core.topology import Grid
 
 WORLD = MPI.COMM_WORLD
 
@@ -442,7 +443,7 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
 
 
 def test_host_transpose_and_bf16_widening_are_exact():
-    from spmd_moe.checkpoint import transpose, widen_bf16
+    from spmd_moe.model.checkpoint import transpose, widen_bf16
 
     rng = np.random.default_rng(0)
     for shape in [(1, 1), (3, 130), (200, 70), (64, 64)]:
@@ -459,7 +460,7 @@ def test_host_transpose_and_bf16_widening_are_exact():
 def run_on_cupy(config, batch, decode_tokens=0, eos=None):
     """Prefill (and greedy decode) on the CuPy backend at one rank: (logits, tokens or
     None, the backend's kernels and kernels_reason)."""
-    from spmd_moe.runner import open_session, run_decode, run_prefill
+    from spmd_moe.engine.runner import open_session, run_decode, run_prefill
 
     session = open_session(config, WORLD, batch, backend="cupy", new_tokens=decode_tokens)
     try:

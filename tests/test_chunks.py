@@ -4,11 +4,11 @@ default chunk size follows its arithmetic (docs/ARCHITECTURE.md)."""
 import numpy as np
 import pytest
 
-from spmd_moe.chunks import (MAX_CHUNK_TOKENS, _splits_a_sequence, chunk_choice, chunked,
-                             default_chunk_tokens, prefill_schedule, schedule_size,
-                             whole_sequences)
-from spmd_moe.config import Layout, WorkloadConfig, build_run_config
-from spmd_moe.topology import Grid
+from spmd_moe.core.chunks import (MAX_CHUNK_TOKENS, _splits_a_sequence, chunk_choice, chunked,
+                                  default_chunk_tokens, prefill_schedule, schedule_size,
+                                  whole_sequences)
+from spmd_moe.core.config import Layout, WorkloadConfig, build_run_config
+from spmd_moe.core.topology import Grid
 
 PAPER = build_run_config("paper")
 TINY = build_run_config("tiny")

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.testing import check_against_reference, reference_for
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.engine.testing import check_against_reference, reference_for
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 TIMEOUT = 120
@@ -80,7 +80,7 @@ def test_decode_from_an_input_file(tmp_path):
                       str(tmp_path / "in.npz"), "--workload", "decode", "--new-tokens", "3",
                       "--output", str(out), ranks=2)
     assert result.returncode == 0, result.stderr
-    from spmd_moe.reference import reference_forward, reference_generate
+    from spmd_moe.model.reference import reference_forward, reference_generate
 
     model = build_run_config("tiny", sets=["dtype=float32"]).model
     with np.load(out) as outputs:
@@ -242,8 +242,8 @@ def test_bad_input_file_is_refused_on_every_rank(case, tmp_path):
 @pytest.mark.parametrize("name", ["text.npz", "empty.npz", "truncated.npz", "crc.npz",
                                   "objects.npz", "fifo.npz", "/dev/zero"])
 def test_a_broken_input_file_is_one_line_on_every_rank(name, tmp_path):
-    from spmd_moe.config import PRESETS
-    from spmd_moe.testing import broken_inputs
+    from spmd_moe.core.config import PRESETS
+    from spmd_moe.engine.testing import broken_inputs
 
     path, reason = broken_inputs(tmp_path, PRESETS["tiny"].model.vocab_size)[name]
     out = tmp_path / "out.npz"
@@ -327,7 +327,7 @@ def test_a_config_with_a_model_section_and_an_input_runs_the_inputs_workload(tmp
     result = spmd_moe("run", "--config", str(config), "--input", str(tmp_path / "in.npz"),
                       "--output", str(out), ranks=2)
     assert result.returncode == 0, result.stderr
-    from spmd_moe.reference import reference_forward
+    from spmd_moe.model.reference import reference_forward
 
     model = build_run_config(config_file=str(config), batch_size=3, seq_len=4).model
     with np.load(out) as outputs:

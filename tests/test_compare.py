@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from spmd_moe.compare import (compare_outputs, default_baseline_layout, default_ep_layout,
-                              format_comparison, layout_name, resolve_layouts)
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.errors import LayoutError
+from spmd_moe.commands.compare import (compare_outputs, default_baseline_layout, default_ep_layout,
+                                       format_comparison, layout_name, resolve_layouts)
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.core.errors import LayoutError
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 TIMEOUT = 300
@@ -112,8 +112,8 @@ def check_routing_against_reference(data, *sets):
     """Both deployments' per-layer expert load (max and mean over experts of the real rows
     routed, float32) is the single-process reference's: the command's two halves are held
     to the reference, not only to each other."""
-    from spmd_moe.data import synthetic_input
-    from spmd_moe.reference import reference_forward
+    from spmd_moe.model.inputs import synthetic_input
+    from spmd_moe.model.reference import reference_forward
 
     config = build_run_config("tiny", sets=list(sets))
     batch = synthetic_input(config.workload, config.model, config.seed)
@@ -214,7 +214,7 @@ def test_format_comparison_of_a_result():
               "overlap": {"reason": "two micro-batches in flight",
                           "hidden_ms": {"mean": 0.5, "max": 0.7}},
               "phases_ms": {"attention": {"mean": 1.0, "max": 2.0}}}
-    from spmd_moe.compare import summarize
+    from spmd_moe.commands.compare import summarize
 
     out = compare_outputs(outputs(np.random.default_rng(0)), outputs(np.random.default_rng(0)),
                           "float32")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from spmd_moe.config import PRESETS, Layout, build_run_config
-from spmd_moe.errors import ConfigError, LayoutError
+from spmd_moe.core.config import PRESETS, Layout, build_run_config
+from spmd_moe.core.errors import ConfigError, LayoutError
 
 
 def test_presets_are_valid_and_paper_is_the_papers_model():

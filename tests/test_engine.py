@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input, validate_batch
-from spmd_moe.reference import reference_generate
-from spmd_moe.report import build_report
-from spmd_moe.runner import open_session, run_prefill
-from spmd_moe.testing import check_against_reference, reference_for, run_layout
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input, validate_batch
+from spmd_moe.model.reference import reference_generate
+from spmd_moe.commands.report import build_report
+from spmd_moe.engine.runner import open_session, run_prefill
+from spmd_moe.engine.testing import check_against_reference, reference_for, run_layout
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -68,7 +68,7 @@ def test_kv_cache_never_grows_past_its_preallocation():
     cache = engine.new_cache(batch, 4)
     arrays = {layer: id(a) for layer, a in cache.keys.items()}
     assert cache.capacity == 3 + 4
-    from spmd_moe.runner import run_decode
+    from spmd_moe.engine.runner import run_decode
 
     original = engine.new_cache
     engine.new_cache = lambda b, n: cache
@@ -77,7 +77,7 @@ def test_kv_cache_never_grows_past_its_preallocation():
     assert cache.lengths_host.tolist() == [2 + 3, 3 + 3]   # prompt + 3 decode steps cached
     assert {layer: id(a) for layer, a in cache.keys.items()} == arrays
     with pytest.raises(AssertionError, match="KV cache overflow"):
-        from spmd_moe.model import pack
+        from spmd_moe.model.blocks import pack
 
         engine.stage_pass(pack(session.backend, np.array([1]), np.array([2]), np.array([6])),
                           np.array([1, 2]), session.backend.timer(), cache,
@@ -131,7 +131,7 @@ def measured_prefill(config):
     """(traced peak bytes of one prefill, the KV cache the engine allocated, rank_cost)."""
     import tracemalloc
 
-    from spmd_moe.costs import rank_cost
+    from spmd_moe.core.costs import rank_cost
 
     batch = synthetic_input(config.workload, config.model, config.seed)
     session = open_session(config, MPI.COMM_SELF, batch, backend="numpy")

@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 
-from spmd_moe.backend import Backend, BackendChoice
-from spmd_moe.experts import expert_ffn, run_experts, silu
+from spmd_moe.backend.array import Backend, BackendChoice
+from spmd_moe.moe.experts import expert_ffn, run_experts, silu
 
 
 def bk():

@@ -9,9 +9,9 @@ import pytest
 from mpi4py import MPI
 
 import hf_fixtures as hf
-from spmd_moe.checkpoint import checkpoint_run_config
-from spmd_moe.errors import ConfigError, InputError
-from spmd_moe.generate import generate_text, read_prompts
+from spmd_moe.model.checkpoint import checkpoint_run_config
+from spmd_moe.core.errors import ConfigError, InputError
+from spmd_moe.commands.generate import generate_text, read_prompts
 from test_cli import check_refused, spmd_moe
 
 

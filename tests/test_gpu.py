@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.backend import BF16, F32, Backend, bf16_census, choose_backend, erfc_numpy
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.gpu_transport import host_view
-from spmd_moe.reference import reference_generate
-from spmd_moe.testing import TOLERANCE, check_against_reference, reference_for, relative_error
-from spmd_moe.transport import TransportChoice, mpi_library
+from spmd_moe.backend.array import BF16, F32, Backend, bf16_census, choose_backend, erfc_numpy
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.parallel.gpu_transport import host_view
+from spmd_moe.model.reference import reference_generate
+from spmd_moe.engine.testing import (TOLERANCE, check_against_reference, reference_for,
+                                     relative_error)
+from spmd_moe.parallel.transport import TransportChoice, mpi_library
 
 gpu = pytest.mark.gpu
 
@@ -92,7 +93,7 @@ class FakeCupy:
 @pytest.mark.parametrize("out_dtype", [F32, BF16])
 @pytest.mark.parametrize("m,k,n", [(5, 3, 7), (1, 8, 1), (16, 32, 4)])
 def test_gemm_ex_call_computes_the_row_major_product(out_dtype, m, k, n):
-    from spmd_moe.backend import CublasGemm
+    from spmd_moe.backend.array import CublasGemm
 
     rng = np.random.default_rng(m * k * n)
     a = rng.standard_normal((m, k), dtype=np.float32).astype(BF16)
@@ -110,7 +111,7 @@ def test_gemm_ex_call_computes_the_row_major_product(out_dtype, m, k, n):
 
 
 def test_gemm_ex_writes_into_a_given_output_block():
-    from spmd_moe.backend import CublasGemm
+    from spmd_moe.backend.array import CublasGemm
 
     rng = np.random.default_rng(1)
     a = rng.standard_normal((4, 6), dtype=np.float32).astype(BF16)
@@ -125,7 +126,7 @@ def test_gemm_ex_writes_into_a_given_output_block():
 
 
 def test_gemm_ex_empty_products():
-    from spmd_moe.backend import CublasGemm
+    from spmd_moe.backend.array import CublasGemm
 
     gemm = CublasGemm(FakeCupy())
     assert gemm(np.zeros((0, 4), BF16), np.zeros((4, 3), BF16), F32).shape == (0, 3)
@@ -236,7 +237,7 @@ def test_bit_level_gather_and_scatter(cupy_backend):
 # --- the engine: CuPy against NumPy and the float64 reference ----------------------------
 
 def run_prefill_outputs(config, batch, backend, transport="auto"):
-    from spmd_moe.runner import open_session, run_prefill
+    from spmd_moe.engine.runner import open_session, run_prefill
 
     session = open_session(config, MPI.COMM_SELF, batch, backend=backend, transport=transport)
     try:
@@ -283,7 +284,7 @@ GQA_SETS = ["n_heads=8", "activation=swiglu", "pad_fraction=0.3"]
                                   ["d_head=128", "n_kv_heads=2", "n_layers=2", "seq_len=150",
                                    "max_seq_len=160"]])
 def test_grouped_query_swiglu_engine_fused_matches_numpy(dtype, sets):
-    from spmd_moe.runner import open_session, run_prefill
+    from spmd_moe.engine.runner import open_session, run_prefill
 
     config = build_run_config("tiny", sets=[f"dtype={dtype}", *GQA_SETS, *sets])
     batch = synthetic_input(config.workload, config.model, config.seed)
@@ -305,7 +306,7 @@ def test_grouped_query_decode_on_cupy_gives_numpy_s_tokens():
     """Decode through the fused kernels over a KV cache of the 2 K/V heads (600 cached
     keys: split-K, 5 x 8 CTAs being far from filling the device), float32: NumPy's greedy
     tokens."""
-    from spmd_moe.runner import open_session, run_decode
+    from spmd_moe.engine.runner import open_session, run_decode
 
     config = build_run_config("tiny", sets=["dtype=float32", *GQA_SETS, "d_head=16",
                                             "n_kv_heads=2", "seq_len=600", "max_seq_len=610",
@@ -328,7 +329,7 @@ def test_grouped_query_decode_on_cupy_gives_numpy_s_tokens():
 def test_chunked_prefill_and_decode_on_cupy(chunk):
     """Chunks attend through the KV cache (the fused kernel with fewer queries than keys);
     decode continues from the cache the prefill filled."""
-    from spmd_moe.runner import open_session, run_decode
+    from spmd_moe.engine.runner import open_session, run_decode
 
     config = build_run_config("small", sets=["dtype=float32", "n_layers=2", "batch_size=3",
                                              "seq_len=80", "pad_fraction=0.3",
@@ -350,7 +351,7 @@ def test_chunked_prefill_and_decode_on_cupy(chunk):
 def test_nccl_side_stream_exchange(cupy_backend):
     """An exchange on the side stream: it waits for the compute stream's writes, the compute
     stream waits for it at Wait (no host sync), and the device times it."""
-    from spmd_moe.gpu_transport import make
+    from spmd_moe.parallel.gpu_transport import make
 
     transport = make(TransportChoice("nccl", "test"), cupy_backend)
     comm = MPI.COMM_SELF.Dup()
@@ -373,7 +374,7 @@ def test_nccl_side_stream_exchange(cupy_backend):
 
 @gpu
 def test_decode_on_cupy_gives_numpy_s_tokens():
-    from spmd_moe.runner import open_session, run_decode
+    from spmd_moe.engine.runner import open_session, run_decode
 
     config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3",
                                             "workload=decode", "new_tokens=4"])
@@ -421,7 +422,7 @@ def exercise_one_rank(bk, transport):
 
 @gpu
 def test_pinned_host_transport_one_rank(cupy_backend):
-    from spmd_moe.gpu_transport import PinnedHostMpiTransport, make
+    from spmd_moe.parallel.gpu_transport import PinnedHostMpiTransport, make
 
     transport = make(TransportChoice("mpi-host", "test"), cupy_backend)
     assert isinstance(transport, PinnedHostMpiTransport)
@@ -437,7 +438,7 @@ def test_pinned_host_transport_one_rank(cupy_backend):
 
 @gpu
 def test_nccl_transport_one_rank(cupy_backend):
-    from spmd_moe.gpu_transport import NcclTransport, make
+    from spmd_moe.parallel.gpu_transport import NcclTransport, make
 
     transport = make(TransportChoice("nccl", "test"), cupy_backend)
     assert isinstance(transport, NcclTransport)
@@ -460,14 +461,14 @@ def test_nccl_transport_one_rank(cupy_backend):
 def test_mpi_cuda_only_where_the_library_says_so(cupy_backend):
     library = mpi_library()
     if not library.cuda_aware:
-        from spmd_moe.errors import ConfigError
-        from spmd_moe.transport import choose_transport
+        from spmd_moe.core.errors import ConfigError
+        from spmd_moe.parallel.transport import choose_transport
 
         with pytest.raises(ConfigError, match="not CUDA-aware"):
             choose_transport("mpi-cuda", "cupy", library, True)
         pytest.skip(f"MPI is not CUDA-aware ({library.cuda_reason}): device buffers must "
                     "never reach it")
-    from spmd_moe.gpu_transport import make
+    from spmd_moe.parallel.gpu_transport import make
 
     exercise_one_rank(cupy_backend, make(TransportChoice("mpi-cuda", "test"), cupy_backend))
 
@@ -476,7 +477,7 @@ def test_mpi_cuda_only_where_the_library_says_so(cupy_backend):
 
 @gpu
 def test_bench_layer_step_on_gpu(cupy_backend):
-    from spmd_moe.bench import LAYER_PHASES, BenchShape, run_layer_step
+    from spmd_moe.commands.bench import LAYER_PHASES, BenchShape, run_layer_step
 
     shape = BenchShape(seqs=2, seq_len=128, d_model=256, d_ff=512, heads=4, experts=4)
     result = run_layer_step(cupy_backend, shape, iters=2, warmup=1, peer="none")
@@ -492,8 +493,8 @@ def test_bench_layer_step_on_gpu(cupy_backend):
 @gpu
 @pytest.mark.parametrize("transport", ["mpi-host", "nccl"])
 def test_bench_transport_on_gpu(cupy_backend, transport):
-    from spmd_moe import gpu_transport
-    from spmd_moe.bench import BenchShape, run_transport
+    from spmd_moe.parallel import gpu_transport
+    from spmd_moe.commands.bench import BenchShape, run_transport
 
     moved = gpu_transport.make(TransportChoice(transport, "test"), cupy_backend)
     result = run_transport(MPI.COMM_SELF, cupy_backend, moved,

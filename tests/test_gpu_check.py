@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from spmd_moe import gpucheck
+from spmd_moe.tools import gpucheck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bin", "gpu-check")
@@ -257,7 +257,7 @@ def test_pytest_outcome(tmp_path):
 
 
 def test_decode_floor_is_the_one_plan_prints(capsys):
-    from spmd_moe.cli import main
+    from spmd_moe.commands.cli import main
 
     args = gpucheck.DECODE_CONFIG["gpu"]
     floor = gpucheck.decode_floor(args, 8, 4321.0)

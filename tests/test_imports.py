@@ -118,7 +118,7 @@ def _cycle_in(component: list[str], graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 30 and "spmd_moe.kernels.fused" in graph
+    assert len(graph) > 30 and "spmd_moe.backend.kernels.fused" in graph
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
@@ -143,10 +143,47 @@ def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
 def test_commands_take_shared_options_from_below():
     """bench, compare, generate and plot import no other command module (cli imports them)."""
     graph = import_graph()
-    commands = {"spmd_moe.cli", "spmd_moe.bench", "spmd_moe.compare", "spmd_moe.generate",
-                "spmd_moe.plot"}
-    for command in commands - {"spmd_moe.cli"}:
+    commands = {"spmd_moe.commands.cli", "spmd_moe.commands.bench", "spmd_moe.commands.compare",
+                "spmd_moe.commands.generate", "spmd_moe.commands.plot"}
+    for command in commands - {"spmd_moe.commands.cli"}:
         if command in graph:
             assert not graph[command] & commands, (command, graph[command] & commands)
-    assert "spmd_moe.command" in graph
-    assert not graph["spmd_moe.command"] & commands
+    assert "spmd_moe.commands.options" in graph
+    assert not graph["spmd_moe.commands.options"] & commands
+
+
+# The floors of the package, lowest first (docs/ARCHITECTURE.md's first table). A module
+# imports only modules of its own floor or of floors below it.
+FLOORS = ("core", "backend", "parallel", "model", "moe", "engine", "perf", "commands", "tools")
+
+
+def floor_of(module: str) -> int | None:
+    """The floor index of ``spmd_moe.<floor>...`` (None for the package root modules)."""
+    parts = module.split(".")
+    return FLOORS.index(parts[1]) if len(parts) > 1 and parts[1] in FLOORS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((module, target) for module, targets in graph.items()
+                  for target in targets
+                  if floor_of(module) is not None and floor_of(target) is not None
+                  and floor_of(target) > floor_of(module))
+
+
+def test_every_module_lives_on_a_floor():
+    """Only the package's own __init__ and __main__ sit outside the floors."""
+    graph = import_graph()
+    loose = sorted(m for m in graph if floor_of(m) is None)
+    assert loose == ["spmd_moe", "spmd_moe.__main__"], loose
+    assert {m.split(".")[1] for m in graph if floor_of(m) is not None} == set(FLOORS)
+
+
+def test_no_floor_imports_a_higher_one():
+    found = upward_imports(import_graph())
+    assert not found, "upward imports: " + "; ".join(f"{a} -> {b}" for a, b in found)
+
+
+def test_the_floor_check_names_an_upward_import():
+    graph = {"spmd_moe.core.config": {"spmd_moe.engine.runner"},
+             "spmd_moe.engine.runner": {"spmd_moe.core.config"}}
+    assert upward_imports(graph) == [("spmd_moe.core.config", "spmd_moe.engine.runner")]

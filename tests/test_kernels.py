@@ -31,12 +31,13 @@ import numpy as np
 import pytest
 
 import hf_fixtures as hf
-from spmd_moe import kernels
-from spmd_moe.backend import BF16, F32
-from spmd_moe.kernels import schedule as sch
-from spmd_moe.kernels import compile as kernel_compile
-from spmd_moe.kernels.compile import KERNEL_DIR, SOURCES, compile_source, entry_points, source
-from spmd_moe.kernels.fused import FusedKernels
+from spmd_moe.backend import kernels
+from spmd_moe.backend.array import BF16, F32
+from spmd_moe.backend.kernels import schedule as sch
+from spmd_moe.backend.kernels import compile as kernel_compile
+from spmd_moe.backend.kernels.compile import (KERNEL_DIR, SOURCES, compile_source, entry_points,
+                                              source)
+from spmd_moe.backend.kernels.fused import FusedKernels
 
 ARCHS = ("sm_90a", "sm_80")
 
@@ -254,7 +255,7 @@ def test_numpy_backend_gets_no_kernels(monkeypatch):
 
 
 def test_no_device_is_a_reason_not_a_crash(monkeypatch):
-    from spmd_moe.backend import probe_cupy
+    from spmd_moe.backend.array import probe_cupy
 
     if probe_cupy()[0] is not None:
         pytest.skip("a CUDA device is usable here")
@@ -418,7 +419,7 @@ def emulate_attention_combine(part_o, part_lse, combine, out, heads, head_dim, b
 
 
 def emulate_gelu(x, n):
-    from spmd_moe.backend import erfc_numpy
+    from spmd_moe.backend.array import erfc_numpy
 
     flat = x.reshape(-1)[:n]
     xf = flat.astype(np.float32)
@@ -428,7 +429,7 @@ def emulate_gelu(x, n):
 def emulate_swiglu(gate, up, out, n):
     """out = silu(gate) * up in float32, rounded once to out's dtype: experts.silu's
     operations (NumPy's exp for CUDA's expf, the only difference on the GPU)."""
-    from spmd_moe.experts import silu
+    from spmd_moe.moe.experts import silu
 
     assert all(address(a) % 16 == 0 for a in (gate, up, out)), "vector loads need 16 bytes"
     g, u = gate.reshape(-1)[:n].astype(np.float32), up.reshape(-1)[:n].astype(np.float32)
@@ -480,7 +481,7 @@ def emulate_qk_norm_rope(kind, q, k, q_gain, k_gain, positions, sums, n, heads, 
                          head_dim, q_width, kv_width, eps, theta):
     """rowwise.cu's qk_norm_rope on q (grid.y 0) and k (grid.y 1), in place; its angles,
     cos and sin are model.rope_tables' (float64, rounded to float32)."""
-    from spmd_moe.model import rope_tables
+    from spmd_moe.model.blocks import rope_tables
 
     half = head_dim // 2
     c, sn = rope_tables(SimpleNamespace(xp=np), np.asarray(positions)[:n], head_dim,
@@ -504,8 +505,8 @@ def emulate_qk_norm_rope(kind, q, k, q_gain, k_gain, positions, sums, n, heads, 
 
 
 def emulate_router_topk(logits, experts, weights, n, n_experts, top_k, renormalize):
-    from spmd_moe.backend import Backend, BackendChoice
-    from spmd_moe.router import route
+    from spmd_moe.backend.array import Backend, BackendChoice
+    from spmd_moe.moe.router import route
 
     bk = Backend(BackendChoice("numpy", "emulation"), "float32")
     identity = np.eye(n_experts, dtype=np.float32)
@@ -1015,7 +1016,7 @@ def poisoned(xp, shape, dtype):
 
 
 def reference_ffn(x, w1, w2):
-    from spmd_moe.backend import erfc_numpy
+    from spmd_moe.backend.array import erfc_numpy
 
     h = x.astype(np.float64) @ w1.astype(np.float64)
     return (0.5 * h * erfc_numpy(-h / np.sqrt(2))) @ w2.astype(np.float64)
@@ -1173,7 +1174,7 @@ def test_expert_ffn_matches_float64(device, dtype, out_dtype, n_rows, d, d_ff, m
 
 
 def reference_swiglu_ffn(x, w1, w2, w3):
-    from spmd_moe.experts import silu
+    from spmd_moe.moe.experts import silu
 
     gate = x.astype(np.float64) @ w1.astype(np.float64)
     up = x.astype(np.float64) @ w3.astype(np.float64)
@@ -1212,8 +1213,8 @@ def test_swiglu_expert_ffn_rounds_where_the_numpy_path_does(device, dtype, out_d
     product rounded once): bit for bit on the fake device, whose GEMMs and SwiGLU pass are
     that arithmetic; on the GPU within what cuBLAS's summation order and CUDA's expf (2
     ulp) leave, far below one bf16 rounding of the gate or up projections."""
-    from spmd_moe.backend import Backend, BackendChoice
-    from spmd_moe.experts import expert_ffn
+    from spmd_moe.backend.array import Backend, BackendChoice
+    from spmd_moe.moe.experts import expert_ffn
 
     xp, fused = device
     rng = np.random.default_rng(11)
@@ -1237,7 +1238,7 @@ def test_swiglu_pass_matches_the_numpy_product(device, dtype, n):
     """The elementwise pass alone (vector body and tail): silu(gate) * up from float32
     gate and up, rounded once. The fake device is the formula; the GPU's expf may differ
     from NumPy's exp by an ulp or two, which moves a bf16 rounding only at a tie."""
-    from spmd_moe.experts import silu
+    from spmd_moe.moe.experts import silu
 
     xp, fused = device
     rng = np.random.default_rng(n)
@@ -1312,7 +1313,7 @@ def test_permutation_matches_numpy(device, dtype, n_tokens, d, top_k):
 # --- the row-wise kernels: against the generic array code and float64 -------------------
 
 def generic_backend(dtype):
-    from spmd_moe.backend import Backend, BackendChoice
+    from spmd_moe.backend.array import Backend, BackendChoice
 
     return Backend(BackendChoice("numpy", "test"), "bfloat16" if dtype == BF16 else "float32")
 
@@ -1333,7 +1334,7 @@ def rms64(x, gain, eps, axis_width=None):
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=dtype_id)
 @pytest.mark.parametrize("n_rows,d", [(37, 32), (5, 4096), (3, 11), (0, 8), (300, 6)])
 def test_rms_norm_kernels_match_the_generic_code_and_float64(device, dtype, n_rows, d):
-    from spmd_moe import model
+    from spmd_moe.model import blocks as model
 
     xp, fused = device
     rng = np.random.default_rng(n_rows + d)
@@ -1374,7 +1375,7 @@ def test_qk_norm_rope_matches_the_generic_code_and_float64(device, dtype, kind, 
                                                            kv_heads, head_dim):
     """One launch for q and k: each family's q/k norm (``summed``: OLMoE's whole-projection
     norm under TP, from the group's square sums), then RoPE at positions up to 10^4."""
-    from spmd_moe import model
+    from spmd_moe.model import blocks as model
 
     xp, fused = device
     rng = np.random.default_rng(n * heads + head_dim)
@@ -1417,7 +1418,7 @@ def test_router_kernel_matches_the_generic_code_and_float64(device, n, n_experts
                                                             renormalize):
     """Softmax, k rounds of argmax with ties to the lower expert, renormalised or not; the
     winners exactly the generic code's (exact ties included), weights to float32 rounding."""
-    from spmd_moe.router import route
+    from spmd_moe.moe.router import route
 
     xp, fused = device
     rng = np.random.default_rng(n + n_experts)
@@ -1468,7 +1469,7 @@ def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so():
 
 @pytest.mark.gpu
 def test_cupy_backend_attaches_the_kernels(monkeypatch):
-    from spmd_moe.backend import Backend, choose_backend
+    from spmd_moe.backend.array import Backend, choose_backend
 
     monkeypatch.delenv("SPMD_MOE_KERNELS", raising=False)
     backend = Backend(choose_backend("cupy"), "bfloat16")
@@ -1481,7 +1482,7 @@ def test_cupy_backend_attaches_the_kernels(monkeypatch):
 def fake_backend(dtype: str = "float32"):
     """A NumPy backend carrying the fake device's FusedKernels (as attach() would give a
     CuPy one), whose launch code the engine then runs (HostFusedKernels)."""
-    from spmd_moe.backend import Backend, BackendChoice
+    from spmd_moe.backend.array import Backend, BackendChoice
 
     bk = Backend(BackendChoice("numpy", "test"), dtype)
     bk.kernels = HostFusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10,
@@ -1507,7 +1508,7 @@ def test_unsupported_head_dim_leaves_only_attention_to_the_generic_code():
 
 
 def family_reason(model) -> tuple[object, str]:
-    from spmd_moe.engine import fit_kernels_to_family
+    from spmd_moe.engine.engine import fit_kernels_to_family
 
     bk = fake_backend()
     fit_kernels_to_family(bk, model)
@@ -1520,8 +1521,8 @@ def family_reason(model) -> tuple[object, str]:
 def test_every_family_runs_fused_and_says_so():
     from dataclasses import replace
 
-    from spmd_moe.checkpoint import checkpoint_run_config
-    from spmd_moe.config import build_run_config
+    from spmd_moe.model.checkpoint import checkpoint_run_config
+    from spmd_moe.core.config import build_run_config
 
     spec = build_run_config("tiny").model
     fused, reason = family_reason(spec)
@@ -1582,8 +1583,8 @@ def run_on_fake_device(monkeypatch, config, batch, decode_tokens=0, eos=None, la
     (outputs, kernel launches)."""
     from mpi4py import MPI
 
-    from spmd_moe import runner
-    from spmd_moe.testing import run_layout
+    from spmd_moe.engine import runner
+    from spmd_moe.engine.testing import run_layout
 
     made = []
 
@@ -1629,9 +1630,9 @@ def test_grouped_query_spec_model_through_the_fused_launch_code(monkeypatch, kv_
     experts, prefill and decode, against the generic NumPy path."""
     from mpi4py import MPI
 
-    from spmd_moe.config import build_run_config
-    from spmd_moe.data import synthetic_input
-    from spmd_moe.testing import run_layout
+    from spmd_moe.core.config import build_run_config
+    from spmd_moe.model.inputs import synthetic_input
+    from spmd_moe.engine.testing import run_layout
 
     config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3", "n_heads=8",
                                             "d_head=16", f"n_kv_heads={kv_heads}",

@@ -3,10 +3,10 @@ micro-batches write them in, and a query sees its sequence's keys up to itself."
 import numpy as np
 import pytest
 
-from spmd_moe.backend import Backend, choose_backend
-from spmd_moe.costs import kv_cache_bytes
-from spmd_moe.kv_cache import KVCache
-from spmd_moe.model import pack
+from spmd_moe.backend.array import Backend, choose_backend
+from spmd_moe.core.costs import kv_cache_bytes
+from spmd_moe.model.kv_cache import KVCache
+from spmd_moe.model.blocks import pack
 
 
 def backend():

@@ -16,11 +16,11 @@ from mpi4py import MPI
 
 import hf_fixtures as hf
 from launch_count import counting
-from spmd_moe import perfmodel
-from spmd_moe.cluster import DEFAULT_RATES
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.testing import run_layout
+from spmd_moe.perf import perfmodel
+from spmd_moe.perf.cluster import DEFAULT_RATES
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.engine.testing import run_layout
 
 COMPUTE = ("attention", "router", "permute", "experts", "unpermute", "residual")
 
@@ -93,9 +93,9 @@ def test_each_family_s_launches_match_the_model(monkeypatch, name):
 def test_the_model_s_gpu_layer_is_the_counted_one():
     """layer_compute charges gpu_layer_ops' counts (x op_us) on the GPU, whatever the
     device work: a layer with no tokens costs exactly its launches."""
-    from spmd_moe.config import Layout
-    from spmd_moe.perfmodel import layer_compute, rank_shape
-    from spmd_moe.topology import Grid
+    from spmd_moe.core.config import Layout
+    from spmd_moe.perf.perfmodel import layer_compute, rank_shape
+    from spmd_moe.core.topology import Grid
 
     config = build_run_config("tiny", sets=["n_experts=4", "top_k=2"])
     grid = Grid(Layout.parse("ep=2", 2), config.model, 0)

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from spmd_moe.backend import Backend, BackendChoice, erfc_numpy
-from spmd_moe.model import (apply_rope, causal_attention, pack, qk_norm, rms_norm, qk_square_sums,
-                            rms_norm_sharded, rope_tables)
+from spmd_moe.backend.array import Backend, BackendChoice, erfc_numpy
+from spmd_moe.model.blocks import (apply_rope, causal_attention, pack, qk_norm, rms_norm,
+                                   qk_square_sums, rms_norm_sharded, rope_tables)
 
 
 def bk(dtype="float32"):
@@ -191,7 +191,7 @@ def test_bf16_matmul_accumulates_in_float32():
 
 
 def test_blas_threads_are_shared_among_the_node_s_ranks(monkeypatch):
-    from spmd_moe.host import BLAS_THREAD_ENV, share_blas_threads
+    from spmd_moe.backend.host import BLAS_THREAD_ENV, share_blas_threads
 
     for name in BLAS_THREAD_ENV:
         monkeypatch.delenv(name, raising=False)

@@ -4,8 +4,8 @@ back in order, and what counts as in flight, exposed and hidden."""
 import numpy as np
 import pytest
 
-from spmd_moe.backend import Backend, choose_backend
-from spmd_moe.overlap import CHECKPOINT, Flight, run_pass, run_passes
+from spmd_moe.backend.array import Backend, choose_backend
+from spmd_moe.parallel.overlap import CHECKPOINT, Flight, run_pass, run_passes
 
 
 class Request:

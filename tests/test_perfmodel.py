@@ -12,14 +12,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from spmd_moe.cluster import (CLUSTERS, DEFAULT_RATES, cluster_from_dict, load_cluster, load_rates,
-                              rates_from_dict)
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.costs import plan_costs
-from spmd_moe.errors import ConfigError, LayoutError
-from spmd_moe.perfmodel import (PAPER_CLAIMS, _pipeline, _StagePass, against_report,
-                                allreduce_time, alltoallv_time, bytes_per_micro_batch,
-                                exposed_comm, measured_imbalance, predict, predict_paper)
+from spmd_moe.perf.cluster import (CLUSTERS, DEFAULT_RATES, cluster_from_dict, load_cluster,
+                                   load_rates, rates_from_dict)
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.core.costs import plan_costs
+from spmd_moe.core.errors import ConfigError, LayoutError
+from spmd_moe.perf.perfmodel import (PAPER_CLAIMS, _pipeline, _StagePass, against_report,
+                                     allreduce_time, alltoallv_time, bytes_per_micro_batch,
+                                     exposed_comm, measured_imbalance, predict, predict_paper)
 
 H100 = CLUSTERS["h100-ib"]
 PAPER = build_run_config("paper")
@@ -135,7 +135,7 @@ def test_two_in_flight_fill_a_pipeline_at_half_speed():
 
 
 def test_overlap_pays_rule():
-    from spmd_moe.chunks import overlap_pays
+    from spmd_moe.core.chunks import overlap_pays
 
     assert overlap_pays(2, 1, 4) and not overlap_pays(1, 1, 4) and not overlap_pays(8, 1, 1)
     assert overlap_pays(136, 16, 16) and not overlap_pays(45, 16, 16)

@@ -8,12 +8,12 @@ import pytest
 from mpi4py import MPI
 from test_cli import spmd_moe
 
-from spmd_moe import cli, plot
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.report import build_report
-from spmd_moe.runner import open_session, run_decode, run_prefill, trace_session
-from spmd_moe.trace import Tracer
+from spmd_moe.commands import cli, plot
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.commands.report import build_report
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
+from spmd_moe.core.trace import Tracer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -140,7 +140,7 @@ def test_the_output_path_is_checked_before_plotting(reports, tmp_path, capsys):
 
 
 def test_report_json_keeps_number_lists_on_one_line(reports):
-    from spmd_moe.report import report_json
+    from spmd_moe.commands.report import report_json
 
     report = json.loads(reports["decode"].read_text())
     text = report_json(report)

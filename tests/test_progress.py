@@ -11,7 +11,7 @@ import sys
 import pytest
 from test_cli import spmd_moe
 
-from spmd_moe.progress import LINE_INTERVAL, Progress, Reporter, choose_mode
+from spmd_moe.core.progress import LINE_INTERVAL, Progress, Reporter, choose_mode
 
 
 class Stream:

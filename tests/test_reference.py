@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from spmd_moe.config import build_run_config
-from spmd_moe.reference import reference_forward
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.reference import reference_forward
 
 MODEL = build_run_config("tiny", sets=["dtype=float32"]).model
 
@@ -53,21 +53,21 @@ def test_the_reference_does_not_borrow_the_engines_weights():
     import ast
     import inspect
 
-    from spmd_moe import reference
+    from spmd_moe.model import reference
 
     tree = ast.parse(inspect.getsource(reference))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names}
-    assert not imported & {"weights", "backend", "spmd_moe.weights", "spmd_moe.backend"}, \
-        imported
+    assert not imported & {"weights", "backend", "backend.array", "spmd_moe.model.weights",
+                           "spmd_moe.backend.array"}, imported
 
 
 def test_the_two_derivations_of_spec_weights_agree():
     # reference.spec_weight (the SPEC's table, written out) and weights.generate (what the
     # engine draws) give the same numbers for every family, in both dtypes.
-    from spmd_moe.reference import spec_weight
-    from spmd_moe.weights import WeightSource
+    from spmd_moe.model.reference import spec_weight
+    from spmd_moe.model.weights import WeightSource
 
     for dtype in ("float32", "bfloat16"):
         model = build_run_config("tiny", sets=[f"dtype={dtype}"]).model
@@ -91,9 +91,9 @@ def test_a_wrong_scale_in_the_engine_is_caught_by_the_reference(family, monkeypa
     patched wherever it is used, as an edit of its source would be."""
     from mpi4py import MPI
 
-    from spmd_moe import reference, weights
-    from spmd_moe.data import synthetic_input
-    from spmd_moe.testing import check_against_reference, reference_for, run_layout
+    from spmd_moe.model import reference, weights
+    from spmd_moe.model.inputs import synthetic_input
+    from spmd_moe.engine.testing import check_against_reference, reference_for, run_layout
 
     if family == "norms":
         gain = weights.WeightSource.gain

@@ -1,8 +1,8 @@
 """Top-k routing: the k largest probabilities, ties to the lower expert index."""
 import numpy as np
 
-from spmd_moe.backend import Backend, BackendChoice
-from spmd_moe.router import route
+from spmd_moe.backend.array import Backend, BackendChoice
+from spmd_moe.moe.router import route
 
 
 def bk():

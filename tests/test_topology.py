@@ -1,9 +1,9 @@
 """Grid arithmetic for grouped-query attention under TP: which K/V heads a rank holds."""
 import pytest
 
-from spmd_moe.config import Layout, ModelConfig
-from spmd_moe.errors import LayoutError
-from spmd_moe.topology import Grid
+from spmd_moe.core.config import Layout, ModelConfig
+from spmd_moe.core.errors import LayoutError
+from spmd_moe.core.topology import Grid
 
 MODEL = ModelConfig(vocab_size=10, d_model=48, n_heads=12, n_layers=2, n_experts=4, d_ff=24,
                     n_kv_heads=4)

@@ -15,12 +15,12 @@ import pytest
 from mpi4py import MPI
 from test_cli import spmd_moe
 
-from spmd_moe.backend import Backend, choose_backend
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.runner import open_session, run_decode, run_prefill, trace_session
-from spmd_moe.trace import (SLOT_TID, SPANS_PER_LAYER, STAGE_TID, SpanContext, Tracer,
-                            chrome_json)
+from spmd_moe.backend.array import Backend, choose_backend
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
+from spmd_moe.core.trace import (SLOT_TID, SPANS_PER_LAYER, STAGE_TID, SpanContext, Tracer,
+                                 chrome_json)
 
 
 def check_chrome_trace(data: dict) -> list[dict]:
@@ -257,7 +257,7 @@ def test_gpu_spans_are_event_durations_placed_by_the_reference_event():
     device whose clock runs 1000 s away from the host's)."""
     from types import SimpleNamespace
 
-    from spmd_moe.backend import PhaseTimer
+    from spmd_moe.backend.array import PhaseTimer
 
     device_now = [1000.0]
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe import gpu_transport
-from spmd_moe.backend import BF16, Backend, choose_backend
-from spmd_moe.errors import ConfigError
-from spmd_moe.gpu_transport import (CudaAwareMpiTransport, DeviceArray, HostArrayOps,
-                                    NcclTransport, PinnedHostMpiTransport, PinnedStaging,
-                                    make_transport)
-from spmd_moe.transport import (CUDA_AWARE_ENV, TRANSPORTS, HostMpiTransport, MpiLibrary,
-                                TransportChoice, choose_transport, mpi_library,
-                                query_cuda_support)
+from spmd_moe.parallel import gpu_transport
+from spmd_moe.backend.array import BF16, Backend, choose_backend
+from spmd_moe.core.errors import ConfigError
+from spmd_moe.parallel.gpu_transport import (CudaAwareMpiTransport, DeviceArray, HostArrayOps,
+                                             NcclTransport, PinnedHostMpiTransport, PinnedStaging,
+                                             make_transport)
+from spmd_moe.parallel.transport import (CUDA_AWARE_ENV, TRANSPORTS, HostMpiTransport, MpiLibrary,
+                                         TransportChoice, choose_transport, mpi_library,
+                                         query_cuda_support)
 
 AWARE = MpiLibrary("Test MPI", "/fake/libmpi.so", True, "MPIX_Query_cuda_support() = 1")
 UNAWARE = MpiLibrary("Test MPI", "/fake/libmpi.so", False, "MPIX_Query_cuda_support() = 0")

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from spmd_moe.report import slow_iterations
-from spmd_moe.watchdog import EXIT_STALL, Watchdog, ranks_text
+from spmd_moe.commands.report import slow_iterations
+from spmd_moe.parallel.watchdog import EXIT_STALL, Watchdog, ranks_text
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 
@@ -319,7 +319,7 @@ def test_a_line_on_stderr_is_one_write(monkeypatch):
     # CI once saw "iteration 2/200: 1297.1 msspmd-moe: error: interrupted ...": print wrote
     # the progress text, the interrupt arrived before its newline, and the error line was
     # glued on. say() hands stderr the whole line at once.
-    from spmd_moe.errors import say
+    from spmd_moe.core.errors import say
 
     class Recorder:
         def __init__(self):

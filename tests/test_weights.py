@@ -5,10 +5,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from spmd_moe.backend import Backend, BackendChoice
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.topology import Grid
-from spmd_moe.weights import build_weights, generate
+from spmd_moe.backend.array import Backend, BackendChoice
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.core.topology import Grid
+from spmd_moe.model.weights import build_weights, generate
 
 
 def spec_tensor(seed, name, shape, scale, dtype):

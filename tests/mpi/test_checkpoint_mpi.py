@@ -12,11 +12,11 @@ import pytest
 from mpi4py import MPI
 
 import hf_fixtures as hf
-from spmd_moe.checkpoint import Checkpoint, checkpoint_run_config
-from spmd_moe.config import Layout
-from spmd_moe.errors import LayoutError
-from spmd_moe.runner import open_session, run_decode, run_prefill
-from spmd_moe.testing import relative_error
+from spmd_moe.model.checkpoint import Checkpoint, checkpoint_run_config
+from spmd_moe.core.config import Layout
+from spmd_moe.core.errors import LayoutError
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill
+from spmd_moe.engine.testing import relative_error
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
@@ -75,7 +75,7 @@ def test_layout_matches_transformers(name, layout):
 
 @pytest.mark.mpi(min_size=2)
 def test_compare_runs_a_checkpoint_in_both_deployments():
-    from spmd_moe.compare import run_compare
+    from spmd_moe.commands.compare import run_compare
 
     config, batch, want, _ = hf.setup("olmoe")
     result = run_compare(config, WORLD, batch)

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.chunks import overlap_pays
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.errors import LayoutError
-from spmd_moe.reference import reference_generate
-from spmd_moe.report import build_report
-from spmd_moe.runner import open_session, run_decode, run_prefill
-from spmd_moe.testing import check_against_reference, reference_for
-from spmd_moe.topology import Grid
+from spmd_moe.core.chunks import overlap_pays
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.core.errors import LayoutError
+from spmd_moe.model.reference import reference_generate
+from spmd_moe.commands.report import build_report
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill
+from spmd_moe.engine.testing import check_against_reference, reference_for
+from spmd_moe.core.topology import Grid
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
@@ -145,8 +145,8 @@ def test_every_wait_of_an_overlapped_run_is_one_the_watchdog_sees(layout, monkey
     wait_first, the pipeline's drain, the returned tokens) happens while the rank is marked
     waiting (runner.WAIT_PHASES or watchdog.waiting): a stalled peer is then named by the
     watchdog, with two micro-batches in flight too."""
-    from spmd_moe import transport
-    from spmd_moe.watchdog import Watchdog
+    from spmd_moe.parallel import transport
+    from spmd_moe.parallel.watchdog import Watchdog
 
     dog = Watchdog(None, 0)
     unseen = []

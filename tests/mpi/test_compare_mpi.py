@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.compare import RunOptions, default_baseline_layout, default_ep_layout, run_compare
-from spmd_moe.config import build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.errors import LayoutError
-from spmd_moe.testing import check_against_reference, reference_for
+from spmd_moe.commands.compare import (RunOptions, default_baseline_layout, default_ep_layout,
+                                       run_compare)
+from spmd_moe.core.config import build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.core.errors import LayoutError
+from spmd_moe.engine.testing import check_against_reference, reference_for
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
@@ -21,7 +22,7 @@ NUMPY = RunOptions(backend="numpy")
 def halves(monkeypatch):
     """Each deployment's outputs (rank 0), as run_compare runs them: the comparison of the
     two halves is checked by the tests, each half against the reference here."""
-    from spmd_moe import compare
+    from spmd_moe.commands import compare
 
     captured = []
     original = compare.run_deployment
@@ -44,7 +45,7 @@ def check_halves(halves, config, batch, dtype="float32", new_tokens=0):
     for outputs in halves:
         check_against_reference(outputs, reference, dtype)
         if new_tokens:
-            from spmd_moe.reference import reference_generate
+            from spmd_moe.model.reference import reference_generate
 
             want = reference_generate(config.model, batch.ids, batch.mask, new_tokens,
                                       config.seed)
@@ -130,7 +131,7 @@ def test_a_deployment_matches_the_reference():
     """run_deployment (each half of a comparison) gives the single-process reference's
     outputs, so agreement between the two halves means both are right."""
     config, batch = setup()
-    from spmd_moe.compare import run_deployment
+    from spmd_moe.commands.compare import run_deployment
 
     ep = default_ep_layout(config.model, SIZE)
     outputs, report = run_deployment(config, WORLD, batch, ep, NUMPY)

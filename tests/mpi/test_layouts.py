@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.config import Layout, build_run_config
-from spmd_moe.data import synthetic_input
-from spmd_moe.errors import LayoutError
-from spmd_moe.reference import reference_generate
-from spmd_moe.testing import check_against_reference, reference_for, run_layout
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.core.errors import LayoutError
+from spmd_moe.model.reference import reference_generate
+from spmd_moe.engine.testing import check_against_reference, reference_for, run_layout
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
@@ -133,9 +133,9 @@ def test_micro_batches_change_the_schedule_not_the_result(layout):
     """--micro-batches M, or chunks (--chunk-tokens, or the default): the report counts the
     stage passes the engine ran (M, or the chunk schedule's count: not the config's), gives
     each stage's idle time (none for the first), and the outputs stay the reference's."""
-    from spmd_moe.report import build_report
-    from spmd_moe.runner import open_session, run_prefill
-    from spmd_moe.testing import relative_error
+    from spmd_moe.commands.report import build_report
+    from spmd_moe.engine.runner import open_session, run_prefill
+    from spmd_moe.engine.testing import relative_error
 
     pp = Layout.parse(layout, SIZE).pp
     outputs = {}

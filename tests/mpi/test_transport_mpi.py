@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.backend import BF16, Backend, choose_backend
-from spmd_moe.gpu_transport import (CudaAwareMpiTransport, HostArrayOps, NcclTransport,
-                                    PinnedHostMpiTransport, host_view)
-from spmd_moe.transport import HostMpiTransport, MpiLibrary
+from spmd_moe.backend.array import BF16, Backend, choose_backend
+from spmd_moe.parallel.gpu_transport import (CudaAwareMpiTransport, HostArrayOps, NcclTransport,
+                                             PinnedHostMpiTransport, host_view)
+from spmd_moe.parallel.transport import HostMpiTransport, MpiLibrary
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()

@@ -1,0 +1,493 @@
+"""Hugging Face model directories (SPEC §8): config.json, safetensors weights (one file, or
+shards listed in model.safetensors.index.json), generation_config.json; read rank-locally.
+
+Reading. A safetensors file is 8 bytes of little-endian header length, a JSON header (per
+tensor: dtype, shape, data offsets) and the raw little-endian data. Every rank reads the
+headers of every file first (small), checks that each tensor the model needs is there with
+the right shape and a float dtype, and only then maps the files (``numpy.memmap``) and
+copies out the slices it owns: its stage's layers, its experts, its heads and F columns
+under TP, the embedding on the first stage, the LM head on the last. Nothing else is
+touched, so on a shared filesystem each rank reads its share. Tensors stay in the
+checkpoint's dtype (bfloat16 through ml_dtypes) up to the backend, which on a GPU copies
+them to the device as they are; a run in another dtype converts on load.
+
+The ``safetensors`` package's numpy API (``safe_open``) copies whole tensors or slices into
+new arrays and, in older releases, has no bfloat16; the header is simple enough to read
+here, which gives memory-mapped views, header-first checks over all shards, and the bytes
+each rank reads. Writing (``spmd-moe export``) uses the package.
+
+Errors a user can cause (missing file or tensor, wrong shape or dtype, a shard the index
+names but that is absent, a truncated file) raise InputError naming the tensor and file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..backend.array import BF16, Backend
+from ..backend.array import storage_dtype
+from ..core.config import (ALIASES, DTYPE_ALIASES, DTYPES, MODEL_FIELDS, RunConfig, WorkloadConfig,
+                           apply_settings, parse_set)
+from ..core.errors import ConfigError, InputError
+from .families import checkpoint_tensors, hf_config, model_config_from_hf, tensor_location
+from ..core.topology import Grid
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"
+# Float dtypes we load (converted to the run's dtype when it differs); anything else
+# (integers, float8, quantised blocks) is refused.
+FLOAT_DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+                "F64": np.dtype("<f8")}
+SAFETENSORS_NAMES = {BF16: "BF16", np.dtype(np.float32): "F32"}
+HEADER_LIMIT = 100 << 20   # the format's own bound on the JSON header
+# Settings a run may change on top of a checkpoint's config.json (the rest is the model).
+MODEL_OVERRIDES = ("dtype", "max_seq_len")
+
+
+# --- config.json and generation_config.json ------------------------------------------
+
+def _read_json(path: str, field_name: str) -> Any:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise InputError(field_name, f"{path} does not exist") from None
+    except OSError as exc:
+        raise InputError(field_name, f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(field_name, f"{path} is not valid JSON: {exc}") from None
+
+
+def read_hf_config(directory: str) -> dict:
+    """config.json of a model directory, as a dict (``--model`` named on failure)."""
+    if not os.path.isdir(directory):
+        raise InputError("--model", f"{directory} is not a directory")
+    data = _read_json(os.path.join(directory, CONFIG_FILE), "--model")
+    if not isinstance(data, dict):
+        raise InputError("--model", f"{os.path.join(directory, CONFIG_FILE)} must hold a "
+                                    "JSON object")
+    return data
+
+
+def checkpoint_run_config(directory: str, sets: list[str] | None = None,
+                          **overrides: Any) -> RunConfig:
+    """The RunConfig of ``--model DIR``: the model from config.json (nothing else is read),
+    the workload from ``--set`` and keyword overrides; validated. Model fields other than
+    ``dtype`` and ``max_seq_len`` are the checkpoint's and refused as overrides."""
+    settings = parse_set(sets or [])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    for key in settings:
+        canonical = ALIASES.get(key, key)
+        if key == "init":
+            raise ConfigError("--init", "weights come from --model")
+        if canonical in MODEL_FIELDS and canonical not in MODEL_OVERRIDES:
+            raise ConfigError(f"--set {key}", f"fixed by {os.path.join(directory, CONFIG_FILE)}"
+                                              f" under --model (only "
+                                              f"{', '.join(MODEL_OVERRIDES)} and the workload "
+                                              "may be set)")
+    dtype = None
+    for key in [k for k in settings if ALIASES.get(k, k) == "dtype"]:
+        value = settings.pop(key)
+        dtype = DTYPE_ALIASES.get(str(value).lower())
+        if dtype is None:
+            raise ConfigError("dtype", f"{value!r} is not one of {', '.join(DTYPES)}")
+    model = model_config_from_hf(read_hf_config(directory), dtype)
+    base = RunConfig(model, WorkloadConfig(), checkpoint=directory)
+    return apply_settings(base, settings).validate()
+
+
+def eos_token_ids(directory: str) -> list[int]:
+    """The checkpoint's end-of-sequence ids: generation_config.json's ``eos_token_id``,
+    else config.json's (an int or a list); empty when neither names one."""
+    for name in (GENERATION_FILE, CONFIG_FILE):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        value = _read_json(path, "--model").get("eos_token_id")
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise InputError(f"{name} eos_token_id", f"{value!r} must be a token id or a "
+                                                     "list of them")
+        return [int(v) for v in values]
+    return []
+
+
+# --- safetensors headers ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are (absolute offsets)."""
+
+    name: str
+    file: str
+    dtype: str           # safetensors' name: BF16, F32, ...
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: str) -> dict[str, TensorEntry]:
+    """The tensors of one safetensors file, from its header alone (checked against the
+    file's size, so a truncated file is caught before any data is read)."""
+    label = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise InputError(label, f"{path} is too short to be a safetensors file")
+            length = int.from_bytes(prefix, "little")
+            if length > HEADER_LIMIT or 8 + length > size:
+                raise InputError(label, f"{path}: header length {length} does not fit the "
+                                        f"file ({size} bytes); not a safetensors file?")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise InputError(label, f"{path} does not exist") from None
+    except OSError as exc:
+        raise InputError(label, f"cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(label, f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(label, f"{path}: header must be a JSON object")
+    start, entries = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = str(info["dtype"]), tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"tensor {name}", f"malformed header entry in {path}") from None
+        if not 0 <= begin <= end or start + end > size:
+            raise InputError(f"tensor {name}", f"data offsets [{begin}, {end}) run past the "
+                                               f"end of {path} ({size} bytes): truncated?")
+        itemsize = FLOAT_DTYPES[dtype].itemsize if dtype in FLOAT_DTYPES else None
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise InputError(f"tensor {name}", f"{path}: {end - begin} bytes for shape "
+                                               f"{list(shape)} of {dtype}")
+        entries[name] = TensorEntry(name, path, dtype, shape, start + begin, start + end)
+    return entries
+
+
+# --- a model directory -----------------------------------------------------------------
+
+def shard_path(directory: str, shard: str) -> str:
+    """The path of shard ``shard`` named by the index of model directory ``directory``.
+
+    A shard is a plain file name of the model directory: no separator, no ``..``, no
+    absolute path, no control character; and once symlinks are resolved it still lies
+    inside the directory. Refused (InputError naming the index) before anything is opened,
+    so an index can never make a rank read a file outside its model directory."""
+    label = f"{INDEX_FILE} weight_map"
+    plain = (shard and shard not in (".", "..") and "/" not in shard and "\\" not in shard
+             and not os.path.isabs(shard) and all(ord(c) >= 32 and c != "\x7f" for c in shard))
+    if not plain:
+        raise InputError(label, f"shard {shard!r} is not a plain file name of {directory}")
+    path = os.path.join(directory, shard)
+    if not resolves_inside(directory, path):
+        raise InputError(label, f"shard {shard!r} resolves to a file outside {directory}")
+    return path
+
+
+def resolves_inside(directory: str, path: str) -> bool:
+    """Whether ``path``, symlinks resolved, is a file of model directory ``directory``.
+
+    The one allowance is the Hugging Face hub cache, where a snapshot's files are links
+    into the same repository's blob store (``<repo>/snapshots/<rev>/f -> ../../blobs/<h>``):
+    for a directory ``<repo>/snapshots/<rev>``, a file of ``<repo>/blobs`` counts as inside."""
+    target = os.path.dirname(os.path.realpath(path))
+    root = os.path.realpath(directory)
+    if target == root:
+        return True
+    snapshots = os.path.dirname(root)
+    return (os.path.basename(snapshots) == "snapshots"
+            and target == os.path.join(os.path.dirname(snapshots), "blobs"))
+
+
+@dataclass
+class LoadStats:
+    """What one rank read: bytes of tensor data copied out of the mapped files, the time
+    it took (headers, checks and copies to the backend), and the files it touched."""
+
+    bytes_read: int = 0
+    seconds: float = 0.0
+    files: set[str] = field(default_factory=set)
+
+
+class Checkpoint:
+    """The safetensors files of a model directory, by header (no data read yet).
+
+    ``tensors``: every tensor name -> its :class:`TensorEntry`. Use :meth:`check` before
+    reading, then :meth:`read` for the slices a rank owns.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.tensors: dict[str, TensorEntry] = {}
+        self.stats = LoadStats()
+        self._maps: dict[str, np.memmap] = {}
+        index_path = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        if os.path.exists(index_path):
+            index = _read_json(index_path, INDEX_FILE)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputError(INDEX_FILE, f"{index_path} has no weight_map")
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str):
+                    raise InputError(f"{INDEX_FILE} weight_map", f"the shard of {name!r} "
+                                                                  f"must be a file name, "
+                                                                  f"not {shard!r}")
+            files = sorted(set(weight_map.values()))
+            for shard in files:
+                shard_path(directory, shard)
+            for shard in files:
+                if not os.path.exists(os.path.join(directory, shard)):
+                    first = next(n for n, f in weight_map.items() if f == shard)
+                    raise InputError(INDEX_FILE, f"shard {shard} (holding {first}, ...) is "
+                                                 f"named by {index_path} but absent")
+            headers = {shard: read_header(os.path.join(directory, shard)) for shard in files}
+            for name, shard in weight_map.items():
+                if name not in headers[shard]:
+                    raise InputError(f"tensor {name}", f"not in {shard}, where {INDEX_FILE} "
+                                                       "places it")
+                self.tensors[name] = headers[shard][name]
+        elif os.path.exists(single):
+            self.tensors = read_header(single)
+        else:
+            raise InputError("--model", f"{directory} has neither {SINGLE_FILE} nor "
+                                        f"{INDEX_FILE}")
+
+    def where(self) -> str:
+        files = sorted({os.path.basename(e.file) for e in self.tensors.values()})
+        return files[0] if len(files) == 1 else f"{len(files)} shards ({files[0]}, ...)"
+
+    def check(self, model) -> None:
+        """Every tensor ``model`` needs is present with its shape and a float dtype (all of
+        them, on every rank: the same error everywhere, whatever the layout)."""
+        for ours, where in checkpoint_tensors(model):
+            entry = self.tensors.get(where.name)
+            if entry is None:
+                raise InputError(f"tensor {where.name}", f"missing from {self.where()} in "
+                                                         f"{self.directory}")
+            label = f"tensor {where.name}"
+            if entry.dtype not in FLOAT_DTYPES:
+                raise InputError(label, f"dtype {entry.dtype} in {os.path.basename(entry.file)}"
+                                        f": only {', '.join(FLOAT_DTYPES)} load")
+            if entry.shape != where.shape:
+                raise InputError(label, f"shape {list(entry.shape)} in "
+                                        f"{os.path.basename(entry.file)}, but config.json "
+                                        f"gives {list(where.shape)}")
+
+    def read(self, name: str, rows: range | None = None, cols: range | None = None) -> np.ndarray:
+        """The ``[rows, cols]`` block of tensor ``name`` as a host array in the checkpoint's
+        dtype (a copy: only these bytes are read from the mapped file)."""
+        entry = self.tensors[name]
+        if entry.file not in self._maps:
+            self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
+        raw = self._maps[entry.file][entry.begin:entry.end]
+        view = raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+        if rows is not None:
+            view = view[rows.start:rows.stop]
+        if cols is not None:
+            view = view[:, cols.start:cols.stop]
+        block = np.array(view)           # the read itself
+        if block.dtype.byteorder == ">":
+            block = block.byteswap().view(block.dtype.newbyteorder("<"))
+        self.stats.bytes_read += block.nbytes
+        self.stats.files.add(os.path.basename(entry.file))
+        return block
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+def open_checkpoint(directory: str, model) -> Checkpoint:
+    """Headers of every file, then :meth:`Checkpoint.check` against ``model``; nothing is
+    allocated for weights yet. Raises InputError naming the tensor and file."""
+    started = time.perf_counter()
+    checkpoint = Checkpoint(directory)
+    checkpoint.check(model)
+    checkpoint.stats.seconds += time.perf_counter() - started
+    return checkpoint
+
+
+class CheckpointSource:
+    """weights.build_weights' source for a checkpoint: our names and ``[in, out]`` blocks,
+    read from the checkpoint's names and ``[out, in]`` layout (families.tensor_location),
+    in the run's storage dtype (no float32 detour for bfloat16: the backend gets bf16)."""
+
+    def __init__(self, model, backend: Backend, checkpoint: Checkpoint):
+        self.model, self.backend, self.checkpoint = model, backend, checkpoint
+
+    def _host(self, ours: str, rows: range | None, cols: range | None,
+              compute: bool = True) -> np.ndarray:
+        """Our ``[rows, cols]`` block of ``ours`` on the host: in the storage dtype, or with
+        ``compute`` in the backend's compute form (NumPy: float32 holding the same values,
+        see Backend.param), C-contiguous."""
+        where = tensor_location(self.model, ours)
+        if where.transposed:             # ours [rows, cols] is theirs [cols, rows]
+            block = self.checkpoint.read(where.name, cols, rows)
+        else:
+            block = self.checkpoint.read(where.name, rows, cols)
+        storage = self.backend.dtype
+        if block.dtype != storage:       # a run in another dtype: convert (round) once
+            block = block.astype(storage)
+        if compute and not self.backend.on_gpu and storage == BF16:
+            block = widen_bf16(block)    # exact; before the transpose, which is then native
+        return transpose(block) if where.transposed else block
+
+    def param(self, name: str, rows: range | None = None, cols: range | None = None):
+        return self.backend.param(self._host(name, rows, cols))
+
+    def gain(self, name: str, cols: range | None = None):
+        return self.backend.param(self._host(name, cols, None))    # 1-D: cols is axis 0
+
+    def embedding(self):
+        return self.backend.asarray(self._host("embed", None, None, compute=False),
+                                    self.backend.dtype)
+
+
+def widen_bf16(block: np.ndarray) -> np.ndarray:
+    """bfloat16 -> float32, exactly, by moving the 16 bits up (NumPy's cast through
+    ml_dtypes runs element by element: ~10x slower on checkpoint-sized tensors)."""
+    return (block.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def transpose(block: np.ndarray, tile: int = 64) -> np.ndarray:
+    """A C-contiguous transpose of a 2-D block, copied in ``tile`` x ``tile`` squares (a
+    plain strided copy of a large matrix misses the cache on every element: ~1.7x slower
+    here); 16-bit blocks move as uint16 (NumPy's own copy loop, not ml_dtypes')."""
+    if block.dtype == BF16:
+        return transpose(block.view(np.uint16), tile).view(BF16)
+    rows, cols = block.shape
+    out = np.empty((cols, rows), dtype=block.dtype)
+    for r in range(0, rows, tile):
+        for c in range(0, cols, tile):
+            out[c:c + tile, r:r + tile] = block[r:r + tile, c:c + tile].T
+    return out
+
+
+def load_weights(grid: Grid, backend: Backend, checkpoint: Checkpoint, progress=None):
+    """This rank's :class:`weights.ModelWeights` from ``checkpoint`` (checked already by
+    :func:`open_checkpoint`); the time goes into ``checkpoint.stats``. ``progress``:
+    weights.build_weights'."""
+    from .weights import build_weights
+
+    started = time.perf_counter()
+    weights = build_weights(grid, backend, source=CheckpointSource(grid.model, backend,
+                                                                   checkpoint),
+                            progress=progress)
+    backend.synchronize()
+    checkpoint.stats.seconds += time.perf_counter() - started
+    checkpoint.close()
+    return weights
+
+
+# --- writing (spmd-moe export) ---------------------------------------------------------
+
+def shard_plan(sizes: list[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
+    """Tensors in order, cut into shards of at most ``max_bytes`` each (a tensor larger
+    than that gets a shard of its own); one shard when ``max_bytes`` is None."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if max_bytes is not None and shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def write_checkpoint(directory: str, config_json: dict,
+                     tensors: Iterator[tuple[str, np.ndarray]], sizes: list[tuple[str, int]],
+                     max_shard_bytes: int | None = None) -> list[str]:
+    """Write config.json and the tensors (produced in ``sizes``' order by ``tensors``) as
+    model.safetensors, or shards plus model.safetensors.index.json when they exceed
+    ``max_shard_bytes``. Holds one shard in memory at a time. Returns the files written."""
+    from safetensors.numpy import save_file
+
+    plan = shard_plan(sizes, max_shard_bytes)
+    names = ([SINGLE_FILE] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    weight_map, written = {}, []
+    produced = iter(tensors)
+    for shard, file_name in zip(plan, names):
+        arrays = {}
+        for expected in shard:
+            name, array = next(produced)
+            assert name == expected, (name, expected)
+            arrays[name] = np.ascontiguousarray(array)
+            weight_map[name] = file_name
+        path = os.path.join(directory, file_name)
+        save_file(arrays, path, metadata={"format": "pt"})
+        # The package creates files owner-only; ranks of other users on a shared
+        # filesystem read them, so give them the mode the user's umask gives any file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+        written.append(file_name)
+    if len(plan) > 1:
+        total = sum(nbytes for _, nbytes in sizes)
+        with open(os.path.join(directory, INDEX_FILE), "w") as handle:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle,
+                      indent=2)
+        written.append(INDEX_FILE)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
+        json.dump(config_json, handle, indent=2)
+    written.append(CONFIG_FILE)
+    return written
+
+
+def export_generated(config: RunConfig, directory: str,
+                     max_shard_bytes: int | None = None) -> list[str]:
+    """``spmd-moe export``: SPEC §1's generated weights of ``config`` (its seed and dtype)
+    as a model directory of the ``spmd`` family (or the config's family), which
+    ``--model DIR`` loads back bit-identical."""
+    from .weights import WeightSource
+
+    model = config.model
+    hf = hf_config(model)
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ConfigError("export", f"{directory} exists and is not an empty directory")
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.isdir(parent):
+        raise ConfigError("export", f"directory {parent} does not exist")
+
+    dtype = storage_dtype(model.dtype)
+    source = WeightSource(model, None, config.seed)   # host arrays only: no backend
+    listed = checkpoint_tensors(model)
+    sizes = [(where.name, math.prod(where.shape) * dtype.itemsize) for _, where in listed]
+
+    def produce() -> Iterator[tuple[str, np.ndarray]]:
+        for ours, where in listed:
+            if len(where.shape) == 1:
+                array = np.ones(where.shape, dtype=dtype)
+            else:
+                array = source.host(ours)
+                array = array.T if where.transposed else array
+            yield where.name, array
+
+    os.makedirs(directory, exist_ok=True)
+    return write_checkpoint(directory, hf, produce(), sizes, max_shard_bytes)
+
+
+def describe(checkpoint_dir: str | None, seed: int, init: str) -> str:
+    """Where a run's weights come from, in words (the report)."""
+    if checkpoint_dir:
+        return f"checkpoint {checkpoint_dir}"
+    return (f"generated (SPEC §1 generator, seed {seed})" if init == "host" else
+            f"generated on the device (init=device, seed {seed}; not SPEC §1's values)")
+
