@@ -1,6 +1,6 @@
 """A launch counter for the engine on the fake device: what the GPU path costs in array
-operations, counted, so that perfmodel's GPU op table (``perfmodel.GPU_OPS``) is checked
-against the engine rather than guessed (tests/test_launch_count.py).
+operations, counted, so that the performance model's GPU op table (``compute.GPU_OPS``) is
+checked against the engine rather than guessed (tests/test_launch_count.py).
 
 Each op that on CuPy is one call into the device (a kernel launch, a cuBLAS GEMM, a
 host<->device copy) counts one, attributed to the engine phase (PhaseTimer.phase) and

@@ -11,9 +11,12 @@ import pytest
 from mpi4py import MPI
 
 from spmd_moe.commands import bench
+from spmd_moe.perf import layer_step, torch_peer
 from spmd_moe.backend.array import Backend, choose_backend
-from spmd_moe.commands.bench import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES, BenchShape,
-                                     layer_flops, layer_targets, run_layer_step, run_transport)
+from spmd_moe.perf.bench_shapes import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES,
+                                        BenchShape, layer_flops)
+from spmd_moe.perf.layer_step import layer_targets, run_layer_step
+from spmd_moe.perf.transport_bench import run_transport
 from spmd_moe.core.costs import layer_flops as engine_layer_flops
 from spmd_moe.core.errors import ConfigError
 from spmd_moe.parallel.transport import HostMpiTransport
@@ -157,7 +160,7 @@ def test_attention_tiles_time_each_height_on_the_same_inputs():
     bk = numpy_backend()
     bk.kernels = StubKernels()
     shape = BenchShape(**{**TINY, "seq_len": 1100})
-    tiles = bench.time_attention_tiles(bk, shape, iters=2, warmup=1)
+    tiles = layer_step.time_attention_tiles(bk, shape, iters=2, warmup=1)
     assert bk.kernels.tile_rows == [64] * 3 + [128] * 3
     assert set(tiles["ms"]) == {"64", "128"} and all(len(st["all"]) == 2
                                                      for st in tiles["ms"].values())
@@ -166,10 +169,10 @@ def test_attention_tiles_time_each_height_on_the_same_inputs():
     assert tiles["flops"] == layer_flops(shape)["attn_core"]
     assert tiles["tflops"]["64"] == pytest.approx(
         tiles["flops"] / (tiles["ms"]["64"]["mean"] / 1e3) / 1e12)
-    float32 = bench.time_attention_tiles(numpy_backend("float32"), shape, 1, 0)
+    float32 = layer_step.time_attention_tiles(numpy_backend("float32"), shape, 1, 0)
     bk32 = numpy_backend("float32")
     bk32.kernels = StubKernels()
-    assert bench.time_attention_tiles(bk32, BenchShape(**{**TINY, "dtype": "float32"}), 1,
+    assert layer_step.time_attention_tiles(bk32, BenchShape(**{**TINY, "dtype": "float32"}), 1,
                                       0)["reason"] == "float32 attention has 64-query tiles only"
     assert float32["available"] is False
 
@@ -275,7 +278,7 @@ def test_cli_bad_flag_is_one_line(tmp_path):
 
 def test_torch_peer_when_importable():
     pytest.importorskip("torch")
-    peer = bench.torch_peer(BenchShape(**TINY), iters=1, warmup=0, on_gpu=False)
+    peer = torch_peer.torch_peer(BenchShape(**TINY), iters=1, warmup=0, on_gpu=False)
     assert peer["available"] and not peer["errors"], peer
     assert set(peer["phases_ms"]) == {"sdpa", "ffn_gemms", "ffn_gelu", "eager_step"}
 
@@ -309,8 +312,8 @@ def test_chunked_layer_step_of_a_checkpoint_family():
 
     model = checkpoint_run_config(HF_QWEN).model
     bk = numpy_backend("float32")
-    whole = bench.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32"))
-    chunked = bench.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32", 3))
+    whole = layer_step.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32"))
+    chunked = layer_step.LayerStep(bk, BenchShape.for_model(model, 2, 5, None, "float32", 3))
     assert chunked.micro_batches == 4 and chunked.cache.keys[0].shape == (10, 2, 6)
     assert np.allclose(chunked.run(bk.timer()), whole.run(bk.timer()), rtol=1e-5, atol=1e-5)
 
@@ -333,8 +336,8 @@ def test_chunked_layer_step_computes_the_same_layer(chunk):
     """--chunk-tokens: the same work in micro-batches reading a KV cache gives the layer's
     output of the whole-sequence step (float32: to rounding), and the same FLOPs."""
     bk = numpy_backend("float32")
-    whole = bench.LayerStep(bk, BenchShape(**TINY, dtype="float32"))
-    chunked = bench.LayerStep(bk, BenchShape(**TINY, dtype="float32", chunk_tokens=chunk))
+    whole = layer_step.LayerStep(bk, BenchShape(**TINY, dtype="float32"))
+    chunked = layer_step.LayerStep(bk, BenchShape(**TINY, dtype="float32", chunk_tokens=chunk))
     assert whole.micro_batches == 1 and chunked.micro_batches == -(-21 // chunk)
     want = whole.run(bk.timer())
     timer = bk.timer()

@@ -18,11 +18,11 @@ from mpi4py import MPI
 
 from spmd_moe.backend.array import BF16, F32, Backend, bf16_census, choose_backend, erfc_numpy
 from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
-from spmd_moe.parallel.gpu_transport import host_view
-from spmd_moe.model.reference import reference_generate
 from spmd_moe.engine.testing import (TOLERANCE, check_against_reference, reference_for,
                                      relative_error)
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.model.reference import reference_generate
+from spmd_moe.parallel.device import host_view
 from spmd_moe.parallel.transport import TransportChoice, mpi_library
 
 gpu = pytest.mark.gpu
@@ -422,7 +422,8 @@ def exercise_one_rank(bk, transport):
 
 @gpu
 def test_pinned_host_transport_one_rank(cupy_backend):
-    from spmd_moe.parallel.gpu_transport import PinnedHostMpiTransport, make
+    from spmd_moe.parallel.mpi_device import PinnedHostMpiTransport
+    from spmd_moe.parallel.gpu_transport import make
 
     transport = make(TransportChoice("mpi-host", "test"), cupy_backend)
     assert isinstance(transport, PinnedHostMpiTransport)
@@ -438,7 +439,8 @@ def test_pinned_host_transport_one_rank(cupy_backend):
 
 @gpu
 def test_nccl_transport_one_rank(cupy_backend):
-    from spmd_moe.parallel.gpu_transport import NcclTransport, make
+    from spmd_moe.parallel.nccl import NcclTransport
+    from spmd_moe.parallel.gpu_transport import make
 
     transport = make(TransportChoice("nccl", "test"), cupy_backend)
     assert isinstance(transport, NcclTransport)
@@ -477,7 +479,8 @@ def test_mpi_cuda_only_where_the_library_says_so(cupy_backend):
 
 @gpu
 def test_bench_layer_step_on_gpu(cupy_backend):
-    from spmd_moe.commands.bench import LAYER_PHASES, BenchShape, run_layer_step
+    from spmd_moe.perf.bench_shapes import LAYER_PHASES, BenchShape
+    from spmd_moe.perf.layer_step import run_layer_step
 
     shape = BenchShape(seqs=2, seq_len=128, d_model=256, d_ff=512, heads=4, experts=4)
     result = run_layer_step(cupy_backend, shape, iters=2, warmup=1, peer="none")
@@ -494,7 +497,8 @@ def test_bench_layer_step_on_gpu(cupy_backend):
 @pytest.mark.parametrize("transport", ["mpi-host", "nccl"])
 def test_bench_transport_on_gpu(cupy_backend, transport):
     from spmd_moe.parallel import gpu_transport
-    from spmd_moe.commands.bench import BenchShape, run_transport
+    from spmd_moe.perf.bench_shapes import BenchShape
+    from spmd_moe.perf.transport_bench import run_transport
 
     moved = gpu_transport.make(TransportChoice(transport, "test"), cupy_backend)
     result = run_transport(MPI.COMM_SELF, cupy_backend, moved,

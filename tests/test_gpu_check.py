@@ -1,4 +1,4 @@
-"""bin/gpu-check and its Python steps (spmd_moe/gpucheck.py), without a GPU.
+"""bin/gpu-check and its Python steps (spmd_moe/tools/gpucheck/), without a GPU.
 
 - The whole check in ``--cpu`` mode (its stages on NumPy at tiny sizes): every stage passes,
   the seven files are there, summary.md has every section, and no traceback anywhere.
@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from spmd_moe.tools import gpucheck
+from spmd_moe.tools.gpucheck import common, decode, runs, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bin", "gpu-check")
@@ -184,13 +184,13 @@ def test_a_rerun_of_some_stages(tmp_path):
 # --- the steps' pieces -------------------------------------------------------------------------
 
 def test_a_command_that_cannot_start_is_a_result():
-    status, why, _ = gpucheck.run_command(["/nonexistent/launcher", "2", "python"])
+    status, why, _ = common.run_command(["/nonexistent/launcher", "2", "python"])
     assert status is None and why.startswith("cannot start /nonexistent/launcher")
 
 
 def test_a_command_that_hangs_is_killed_with_its_children():
     began = time.monotonic()
-    status, why, _ = gpucheck.run_command(
+    status, why, _ = common.run_command(
         [sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', "
                                "'import time; time.sleep(60)'])"], timeout=1.0)
     assert status is None and why == "timed out after 1 s"
@@ -204,9 +204,9 @@ def test_a_stage_timeout_ends_the_commands_a_step_started(tmp_path):
     pid_file = tmp_path / "child.pid"
     sleeper = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                "time.sleep(120)")
-    step = ("import sys; from spmd_moe import gpucheck; "
-            "gpucheck.STEPS['sleep'] = (lambda: gpucheck.run_command([sys.executable, '-c', "
-            f"{sleeper!r}], timeout=120)[0] or 0, 0); sys.exit(gpucheck.main(['sleep']))")
+    step = ("import sys; from spmd_moe.tools.gpucheck import __main__ as gpucheck_main, common; "
+            "gpucheck_main.STEPS['sleep'] = (lambda: common.run_command([sys.executable, '-c', "
+            f"{sleeper!r}], timeout=120)[0] or 0, 0); sys.exit(gpucheck_main.main(['sleep']))")
     proc = subprocess.run(["timeout", "30", sys.executable, "-c", step], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 124, proc.stdout + proc.stderr
@@ -224,16 +224,16 @@ def test_a_stage_timeout_ends_the_commands_a_step_started(tmp_path):
 
 def test_no_launcher_means_no_multi_rank_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("GPU_CHECK_LAUNCH", "")
-    assert gpucheck.ranks_command(2, ["python"]) == "no MPI launcher (mpiexec or mpirun) on PATH"
-    assert gpucheck.ranks_command(1, ["python"]) == ["python"]
+    assert common.ranks_command(2, ["python"]) == "no MPI launcher (mpiexec or mpirun) on PATH"
+    assert common.ranks_command(1, ["python"]) == ["python"]
     monkeypatch.setenv("GPU_CHECK_LAUNCH", "'/opt/my mpi/mpiexec' -n ")
-    assert gpucheck.ranks_command(4, ["python"]) == ["/opt/my mpi/mpiexec", "-n", "4", "python"]
+    assert common.ranks_command(4, ["python"]) == ["/opt/my mpi/mpiexec", "-n", "4", "python"]
     # compare records each case's failure and goes on; no 2-rank run is attempted.
     monkeypatch.setenv("GPU_CHECK_LAUNCH", "")
     started = []
-    monkeypatch.setattr(gpucheck, "run_command",
+    monkeypatch.setattr(runs, "run_command",
                         lambda cmd, timeout=0: (started.append(cmd), (1, "boom\n", 0.1))[1])
-    status = gpucheck.compare(str(tmp_path), str(tmp_path / "compare.json"), "numpy")
+    status = runs.compare(str(tmp_path), str(tmp_path / "compare.json"), "numpy")
     result = json.loads((tmp_path / "compare.json").read_text())
     assert status == 1 and not result["ok"] and len(result["cases"]) == 6
     assert all("mpiexec" not in " ".join(cmd) for cmd in started) and len(started) == 6
@@ -248,19 +248,19 @@ def test_pytest_outcome(tmp_path):
     log.write_text("....F.s\nFAILED tests/test_gpu.py::test_x - AssertionError\n"
                    "ERROR tests/test_kernels.py::test_y\n"
                    "== 1 failed, 40 passed, 3 skipped, 441 deselected, 1 error in 12.3s ==\n")
-    outcome = gpucheck.pytest_outcome(str(log))
+    outcome = summary.pytest_outcome(str(log))
     assert outcome["counts"] == {"failed": 1, "passed": 40, "skipped": 3, "deselected": 441,
                                  "error": 1}
     assert outcome["failures"] == ["FAILED tests/test_gpu.py::test_x - AssertionError",
                                    "ERROR tests/test_kernels.py::test_y"]
-    assert gpucheck.pytest_outcome(str(tmp_path / "missing.log")) == {"ran": False}
+    assert summary.pytest_outcome(str(tmp_path / "missing.log")) == {"ran": False}
 
 
 def test_decode_floor_is_the_one_plan_prints(capsys):
     from spmd_moe.commands.cli import main
 
-    args = gpucheck.DECODE_CONFIG["gpu"]
-    floor = gpucheck.decode_floor(args, 8, 4321.0)
+    args = decode.DECODE_CONFIG["gpu"]
+    floor = decode.decode_floor(args, 8, 4321.0)
     main(["plan", *args, "--workload", "decode", "--new-tokens", "8", "--world-size", "1",
           "--hbm-gbps", "4321", "--device-memory", "141"])
     printed = re.search(r"reads ([\d.]+) GB .*bandwidth floor ([\d.]+) ms at 4321 GB/s",
@@ -300,7 +300,7 @@ def test_summary_of_gpu_results(tmp_path):
                         "floor_ms": 2.79, "floor_ms_at_h200_datasheet": 2.5},
               "ratio_to_floor": 1.43}
     (out / "decode.json").write_text(json.dumps(decode))
-    text = gpucheck.summary_markdown(str(out), [("gpu tests", "ok", "40")],
+    text = summary.summary_markdown(str(out), [("gpu tests", "ok", "40")],
                                      {"device_name": "NVIDIA H200", "python": "3.12.3"}, "380",
                                      "gpu", "bin/gpu-check --wheels .whl", "2026-12-01")
     assert text.startswith("## Measured on the H200 (2026-12-01)\n")

@@ -5,22 +5,22 @@ with NumPy emulations behind it, every kernel launch, cuBLAS GEMM, host<->device
 generic array operation counted per phase, as CuPy would issue them), for SPEC §1's model
 and each checkpoint family, through a chunked prefill (every chunk writes and reads the KV
 cache) and decode steps, in bf16 (its greedy tokens those of the NumPy path); a layer that
-is not a pass's first is compared with ``perfmodel.gpu_layer_ops`` phase by phase. So the model cannot claim a launch the engine
-does not save, nor miss one it makes.
+is not a pass's first is compared with ``compute.gpu_layer_ops`` phase by phase. So the
+model cannot claim a launch the engine does not save, nor miss one it makes.
 """
 from __future__ import annotations
 
+import hf_fixtures as hf
 import numpy as np
 import pytest
+from launch_count import counting
 from mpi4py import MPI
 
-import hf_fixtures as hf
-from launch_count import counting
-from spmd_moe.perf import perfmodel
-from spmd_moe.perf.cluster import DEFAULT_RATES
 from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.engine.testing import run_layout
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.perf import compute
+from spmd_moe.perf.cluster import DEFAULT_RATES
 
 COMPUTE = ("attention", "router", "permute", "experts", "unpermute", "residual")
 
@@ -41,7 +41,7 @@ def check_layer(counter, pass_index: int, layer: int, model, local_experts: int)
     # The experts that got rows run (a decode step's few rows leave some idle).
     ffn_calls = counter.detail(pass_index, layer, "experts")["kernel expert_ffn"]
     assert 1 <= ffn_calls <= local_experts
-    want = perfmodel.gpu_layer_ops(local_experts, model.activation == "swiglu", cached=True,
+    want = compute.gpu_layer_ops(local_experts, model.activation == "swiglu", cached=True,
                                    with_rows=ffn_calls)
     assert counted == want, {phase: dict(counter.detail(pass_index, layer, phase))
                              for phase in COMPUTE}
@@ -64,7 +64,7 @@ def check_run(counter, config, decode_tokens: int):
     outside = sum(c["host->device"] for (_, _, phase), c in counter.counts.items()
                   if phase is None)
     assert outside == passes + 1             # each pass's positions; the embedding table once
-    assert perfmodel.GPU_OPS["pass"] == 2 + 1
+    assert compute.GPU_OPS["pass"] == 2 + 1
 
 
 def test_spec_model_chunked_prefill_and_decode_launches_match_the_model(monkeypatch):
@@ -74,7 +74,7 @@ def test_spec_model_chunked_prefill_and_decode_launches_match_the_model(monkeypa
     counter, _ = counted_run(monkeypatch, config, batch, 3)
     check_run(counter, config, 3)
     # The whole GPU layer of the SPEC model at one expert per rank (the paper's ep=16):
-    per_layer = sum(perfmodel.gpu_layer_ops(1, False, cached=True).values())
+    per_layer = sum(compute.gpu_layer_ops(1, False, cached=True).values())
     assert per_layer == 22
 
 
@@ -94,7 +94,7 @@ def test_the_model_s_gpu_layer_is_the_counted_one():
     """layer_compute charges gpu_layer_ops' counts (x op_us) on the GPU, whatever the
     device work: a layer with no tokens costs exactly its launches."""
     from spmd_moe.core.config import Layout
-    from spmd_moe.perf.perfmodel import layer_compute, rank_shape
+    from spmd_moe.perf.compute import layer_compute, rank_shape
     from spmd_moe.core.topology import Grid
 
     config = build_run_config("tiny", sets=["n_experts=4", "top_k=2"])
@@ -103,6 +103,6 @@ def test_the_model_s_gpu_layer_is_the_counted_one():
     rates = DEFAULT_RATES
     phases = layer_compute(config, shape, rates, np.zeros(1, dtype=np.int64), 0.0,
                            starts=np.zeros(1, dtype=np.int64))
-    want = perfmodel.gpu_layer_ops(shape.local_experts, False, cached=True)
+    want = compute.gpu_layer_ops(shape.local_experts, False, cached=True)
     for phase in COMPUTE:
         assert phases[phase] == pytest.approx(want[phase] * rates.op_us * 1e-6), phase

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from spmd_moe.backend.array import Backend, BackendChoice, erfc_numpy
-from spmd_moe.model.blocks import (apply_rope, causal_attention, pack, qk_norm, rms_norm,
-                                   qk_square_sums, rms_norm_sharded, rope_tables)
+from spmd_moe.model.blocks import (apply_rope, causal_attention, pack, qk_norm, qk_square_sums,
+                                   rms_norm, rms_norm_sharded, rope_tables)
 
 
 def bk(dtype="float32"):

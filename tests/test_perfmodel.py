@@ -12,14 +12,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from spmd_moe.perf.cluster import (CLUSTERS, DEFAULT_RATES, cluster_from_dict, load_cluster,
-                                   load_rates, rates_from_dict)
 from spmd_moe.core.config import Layout, build_run_config
 from spmd_moe.core.costs import plan_costs
 from spmd_moe.core.errors import ConfigError, LayoutError
-from spmd_moe.perf.perfmodel import (PAPER_CLAIMS, _pipeline, _StagePass, against_report,
-                                     allreduce_time, alltoallv_time, bytes_per_micro_batch,
-                                     exposed_comm, measured_imbalance, predict, predict_paper)
+from spmd_moe.perf.cluster import (CLUSTERS, DEFAULT_RATES, cluster_from_dict, load_cluster,
+                                   load_rates, rates_from_dict)
+from spmd_moe.perf.comm import allreduce_time, alltoallv_time
+from spmd_moe.perf.perfmodel import (PAPER_CLAIMS, _StagePass, _pipeline, against_report,
+                                     bytes_per_micro_batch, exposed_comm, measured_imbalance,
+                                     predict, predict_paper)
 
 H100 = CLUSTERS["h100-ib"]
 PAPER = build_run_config("paper")

@@ -1,5 +1,5 @@
 """Transport selection (pure), the CUDA-awareness query, and every transport's data paths
-on one rank. Device transports run here on host memory through gpu_transport.HostArrayOps;
+on one rank. Device transports run here on host memory through device.HostArrayOps;
 the multi-rank versions are in tests/mpi/test_transport_mpi.py."""
 import ctypes
 import itertools
@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.parallel import gpu_transport
 from spmd_moe.backend.array import BF16, Backend, choose_backend
 from spmd_moe.core.errors import ConfigError
-from spmd_moe.parallel.gpu_transport import (CudaAwareMpiTransport, DeviceArray, HostArrayOps,
-                                             NcclTransport, PinnedHostMpiTransport, PinnedStaging,
-                                             make_transport)
+from spmd_moe.parallel import gpu_transport
+from spmd_moe.parallel.device import DeviceArray, HostArrayOps, PinnedStaging
+from spmd_moe.parallel.gpu_transport import make_transport
+from spmd_moe.parallel.mpi_device import (CudaAwareMpiTransport, DeviceTransport,
+                                         PinnedHostMpiTransport)
+from spmd_moe.parallel.nccl import NcclTransport
 from spmd_moe.parallel.transport import (CUDA_AWARE_ENV, TRANSPORTS, HostMpiTransport, MpiLibrary,
                                          TransportChoice, choose_transport, mpi_library,
                                          query_cuda_support)
@@ -345,7 +347,7 @@ def test_host_arrays_take_the_host_path_on_device_transports(numpy_backend):
 
 
 def test_recv_places_by_dtype():
-    on_host = gpu_transport.DeviceTransport._recv_on_host
+    on_host = DeviceTransport._recv_on_host
     assert on_host(np.int64, None) and on_host(np.int32, None) and on_host(bool, None)
     assert not on_host(BF16, None) and not on_host(np.float32, None)
     assert not on_host(np.dtype(ml_dtypes.bfloat16), None)

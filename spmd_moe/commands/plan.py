@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 
 from ..core.chunks import overlap_enabled
-from ..perf.cluster import CLUSTERS, _read_json, load_cluster, load_rates
-from .options import add_config_arguments, config_from_args
 from ..core.config import Layout, RunConfig
 from ..core.costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
 from ..core.errors import ConfigError, LayoutError, say
-from ..perf.perfmodel import (PAPER_CLAIMS, against_report, format_against, format_paper,
-                              format_prediction, predict, predict_paper)
 from ..core.topology import Grid
+from ..perf.cluster import CLUSTERS, _read_json, load_cluster, load_rates
+from ..perf.perfmodel import PAPER_CLAIMS, against_report, predict, predict_paper
+from ..perf.tables import format_against, format_paper, format_prediction
+from .options import add_config_arguments, config_from_args
 
 
 def _span(r: range) -> str:

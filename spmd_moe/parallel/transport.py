@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend.array import Backend
-from ..core.errors import ConfigError
 from ..backend.host import loaded_libraries
+from ..core.errors import ConfigError
 
 TRANSPORTS = ("auto", "mpi-cuda", "mpi-host", "nccl")
 CUDA_AWARE_ENV = "SPMD_MOE_CUDA_AWARE"

@@ -9,8 +9,8 @@ import numpy as np
 from ..core.chunks import prefill_schedule
 from ..core.config import Layout, RunConfig
 from ..core.costs import attention_core_flops
-from .perfmodel import PASS_BYTES
 from ..core.topology import Grid
+from .compute import PASS_BYTES
 
 # --- calibrating on this machine (CPU, NumPy backend) ----------------------------------------
 

@@ -3,7 +3,7 @@
 words, wide rows, the count exchange, allreduce, and point-to-point rings.
 
 The host transport runs on host arrays; the device transports (mpi-host staging, mpi-cuda,
-nccl) run their MPI logic on host memory through ``gpu_transport.HostArrayOps``, NCCL
+nccl) run their MPI logic on host memory through ``device.HostArrayOps``, NCCL
 through a stand-in made of MPI point-to-point calls. The GPU versions are in
 tests/test_gpu.py and bin/gpu-check.
 """
@@ -12,8 +12,9 @@ import pytest
 from mpi4py import MPI
 
 from spmd_moe.backend.array import BF16, Backend, choose_backend
-from spmd_moe.parallel.gpu_transport import (CudaAwareMpiTransport, HostArrayOps, NcclTransport,
-                                             PinnedHostMpiTransport, host_view)
+from spmd_moe.parallel.device import HostArrayOps, host_view
+from spmd_moe.parallel.mpi_device import CudaAwareMpiTransport, PinnedHostMpiTransport
+from spmd_moe.parallel.nccl import NcclTransport
 from spmd_moe.parallel.transport import HostMpiTransport, MpiLibrary
 
 WORLD = MPI.COMM_WORLD

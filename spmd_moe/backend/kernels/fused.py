@@ -22,7 +22,7 @@ import numpy as np
 
 from ..array import BF16, F32
 from .compile import load_module
-from .schedule import (COMBINE_THREADS, MAX_HEAD_DIM, MAX_HEADS, MAX_ROUTER_EXPERTS, ORDER_THREADS,
+from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_HEAD_DIM, MAX_ROUTER_EXPERTS, ORDER_THREADS,
                        PADDED_HEAD_DIMS, ROUTER_THREADS, ROW_THREADS, TILE_ROWS,
                        attention_schedule, attention_variant, ffn_row_chunk, row_block, row_grid,
                        row_vector_bytes, swiglu_element_bytes)
