@@ -28,10 +28,9 @@ import contextlib
 from collections import Counter, defaultdict
 
 import numpy as np
+from test_kernels import FakeArray, FakeCupy, FakeModule, HostFusedKernels
 
 from spmd_moe.backend.array import F32, Backend, BackendChoice, PhaseTimer
-
-from test_kernels import FakeArray, FakeCupy, FakeModule, HostFusedKernels
 
 BF16_NAME = "bfloat16"
 

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.commands import bench
-from spmd_moe.perf import layer_step, torch_peer
 from spmd_moe.backend.array import Backend, choose_backend
+from spmd_moe.commands import bench
+from spmd_moe.core.costs import layer_flops as engine_layer_flops
+from spmd_moe.core.errors import ConfigError
+from spmd_moe.parallel.transport import HostMpiTransport
+from spmd_moe.perf import layer_step, torch_peer
 from spmd_moe.perf.bench_shapes import (ATTENTION_PHASES, LAYER_PHASES, TRANSPORT_PHASES,
                                         BenchShape, layer_flops)
 from spmd_moe.perf.layer_step import layer_targets, run_layer_step
 from spmd_moe.perf.transport_bench import run_transport
-from spmd_moe.core.costs import layer_flops as engine_layer_flops
-from spmd_moe.core.errors import ConfigError
-from spmd_moe.parallel.transport import HostMpiTransport
 
 TINY = dict(seqs=3, seq_len=7, d_model=24, d_ff=40, heads=4, experts=4, top_k=2)
 TINY_ARGS = ["--seqs", "3", "--seq-len", "7", "--d-model", "24", "--d-ff", "40", "--heads",

@@ -7,24 +7,24 @@ import json
 import os
 import shutil
 
+import hf_fixtures as hf
 import numpy as np
 import pytest
 from mpi4py import MPI
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-import hf_fixtures as hf
 from spmd_moe.backend.array import BF16, Backend, BackendChoice, choose_backend
+from spmd_moe.core.config import Layout, build_run_config
+from spmd_moe.core.errors import ConfigError, InputError
+from spmd_moe.core.topology import Grid
+from spmd_moe.engine.testing import TOLERANCE, relative_error, run_layout
 from spmd_moe.model.checkpoint import (Checkpoint, checkpoint_run_config, eos_token_ids,
                                        export_generated, load_weights, open_checkpoint,
                                        read_header)
-from spmd_moe.core.config import Layout, build_run_config
-from spmd_moe.model.inputs import synthetic_input
-from spmd_moe.core.errors import ConfigError, InputError
 from spmd_moe.model.families import checkpoint_tensors, model_config_from_hf
-from spmd_moe.engine.testing import TOLERANCE, relative_error, run_layout
+from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.model.tokenizer import TextTokenizer, left_pad
-from spmd_moe.core.topology import Grid
 
 WORLD = MPI.COMM_WORLD
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.engine.testing import check_against_reference, reference_for
+from spmd_moe.model.inputs import synthetic_input
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 TIMEOUT = 120
@@ -125,7 +125,7 @@ def test_run_prints_the_schedule_and_the_overlap(tmp_path):
     data = json.loads(report.read_text())
     assert data["pipeline"]["micro_batches"] == 7          # ceil(3 sequences x 11 / 5)
     assert data["config"]["workload"]["chunk_tokens"] == 5
-    # NumPy: two in flight pay only without a pipeline to fill (overlap.overlap_pays).
+    # NumPy: two in flight pay only without a pipeline to fill (chunks.overlap_pays).
     assert not data["overlap"]["enabled"] and "do not pay" in data["overlap"]["reason"]
     one_stage = spmd_moe("run", "--preset", "tiny", "--layout", "ep=4", "--chunk-tokens", "5",
                          ranks=4)

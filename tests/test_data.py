@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from spmd_moe.core.config import PRESETS, build_run_config
-from spmd_moe.model.inputs import InputFile, load_input, synthetic_input, validate_batch
 from spmd_moe.core.errors import ConfigError, InputError, OutputError
 from spmd_moe.core.files import check_output_paths, text_writer, write_files, write_npz
 from spmd_moe.engine.testing import broken_inputs
+from spmd_moe.model.inputs import InputFile, load_input, synthetic_input, validate_batch
 
 MODEL = PRESETS["tiny"].model
 

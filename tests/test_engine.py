@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input, validate_batch
-from spmd_moe.model.reference import reference_generate
 from spmd_moe.commands.report import build_report
+from spmd_moe.core.config import build_run_config
 from spmd_moe.engine.runner import open_session, run_prefill
 from spmd_moe.engine.testing import check_against_reference, reference_for, run_layout
+from spmd_moe.model.inputs import synthetic_input, validate_batch
+from spmd_moe.model.reference import reference_generate
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -5,14 +5,14 @@ import json
 import os
 import shutil
 
+import hf_fixtures as hf
 import pytest
 from mpi4py import MPI
-
-import hf_fixtures as hf
-from spmd_moe.model.checkpoint import checkpoint_run_config
-from spmd_moe.core.errors import ConfigError, InputError
-from spmd_moe.commands.generate import generate_text, read_prompts
 from test_cli import check_refused, spmd_moe
+
+from spmd_moe.commands.generate import generate_text, read_prompts
+from spmd_moe.core.errors import ConfigError, InputError
+from spmd_moe.model.checkpoint import checkpoint_run_config
 
 
 def expected_rows(name: str) -> list[tuple[str, list[int]]]:

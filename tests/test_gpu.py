@@ -147,7 +147,7 @@ def rel(got, want) -> float:
 
 # --- bf16 operations ---------------------------------------------------------------------
 
-# What the engine does to bf16 arrays through bk.xp directly (model.py, dispatcher.py,
+# What the engine does to bf16 arrays through bk.xp directly (model/blocks.py, moe/dispatcher.py,
 # engine.py): these must work. The rest of the census is reported, not required.
 ENGINE_NEEDS = ("asarray/to_host round trip", "astype bf16->f32", "astype f32->bf16",
                 "take x[index]", "scatter out[index] = rows", "concatenate", "matmul 2-D bf16")
@@ -351,7 +351,7 @@ def test_chunked_prefill_and_decode_on_cupy(chunk):
 def test_nccl_side_stream_exchange(cupy_backend):
     """An exchange on the side stream: it waits for the compute stream's writes, the compute
     stream waits for it at Wait (no host sync), and the device times it."""
-    from spmd_moe.parallel.gpu_transport import make
+    from spmd_moe.parallel.connect import make_transport as make
 
     transport = make(TransportChoice("nccl", "test"), cupy_backend)
     comm = MPI.COMM_SELF.Dup()
@@ -423,7 +423,7 @@ def exercise_one_rank(bk, transport):
 @gpu
 def test_pinned_host_transport_one_rank(cupy_backend):
     from spmd_moe.parallel.mpi_device import PinnedHostMpiTransport
-    from spmd_moe.parallel.gpu_transport import make
+    from spmd_moe.parallel.connect import make_transport as make
 
     transport = make(TransportChoice("mpi-host", "test"), cupy_backend)
     assert isinstance(transport, PinnedHostMpiTransport)
@@ -440,7 +440,7 @@ def test_pinned_host_transport_one_rank(cupy_backend):
 @gpu
 def test_nccl_transport_one_rank(cupy_backend):
     from spmd_moe.parallel.nccl import NcclTransport
-    from spmd_moe.parallel.gpu_transport import make
+    from spmd_moe.parallel.connect import make_transport as make
 
     transport = make(TransportChoice("nccl", "test"), cupy_backend)
     assert isinstance(transport, NcclTransport)
@@ -470,7 +470,7 @@ def test_mpi_cuda_only_where_the_library_says_so(cupy_backend):
             choose_transport("mpi-cuda", "cupy", library, True)
         pytest.skip(f"MPI is not CUDA-aware ({library.cuda_reason}): device buffers must "
                     "never reach it")
-    from spmd_moe.parallel.gpu_transport import make
+    from spmd_moe.parallel.connect import make_transport as make
 
     exercise_one_rank(cupy_backend, make(TransportChoice("mpi-cuda", "test"), cupy_backend))
 
@@ -496,11 +496,11 @@ def test_bench_layer_step_on_gpu(cupy_backend):
 @gpu
 @pytest.mark.parametrize("transport", ["mpi-host", "nccl"])
 def test_bench_transport_on_gpu(cupy_backend, transport):
-    from spmd_moe.parallel import gpu_transport
+    from spmd_moe.parallel.connect import make_transport
     from spmd_moe.perf.bench_shapes import BenchShape
     from spmd_moe.perf.transport_bench import run_transport
 
-    moved = gpu_transport.make(TransportChoice(transport, "test"), cupy_backend)
+    moved = make_transport(TransportChoice(transport, "test"), cupy_backend)
     result = run_transport(MPI.COMM_SELF, cupy_backend, moved,
                            BenchShape(seqs=2, seq_len=64, d_model=128, experts=4), iters=2)
     moved.free()

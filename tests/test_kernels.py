@@ -1,4 +1,4 @@
-"""The fused CUDA kernels (spmd_moe/kernels).
+"""The fused CUDA kernels (spmd_moe/backend/kernels).
 
 Without a GPU (CI):
 - every source compiles with NVRTC for sm_90a and sm_80 with the options the run time uses
@@ -27,14 +27,13 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+import hf_fixtures as hf
 import numpy as np
 import pytest
 
-import hf_fixtures as hf
 from spmd_moe.backend import kernels
 from spmd_moe.backend.array import BF16, F32
-from spmd_moe.backend.kernels import schedule as sch
-from spmd_moe.backend.kernels import compile as kernel_compile
+from spmd_moe.backend.kernels import compile as kernel_compile, schedule as sch
 from spmd_moe.backend.kernels.compile import (KERNEL_DIR, SOURCES, compile_source, entry_points,
                                               source)
 from spmd_moe.backend.kernels.fused import FusedKernels

@@ -5,8 +5,8 @@ import pytest
 
 from spmd_moe.backend.array import Backend, choose_backend
 from spmd_moe.core.costs import kv_cache_bytes
-from spmd_moe.model.kv_cache import KVCache
 from spmd_moe.model.blocks import pack
+from spmd_moe.model.kv_cache import KVCache
 
 
 def backend():

@@ -6,7 +6,7 @@ import pytest
 
 from spmd_moe.backend.array import Backend, BackendChoice, erfc_numpy
 from spmd_moe.model.blocks import (apply_rope, causal_attention, pack, qk_norm, qk_square_sums,
-                                   rms_norm, rms_norm_sharded, rope_tables)
+                                   rms_norm, rms_norm_summed, rope_tables)
 
 
 def bk(dtype="float32"):
@@ -86,7 +86,7 @@ def test_causal_attention_matches_the_masked_softmax(q_lengths, k_lengths):
 
 
 def test_long_sequences_use_query_blocks_and_still_match():
-    # 1200 keys x 4 heads: the score tile is split into query blocks (see model.py).
+    # 1200 keys x 4 heads: the score tile is split into query blocks (see model/blocks.py).
     rng = np.random.default_rng(4)
     n, heads, dh = 1200, 4, 8
     q, k, v = (rng.standard_normal((n, heads, dh)).astype(np.float32) for _ in range(3))
@@ -164,7 +164,7 @@ def test_a_norm_over_columns_split_between_ranks():
     g = rng.standard_normal(12).astype(np.float32)
     halves = (x[:, :5], x[:, 5:])
     squares = sum((h.astype(np.float32) ** 2).sum(-1, keepdims=True) for h in halves)
-    parts = [rms_norm_sharded(bk(), h, g[c], 1e-5, 12, reduce=lambda _: squares)
+    parts = [rms_norm_summed(bk(), h, g[c], 1e-5, 12, squares)
              for h, c in zip(halves, (slice(0, 5), slice(5, 12)))]
     assert rel(np.concatenate(parts, axis=1), rms_norm(bk(), x, g, 1e-5)) < 1e-6
 

@@ -9,11 +9,11 @@ from mpi4py import MPI
 from test_cli import spmd_moe
 
 from spmd_moe.commands import cli, plot
-from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.commands.report import build_report
-from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
+from spmd_moe.core.config import build_run_config
 from spmd_moe.core.trace import Tracer
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
+from spmd_moe.model.inputs import synthetic_input
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Progress on rank 0 (spmd_moe/progress.py): a bar on a terminal, rate-limited lines
+"""Progress on rank 0 (spmd_moe/core/progress.py): a bar on a terminal, rate-limited lines
 otherwise, a line per iteration with --progress, nothing with --quiet."""
 from __future__ import annotations
 

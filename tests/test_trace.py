@@ -1,4 +1,4 @@
-"""``--trace``: Chrome trace-event JSON of every rank (spmd_moe/trace.py).
+"""``--trace``: Chrome trace-event JSON of every rank (spmd_moe/core/trace.py).
 
 The 4-rank tests shell out to the CLI (a chunked two-stage pipeline with two micro-batches
 in flight) and read the file as Perfetto would: valid trace events, one process per rank
@@ -17,10 +17,10 @@ from test_cli import spmd_moe
 
 from spmd_moe.backend.array import Backend, choose_backend
 from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
-from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
 from spmd_moe.core.trace import (SLOT_TID, SPANS_PER_LAYER, STAGE_TID, SpanContext, Tracer,
                                  chrome_json)
+from spmd_moe.engine.runner import open_session, run_decode, run_prefill, trace_session
+from spmd_moe.model.inputs import synthetic_input
 
 
 def check_chrome_trace(data: dict) -> list[dict]:
@@ -220,7 +220,7 @@ def test_phase_timer_spans_merge_only_adjacent_phases_of_one_context():
     a, b = SpanContext(0, 0, 1, 5), SpanContext(1, 1, 1, 5)
     for name, context in [("attention", a), ("attention", a), ("router", a),
                           ("attention", b), ("attention", a), ("experts", a), ("x", a)]:
-        timer.context = context
+        timer.cursor.place(context)
         with timer.phase(name):
             pass
     timer.add_bytes("experts", 7)
@@ -275,7 +275,7 @@ def test_gpu_spans_are_event_durations_placed_by_the_reference_event():
     timer = PhaseTimer(bk)
     tracer.arm(timer, bk)
     _, host_ref = tracer._reference
-    timer.context = SpanContext(0, 0, 2, 7)
+    timer.cursor.place(SpanContext(0, 0, 2, 7))
     device_now[0] += 0.25                    # the device reaches the phase 250 ms later
     with timer.phase("experts"):
         device_now[0] += 0.125
@@ -290,11 +290,11 @@ def test_gpu_spans_are_event_durations_placed_by_the_reference_event():
 def test_bytes_go_to_the_span_just_timed_even_past_the_limit():
     timer = Backend(choose_backend("numpy"), "float32").timer()
     timer.spans, timer.span_room = [], 1
-    timer.context = SpanContext(0, 0, 0, 3)
+    timer.cursor.place(SpanContext(0, 0, 0, 3))
     with timer.phase("dispatch"):
         pass
     timer.add_bytes("dispatch", 10)
-    timer.context = SpanContext(0, 0, 1, 3)
+    timer.cursor.place(SpanContext(0, 0, 1, 3))
     with timer.phase("dispatch"):              # dropped: past the room of one span
         pass
     timer.add_bytes("dispatch", 99)

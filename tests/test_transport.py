@@ -13,11 +13,10 @@ from mpi4py import MPI
 
 from spmd_moe.backend.array import BF16, Backend, choose_backend
 from spmd_moe.core.errors import ConfigError
-from spmd_moe.parallel import gpu_transport
+from spmd_moe.parallel.connect import make_transport
 from spmd_moe.parallel.device import DeviceArray, HostArrayOps, PinnedStaging
-from spmd_moe.parallel.gpu_transport import make_transport
 from spmd_moe.parallel.mpi_device import (CudaAwareMpiTransport, DeviceTransport,
-                                         PinnedHostMpiTransport)
+                                          PinnedHostMpiTransport)
 from spmd_moe.parallel.nccl import NcclTransport
 from spmd_moe.parallel.transport import (CUDA_AWARE_ENV, TRANSPORTS, HostMpiTransport, MpiLibrary,
                                          TransportChoice, choose_transport, mpi_library,
@@ -196,12 +195,12 @@ def test_numpy_backend_gets_the_host_transport(numpy_backend):
 
 def test_mpi_cuda_transport_refuses_an_unaware_library(numpy_backend):
     with pytest.raises(AssertionError, match="not CUDA-aware"):
-        gpu_transport.make(TransportChoice("mpi-cuda", "r"), numpy_backend,
+        make_transport(TransportChoice("mpi-cuda", "r"), numpy_backend,
                            ops=HostArrayOps(), library=UNAWARE)
 
 
 def test_mpi_cuda_transport_checks_again_before_each_call(numpy_backend):
-    transport = gpu_transport.make(TransportChoice("mpi-cuda", "r"), numpy_backend,
+    transport = make_transport(TransportChoice("mpi-cuda", "r"), numpy_backend,
                                    ops=HostArrayOps(), library=AWARE)
     assert isinstance(transport, CudaAwareMpiTransport)
     transport.library = UNAWARE           # e.g. a library object replaced after the fact
@@ -250,18 +249,18 @@ def test_mpi_cuda_synchronises_before_mpi_writes_fresh_device_memory(numpy_backe
 def test_nccl_refuses_ranks_sharing_a_gpu(numpy_backend):
     numpy_backend.choice.shared_device = True
     with pytest.raises(ConfigError, match="duplicate devices"):
-        gpu_transport.make(TransportChoice("nccl", "r"), numpy_backend, ops=HostArrayOps(),
+        make_transport(TransportChoice("nccl", "r"), numpy_backend, ops=HostArrayOps(),
                            nccl=object())
 
 
 def test_make_kinds(numpy_backend):
     ops = HostArrayOps()
-    assert isinstance(gpu_transport.make(TransportChoice("mpi-host", ""), numpy_backend,
+    assert isinstance(make_transport(TransportChoice("mpi-host", ""), numpy_backend,
                                          ops=ops), PinnedHostMpiTransport)
-    assert isinstance(gpu_transport.make(TransportChoice("nccl", ""), numpy_backend, ops=ops,
+    assert isinstance(make_transport(TransportChoice("nccl", ""), numpy_backend, ops=ops,
                                          nccl=object()), NcclTransport)
     with pytest.raises(ValueError):
-        gpu_transport.make(TransportChoice("ucx", ""), numpy_backend, ops=ops)
+        make_transport(TransportChoice("ucx", ""), numpy_backend, ops=ops)
 
 
 # --- one-rank data paths ----------------------------------------------------------------
@@ -410,3 +409,16 @@ def test_host_transport_words_are_16_bit_for_bf16():
     x = np.zeros((2, 3), dtype=BF16)
     assert HostMpiTransport.words(x).dtype == np.uint16
     assert isinstance(HostArrayOps().empty((1,), BF16), DeviceArray)
+
+
+def test_one_function_chooses_backend_and_transport():
+    """commands (run, bench, info) all open through parallel.connect: the same choice as
+    choose_backend and choose_transport would make, NCCL counted only on CuPy."""
+    from spmd_moe.parallel.connect import choose_backend_and_transport
+
+    choice, library, transport = choose_backend_and_transport(MPI.COMM_SELF, "numpy", "auto",
+                                                              0, 1)
+    assert choice.name == "numpy" and library.version
+    assert transport == choose_transport("auto", "numpy", library, nccl_available=False)
+    with pytest.raises(ConfigError, match="transport"):
+        choose_backend_and_transport(MPI.COMM_SELF, "numpy", "nccl", 0, 1)

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import ml_dtypes
 import numpy as np
 
+from ..core.trace import PassCursor
 from .host import host_memory, share_blas_threads
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -442,8 +443,8 @@ class PhaseTimer:
 
     With ``spans`` a list (trace.py's Tracer.arm), each phase is also kept as a span
     ``[name, start, stop, context, bytes]``: host seconds on NumPy, the CUDA events on the
-    GPU; ``context`` is ``self.context`` (what a stage pass sets: trace.SpanContext) unless
-    the phase names its own; consecutive spans of one phase in one context are one span;
+    GPU; ``context`` is where the running stage pass is (``self.cursor``: trace.PassCursor)
+    unless the phase names its own; consecutive spans of one phase in one context are one span;
     past ``span_room`` spans are counted in ``span_dropped``, not kept.
     """
 
@@ -455,7 +456,7 @@ class PhaseTimer:
     spans: list | None = None
     span_room: int = 0
     span_dropped: int = 0
-    context: Any = None
+    cursor: PassCursor = field(default_factory=PassCursor)
     _last_span: list | None = None        # the span the last phase went into (None: dropped)
 
     @contextlib.contextmanager
@@ -482,7 +483,7 @@ class PhaseTimer:
                     self._span(name, start, stop, context)
 
     def _span(self, name: str, start, stop, context) -> None:
-        context = self.context if context is None else context
+        context = self.cursor.context if context is None else context
         spans = self.spans
         if spans and spans[-1] is self._last_span and spans[-1][0] == name and \
                 spans[-1][3] == context:

@@ -188,8 +188,9 @@ def cmd_bench(args) -> int:
     from mpi4py import MPI
 
     from ..backend import kernels  # noqa: F401  (registers the fused kernels with the backend)
-    from ..backend.array import Backend, choose_backend
-    from .options import check_execution_arguments, gather_trace, start_trace
+    from ..backend.array import Backend
+    from ..parallel.connect import choose_backend_and_transport, make_transport
+    from .options import check_execution_arguments, gather_trace, memory_limit_bytes, start_trace
     from ..core.files import check_output_paths, text_writer, write_files
 
     comm = MPI.COMM_WORLD
@@ -211,8 +212,10 @@ def cmd_bench(args) -> int:
     shape = collective(comm, checked)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     try:
-        choice = collective(comm, choose_backend, args.backend, node.Get_rank(),
-                            node.Get_size())
+        # The layer step moves nothing between ranks: its transport is never built.
+        choice, _, transport_choice = choose_backend_and_transport(
+            comm, args.backend, args.transport if args.transport_only else "auto",
+            node.Get_rank(), node.Get_size())
     finally:
         node.Free()
     bk = Backend(choice, shape.dtype)
@@ -221,10 +224,10 @@ def cmd_bench(args) -> int:
         if rank == 0 and not args.quiet:
             say(f"spmd-moe bench: {text}")
 
-    limit = int(args.memory_limit * 2 ** 30) if args.memory_limit else None
+    limit = memory_limit_bytes(args)
     tracer = start_trace(comm, args)
     if args.transport_only:
-        transport = _open_transport(comm, bk, args.transport)
+        transport = collective(comm, make_transport, transport_choice, bk)
         if tracer is not None:
             tracer.deployment(f"rank {rank}: dispatch + combine")
         try:
@@ -257,18 +260,3 @@ def cmd_bench(args) -> int:
     if rank == 0:
         print(text, flush=True)
     return 0
-
-
-def _open_transport(comm, bk, requested: str):
-    from ..parallel.gpu_transport import make_transport
-    from ..parallel.transport import choose_transport, mpi_library
-
-    nccl = False
-    if bk.on_gpu:
-        try:
-            from cupy.cuda import nccl as cupy_nccl
-            nccl = bool(getattr(cupy_nccl, "available", True))
-        except Exception:
-            nccl = False
-    choice = collective(comm, choose_transport, requested, bk.name, mpi_library(), nccl)
-    return collective(comm, make_transport, choice, bk, comm)

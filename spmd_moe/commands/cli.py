@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 
 from . import bench, compare, generate, plan, plot
+from ..core.errors import ConfigError, SpmdMoeError, collective
 from .options import (ArgumentParser, abort_job, add_config_arguments, add_execution_arguments,
                       config_from_args, end_interrupted, gather_trace, load_batch,
                       memory_limit_bytes, on_rank_0, plan_workload, progress_reporter,
                       report_error, start_trace, start_watchdog)
-from ..core.errors import ConfigError, SpmdMoeError, collective
 
 # The commands that run under mpiexec.
 MPI_COMMANDS = ("run", "info", "bench", "compare", "generate", "export")
@@ -196,15 +196,13 @@ def model_kernels(choice, model) -> str:
 def cmd_info(args) -> int:
     from mpi4py import MPI
 
-    from ..backend.array import choose_backend, probe_cupy
-    from ..parallel.transport import choose_transport, mpi_library, nccl_available
+    from ..backend.array import probe_cupy
+    from ..parallel.connect import choose_backend_and_transport
 
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    library = mpi_library()
-    choice = collective(comm, choose_backend, args.backend, node.Get_rank(), node.Get_size())
-    transport = collective(comm, choose_transport, args.transport, choice.name, library,
-                           choice.name == "cupy" and nccl_available())
+    choice, library, transport = choose_backend_and_transport(
+        comm, args.backend, args.transport, node.Get_rank(), node.Get_size())
     cupy, why_not = probe_cupy()
     model = None
     if args.model:

@@ -190,7 +190,7 @@ def compare_outputs(ep: dict, baseline: dict, dtype: str) -> dict:
 def _side_by_side(ep: dict, baseline: dict, key: str = "phases_ms") -> dict:
     """{phase: {"ep_ms", "baseline_ms"}}: each the max over ranks (what a bulk-synchronous
     loop waits for), phases in the engine's order."""
-    from ..engine.engine import PHASES
+    from ..core.phases import PHASES
 
     names = [p for p in PHASES if p in ep[key] or p in baseline[key]]
     return {p: {"ep_ms": ep[key].get(p, {}).get("max", 0.0),

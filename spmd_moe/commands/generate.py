@@ -157,7 +157,7 @@ def cmd_generate(args) -> int:
     from mpi4py import MPI
 
     from ..model.checkpoint import checkpoint_run_config
-    from .options import on_rank_0, progress_reporter
+    from .options import memory_limit_bytes, on_rank_0, progress_reporter
     from ..core.files import check_output_path, text_writer, write_files
 
     comm = MPI.COMM_WORLD
@@ -180,7 +180,7 @@ def cmd_generate(args) -> int:
 
     config, texts = collective(comm, checked)
     texts = comm.bcast(texts, root=0)
-    limit = int(args.memory_limit * (1 << 30)) if args.memory_limit else None
+    limit = memory_limit_bytes(args)
     rows = generate_text(comm, config, texts, args.backend, args.transport, limit,
                          args.watchdog, progress_reporter(comm, args))
     lines = "".join(json.dumps(row) + "\n" for row in rows) if rank == 0 else ""

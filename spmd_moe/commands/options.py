@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.config import PRESETS, RunConfig, build_run_config
+from ..core.costs import GIB
 from ..core.errors import ConfigError, InputError, SpmdMoeError, collective, say
 from ..parallel.watchdog import DEFAULT_STALL_TIMEOUT, Watchdog
 
-GIB = 1 << 30
 
 
 class ArgumentParser(argparse.ArgumentParser):

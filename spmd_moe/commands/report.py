@@ -16,10 +16,10 @@ import numpy as np
 from .. import __version__
 from ..core.config import to_dict
 from ..core.costs import layer_flops
-from ..model.inputs import Batch
-from ..engine.engine import IDLE_PHASES, PHASES
+from ..core.phases import PHASES, STAGE_IDLE_PHASES
 from ..engine.runner import RunResult, Timing
 from ..engine.session import Session
+from ..model.inputs import Batch
 
 
 def _mean_timing(timings: list[Timing]) -> dict:
@@ -42,7 +42,7 @@ def _mean_timing(timings: list[Timing]) -> dict:
             counters[key] = counters.get(key, 0.0) + value / n
         for key, value in t.exchanges.items():
             exchanges[key] = exchanges.get(key, 0.0) + value / n
-        busy = sum(v for k, v in t.phases.items() if k not in IDLE_PHASES)
+        busy = sum(v for k, v in t.phases.items() if k not in STAGE_IDLE_PHASES)
         idle += max(0.0, t.wall - busy) / n
     return {"phases": phases, "bytes": sent, "counters": counters, "exchanges": exchanges,
             "idle": idle, "wall": [t.wall for t in timings]}
@@ -158,7 +158,7 @@ def _overlap_summary(summaries: list[dict], on: bool, asked: str, micro: int,
     why = ("two micro-batches in flight" if on else "off: --no-overlap" if asked == "off" else
            "off: one micro-batch" if micro < 2 else "off: one rank per stage" if group < 2
            else f"off: {micro} micro-batches over {stages} stages do not pay for the "
-                f"doubled fill (overlap.overlap_pays)")
+                f"doubled fill (chunks.overlap_pays)")
     out: dict = {"enabled": on, "reason": why}
     for key in ("in_flight", "exposed", "hidden"):
         out[f"{key}_ms"] = _over_ranks([s["exchanges"].get(f"{key}_s", 0.0) * 1e3

@@ -1,7 +1,7 @@
 """Chunked prefill: how a rank's sequences become the micro-batches of the pipeline.
 
 A micro-batch is a list of *chunks*, each a run of consecutive real tokens of one sequence
-(padding is dropped at the edge, data.py, so a chunk never holds padding). Chunk c of a
+(padding is dropped at the edge, model/inputs.py, so a chunk never holds padding). Chunk c of a
 sequence attends to the keys and values of its earlier chunks, which the same stage
 computed before and keeps in its KV cache (SPEC §2's last bullet; engine.py, kv_cache.py).
 

@@ -143,7 +143,7 @@ class WorkloadConfig:
     (0: the derived default), or, when ``micro_batches`` > 0, that many groups of whole
     sequences per rank. Decode steps use ``micro_batches`` groups (0: one per stage).
     ``overlap``: two micro-batches in flight on a stage, one's exchanges running while the
-    other computes (overlap.py): ``auto`` where it pays (overlap.overlap_pays), ``on``
+    other computes (overlap.py): ``auto`` where it pays (chunks.overlap_pays), ``on``
     wherever a stage has several ranks and two micro-batches, ``off``.
     """
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunks import ScheduleSize, schedule_size
-from .chunks import overlap_enabled
+from .chunks import ScheduleSize, overlap_enabled, schedule_size
 from .config import ModelConfig, RunConfig
 from .topology import Grid
 

@@ -1,55 +1,35 @@
-"""``--trace FILE.json``: a Chrome trace-event timeline of every rank (Perfetto, chrome://tracing).
+"""``--trace FILE.json``: a Chrome trace-event timeline of every rank (Perfetto,
+chrome://tracing; docs/PERFORMANCE.md, "Reading a trace", shows how to read one and what
+it costs).
 
-What is recorded, and how (docs/PERFORMANCE.md shows how to read one):
-
-- **Spans are the phases the report times**, no second instrument: backend.PhaseTimer, the
-  one timer every phase goes through (runner.WatchedTimer puts the watchdog's marks around
-  the same ``phase`` call), keeps each phase's (start, stop) when given a span list - host
-  clock readings on NumPy, the CUDA events it records anyway on the GPU. Each span carries
-  the :class:`SpanContext` of the stage pass it belongs to (micro-batch, slot, layer, rows)
-  and the bytes the phase sent. Consecutive spans of one phase in one context (nothing else
-  ran between them) are one span.
-- **Where a pass is** is ``timer.context``: a pass sets it when it starts (engine.py) and at
-  each layer; overlap.run_passes saves and restores it when it switches between the two
-  passes in flight; an exchange keeps the context it was started in, so a poke or a wait
-  of micro-batch 3's dispatch is drawn on micro-batch 3's row even while micro-batch 4
-  runs. runner.WatchedTimer hands the layer to the watchdog from the same context.
-- **Rows** (Chrome ``tid``s) of a rank (``pid`` = rank): 0 ``iterations`` (host: each timed
-  iteration or decode step, the barriers around it, the device sync, the set-up), 1
-  ``stage`` (phases outside a micro-batch: draining the sends to the next stage, returning
-  tokens), 2 and 3 the two overlap slots (micro-batch m runs in slot m % 2, so with
-  overlap on the two passes in flight are two rows). Idle waits are spans of their own:
-  ``stage_recv`` (waiting for the previous stage), ``stage_drain``, ``token_return``,
-  ``barrier``; the categories (``cat``) are ``compute``, ``comm`` (exchanges within the
-  stage), ``idle`` and ``host``.
-- **GPU times**: durations come from the CUDA events; each span is placed on the host
-  timeline by a reference event recorded at the start of the iteration right after the
-  device was synchronised (so it completes at once, at a host time read right after
-  recording it): ``t = t_ref + elapsed(ref, start)``. The error of the placement is the
-  launch latency of that one event (microseconds); durations are exact to the events'
-  resolution.
-- **Clocks**: every rank leaves a barrier at set-up and takes its host clock
-  (``time.perf_counter``) there as time zero. The residual skew is how far apart ranks left
-  that barrier; for ranks on one host (one system-wide monotonic clock) it is measured
-  exactly and written in the trace's metadata (``clock.barrier_exit_spread_us``, the spread
-  over three barriers: median and max); across hosts it is of the order of one barrier's
-  latency and not measured.
-- **Bounded memory**: a rank keeps at most ``limit`` spans (default
-  :data:`MAX_SPANS_PER_RANK`). Before running, :meth:`Tracer.plan` counts the spans the
-  schedule will make (micro-batches x the stage's layers x :data:`SPANS_PER_LAYER` per
-  iteration or step) and says on rank 0 which iterations will fit; while running, spans
-  beyond the limit are dropped and counted, and the trace's metadata says how many
-  (``truncated``). Nothing grows past the limit.
+- **Spans are the phases the report times**: backend.PhaseTimer, given a span list, keeps
+  each phase's (start, stop) (host clock on NumPy, its CUDA events on the GPU, placed on
+  the host timeline by a reference event), with the :class:`SpanContext` of the stage pass
+  it belongs to and the bytes it sent. Consecutive spans of one phase in one context merge.
+- **Where a pass is** is the timer's :class:`PassCursor`: the engine places it when a pass
+  starts and at each layer, overlap.run_passes swaps it between the two passes in flight,
+  an exchange keeps the context it was started in; the watchdog listens to it too.
+- **Rows** of a rank (``pid`` = rank): ``tid`` 0 the host's iterations, barriers and device
+  syncs, 1 the stage's phases outside a micro-batch, 2 and 3 the two overlap slots (micro-
+  batch m in slot m % 2). Categories (``cat``) from core/phases.py: ``compute``, ``comm``,
+  ``idle``, and ``host``.
+- **Clocks**: time zero is each rank's exit from a set-up barrier; the spread of that exit
+  (ranks on one host) is measured and written in the metadata.
+- **Bounded memory**: at most ``limit`` spans per rank (:data:`MAX_SPANS_PER_RANK`);
+  :meth:`Tracer.plan` says beforehand which iterations fit, spans beyond the limit are
+  dropped and counted (``truncated``).
 
 The trace is gathered to rank 0 (``gather``: collective) and written with the run's other
-outputs (data.write_files: all or none, atomically).
+outputs (files.write_files: all or none, atomically).
 """
 from __future__ import annotations
 
 import json
 import statistics
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
+
+from .phases import category
 
 # A rank keeps at most this many spans: ~200 bytes each in memory and in the file, so 20 MB
 # per rank (a 16-rank trace of 300 MB is still one Perfetto opens).
@@ -63,9 +43,6 @@ SPANS_PER_LAYER = 24
 ITERATIONS_TID, STAGE_TID, SLOT_TID = 0, 1, 2          # slot s is tid SLOT_TID + s
 THREAD_NAMES = {ITERATIONS_TID: "iterations (host)", STAGE_TID: "stage (between micro-batches)",
                 SLOT_TID: "slot 0 (even micro-batches)", SLOT_TID + 1: "slot 1 (odd micro-batches)"}
-COMM_PHASES = frozenset({"attn_allreduce", "count_exchange", "dispatch", "combine",
-                         "stage_send"})
-IDLE_PHASES = frozenset({"stage_recv", "stage_drain", "token_return", "barrier"})
 
 
 class SpanContext(NamedTuple):
@@ -79,10 +56,41 @@ class SpanContext(NamedTuple):
     rows: int = 0
 
 
-def category(name: str) -> str:
-    if name in IDLE_PHASES:
-        return "idle"
-    return "comm" if name in COMM_PHASES else "compute"
+class PassCursor:
+    """Where this rank's running stage pass is: its :class:`SpanContext`, None outside a
+    pass. The one owner of that position: the engine moves it (:meth:`start_pass`,
+    :meth:`at_layer`, :meth:`leave_layers`, :meth:`end`), overlap.run_passes swaps it between
+    the two passes in flight (:meth:`place`), the PhaseTimer stamps each span with it, and
+    listeners (the runner's watchdog) are told the layer whenever it is placed."""
+
+    def __init__(self) -> None:
+        self.context: SpanContext | None = None
+        self._listeners: list[Callable[[int], None]] = []
+
+    def listen(self, on_layer: Callable[[int], None]) -> None:
+        """``on_layer(layer)`` is called each time the cursor is placed in a pass."""
+        self._listeners.append(on_layer)
+
+    def place(self, context: SpanContext | None) -> None:
+        self.context = context
+        if context is not None:
+            for on_layer in self._listeners:
+                on_layer(context.layer)
+
+    def start_pass(self, micro_batch: int, rows: int) -> None:
+        """Micro-batch ``micro_batch`` (slot micro_batch % 2) starts, outside any layer."""
+        self.place(SpanContext(micro_batch, micro_batch % 2, -1, rows))
+
+    def at_layer(self, layer: int) -> None:
+        self.place((self.context or SpanContext(-1, -1))._replace(layer=layer))
+
+    def leave_layers(self) -> None:
+        if self.context is not None:
+            self.place(self.context._replace(layer=-1))
+
+    def end(self) -> None:
+        self.place(None)
+
 
 
 class Tracer:
@@ -245,7 +253,7 @@ def chrome_json(per_rank: list[dict], skew: dict, notes: list[str], limit: int) 
     for part in per_rank:
         for pid, tid, name, ts, dur, args in part["events"]:
             event = {"ph": "X", "name": name, "cat": "host" if tid == ITERATIONS_TID and
-                     name not in IDLE_PHASES else category(name), "pid": pid, "tid": tid,
+                     category(name) != "idle" else category(name), "pid": pid, "tid": tid,
                      "ts": ts, "dur": dur}
             if args:
                 event["args"] = args

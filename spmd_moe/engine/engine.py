@@ -39,28 +39,20 @@ import numpy as np
 
 from ..backend import kernels
 from ..backend.array import F32, Backend, PhaseTimer
-from ..core.chunks import MicroBatch, Schedule, prefill_schedule
-from ..core.chunks import overlap_enabled
+from ..core.chunks import MicroBatch, Schedule, overlap_enabled, prefill_schedule
 from ..core.config import RunConfig
-from ..model.inputs import Batch
-from ..moe.dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from ..core.errors import ConfigError, say
-from ..model.kv_cache import KVCache
+from ..core.topology import Topology
 from ..model.blocks import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head, pack,
                             qk_norm_rope, qk_square_sums, residual_add, rms_norm)
+from ..model.inputs import Batch
+from ..model.kv_cache import KVCache
+from ..model.weights import ModelWeights, build_weights
+from ..moe.dispatcher import AllreduceDispatcher, AlltoallDispatcher
 from ..moe.layer import moe_steps
 from ..parallel.overlap import CHECKPOINT, Flight, run_pass, run_passes
-from ..core.topology import Topology
-from ..core.trace import SpanContext
 from ..parallel.transport import allreduce_bytes
-from ..model.weights import ModelWeights, build_weights
 
-# The order phases appear in reports.
-PHASES = ("embed", "stage_recv", "attention", "attn_allreduce", "router", "permute",
-          "count_exchange", "dispatch", "experts", "combine", "unpermute", "residual",
-          "lm_head", "sample", "stage_send", "stage_drain", "token_return")
-# Phases in which a rank waits on another stage, not works: its pipeline idle time.
-IDLE_PHASES = ("stage_recv", "stage_drain")
 HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-step tags needed
 FAULT_ENV = "SPMD_MOE_FAULT"
 
@@ -263,10 +255,10 @@ class Engine:
             return residual_add(bk, h, moe)
 
     def _at_layer(self, layer: int, timer: PhaseTimer) -> None:
-        """Fault injection and progress marks: the pass's layer in the timer's context
-        (the watchdog's layer and the trace's: runner.WatchedTimer), and one stage pass
+        """Fault injection and progress marks: the pass's layer on the timer's cursor
+        (the watchdog's layer and the trace's), and one stage pass
         (a micro-batch through the stage) counted at the stage's first layer."""
-        timer.context = (timer.context or SpanContext(-1, -1))._replace(layer=layer)
+        timer.cursor.at_layer(layer)
         if layer == self.topo.layers.start:
             timer.count("stage_passes", 1)
         if self.fault is not None and layer == self.fault.layer:
@@ -297,8 +289,7 @@ class Engine:
                                             counts, slot)
         if cache is not None:
             cache.advance(packed)
-        if timer.context is not None:
-            timer.context = timer.context._replace(layer=-1)
+        timer.cursor.leave_layers()
         if topo.is_last_stage:
             return x
         with timer.phase("stage_send"):
@@ -333,7 +324,7 @@ class Engine:
 
     def overlaps(self, micro_batches: int) -> bool:
         """Whether two micro-batches go in flight (the ``overlap`` setting; ``auto``: where
-        it can pay, overlap.overlap_pays)."""
+        it can pay, chunks.overlap_pays)."""
         layout = self.topo.layout
         return overlap_enabled(self.config.workload.overlap, micro_batches, layout.pp,
                                layout.group, self.bk.name)
@@ -369,8 +360,8 @@ class Engine:
         out = StageOutput(expert_counts=np.zeros((self.model.n_layers, self.model.n_experts),
                                                  dtype=np.int64), schedule=schedule)
 
-        def one(m: int, mb: MicroBatch):
-            timer.context = SpanContext(m, m % 2, -1, mb.n_tokens)
+        def prefill_pass(m: int, mb: MicroBatch):
+            timer.cursor.start_pass(m, mb.n_tokens)
             packed = pack(self.bk, mb.seqs, mb.lengths, mb.starts)
             ids = self.chunk_ids(batch, mb) if self.topo.is_first_stage else None
             hidden = yield from self.pass_steps(packed, ids, timer, flight, cache,
@@ -380,9 +371,9 @@ class Engine:
             return self.logits_of(hidden, packed, timer, mb.ends), (
                 hidden if keep_hidden else None)
 
-        finished = run_passes([one(m, mb) for m, mb in enumerate(schedule.micro_batches)],
+        finished = run_passes([prefill_pass(m, mb) for m, mb in enumerate(schedule.micro_batches)],
                               flight, self.overlaps(schedule.count))
-        timer.context = None
+        timer.cursor.end()
         for result in finished:
             if result is not None:
                 out.logits.append(result[0])
@@ -424,8 +415,8 @@ class Engine:
         self.pending = []
         flight = flight if flight is not None else Flight(timer)
 
-        def one(m: int, seqs: np.ndarray):
-            timer.context = SpanContext(m, m % 2, -1, len(seqs))
+        def decode_pass(m: int, seqs: np.ndarray):
+            timer.cursor.start_pass(m, len(seqs))
             if topo.layout.pp == 1:
                 tokens = last_tokens[m]
             else:
@@ -451,9 +442,9 @@ class Engine:
             chosen[live] = self.sample(self.logits_of(hidden, packed, timer), timer)
             return chosen
 
-        new = run_passes([one(m, seqs) for m, seqs in enumerate(micro)], flight,
+        new = run_passes([decode_pass(m, seqs) for m, seqs in enumerate(micro)], flight,
                          self.overlaps(len(micro)))
-        timer.context = None
+        timer.cursor.end()
         self.finish_sends(timer)
         return new
 

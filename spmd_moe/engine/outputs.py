@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.topology import Grid
 from ..model.inputs import Batch
 from .session import Session
-from ..core.topology import Grid
 
 
 def _contributors(session: Session, batch_size: int) -> list[range]:

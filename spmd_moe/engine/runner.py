@@ -13,26 +13,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend.array import Backend, BackendChoice, PhaseTimer, available_memory, choose_backend
-from ..model.checkpoint import LoadStats, describe, load_weights, open_checkpoint
+from ..backend.array import Backend, BackendChoice, PhaseTimer, available_memory
+from ..backend.host import peak_resident_bytes, resident_bytes
 from ..core.chunks import Schedule
 from ..core.config import Layout, RunConfig
 from ..core.costs import GIB, rank_cost
-from ..model.inputs import Batch
-from .engine import Engine, injected_fault
 from ..core.errors import LayoutError, collective, say
-from ..parallel.gpu_transport import make_transport
-from ..backend.host import peak_resident_bytes, resident_bytes
-from .outputs import gather_prefill, gather_tokens
-from ..parallel.overlap import Flight
+from ..core.phases import WAIT_PHASES
 from ..core.progress import SILENT, Reporter
-from .session import Session
 from ..core.topology import Grid, Topology
 from ..core.trace import SPANS_PER_LAYER, Tracer, rank_label
-from ..parallel.transport import (MpiLibrary, TransportChoice, choose_transport, mpi_library,
-                                  nccl_available)
-from ..parallel.watchdog import Watchdog
+from ..model.checkpoint import LoadStats, describe, load_weights, open_checkpoint
+from ..model.inputs import Batch
 from ..model.weights import build_weights
+from ..parallel.connect import choose_backend_and_transport, make_transport
+from ..parallel.overlap import Flight
+from ..parallel.transport import MpiLibrary, TransportChoice
+from ..parallel.watchdog import Watchdog
+from .engine import Engine, injected_fault
+from .outputs import gather_prefill, gather_tokens
+from .session import Session
 
 
 def check_memory(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str,
@@ -124,11 +124,9 @@ def _plan_session(config, comm, lengths, layout, backend, transport, new_tokens,
         # allocated: a missing tensor or shard stops every rank here with the same error.
         checkpoint = (collective(comm, open_checkpoint, config.checkpoint, config.model)
                       if config.checkpoint else None)
-        choice = collective(comm, choose_backend, backend, topo.node_rank, topo.node_size)
+        choice, library, transport_choice = choose_backend_and_transport(
+            comm, backend, transport, topo.node_rank, topo.node_size)
         bk = Backend(choice, config.model.dtype)
-        library = mpi_library()
-        transport_choice = collective(comm, choose_transport, transport, bk.name, library,
-                                      bk.on_gpu and nccl_available())
 
         def memory_check() -> None:
             limit, source = ((memory_limit, "--memory-limit") if memory_limit is not None
@@ -148,7 +146,7 @@ def start_session(plan: SessionPlan, progress: Reporter = SILENT) -> Session:
     the checkpoint, or generated; ``progress`` shows how far). Collective."""
     watchdog, checkpoint, config = plan.watchdog, plan.checkpoint, plan.config
     with watchdog.waiting("set-up"):
-        moved = make_transport(plan.transport_choice, plan.backend, plan.topo.world)
+        moved = make_transport(plan.transport_choice, plan.backend)
     with watchdog.phase("weights"):
         started = time.perf_counter()
         topo = plan.topo
@@ -238,28 +236,16 @@ def _memory(before: int, timings: list[Timing]) -> dict[str, int]:
             "peak_rss": max(peak_resident_bytes(), before, *(t.rss for t in timings))}
 
 
-# Engine phases in which a rank waits for other ranks (the rest is computing).
-WAIT_PHASES = frozenset({"stage_recv", "attn_allreduce", "count_exchange", "dispatch",
-                         "combine", "stage_send", "stage_drain", "token_return"})
 
 
 class WatchedTimer:
     """A backend PhaseTimer whose phases also tell the watchdog where this rank is: the
-    phase, and the layer of the stage pass running (its ``context``, trace.SpanContext,
-    which --trace records with each span: one mark for both)."""
+    phase, and the layer of the stage pass running (the watchdog listens to the timer's
+    cursor, trace.PassCursor, which --trace records with each span: one mark for both)."""
 
     def __init__(self, timer: PhaseTimer, watchdog: Watchdog):
         self.timer, self.watchdog = timer, watchdog
-
-    @property
-    def context(self):
-        return self.timer.context
-
-    @context.setter
-    def context(self, context) -> None:
-        self.timer.context = context
-        if context is not None:
-            self.watchdog.at_layer(context.layer)
+        timer.cursor.listen(watchdog.at_layer)
 
     @contextlib.contextmanager
     def phase(self, name: str, context=None):

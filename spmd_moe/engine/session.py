@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backend.array import Backend, BackendChoice
-from ..model.checkpoint import LoadStats
 from ..core.config import RunConfig
-from .engine import Engine
 from ..core.progress import SILENT, Reporter
 from ..core.topology import Topology
+from ..model.checkpoint import LoadStats
 from ..parallel.transport import MpiLibrary, TransportChoice
 from ..parallel.watchdog import Watchdog
+from .engine import Engine
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The dense blocks of SPEC §1 in the order data flows: embedding, RMSNorm, q/k norms (the
 checkpoint families' difference, SPEC §8), RoPE, causal attention with grouped key/value
 heads, LM head. The MoE half of a layer lives in router.py, dispatcher.py, experts.py
-and moe_layer.py; the layer loop in engine.py.
+and layer.py of moe/; the layer loop in engine/engine.py.
 
-Tokens are *packed*: left padding is dropped once, at the edge (data.py), and every block
+Tokens are *packed*: left padding is dropped once, at the edge (inputs.py), and every block
 works on the real tokens of its sequences laid end to end, ``[T, ...]``, with per-sequence
 start rows and lengths. Padding is thus never computed, never routed, and its hidden state is
 zero by construction. With left padding, the causal mask of SPEC §1 restricted to a real
@@ -99,15 +99,6 @@ def residual_add(bk: Backend, h, moe):
     if bk.kernels is not None:
         return bk.kernels.residual_add(h, moe)
     return bk.store(h.astype(F32) + moe)
-
-
-def rms_norm_sharded(bk: Backend, x, gain, eps: float, width: int, reduce=None):
-    """RMSNorm over a row whose ``width`` columns may be split over ranks: x [T, w] holds
-    this rank's w columns, ``reduce`` sums a float32 [T, 1] array over the ranks holding the
-    others (None: x is the whole row, and this is :func:`rms_norm`)."""
-    if reduce is None:
-        return rms_norm(bk, x, gain, eps)
-    return rms_norm_summed(bk, x, gain, eps, width, reduce(square_sum(bk, x)))
 
 
 def square_sum(bk: Backend, x):

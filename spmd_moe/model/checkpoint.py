@@ -30,13 +30,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..backend.array import BF16, Backend
-from ..backend.array import storage_dtype
+from ..backend.array import BF16, Backend, storage_dtype
 from ..core.config import (ALIASES, DTYPES, DTYPE_ALIASES, MODEL_FIELDS, RunConfig, WorkloadConfig,
                            apply_settings, parse_set)
 from ..core.errors import ConfigError, InputError
-from .families import checkpoint_tensors, hf_config, model_config_from_hf, tensor_location
 from ..core.topology import Grid
+from .families import checkpoint_tensors, hf_config, model_config_from_hf, tensor_location
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

@@ -17,7 +17,7 @@ regrouped by local expert, and come back the same way in reverse.
 :class:`AllreduceDispatcher` (tensor-parallel baseline): every rank holds every expert's
 slice of F, so rows stay put and each row's partial expert outputs are summed by allreduce.
 
-Padding never reaches here: tokens are packed (model.py). Notation: T tokens on this rank,
+Padding never reaches here: tokens are packed (model/blocks.py). Notation: T tokens on this rank,
 k top-k, R = T*k routed rows, P ranks in the stage, E experts, El experts per rank, d width.
 """
 from __future__ import annotations

@@ -13,11 +13,11 @@ import numpy as np
 
 from ..backend.array import PhaseTimer
 from ..core.config import ModelConfig
+from ..model.weights import LayerWeights
+from ..parallel.overlap import CHECKPOINT, Flight
 from .dispatcher import Dispatcher
 from .experts import run_experts
-from ..parallel.overlap import CHECKPOINT, Flight
 from .router import route
-from ..model.weights import LayerWeights
 
 
 def moe_steps(dispatcher: Dispatcher, b, lw: LayerWeights, model: ModelConfig,

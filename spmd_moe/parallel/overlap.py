@@ -1,54 +1,20 @@
-"""Two micro-batches in flight on a stage: one's dispatch or combine moves while the other
-computes its attention or its experts (the two-micro-batch overlap of DeepSeek and SGLang).
+"""Stage passes in flight: the driver of the two-micro-batch overlap, and the accounting
+of every exchange (docs/ARCHITECTURE.md, "Overlap", has the why and the measurements).
 
-A stage pass of one micro-batch is a *generator* (engine.Engine.pass_steps): it computes
-until it has started a non-blocking exchange (dispatch, combine, a TP allreduce), yields
-that exchange, and gets its result back when it is resumed; between compute phases it also
-yields :data:`CHECKPOINT`, a point where it may be paused. :func:`run_passes` drives the
-passes of a stage's micro-batches in order:
-
-- without overlap, each pass runs to its end before the next starts, every exchange waited
-  at once (the bulk-synchronous loop of SPEC §3);
-- with overlap, two passes are in flight, the older first: it runs until it waits for an
-  exchange; meanwhile the newer one computes (A's dispatch moves while B computes its
-  attention, B's dispatch while A runs its experts, ...), and at each checkpoint of the
-  newer the driver tests whether the older's exchange has completed and, if so, goes back
-  to the older. Priority to the older keeps a micro-batch's time through the stage close
-  to its own work, which is what a pipeline's next stage waits for; plain alternation
-  would double it and with it the pipeline's fill time.
-
-The newer pass never gets ahead of the older: it runs only while the older waits at an
-exchange it has not itself started yet, and stops at its own next one, which is at most the
-older's (every pass yields the same sequence of exchanges). So a later
-chunk of a sequence finds its earlier chunks' keys in the KV cache of every layer it
-reaches, and passes finish, and send to the next stage, in order.
-
-Which pass runs when depends on when exchanges complete, which differs between ranks. The
-collectives of the two passes in flight therefore go on two communicators (``slot`` m % 2
-of micro-batch m: engine.py gives each slot its own Dup of the stage communicator), so each
-communicator sees its passes' collectives in program order on every rank, as MPI requires;
-pass m+2 starts on m's slot only once m has finished. Both ways run the same operations on
-the same data: outputs are bitwise identical.
-
-:class:`Flight` starts, tests and waits the exchanges and accounts for them. MPI moves data
-only inside MPI calls unless the library runs a progress thread (MPICH:
-``MPIR_CVAR_ASYNC_PROGRESS=1``), so the engine *pokes* (tests) the exchanges in flight
-between its compute phases. Per exchange, in host time:
-
-- **in flight**: from the start call's entry to the last moment the exchange was seen
-  incomplete (by a poke, or by a test just before the final wait). A lower bound of how long
-  it took: completion is only observed at pokes, and an exchange seen complete at its first
-  poke counts as over when its start call began.
-- **exposed**: the time this rank spent inside MPI calls for it (start, pokes, wait);
-- **hidden**: the time some exchange was in flight while this rank was not inside an MPI
-  call, i.e. computed. Per rank and forward these are lengths of unions over the exchanges
-  (two in flight at once count once), so hidden <= in flight <= the wall time. In a
-  bulk-synchronous stage an exchange also waits for its slowest peer to join; that wait,
-  too, is hidden when the rank computes meanwhile (the blocking loop pays it inside the
-  collective).
-
-On the GPU with NCCL (the exchange on a side stream) the device measures both: in flight is
-the side stream's time for it, exposed the time the compute stream stalled waiting for it.
+- A stage pass (engine.Engine.pass_steps) is a generator: it yields each non-blocking
+  exchange it has started (:meth:`Flight.start` returns an :class:`Exchange`) and gets the
+  exchange's result back when resumed; between compute phases it yields
+  :data:`CHECKPOINT`, where it may be paused.
+- :func:`run_passes` runs a stage's passes in order: one at a time (every exchange waited
+  at once: SPEC §3's bulk-synchronous loop), or two in flight, the older first, the newer
+  computing while the older waits, never getting ahead of it (so chunks find their earlier
+  chunks' keys, and passes finish in order). Both run the same operations on the same
+  data: outputs are bitwise identical. Pass m's collectives go on slot m % 2's
+  communicator (the engine's Dup of the stage communicator).
+- :class:`Flight` starts, pokes (MPI progresses only inside MPI calls), waits and accounts
+  for the exchanges: per rank and forward, **in flight**, **exposed** (inside MPI calls)
+  and **hidden** (in flight while computing), unions over the exchanges; a request with
+  ``device_times()`` (NCCL on its side stream) reports the device's own.
 """
 from __future__ import annotations
 
@@ -57,9 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterable
 
-# Receives from another stage: started and waited like exchanges, but they are the
-# pipeline's waits (engine.IDLE_PHASES), not communication within the stage.
-PIPELINE_PHASES = ("stage_recv", "token_return")
+from ..core.phases import FROM_STAGE_PHASES
 
 
 @dataclass
@@ -137,7 +101,7 @@ class Flight:
         with self.timer.phase(phase):
             request = starter()
         exchange = Exchange(phase, request, began, began, [(began, self.clock())],
-                            context=self.timer.context)
+                            context=self.timer.cursor.context)
         self.timer.add_bytes(phase, nbytes)
         self.pending.append(exchange)
         return exchange
@@ -186,7 +150,7 @@ class Flight:
         exchanges (two in flight at once count once); where a request has device times
         (``device_times() -> (in_flight, stalled)``: NCCL on its side stream) they are
         summed instead."""
-        exchanges = [e for e in self.finished if e.phase not in PIPELINE_PHASES]
+        exchanges = [e for e in self.finished if e.phase not in FROM_STAGE_PHASES]
         host = [e for e in exchanges if getattr(e.request, "device_times", None) is None]
         flying = _union([(e.began, e.seen_open) for e in host])
         calls = _union([c for e in host for c in e.calls])
@@ -235,7 +199,7 @@ class _InFlight:
     def __init__(self, index: int, steps: Pass):
         self.index, self.steps, self.item = index, steps, None
         self.exchanges = 0        # exchanges yielded so far (every pass yields the same)
-        self.context = None       # the timer's context while it runs (trace.py)
+        self.context = None       # where the pass is while it runs (trace.PassCursor)
 
     def ready(self, flight: Flight) -> bool:
         """Can run now without blocking: at a checkpoint, or its exchange is complete."""
@@ -260,9 +224,9 @@ def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
         value = None
         if entry.item is not None and entry.item is not CHECKPOINT:
             value = flight.wait(entry.item)
-        # The timer's context is the running pass's: set what the pass last left, keep
-        # what it leaves (a pass sets its own when it starts and at each layer).
-        flight.timer.context = entry.context
+        # The cursor is the running pass's: place what the pass last left, keep what it
+        # leaves (a pass places its own when it starts and at each layer).
+        flight.timer.cursor.place(entry.context)
         try:
             entry.item = entry.steps.send(value)
         except StopIteration as stop:
@@ -270,7 +234,7 @@ def run_passes(passes: Iterable[Pass], flight: Flight, overlap: bool) -> list:
             in_flight.remove(entry)
             return
         finally:
-            entry.context = flight.timer.context
+            entry.context = flight.timer.cursor.context
         if entry.item is not CHECKPOINT:
             entry.exchanges += 1
 

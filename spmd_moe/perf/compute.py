@@ -24,7 +24,7 @@ PASS_BYTES = 12
 
 
 # Un-fused elementwise passes per element of [t, d] (or [t, w], [t, E], [R, f]) arrays,
-# counted in model.py, router.py, moe_layer.py and backend.gelu's NumPy form.
+# counted in model/blocks.py, moe/router.py, moe/layer.py and backend.gelu's NumPy form.
 PASSES = {
     "norm": 5,            # astype, x*x, mean, *inv, *gain
     "rope": 9,            # per q and k: concat of negated halves, 2 products, a sum

@@ -25,6 +25,7 @@ from ..core.chunks import MicroBatch, overlap_enabled, prefill_schedule, whole_s
 from ..core.config import Layout, RunConfig
 from ..core.costs import GIB, rank_cost
 from ..core.errors import ConfigError, LayoutError
+from ..core.phases import LAYER_COMM_PHASES, LAYER_COMPUTE_PHASES, LAYER_PHASES
 from ..core.topology import Grid
 from .cluster import RATE_KEYS, Cluster, Rates, cluster_to_dict
 from .comm import allreduce_time, alltoallv_time, p2p_time
@@ -32,10 +33,6 @@ from .compute import GPU_OPS, OPS, embed_time, layer_compute, lm_head_time, rank
 
 # --- the prediction --------------------------------------------------------------------
 
-COMPUTE_PHASES = ("attention", "router", "permute", "experts", "unpermute", "residual")
-COMM_PHASES = ("attn_allreduce", "count_exchange", "dispatch", "combine")
-LAYER_ORDER = ("attention", "attn_allreduce", "router", "permute", "count_exchange",
-               "dispatch", "experts", "combine", "unpermute", "residual")
 
 
 @dataclass
@@ -78,7 +75,7 @@ def _decode_micro(config: RunConfig, layout: Layout, lengths: np.ndarray,
 
 def overlap_applies(config: RunConfig, layout: Layout, micro_batches: int,
                     backend: str = "cupy") -> bool:
-    """As engine.Engine.overlaps (overlap.overlap_enabled)."""
+    """As engine.Engine.overlaps (chunks.overlap_enabled)."""
     return overlap_enabled(config.workload.overlap, micro_batches, layout.pp, layout.group,
                            backend)
 
@@ -100,7 +97,7 @@ def exposed_comm(layer: dict[str, float], numpy: bool) -> dict[str, float]:
 
     On NumPy nothing is hidden: MPI progresses only inside MPI calls there (no progress
     thread), and the model has no term for the pokes between compute phases."""
-    out = {name: layer[name] for name in COMM_PHASES if name in layer}
+    out = {name: layer[name] for name in LAYER_COMM_PHASES if name in layer}
     if numpy:
         return out
     front = layer["attention"] + layer["router"] + layer["permute"]
@@ -204,14 +201,14 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
     op = rates.op_us * 1e-6
     for name in comm:
         comm[name] += op * OPS.get(name, 2)
-    layer = {name: max(p[name] for p in per_rank) for name in COMPUTE_PHASES}
+    layer = {name: max(p[name] for p in per_rank) for name in LAYER_COMPUTE_PHASES}
     layer.update(comm)
     exposed = exposed_comm(layer, backend == "numpy") if overlap else dict(comm)
     for phases in per_rank:
         phases.update(exposed)
         for name in list(phases):
             phases[name] *= n_layers
-    compute = sum(layer[name] for name in COMPUTE_PHASES)
+    compute = sum(layer[name] for name in LAYER_COMPUTE_PHASES)
     seconds = (compute + sum(exposed.values())) * n_layers
     alone = (compute + sum(comm.values())) * n_layers
     if backend != "numpy":
@@ -346,13 +343,13 @@ def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
                        new_tokens if work.workload == "decode" else 0) for r in range(world)]
     memory = max(c.memory_bytes for c in costs)
     rank_phases = prefill["rank_phases"]
-    names = [p for p in ("embed", "stage_recv") + LAYER_ORDER + ("lm_head", "stage_send")
+    names = [p for p in ("embed", "stage_recv") + LAYER_PHASES + ("lm_head", "stage_send")
              if any(p in r for r in rank_phases)]
     phases_ms = {p: {"mean": float(np.mean([r.get(p, 0.0) for r in rank_phases])) * 1e3,
                      "max": float(np.max([r.get(p, 0.0) for r in rank_phases])) * 1e3}
                  for p in names}
     busiest = max(prefill["stage_busy"])
-    comm_layer = sum(v for n, v in prefill["layer"].items() if n in COMM_PHASES)
+    comm_layer = sum(v for n, v in prefill["layer"].items() if n in LAYER_COMM_PHASES)
     layer_total = sum(prefill["layer"].values())
     exposed_layer = sum(prefill["exposed"].values())
     after_total = layer_total - comm_layer + exposed_layer
@@ -383,7 +380,7 @@ def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
         "bubble_fraction_ideal": (layout.pp - 1) / (prefill["micro_batches"] + layout.pp - 1),
         "comm_fraction_of_layer": comm_layer / layer_total if layer_total else 0.0,
         "comm_fraction_after_overlap": exposed_layer / after_total if after_total else 0.0,
-        "layer_ms": {p: prefill["layer"][p] * 1e3 for p in LAYER_ORDER
+        "layer_ms": {p: prefill["layer"][p] * 1e3 for p in LAYER_PHASES
                      if p in prefill["layer"]},
         "layer_exposed_ms": {p: v * 1e3 for p, v in prefill["exposed"].items()},
         "stage_busy_ms": [b * 1e3 for b in prefill["stage_busy"]],
@@ -395,7 +392,7 @@ def predict(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rates,
         "decode": {"context": context, "step_ms": decode_ms,
                    "tokens_per_s": work.batch_size / step["makespan"] if step["makespan"]
                    else 0.0,
-                   "layer_ms": {p: step["layer"][p] * 1e3 for p in LAYER_ORDER
+                   "layer_ms": {p: step["layer"][p] * 1e3 for p in LAYER_PHASES
                                 if p in step["layer"]}},
         "ms_per_token": {
             "reciprocal_throughput_us": 1e6 / tokens_per_s if tokens_per_s else 0.0,

@@ -2,8 +2,9 @@
 its claims, and a prediction beside a measured run."""
 from __future__ import annotations
 
+from ..core.phases import LAYER_COMM_PHASES
 from .cluster import RATE_KEYS
-from .perfmodel import COMM_PHASES, PAPER_CLAIMS
+from .perfmodel import PAPER_CLAIMS
 
 
 def _fmt_rate(x: float) -> str:
@@ -32,7 +33,7 @@ def format_prediction(p: dict) -> str:
     ]
     for name, ms in p["layer_ms"].items():
         kind = "compute"
-        if name in COMM_PHASES:
+        if name in LAYER_COMM_PHASES:
             kind = f"comm, {p['layer_exposed_ms'].get(name, ms):.3f} exposed"
         lines.append(f"    {name:<16}{ms:>12.3f}  {kind}")
     lines += [

@@ -7,16 +7,16 @@ Run under ``mpiexec -n N python -m pytest --with-mpi tests/mpi`` (bin/run-tests:
 The checkpoints are tests/data/hf's (bin/make-hf-fixtures); OLMoE's q/k norms under TP need
 a sum over the ranks, Qwen3-MoE's K/V heads are replicated when tp exceeds them.
 """
+import hf_fixtures as hf
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-import hf_fixtures as hf
-from spmd_moe.model.checkpoint import Checkpoint, checkpoint_run_config
 from spmd_moe.core.config import Layout
 from spmd_moe.core.errors import LayoutError
 from spmd_moe.engine.runner import open_session, run_decode, run_prefill
 from spmd_moe.engine.testing import relative_error
+from spmd_moe.model.checkpoint import Checkpoint, checkpoint_run_config
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()

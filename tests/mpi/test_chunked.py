@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from spmd_moe.commands.report import build_report
 from spmd_moe.core.chunks import overlap_pays
 from spmd_moe.core.config import Layout, build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.core.errors import LayoutError
-from spmd_moe.model.reference import reference_generate
-from spmd_moe.commands.report import build_report
+from spmd_moe.core.topology import Grid
 from spmd_moe.engine.runner import open_session, run_decode, run_prefill
 from spmd_moe.engine.testing import check_against_reference, reference_for
-from spmd_moe.core.topology import Grid
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.model.reference import reference_generate
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
@@ -143,7 +143,7 @@ def test_report_gives_the_schedule_idle_time_and_hidden_communication():
 def test_every_wait_of_an_overlapped_run_is_one_the_watchdog_sees(layout, monkeypatch):
     """Each test and wait of a started exchange or send (overlap.Flight's pokes and
     wait_first, the pipeline's drain, the returned tokens) happens while the rank is marked
-    waiting (runner.WAIT_PHASES or watchdog.waiting): a stalled peer is then named by the
+    waiting (phases.WAIT_PHASES or watchdog.waiting): a stalled peer is then named by the
     watchdog, with two micro-batches in flight too."""
     from spmd_moe.parallel import transport
     from spmd_moe.parallel.watchdog import Watchdog

@@ -9,9 +9,9 @@ from mpi4py import MPI
 from spmd_moe.commands.compare import (RunOptions, default_baseline_layout, default_ep_layout,
                                        run_compare)
 from spmd_moe.core.config import build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.core.errors import LayoutError
 from spmd_moe.engine.testing import check_against_reference, reference_for
+from spmd_moe.model.inputs import synthetic_input
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()

@@ -9,10 +9,10 @@ import pytest
 from mpi4py import MPI
 
 from spmd_moe.core.config import Layout, build_run_config
-from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.core.errors import LayoutError
-from spmd_moe.model.reference import reference_generate
 from spmd_moe.engine.testing import check_against_reference, reference_for, run_layout
+from spmd_moe.model.inputs import synthetic_input
+from spmd_moe.model.reference import reference_generate
 
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()

@@ -97,7 +97,7 @@ def compile_source(name: str, arch: str = "sm_90a",
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$SPMD_MOE_KERNEL_CACHE``, else
-    ``$XDG_CACHE_HOME/spmd_moe/kernels`` (``~/.cache/...``). Shared by every process of
+    ``$XDG_CACHE_HOME/spmd_moe/backend/kernels`` (``~/.cache/...``). Shared by every process of
     the user, so ranks and later runs load instead of compiling."""
     explicit = os.environ.get(CACHE_ENV)
     if explicit:

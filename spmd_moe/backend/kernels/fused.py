@@ -25,8 +25,7 @@ from .compile import load_module
 from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_HEAD_DIM, MAX_ROUTER_EXPERTS, ORDER_THREADS,
                        PADDED_HEAD_DIMS, ROUTER_THREADS, ROW_THREADS, TILE_ROWS,
                        attention_schedule, attention_variant, ffn_row_chunk, row_block, row_grid,
-                       row_vector_bytes, swiglu_element_bytes)
-from .schedule import tile_rows as choose_tile_rows
+                       row_vector_bytes, swiglu_element_bytes, tile_rows as choose_tile_rows)
 
 LOG2E = 1.4426950408889634
 # Bound on the expert FFN's [rows, F] hidden chunk. Paper shapes (F = 16384, bf16): 16384

@@ -7,7 +7,8 @@ import os
 import sys
 import time
 
-from .common import H200_DATASHEET_GBPS, failure_line, first_lines, write_json, run_command, run_timeout
+from .common import (H200_DATASHEET_GBPS, failure_line, first_lines, run_command, run_timeout,
+                     write_json)
 
 
 # The decode step measured on the GPU: the paper's model and one rank's 8 sequences of

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 
-from .common import first_lines, distribution_version, write_json
+from .common import distribution_version, first_lines, write_json
 
 
 def compile_kernels(mode: str) -> int:

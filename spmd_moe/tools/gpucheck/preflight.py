@@ -13,8 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .common import (LAUNCH_TIMEOUT, PROBE_KERNEL, RANKS_PROBE, first_lines, running, distribution_version,
-                     launch_prefix)
+from .common import (LAUNCH_TIMEOUT, PROBE_KERNEL, RANKS_PROBE, distribution_version, first_lines,
+                     launch_prefix, running)
 
 
 @dataclass

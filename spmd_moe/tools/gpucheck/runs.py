@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .common import failure_line, write_json, ranks_command, run_command
+from .common import failure_line, ranks_command, run_command, write_json
 
 
 CASES = [("tiny", "bfloat16"), ("tiny", "float32"), ("small", "bfloat16")]
