@@ -47,12 +47,21 @@ def _fits(layout: Layout, model: ModelConfig) -> bool:
     return True
 
 
+def _widest_fitting(model: ModelConfig, world_size: int, layout_of) -> Layout | None:
+    """``layout_of(n)`` for the largest divisor n of the world size that fits, or None."""
+    for n in _divisors_descending(world_size):
+        if _fits(layout_of(n), model):
+            return layout_of(n)
+    return None
+
+
 def default_ep_layout(model: ModelConfig, world_size: int) -> Layout:
     """``ep = W, pp = 1`` when it fits, else the largest ``ep`` dividing W and ``n_experts``
     with ``pp = W/ep <= n_layers``; refuses (naming the constraints) when none does."""
-    for ep in _divisors_descending(world_size):
-        if _fits(Layout(ep=ep, tp=1, pp=world_size // ep), model):
-            return Layout(ep=ep, tp=1, pp=world_size // ep)
+    found = _widest_fitting(model, world_size, lambda n: Layout(ep=n, tp=1,
+                                                                 pp=world_size // n))
+    if found is not None:
+        return found
     raise LayoutError("--ep-layout", (
         f"no expert-parallel layout fits {world_size} ranks: ep must divide both the world "
         f"size and n_experts={model.n_experts}, and pp = {world_size}/ep must be at most "
@@ -63,9 +72,10 @@ def default_ep_layout(model: ModelConfig, world_size: int) -> Layout:
 def default_baseline_layout(model: ModelConfig, world_size: int) -> Layout:
     """The largest ``tp`` dividing W, ``n_heads`` and ``d_ff`` with ``pp = W/tp <=
     n_layers``; ``tp = 1`` (a pure pipeline) when only that fits."""
-    for tp in _divisors_descending(world_size):
-        if _fits(Layout(ep=1, tp=tp, pp=world_size // tp), model):
-            return Layout(ep=1, tp=tp, pp=world_size // tp)
+    found = _widest_fitting(model, world_size, lambda n: Layout(ep=1, tp=n,
+                                                                 pp=world_size // n))
+    if found is not None:
+        return found
     raise LayoutError("--baseline-layout", (
         f"no tensor-parallel baseline fits {world_size} ranks: tp must divide the world size, "
         f"n_heads={model.n_heads} and d_ff={model.d_ff}, and pp = {world_size}/tp must be at "
