@@ -310,7 +310,7 @@ def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
 def test_a_config_file_that_is_not_a_file_is_refused():
     result = spmd_moe("run", "--config", "/dev/zero", ranks=2, per_rank_status=True,
                       timeout=60)
-    check_refused(result, "--config: /dev/zero is not a regular file")
+    check_refused(result, "--config: /dev/zero is a character device, not a regular file")
 
 
 def test_a_config_with_a_model_section_and_an_input_runs_the_inputs_workload(tmp_path):
