@@ -638,6 +638,7 @@ def test_limits_and_export_paths_are_one_line(tmp_path, args, env, message):
     assert sorted(os.listdir(tmp_path)) == ["dangling"]
 
 
+@pytest.mark.slow
 def test_an_export_ended_by_a_signal_leaves_nothing_and_can_be_rerun(tmp_path):
     """SIGTERM while the shards are written: no directory (before, 6 of 11 shards and no
     config.json, and a rerun was refused), no temporary left; the rerun writes it whole."""

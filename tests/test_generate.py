@@ -156,6 +156,7 @@ def test_a_lone_surrogate_on_the_command_line_is_one_line():
         read_prompts(["fine", "a\udcff"], None)
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_named_by_generate_s_watchdog(tmp_path):
     """generate has --stall-timeout: a rank stopped at layer 0 hung it forever before."""
     result = spmd_moe("generate", "--model", hf.path("olmoe"), "--prompt", "a small model",
