@@ -6,11 +6,17 @@
   fails at once unless the world really has N ranks. A launcher that did not give the
   ranks would otherwise run every multi-rank test at size 1, skip them all, and pass.
 - ``@pytest.mark.gpu`` tests are skipped cleanly unless a CUDA device is usable.
+- Every test has a time limit (pytest-timeout: ``timeout`` in pyproject.toml, stricter
+  ``--timeout`` for bin/run-tests' MPI phases). Under mpiexec a hung rank sits in a C-level
+  MPI call where no signal handler runs, so each rank's limit is a thread of its own here:
+  it names the test and aborts every rank (a deadlock fails the suite with its name
+  instead of stalling it until CI's limit).
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import pytest
 
@@ -56,3 +62,36 @@ def pytest_runtest_makereport(item, call):
             print(f"\n[rank {world.Get_rank()}] {item.nodeid} failed:\n{report.longreprtext}",
                   file=sys.stderr, flush=True)
             world.Abort(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+    """Under mpiexec: a thread that, when the test outlives its limit, names it and aborts
+    the job (watchdog.abort: from any thread, every rank). Alone: pytest-timeout's own."""
+    world = _world()
+    if world.Get_size() == 1 or not settings.timeout:
+        return None
+
+    def expire():
+        from spmd_moe.parallel.watchdog import abort
+
+        capture = item.config.pluginmanager.getplugin("capturemanager")
+        if capture is not None:           # the line goes to the real stderr, not pytest's
+            capture.suspend_global_capture(in_=True)
+        abort(world, 1, f"[rank {world.Get_rank()}] {item.nodeid} ran past its time limit "
+                        f"of {settings.timeout:g} s (a hang?): aborting every rank")
+
+    timer = threading.Timer(settings.timeout, expire)
+    timer.daemon = True
+    timer.start()
+    item.mpi_timer = timer
+    return True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item):
+    timer = getattr(item, "mpi_timer", None)
+    if timer is None:
+        return None
+    timer.cancel()
+    return True

@@ -335,20 +335,17 @@ def rewrite_index(directory: str, change) -> None:
         json.dump(index, handle)
 
 
-def opened_paths(monkeypatch) -> list[str]:
-    """Every path opened from now on (builtins.open and numpy's memmap), resolved."""
-    seen, real_open, real_memmap = [], open, np.memmap
+def opened_by_os(monkeypatch) -> list[str]:
+    """Every path os.open is asked for from now on, resolved: the read door opens every
+    file of a model directory with it (the safetensors files are mapped from its handles,
+    never reopened by name)."""
+    seen, real = [], os.open
 
-    def spy_open(path, *args, **kwargs):
+    def spy(path, *args, **kwargs):
         seen.append(os.path.realpath(path))
-        return real_open(path, *args, **kwargs)
+        return real(path, *args, **kwargs)
 
-    def spy_memmap(path, *args, **kwargs):
-        seen.append(os.path.realpath(path))
-        return real_memmap(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", spy_open)
-    monkeypatch.setattr(np, "memmap", spy_memmap)
+    monkeypatch.setattr(os, "open", spy)
     return seen
 
 
@@ -364,7 +361,7 @@ def test_a_shard_name_that_leaves_the_directory_is_refused_before_opening(tmp_pa
     shutil.copy(os.path.join(directory, first), tmp_path / "outside" / "x.safetensors")
     rewrite_index(directory, lambda weights: weights.update(
         {n: shard for n, f in list(weights.items()) if f == first}))
-    opened = opened_paths(monkeypatch)
+    opened = opened_by_os(monkeypatch)
     message = refused(directory)
     assert message.startswith("model.safetensors.index.json weight_map: shard ")
     assert "\n" not in message
@@ -412,7 +409,7 @@ def test_truncated_file_is_caught_from_its_header(tmp_path):
 
 
 def test_directory_without_weights_or_config(tmp_path):
-    with pytest.raises(InputError, match="config.json does not exist"):
+    with pytest.raises(InputError, match="config.json: cannot read .*: No such file"):
         checkpoint_run_config(str(tmp_path))
     shutil.copy(os.path.join(hf.path("olmoe"), "config.json"), tmp_path)
     assert "has neither model.safetensors nor model.safetensors.index.json" in refused(
@@ -519,3 +516,244 @@ def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
     assert relative_error(logits, on_numpy) < TOLERANCE["bfloat16"]
     if name == hf.BF16:
         assert relative_error(logits, want["logits"]) < TOLERANCE["bfloat16"]
+
+
+# --- hostile model directories (issue #22): every file through the read door -------------
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer.json",
+                                  "model.safetensors.index.json",
+                                  "model-00002-of-00003.safetensors"])
+def test_no_file_of_a_model_directory_is_read_outside_it(tmp_path, name, monkeypatch):
+    """Any file of the directory linked outside it is refused before it is opened: the
+    target is a FIFO, which an open would block on and a read would report as such."""
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    os.mkfifo(tmp_path / "trap")
+    os.remove(os.path.join(directory, name))
+    os.symlink(tmp_path / "trap", os.path.join(directory, name))
+    opened = opened_by_os(monkeypatch)
+    with pytest.raises((InputError, ConfigError)) as info:
+        config = checkpoint_run_config(directory, ["workload=decode", "new_tokens=2"])
+        open_checkpoint(directory, config.model)
+        eos_token_ids(directory)
+        TextTokenizer(directory)
+    message = str(info.value)
+    assert "outside" in message and "FIFO" not in message, message
+    assert str(tmp_path / "trap") not in opened
+
+
+def test_a_fifo_as_config_json_is_reported_as_what_it_is(tmp_path):
+    directory = copy_fixture(tmp_path, "olmoe")
+    os.remove(os.path.join(directory, "config.json"))
+    os.mkfifo(os.path.join(directory, "config.json"))
+    with pytest.raises(InputError, match="^config.json: .*config.json is a FIFO, not a "
+                                         "regular file$"):
+        checkpoint_run_config(directory)
+
+
+def edit_json(path, change) -> None:
+    with open(path) as handle:
+        data = json.load(handle)
+    change(data)
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=5), "config.json architectures: 5 must be a string or an array of "
+                            "strings"),
+    (dict(architectures=[{"x": 1}]), "config.json architectures: [{'x': 1}] must be"),
+    (dict(model_type=[1], architectures=[]), "config.json model_type: [1] must be a string"),
+    (dict(layer_types=[[1]]), "config.json layer_types: [[1]] must be an array of strings"),
+    (dict(num_hidden_layers=2.0), "config.json num_hidden_layers: 2.0 must be an integer"),
+    (dict(rope_scaling="linear"), "config.json rope_scaling: 'linear' must be an object"),
+    (dict(tie_word_embeddings="no"), "config.json tie_word_embeddings: 'no' must be true"),
+    (dict(mlp_only_layers=["0"]), "config.json mlp_only_layers: ['0'] must be an array of "
+                                  "integers"),
+])
+def test_config_json_fields_are_type_checked_before_use(change, message):
+    with pytest.raises(ConfigError) as info:
+        model_config_from_hf(mixtral_config(**change))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("value, message", [
+    (1e26, "generation_config.json eos_token_id: 1e+26 must be an integer or an array of "
+           "integers"),
+    (100, "generation_config.json eos_token_id: 100 is not a token id (0 .. 99)"),
+    ([2, -1], "generation_config.json eos_token_id: -1 is not a token id"),
+    ([True], "generation_config.json eos_token_id: [True] must be an integer or an array"),
+    (10 ** 30, "generation_config.json eos_token_id: 1000000000000000000000000000000 is not"),
+])
+def test_eos_ids_are_token_ids_of_the_vocabulary(tmp_path, value, message):
+    directory = copy_fixture(tmp_path, "olmoe")
+    edit_json(os.path.join(directory, "generation_config.json"),
+              lambda data: data.update(eos_token_id=value))
+    with pytest.raises(InputError) as info:
+        eos_token_ids(directory, vocab_size=100)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_generation_config_that_is_not_an_object_is_one_line(tmp_path):
+    directory = copy_fixture(tmp_path, "olmoe")
+    with open(os.path.join(directory, "generation_config.json"), "w") as handle:
+        handle.write("[1]")
+    with pytest.raises(InputError, match="^generation_config.json: must be a JSON object, not "
+                                         "an array"):
+        eos_token_ids(directory)
+
+
+def write_raw_safetensors(path, header: dict, data_bytes: int) -> None:
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw + bytes(data_bytes))
+
+
+def olmoe_with(tmp_path, entries: dict, data_bytes: int) -> str:
+    """The olmoe fixture whose model.safetensors gets ``entries`` added to its header."""
+    directory = copy_fixture(tmp_path, "olmoe")
+    path = os.path.join(directory, "model.safetensors")
+    with safe_open(path, "numpy") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    header, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        blobs.append(array.tobytes())
+    header.update(entries)
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw + b"".join(blobs) + bytes(data_bytes))
+    return directory
+
+
+NAME = "model.layers.0.mlp.gate.weight"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F32", "shape": [8, 2.0], "data_offsets": [0, 64]},
+     f"tensor {NAME} shape: [8, 2.0] must be an array of integers"),
+    ({"dtype": "F32", "shape": ["8", 16], "data_offsets": [0, 64]},
+     f"tensor {NAME} shape: ['8', 16] must be an array of integers"),
+    ({"dtype": "F32", "shape": [-8, -16], "data_offsets": [0, 512]}, f"tensor {NAME} shape: "),
+    ({"dtype": 5, "shape": [8, 16], "data_offsets": [0, 512]},
+     f"tensor {NAME} dtype: 5 must be a string"),
+    ({"dtype": "F32", "shape": [8, 16], "data_offsets": [0, 512, 1]},
+     f"tensor {NAME} data_offsets: "),
+    ({"dtype": "F32", "shape": [8, 16], "data_offsets": [0, 512]}, "its data overlaps tensor"),
+])
+def test_safetensors_header_entries_are_type_checked(tmp_path, entry, message):
+    # The gate's entry replaced (same name: a JSON object keeps the last one).
+    directory = olmoe_with(tmp_path, {NAME: entry}, 0)
+    model = checkpoint_run_config(directory).model
+    with pytest.raises(InputError) as info:
+        open_checkpoint(directory, model)
+    assert message in str(info.value), str(info.value)
+
+
+def test_a_tensor_entered_twice_is_refused(tmp_path):
+    directory = copy_fixture(tmp_path, "olmoe")
+    path = os.path.join(directory, "model.safetensors")
+    entry = '{"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+    raw = f'{{"a": {entry}, "a": {entry}}}'.encode()
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(InputError, match="has the key 'a' twice"):
+        open_checkpoint(directory, checkpoint_run_config(directory).model)
+
+
+def test_a_header_is_sized_before_it_is_held(tmp_path):
+    """A header longer than the model's tensors can take is refused from its 8-byte length,
+    before any of it is read (3 shards of 700k dummy entries took 1.28 GB per rank)."""
+    from spmd_moe.model.checkpoint import HEADER_BYTES_PER_TENSOR, HEADER_SLACK, header_limit
+
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    model = checkpoint_run_config(directory).model
+    limit = header_limit(model)
+    assert limit == HEADER_SLACK + HEADER_BYTES_PER_TENSOR * len(list(checkpoint_tensors(model)))
+    path = os.path.join(directory, "model-00002-of-00003.safetensors")
+    with open(path, "wb") as handle:
+        handle.write((limit + 1).to_bytes(8, "little"))
+        handle.truncate(8 + limit + 1)                 # sparse: a huge header, never read
+    with pytest.raises(InputError, match=f"header of {limit + 1} bytes; the tensors this "
+                                         f"model needs take at most {limit}"):
+        open_checkpoint(directory, model)
+
+
+def test_only_the_tensors_the_model_needs_are_kept(tmp_path):
+    dummies = {f"junk.{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+               for i in range(2000)}
+    directory = olmoe_with(tmp_path, dummies, 0)
+    model = checkpoint_run_config(directory).model
+    checkpoint = open_checkpoint(directory, model)
+    assert set(checkpoint.tensors) == {w.name for _, w in checkpoint_tensors(model)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_hidden_layers=20000),
+     "tensor model.layers.3.self_attn.q_proj.weight: missing from model.safetensors"),
+    (dict(num_hidden_layers=20000, num_experts=2000),
+     "tensor model.layers.0.mlp.gate.weight: shape [8, 16] in model.safetensors, but "
+     "config.json gives [2000, 16]"),
+])
+def test_the_name_check_stops_at_the_first_missing_tensor(tmp_path, change, message):
+    """20,000 layers x 2,000 experts of size 1 hung in set-up listing 120 M names (and
+    every rank's memory grew by 30 MB/s) while ``plan`` said it fits."""
+    directory = copy_fixture(tmp_path, "olmoe")
+    edit_json(os.path.join(directory, "config.json"), lambda data: data.update(change))
+    model = checkpoint_run_config(directory).model
+    with pytest.raises(InputError) as info:
+        open_checkpoint(directory, model)
+    assert str(info.value).startswith(message)
+
+
+def test_an_index_that_is_not_a_map_is_refused(tmp_path):
+    directory = copy_fixture(tmp_path, "qwen3_moe")
+    edit_json(os.path.join(directory, "model.safetensors.index.json"),
+              lambda data: data.update(weight_map=["model-00001-of-00003.safetensors"]))
+    with pytest.raises(InputError, match="^model.safetensors.index.json weight_map: \\['model"
+                                         ".*must be an object"):
+        open_checkpoint(directory, checkpoint_run_config(directory).model)
+
+
+def test_export_writes_files_the_safetensors_package_reads(tmp_path):
+    config = build_run_config("tiny")
+    files = export_generated(config, str(tmp_path / "m"), 20_000)
+    checkpoint = Checkpoint(str(tmp_path / "m"))
+    for name in files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(tmp_path / "m" / name), "numpy") as theirs:
+                for tensor in theirs.keys():
+                    assert theirs.get_tensor(tensor).tobytes() == \
+                        checkpoint.read(tensor).tobytes()
+
+
+def test_export_leaves_nothing_when_writing_fails(tmp_path, monkeypatch):
+    """A full disk on the third shard: no directory, no temporary, one-line error."""
+    import errno
+
+    from spmd_moe.core.errors import OutputError
+    from spmd_moe.model import checkpoint as module
+
+    real, written = module.write_safetensors, []
+
+    def failing(out, *args):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(real(out, *args))
+
+    monkeypatch.setattr(module, "write_safetensors", failing)
+    with pytest.raises(OutputError, match=f"^export: cannot write {tmp_path / 'm'}: No space "
+                                          "left on device$"):
+        export_generated(build_run_config("tiny"), str(tmp_path / "m"), 20_000)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(module, "write_safetensors", real)
+    assert "config.json" in export_generated(build_run_config("tiny"), str(tmp_path / "m"))
+
+
+def test_export_checks_host_memory_first(tmp_path, monkeypatch):
+    monkeypatch.setattr("spmd_moe.backend.host.host_memory", lambda ranks: (1000, "test"))
+    with pytest.raises(ConfigError, match="^export: writing .* needs 0.0 GiB of host memory "
+                                          r"\(its largest tensor\) but 0.0 GiB is available"):
+        export_generated(build_run_config("tiny"), str(tmp_path / "m"))
+    assert os.listdir(tmp_path) == []

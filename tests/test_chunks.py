@@ -143,3 +143,19 @@ def test_default_chunk_gemm_floor_when_the_batch_is_small():
     assert chunk_choice(TINY.model, layout, work, lengths, "numpy") == cpu
     given = WorkloadConfig(batch_size=5, seq_len=11, chunk_tokens=3)
     assert chunk_choice(TINY.model, layout, given, lengths).tokens == 3
+
+
+@pytest.mark.parametrize("ep, lengths, busiest", [
+    (2, [10, 10, 3000, 3000], 6000),          # rank 1 holds 6000 tokens, rank 0 twenty
+    (3, [5, 5, 5, 5, 4000, 4000], 8000),      # the last rank of the stage
+])
+def test_the_default_chunk_counts_the_busiest_rank_of_the_stage(ep, lengths, busiest):
+    """Issue #22: a mutation counting only rank 0's tokens survived the suite. One stage
+    wants two micro-batches of the busiest rank's tokens (not rank 0's, whose 20 or 10
+    would leave the GEMM floor, 128 x 12 / (2 x ep), in charge)."""
+    for pp in (1, 2):
+        choice = default_chunk_tokens(TINY.model, Layout(ep=ep, tp=1, pp=pp),
+                                      np.array(lengths), "numpy")
+        target = 2 if pp == 1 else 9
+        assert choice.tokens == busiest // target
+        assert f"of the {busiest} tokens a rank holds" in choice.reason

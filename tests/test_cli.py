@@ -39,6 +39,9 @@ def spmd_moe(*args, ranks=1, env=None, per_rank_status=False, preexec_fn=None,
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"still running after {timeout} s (killed):\n{stderr}")
+    except BaseException:                 # the test's own time limit: leave no job behind
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
@@ -174,12 +177,12 @@ BAD_INPUTS = {
                                   "--new-tokens: generates tokens only with --workload decode"),
     "layout key repeated": (["--layout", "ep=2,ep=1"], "layout: 'ep=2,ep=1' gives ep twice"),
     "micro-batches beyond the batch": (["--micro-batches", "1000000000"],
-                                       "micro_batches: 1000000000 is more than batch_size=5"),
-    "negative chunk": (["--chunk-tokens", "-3"], "chunk_tokens: -3 must be an integer >= 0"),
+                                       "--micro-batches: 1000000000 is more than batch_size=5"),
+    "negative chunk": (["--chunk-tokens", "-3"], "--chunk-tokens: -3 must be an integer >= 0"),
     "huge chunk": (["--chunk-tokens", "99999999999"],
-                   "chunk_tokens: 99999999999 is too large (at most 2147483647)"),
+                   "--chunk-tokens: 99999999999 is too large (at most 2147483647)"),
     "chunks and whole micro-batches": (["--chunk-tokens", "4", "--micro-batches", "2"],
-                                       "chunk_tokens: 4 chunk tokens and micro_batches=2"),
+                                       "--chunk-tokens: 4 chunk tokens and micro_batches=2"),
     "overlap not a setting": (["--set", "overlap=maybe"], "overlap: 'maybe' is not one of"),
     "overlap both ways": (["--overlap", "--no-overlap"], "arguments: argument --no-overlap"),
 }
@@ -201,8 +204,8 @@ BAD_FILES = {
     "right padding": (dict(ids=np.ones((1, 3), int), mask=np.array([[1, 1, 0]])),
                       "input mask: sequence 0 is not left-padded"),
     "prompt too long for decode": (dict(ids=np.ones((1, 60), int)),
-                                   "sequence 0's prompt length 60 + new_tokens 10 = 70 "
-                                   "exceeds max_seq_len=64"),
+                                   "in.npz: sequence 0's prompt length 60 + "
+                                   "new_tokens 10 = 70 exceeds max_seq_len=64"),
 }
 
 
@@ -310,7 +313,7 @@ def test_an_input_that_inflates_is_refused_before_its_ids_are_read(tmp_path):
 def test_a_config_file_that_is_not_a_file_is_refused():
     result = spmd_moe("run", "--config", "/dev/zero", ranks=2, per_rank_status=True,
                       timeout=60)
-    check_refused(result, "--config: /dev/zero is not a regular file")
+    check_refused(result, "--config: /dev/zero is a character device, not a regular file")
 
 
 def test_a_config_with_a_model_section_and_an_input_runs_the_inputs_workload(tmp_path):
@@ -569,3 +572,97 @@ def test_bench_and_compare_check_their_output_paths(tmp_path):
     compare = spmd_moe("compare", "--preset", "tiny", "--report", str(tmp_path / "fifo"),
                        ranks=2, per_rank_status=True)
     check_refused(compare, f"--report: {tmp_path / 'fifo'} is a FIFO")
+
+
+# --- hostile files, limits and rates (issue #22) -------------------------------------------
+
+def test_no_command_writes_over_its_input(tmp_path):
+    np.savez(tmp_path / "in.npz", ids=np.array([[1, 2, 3]]))
+    before = (tmp_path / "in.npz").read_bytes()
+    result = spmd_moe("run", "--preset", "tiny", "--input", str(tmp_path / "in.npz"),
+                      "--output", str(tmp_path / "in.npz"), ranks=2, per_rank_status=True)
+    check_refused(result, f"--output: {tmp_path / 'in.npz'} is the input --input")
+    model = copy_checkpoint(tmp_path, "olmoe")
+    for option in ("--report", "--trace"):
+        result = spmd_moe("run", "--model", str(model), option, str(model / "config.json"),
+                          per_rank_status=True, ranks=1)
+        check_refused(result, f"{option}: {model / 'config.json'} is the input --model",
+                      ranks=1)
+    assert (tmp_path / "in.npz").read_bytes() == before
+    assert json.loads((model / "config.json").read_text())["model_type"] == "olmoe"
+
+
+def test_a_newline_in_a_config_string_cannot_forge_a_second_error_line(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"preset": "tiny", "dtype": "x\nspmd-moe: error: forged"}))
+    result = spmd_moe("run", "--config", str(config), per_rank_status=True, ranks=1)
+    check_refused(result, "dtype: 'x\\nspmd-moe: error: forged' is not one of", ranks=1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hbm-gbps", "0"], "--hbm-gbps: 0.0 must be a finite number of GB/s > 0"),
+    (["--hbm-gbps", "nan"], "--hbm-gbps: nan must be a finite number of GB/s > 0"),
+    (["--hbm-gbps", "-5"], "--hbm-gbps: -5.0 must be a finite number of GB/s > 0"),
+    (["--device-memory", "nan"], "--device-memory: nan must be a finite number of GiB > 0"),
+    (["--device-memory", "inf"], "--device-memory: inf must be a finite number of GiB > 0"),
+])
+def test_plan_limits_and_rates_are_finite_and_positive(args, message, capsys):
+    from spmd_moe.commands import cli
+
+    assert cli.main(["plan", "--preset", "tiny", "--world-size", "1", "--workload", "decode",
+                     "--new-tokens", "2", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"spmd-moe: error: {message}\n" and "fits" not in captured.out
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["run", "--preset", "tiny", "--workload", "decode", "--new-tokens", "1000000000"], {},
+     "--new-tokens: prompt length 11 + new_tokens 1000000000"),
+    (["run", "--preset", "tiny"], {"SPMD_MOE_FAULT": "0:0:sleep:1e300"},
+     "SPMD_MOE_FAULT: '0:0:sleep:1e300': SECONDS must be a number in [0, 86400]"),
+    (["run", "--preset", "tiny"], {"SPMD_MOE_FAULT": "0:0:sleep:nan"},
+     "SPMD_MOE_FAULT: '0:0:sleep:nan': SECONDS must be"),
+    (["export", "--preset", "tiny", "--max-shard-size", "inf", "{t}/m"], {},
+     "--max-shard-size: inf must be a finite number of MB > 0"),
+    (["export", "--preset", "tiny", "--max-shard-size", "1e-9", "{t}/m"], {},
+     "--max-shard-size: 1e-09 MB is less than a byte"),
+    (["export", "--preset", "tiny", ""], {}, "export: the path is empty"),
+    (["export", "--preset", "tiny", "{t}/dangling"], {},
+     "export: {t}/dangling is a symbolic link"),
+])
+def test_limits_and_export_paths_are_one_line(tmp_path, args, env, message):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    args = [a.format(t=tmp_path) for a in args]
+    result = spmd_moe(*args, env=env, per_rank_status=True, ranks=1, timeout=60)
+    check_refused(result, message.format(t=tmp_path), ranks=1)
+    assert sorted(os.listdir(tmp_path)) == ["dangling"]
+
+
+@pytest.mark.slow
+def test_an_export_ended_by_a_signal_leaves_nothing_and_can_be_rerun(tmp_path):
+    """SIGTERM while the shards are written: no directory (before, 6 of 11 shards and no
+    config.json, and a rerun was refused), no temporary left; the rerun writes it whole."""
+    import time
+
+    target = tmp_path / "m"
+    command = [sys.executable, "-m", "spmd_moe", "export", "--preset", "small", "--set",
+               "n_layers=48", "--max-shard-size", "4", str(target)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            staged = [p for p in tmp_path.iterdir() if p.name.startswith(".spmd_moe-")]
+            if staged and len(list(staged[0].iterdir())) >= 2:     # a shard written
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "got SIGTERM" in stderr and list(tmp_path.iterdir()) == []
+    again = spmd_moe("export", "--preset", "tiny", "--max-shard-size", "0.02", str(target))
+    assert again.returncode == 0, again.stderr
+    assert "config.json" in os.listdir(target) and len(os.listdir(target)) > 3

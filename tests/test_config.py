@@ -71,7 +71,8 @@ def test_set_overrides_win_and_take_aliases():
     (["pad_fraction=1.5"], "pad_fraction"),
     (["workload=train"], "workload"),
     (["workload=decode"], "new_tokens"),
-    (["seq_len=60", "workload=decode", "new_tokens=10"], "seq_len"),
+    (["seq_len=60", "workload=decode", "new_tokens=10"], "new_tokens"),   # the prompt fits
+    (["seq_len=70", "workload=decode", "new_tokens=10"], "seq_len"),
     (["eos_id=101"], "eos_id"),
     (["norm_eps=-1"], "norm_eps"),
     (["norm_eps=inf"], "norm_eps"),           # all-zero logits
@@ -95,12 +96,19 @@ def test_bad_values_name_the_field(sets, field):
     assert "\n" not in str(info.value)
 
 
-def test_non_finite_numbers_in_a_json_file_are_refused(tmp_path):
-    # json accepts Infinity and NaN; the model must not.
+@pytest.mark.parametrize("text, match", [
+    ('{"preset": "tiny", "norm_eps": Infinity}', "Infinity is not a JSON number"),
+    ('{"preset": "tiny", "norm_eps": NaN}', "NaN is not a JSON number"),
+    ('{"preset": "tiny", "rope_theta": 1e400}', "number 1e400 is out of range"),
+])
+def test_non_finite_numbers_in_a_json_file_are_refused(tmp_path, text, match):
+    # Python's json accepts Infinity and NaN, and reads 1e400 as inf; the read door does not.
     path = tmp_path / "config.json"
-    path.write_text('{"preset": "tiny", "norm_eps": Infinity}')
-    with pytest.raises(ConfigError, match="^norm_eps: inf must be a finite positive number"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^--config: .*is not valid JSON: {match}"):
         build_run_config(config_file=str(path))
+    with pytest.raises(ConfigError, match="^norm_eps: inf must be a finite positive number"):
+        build_run_config("tiny", sets=["norm_eps=inf"])
 
 
 def test_a_config_must_be_a_small_regular_file(tmp_path):
@@ -109,12 +117,12 @@ def test_a_config_must_be_a_small_regular_file(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")          # opening it would block forever
     (tmp_path / "big.json").write_text(" " * (2 << 20) + "{}")
     (tmp_path / "deep.json").write_text("[" * 100000)
-    for path, match in (("/dev/zero", "/dev/zero is not a regular file"),
-                        (tmp_path / "fifo.json", "fifo.json is not a regular file"),
-                        (tmp_path, "is not a regular file"),
-                        (tmp_path / "big.json", "big.json is 2097154 bytes; a config file may "
+    for path, match in (("/dev/zero", "/dev/zero is a character device, not a regular file"),
+                        (tmp_path / "fifo.json", "fifo.json is a FIFO, not a regular file"),
+                        (tmp_path, "is a directory, not a regular file"),
+                        (tmp_path / "big.json", "big.json is 2097154 bytes; a JSON config may "
                                                 "have at most 1048576"),
-                        (tmp_path / "deep.json", "deep.json nests too deeply")):
+                        (tmp_path / "deep.json", "deep.json nests deeper than 32 levels")):
         with pytest.raises(ConfigError, match=f"^--config: .*{match}"):
             build_run_config(config_file=str(path))
 

@@ -47,5 +47,5 @@ def test_tensor_names_shapes_and_transposes():
     assert len(names) == len(set(names)) and "lm_head.weight" not in names   # tied: no head
     # Embedding; per layer q, k, v, o, router, two norms, q/k norms, 3 per expert; final
     # norm, LM head.
-    every = checkpoint_tensors(qwen)
+    every = list(checkpoint_tensors(qwen))
     assert len(every) == 1 + base.n_layers * (9 + 3 * base.n_experts) + 2 == len(names) + 1

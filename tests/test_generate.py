@@ -81,8 +81,50 @@ def without_tokenizer(tmp_path):
     return str(target)
 
 
+def with_config_fifo(tmp_path):
+    target = tmp_path / "fifo-config"
+    shutil.copytree(hf.path("olmoe"), target)
+    os.remove(target / "config.json")
+    os.mkfifo(target / "config.json")
+    return str(target)
+
+
+def with_eos(tmp_path, value):
+    target = tmp_path / "eos"
+    shutil.copytree(hf.path("olmoe"), target)
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    return str(target)
+
+
+def prompts_file(tmp_path, raw: bytes) -> str:
+    (tmp_path / "p.jsonl").write_bytes(raw)
+    return str(tmp_path / "p.jsonl")
+
+
 BAD = {
     "no prompt": (lambda t: [], "--prompt: give --prompt TEXT"),
+    "memory limit inf": (lambda t: ["--prompt", "x", "--memory-limit", "inf"],
+                         "--memory-limit: inf must be a finite number of GiB > 0"),
+    "memory limit nan": (lambda t: ["--prompt", "x", "--memory-limit", "nan"],
+                         "--memory-limit: nan must be a finite number of GiB > 0"),
+    "new tokens past max_seq_len": (lambda t: ["--prompt", "x", "--new-tokens", "1000000000"],
+                                    "--new-tokens: prompt length 1 + new_tokens 1000000000"),
+    "config.json a FIFO": (lambda t: ["--model", with_config_fifo(t), "--prompt", "x"],
+                           "config.json: " + str("{t}") + "/fifo-config/config.json is a FIFO"),
+    "eos id past the vocabulary": (lambda t: ["--model", with_eos(t, 100), "--prompt", "x"],
+                                   "generation_config.json eos_token_id: 100 is not a token id"),
+    "eos id not an integer": (lambda t: ["--model", with_eos(t, 1e26), "--prompt", "x"],
+                              "generation_config.json eos_token_id: 1e+26 must be an integer"),
+    "prompts not UTF-8": (lambda t: ["--prompts", prompts_file(t, b'{"prompt": "caf\xe9"}')],
+                          "--prompts: " + "{t}/p.jsonl is not UTF-8 text (byte 15"),
+    "prompt with a lone surrogate": (
+        lambda t: ["--prompts", prompts_file(t, b'{"prompt": "\\ud800"}\n')],
+        "--prompts: {t}/p.jsonl line 1 is not valid UTF-8 text (character 0: '\\ud800'"),
+    "prompts a directory": (lambda t: ["--prompts", str(t)],
+                            "--prompts: {t} is a directory, not a regular file"),
+    "prompts written over": (lambda t: ["--prompts", prompts_file(t, b'{"prompt": "a"}\n'),
+                                        "--output", str(t / "p.jsonl")],
+                             "--output: {t}/p.jsonl is the input --prompts"),
     "no tokenizer": (lambda t: ["--model", without_tokenizer(t), "--prompt", "x"],
                      "has no tokenizer.json"),
     "too long": (lambda t: ["--prompt", "a small model", "--new-tokens", "100"],
@@ -99,5 +141,27 @@ def test_bad_generate_input_is_refused_on_every_rank(case, tmp_path):
     if "--model" not in args:
         args = ["--model", hf.path("olmoe"), *args]
     out = tmp_path / "out.jsonl"
-    result = spmd_moe("generate", *args, "--output", str(out), ranks=2, per_rank_status=True)
-    check_refused(result, message, out)
+    if "--output" not in args:
+        args += ["--output", str(out)]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.jsonl")}
+    result = spmd_moe("generate", *args, ranks=2, per_rank_status=True, timeout=60)
+    check_refused(result, message.format(t=tmp_path), out)
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.jsonl")}
+
+
+def test_a_lone_surrogate_on_the_command_line_is_one_line():
+    # A byte that is not UTF-8 reaches Python's argv as a lone surrogate.
+    with pytest.raises(InputError, match="^--prompt: prompt 2 is not valid UTF-8 text "
+                                         r"\(character 1: '\\udcff'"):
+        read_prompts(["fine", "a\udcff"], None)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_by_generate_s_watchdog(tmp_path):
+    """generate has --stall-timeout: a rank stopped at layer 0 hung it forever before."""
+    result = spmd_moe("generate", "--model", hf.path("olmoe"), "--prompt", "a small model",
+                      "--new-tokens", "3", "--stall-timeout", "2", ranks=2,
+                      env={"SPMD_MOE_FAULT": "1:0:stop"}, timeout=60)
+    assert result.returncode == 3, result.stderr
+    stall = [l for l in result.stderr.splitlines() if l.startswith("spmd-moe: error: stall:")]
+    assert len(stall) == 1 and "rank 1 did not" in stall[0], result.stderr

@@ -116,7 +116,7 @@ def test_without_matplotlib_one_line_names_the_package(reports, tmp_path, monkey
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("not json", "is not JSON"),
+    ("not json", "is not valid JSON"),
     ('{"workload": "prefill"}', "not a spmd-moe report with per_rank"),
     ("[1, 2]", "not a spmd-moe report or trace"),
 ])
@@ -148,3 +148,68 @@ def test_report_json_keeps_number_lists_on_one_line(reports):
     assert '"step_ms": [' in text and "\n        [" not in text
     rows = [line for line in text.splitlines() if line.strip().startswith("[")]
     assert len(rows) >= 5                      # expert_counts: a line per layer
+
+
+# --- hostile files (issue #22) -------------------------------------------------------------
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"traceEvents": [{"ph": "X"}]}', "REPORT traceEvents[0] name: missing"),
+    ('{"traceEvents": [{"ph": "X", "name": "a", "pid": 0, "tid": 1, "ts": "0", "dur": 1}]}',
+     "REPORT traceEvents[0] ts: '0' must be a finite number"),
+    ('{"traceEvents": [{"ph": "X", "name": "a", "pid": 0, "tid": 1, "ts": 0, "dur": -1}]}',
+     "REPORT traceEvents[0] dur: -1 must be >= 0"),
+    ('{"traceEvents": [{"ph": "M", "name": "thread_name", "pid": 0, "tid": 1}]}',
+     "REPORT traceEvents[0] args: missing"),
+    ('{"traceEvents": 5}', "REPORT traceEvents: 5 must be an array"),
+    ('{"per_rank": {"stage": ["0"], "group_rank": [0], "phases_ms": {}}, '
+     '"expert_counts": [[1]]}', "REPORT per_rank.stage: ['0'] must be an array of integers"),
+    ('{"per_rank": {"stage": [0], "group_rank": [0], "phases_ms": {"a": [1, 2]}}, '
+     '"expert_counts": [[1]]}', "REPORT per_rank.phases_ms.a: has not one entry per rank"),
+    ('{"per_rank": {"stage": [0], "group_rank": [0], "phases_ms": {}}, '
+     '"expert_counts": [[1, 2], [3]]}', "REPORT expert_counts[1]: has 1 experts, row 0 has 2"),
+    ('{"per_rank": {"stage": [0], "group_rank": [0], "phases_ms": {}}, '
+     '"expert_counts": [[1]], "decode": {"step_ms": [1, "x"]}}',
+     "REPORT decode.step_ms: [1, 'x'] must be an array of finite numbers"),
+])
+def test_the_schema_is_checked_before_anything_is_drawn(tmp_path, capsys, content, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    out = tmp_path / "out.png"
+    assert cli.main(["plot", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spmd-moe: error: {needle}"), err
+    assert not out.exists()
+
+
+def test_plot_never_writes_over_its_report(reports, tmp_path, capsys):
+    copy = tmp_path / "r.json"
+    copy.write_text(reports["prefill"].read_text())
+    assert cli.main(["plot", str(copy), "-o", str(copy)]) == 2
+    assert "--output: " in capsys.readouterr().err and json.loads(copy.read_text())
+
+
+def test_a_big_trace_draws_the_busiest_rows_and_says_what_was_left_out():
+    """3,000 rows took 49 s and 870 MB: the drawing is capped, the title says so."""
+    events = [{"ph": "X", "name": "iteration 1", "pid": 0, "tid": 0, "ts": 0, "dur": 10_000}]
+    for row in range(3000):
+        for span in range(3):
+            events.append({"ph": "X", "name": "attention", "pid": row // 4, "tid": 1 + row % 4,
+                           "ts": span * 1000, "dur": 100 + row, "args": {"micro_batch": span}})
+    fig = plot.trace_figure({"traceEvents": events})
+    ax = fig.axes[0]
+    assert len(ax.get_yticks()) == plot.MAX_TRACE_ROWS
+    assert f"left out: {3000 - plot.MAX_TRACE_ROWS} quieter rows" in ax.get_title()
+    # The busiest rows are the last ones (their spans are the longest).
+    assert ax.get_yticklabels()[0].get_text().startswith(f"{(3000 - plot.MAX_TRACE_ROWS) // 4}")
+    bars = sum(len(c.get_paths()) for c in ax.collections)
+    assert bars == 3 * plot.MAX_TRACE_ROWS
+
+
+def test_a_report_of_many_ranks_draws_the_slowest():
+    ranks = plot.MAX_RANKS + 44
+    report = {"per_rank": {"stage": [0] * ranks, "group_rank": list(range(ranks)),
+                           "phases_ms": {"attention": [float(r) for r in range(ranks)]}},
+              "expert_counts": [[1] * 8]}
+    fig = plot.report_figure(report)
+    assert len(fig.axes[0].patches) == plot.MAX_RANKS
+    assert "(the 256 slowest of 300; 44 left out)" in fig.axes[0].get_title()

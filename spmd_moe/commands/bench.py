@@ -190,7 +190,8 @@ def cmd_bench(args) -> int:
     from ..backend import kernels  # noqa: F401  (registers the fused kernels with the backend)
     from ..backend.array import Backend
     from ..parallel.connect import choose_backend_and_transport, make_transport
-    from .options import check_execution_arguments, gather_trace, memory_limit_bytes, start_trace
+    from .options import (check_execution_arguments, command_inputs, gather_trace,
+                          memory_limit_bytes, start_trace)
     from ..core.files import check_output_paths, text_writer, write_files
 
     comm = MPI.COMM_WORLD
@@ -206,7 +207,8 @@ def cmd_bench(args) -> int:
             raise ConfigError("bench", "the layer step is one rank's work: run it without "
                                        "mpiexec, or add --transport-only")
         if rank == 0:
-            check_output_paths((args.json, "--json"), (args.trace, "--trace"))
+            check_output_paths((args.json, "--json"), (args.trace, "--trace"),
+                               inputs=command_inputs(args))
         return shape
 
     shape = collective(comm, checked)

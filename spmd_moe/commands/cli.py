@@ -13,8 +13,8 @@ from . import bench, compare, generate, plan, plot
 from ..core.errors import ConfigError, SpmdMoeError, collective
 from .options import (ArgumentParser, abort_job, add_config_arguments, add_execution_arguments,
                       config_from_args, end_interrupted, gather_trace, load_batch,
-                      memory_limit_bytes, on_rank_0, plan_workload, progress_reporter,
-                      report_error, start_trace, start_watchdog)
+                      memory_limit_bytes, on_rank_0, plan_workload, positive_finite,
+                      progress_reporter, report_error, start_trace, start_watchdog)
 
 # The commands that run under mpiexec.
 MPI_COMMANDS = ("run", "info", "bench", "compare", "generate", "export")
@@ -163,9 +163,12 @@ def cmd_export(args) -> int:
             raise ConfigError("--model", "export writes generated weights; give --preset or "
                                          "--config")
         config = config_from_args(args)
-        if args.max_shard_size is not None and not args.max_shard_size > 0:
-            raise ConfigError("--max-shard-size", f"{args.max_shard_size} must be > 0 MB")
-        limit = int(args.max_shard_size * 1e6) if args.max_shard_size else None
+        limit = None
+        if args.max_shard_size is not None:
+            limit = int(positive_finite(args.max_shard_size, "--max-shard-size", "MB") * 1e6)
+            if limit < 1:
+                raise ConfigError("--max-shard-size", f"{args.max_shard_size} MB is less than "
+                                                      "a byte")
         if comm.Get_rank() != 0:
             return config, []
         return config, export_generated(config, args.directory, limit)

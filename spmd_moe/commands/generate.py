@@ -22,26 +22,38 @@ from ..core.errors import ConfigError, InputError, collective, say
 DEFAULT_NEW_TOKENS = 32
 
 
+def check_prompt(text: str, where: str) -> str:
+    """``text`` if it can be encoded as UTF-8 (a lone surrogate, as a non-UTF-8 byte of the
+    command line or a ``\\ud800`` escape in JSON becomes, cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError("--prompt" if where.startswith("prompt") else "--prompts",
+                         f"{where} is not valid UTF-8 text (character {exc.start}: "
+                         f"{text[exc.start]!r}, a lone surrogate or a byte that is not "
+                         "UTF-8)") from None
+    return text
+
+
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
-    """``--prompt`` texts, then those of a JSONL file (``{"prompt": ...}`` per line)."""
-    texts = list(prompts)
+    """``--prompt`` texts, then those of a JSONL file (``{"prompt": ...}`` per line), read
+    through the read door (a regular file of at most 64 MiB of UTF-8)."""
+    from ..core.files import JsonFields, parse_json, read_text
+
+    texts = [check_prompt(text, f"prompt {number}") for number, text in enumerate(prompts, 1)]
     if path is not None:
-        try:
-            with open(path) as handle:
-                lines = handle.readlines()
-        except OSError as exc:
-            raise InputError("--prompts", f"cannot read {path}: {exc.strerror}") from None
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(read_text(path, "--prompts", "prompts").splitlines(), 1):
             if not line.strip():
                 continue
+            where = f"{path} line {number}"
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError("--prompts", f"{path} line {number}: not JSON ({exc})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise InputError("--prompts", f"{path} line {number}: expected "
-                                              '{"prompt": "..."}')
-            texts.append(item["prompt"])
+                item = JsonFields(parse_json(line, where, "--prompts", "prompts"), "--prompts",
+                                  where)
+                text = item.get("prompt", "string")
+            except InputError as exc:
+                raise InputError("--prompts", f"{where}: expected {{\"prompt\": \"...\"}} "
+                                              f"({exc.message})") from None
+            texts.append(check_prompt(text, where))
     if not texts:
         raise ConfigError("--prompt", "give --prompt TEXT (repeatable) or --prompts FILE.jsonl")
     return texts
@@ -68,10 +80,11 @@ def prepare(config, directory: str, texts: list[str]):
         raise InputError("--model", f"tokenizer.json gives id {top} but the model's "
                                     f"vocab_size is {model.vocab_size}")
     new_tokens = config.workload.new_tokens
-    check_sequence_fits(model, max(len(ids) for ids in encoded), new_tokens, "--prompt")
+    check_sequence_fits(model, max(len(ids) for ids in encoded), new_tokens, "--prompt",
+                        "--new-tokens")
     ids, mask = left_pad(encoded)
     batch = validate_batch(ids, mask, model, new_tokens, source="prompt")
-    return batch, encoded, eos_token_ids(directory), tokenizer
+    return batch, encoded, eos_token_ids(directory, model.vocab_size), tokenizer
 
 
 def generate_text(comm, config, texts: list[str], backend: str = "auto",
@@ -82,11 +95,15 @@ def generate_text(comm, config, texts: list[str], backend: str = "auto",
     prompt), None elsewhere. ``progress``: rank 0's progress.Reporter (none: silent)."""
     from ..core.progress import SILENT
     from ..engine.runner import open_session, run_decode
+    from ..parallel.watchdog import Watchdog
+    from .options import on_rank_0
 
     directory = config.checkpoint
-    prepared = collective(comm, lambda: prepare(config, directory, texts)
-                          if comm.Get_rank() == 0 else None)
-    batch, encoded, eos = comm.bcast(prepared[:3] if prepared else None, root=0)
+    watchdog = watchdog or Watchdog(None, 0)
+    with watchdog.waiting("set-up"):
+        prepared = on_rank_0(comm, watchdog, "tokenising prompts",
+                             lambda: prepare(config, directory, texts))
+        batch, encoded, eos = comm.bcast(prepared[:3] if prepared else None, root=0)
     config = replace(config, workload=replace(config.workload, batch_size=batch.batch_size,
                                               seq_len=batch.seq_len))
     new_tokens = config.workload.new_tokens
@@ -121,6 +138,8 @@ def generate_text(comm, config, texts: list[str], backend: str = "auto",
 # --- the command -----------------------------------------------------------------------
 
 def add_parser(commands) -> None:
+    from .options import add_stall_timeout
+
     parser = commands.add_parser(
         "generate", help="text in, text out for a --model checkpoint: tokenise, prefill, "
                          "greedy decode to --new-tokens or EOS; JSONL out")
@@ -150,15 +169,17 @@ def add_parser(commands) -> None:
     run.add_argument("--quiet", action="store_true",
                      help="no progress on stderr (default: loading the weights and the "
                           "decode steps show it when they take more than 2 s)")
+    add_stall_timeout(run)
     parser.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
     from mpi4py import MPI
 
+    from ..core.files import check_output_paths, text_writer, write_files
     from ..model.checkpoint import checkpoint_run_config
-    from .options import memory_limit_bytes, on_rank_0, progress_reporter
-    from ..core.files import check_output_path, text_writer, write_files
+    from .options import (check_memory_limit, command_inputs, flag_named, memory_limit_bytes,
+                          on_rank_0, progress_reporter)
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -168,26 +189,31 @@ def cmd_generate(args) -> int:
             raise ConfigError("--model", "required: the model directory to generate with")
         if args.new_tokens < 1:
             raise ConfigError("--new-tokens", f"{args.new_tokens} must be >= 1")
-        if args.memory_limit is not None and args.memory_limit <= 0:
-            raise ConfigError("--memory-limit", f"{args.memory_limit} must be > 0 GiB")
-        config = checkpoint_run_config(args.model, args.set, dtype=args.dtype,
-                                       layout=args.layout, workload="decode",
-                                       new_tokens=args.new_tokens, seq_len=1, batch_size=1)
+        check_memory_limit(args)
+        if rank == 0:
+            check_output_paths((args.output, "--output"), inputs=command_inputs(args))
+        try:
+            config = checkpoint_run_config(args.model, args.set, dtype=args.dtype,
+                                           layout=args.layout, workload="decode",
+                                           new_tokens=args.new_tokens, seq_len=1,
+                                           batch_size=1)
+        except ConfigError as exc:
+            raise flag_named(exc, args) from None
         texts = read_prompts(args.prompt, args.prompts) if rank == 0 else []
-        if rank == 0 and args.output:
-            check_output_path(args.output, "--output")
         return config, texts
 
-    config, texts = collective(comm, checked)
-    texts = comm.bcast(texts, root=0)
+    with args.watchdog.waiting("set-up"):
+        config, texts = collective(comm, checked)
+        texts = comm.bcast(texts, root=0)
     limit = memory_limit_bytes(args)
     rows = generate_text(comm, config, texts, args.backend, args.transport, limit,
                          args.watchdog, progress_reporter(comm, args))
     lines = "".join(json.dumps(row) + "\n" for row in rows) if rank == 0 else ""
     if args.output:
         # Rank 0 writes; a failure (a full disk) is every rank's one-line error.
-        on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_files(
-            [(args.output, "--output", text_writer(lines))]))
+        with args.watchdog.waiting("write outputs"):
+            on_rank_0(comm, args.watchdog, "writing outputs", lambda: write_files(
+                [(args.output, "--output", text_writer(lines))]))
     if rank == 0:
         if args.output:
             say(f"spmd-moe generate: {len(rows)} prompt(s) -> {args.output}; time to "

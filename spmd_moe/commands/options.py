@@ -82,12 +82,33 @@ def add_execution_arguments(parser: argparse.ArgumentParser):
     io.add_argument("--quiet", action="store_true",
                     help="no progress on stderr (default: a bar on a terminal, else a line "
                          "every few seconds, for steps that take more than 2 s)")
-    io.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
-                    metavar="SECONDS",
-                    help="abort the job, naming the ranks that did not arrive, when a rank "
-                         f"waits longer than this for the others (default "
-                         f"{DEFAULT_STALL_TIMEOUT:g}; 0: off)")
+    add_stall_timeout(io)
     return io
+
+
+def add_stall_timeout(group) -> None:
+    """``--stall-timeout`` (run, compare, generate: the commands whose waits are marked)."""
+    group.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT,
+                       metavar="SECONDS",
+                       help="abort the job, naming the ranks that did not arrive, when a "
+                            f"rank waits longer than this for the others (default "
+                            f"{DEFAULT_STALL_TIMEOUT:g}; 0: off)")
+
+
+# Options naming files a command reads (an output may never be one of them).
+INPUT_OPTIONS = ("input", "config", "prompts", "cluster", "calibration", "against")
+
+
+def command_inputs(args) -> tuple[tuple[str, str], ...]:
+    """``(path, option)`` of every file the command's arguments make it read: the options
+    of INPUT_OPTIONS, and the files of a ``--model`` directory (checkpoint.model_files)."""
+    found = [(getattr(args, name), "--" + name) for name in INPUT_OPTIONS
+             if isinstance(getattr(args, name, None), str)]
+    if getattr(args, "model", None):
+        from ..model.checkpoint import model_files
+
+        found += [(path, "--model") for path in model_files(args.model)]
+    return tuple(found)
 
 
 def check_execution_arguments(args) -> None:
@@ -99,19 +120,52 @@ def check_execution_arguments(args) -> None:
     if getattr(args, "progress", False) and args.quiet:
         raise ConfigError("--progress", "a line per iteration cannot be combined with "
                                         "--quiet")
-    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
-        raise ConfigError("--memory-limit", f"{args.memory_limit} must be a finite number "
-                                            "of GiB > 0")
+    check_memory_limit(args)
+
+
+def positive_finite(value: float, flag: str, unit: str) -> float:
+    """``value`` if it is a finite number > 0, else a ConfigError naming ``flag`` (the
+    limits and rates of every command: memory, bandwidth, shard size, ...)."""
+    if not 0 < value < math.inf:
+        raise ConfigError(flag, f"{value} must be a finite number of {unit} > 0")
+    return value
+
+
+def check_memory_limit(args) -> None:
+    if args.memory_limit is not None:
+        positive_finite(args.memory_limit, "--memory-limit", "GiB")
 
 
 def memory_limit_bytes(args) -> int | None:
     return int(args.memory_limit * GIB) if args.memory_limit else None
 
 
+# Config fields a flag sets: an error in the field names the flag when the flag was given.
+FLAG_OF_FIELD = {"new_tokens": "--new-tokens", "chunk_tokens": "--chunk-tokens",
+                 "micro_batches": "--micro-batches", "seed": "--seed", "dtype": "--dtype",
+                 "workload": "--workload", "layout": "--layout", "init": "--init"}
+
+
+def flag_named(exc: ConfigError, args) -> ConfigError:
+    """``exc`` naming the flag that set its field (``--new-tokens``, not ``new_tokens``)."""
+    flag = FLAG_OF_FIELD.get(exc.field)
+    if flag is None or getattr(args, flag[2:].replace("-", "_"), None) is None:
+        return exc
+    return ConfigError(flag, exc.message)
+
+
 def config_from_args(args, **input_shape) -> RunConfig:
     """The config the arguments ask for (a preset or config file, or a checkpoint's
     config.json under ``--model``); ``input_shape`` (``batch_size``, ``seq_len``) is an input
-    file's, which wins over every other source."""
+    file's, which wins over every other source. An error in a field a flag set names the
+    flag."""
+    try:
+        return _config_from_args(args, **input_shape)
+    except ConfigError as exc:
+        raise flag_named(exc, args) from None
+
+
+def _config_from_args(args, **input_shape) -> RunConfig:
     overrides = dict(dtype=args.dtype, seed=args.seed, workload=args.workload,
                      new_tokens=args.new_tokens, micro_batches=args.micro_batches,
                      chunk_tokens=args.chunk_tokens, overlap=args.overlap, init=args.init,
@@ -253,7 +307,8 @@ def plan_workload(comm, args, extra_check=None) -> Workload:
         check_execution_arguments(args)
         if rank == 0:
             check_output_paths((getattr(args, "output", None), "--output"),
-                               (args.report, "--report"), (args.trace, "--trace"))
+                               (args.report, "--report"), (args.trace, "--trace"),
+                               inputs=command_inputs(args))
 
     watchdog = args.watchdog or Watchdog(None, 0)
     with watchdog.waiting("set-up"):
@@ -327,11 +382,13 @@ def _plan_workload(comm, args, checked_arguments, watchdog) -> Workload:
             return config_from_args(args, batch_size=len(lengths),
                                     seq_len=int(lengths.max()))
         except ConfigError as exc:
-            if exc.field != "seq_len":
+            if exc.field not in ("seq_len", "new_tokens", "--new-tokens"):
                 raise
+            # The prompt alone too long is the input's fault, else the new tokens'.
+            field = "--input" if exc.field == "seq_len" else exc.field
             longest = int(np.argmax(lengths))
-            raise InputError("--input", f"{args.input}: sequence {longest}'s "
-                                        f"{exc.message}") from None
+            raise InputError(field, f"{args.input}: sequence {longest}'s "
+                                    f"{exc.message}") from None
 
     return Workload(collective(comm, input_config), lengths, args.input, source)
 

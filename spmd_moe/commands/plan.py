@@ -13,10 +13,10 @@ from ..core.config import Layout, RunConfig
 from ..core.costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
 from ..core.errors import ConfigError, LayoutError, say
 from ..core.topology import Grid
-from ..perf.cluster import CLUSTERS, _read_json, load_cluster, load_rates
+from ..perf.cluster import CLUSTERS, load_cluster, load_rates
 from ..perf.perfmodel import PAPER_CLAIMS, against_report, predict, predict_paper
 from ..perf.tables import format_against, format_paper, format_prediction
-from .options import add_config_arguments, config_from_args
+from .options import add_config_arguments, config_from_args, positive_finite
 
 
 def _span(r: range) -> str:
@@ -179,13 +179,14 @@ def add_arguments(parser) -> None:
 
 
 def cmd_predict(args, config: RunConfig) -> int:
-    from ..core.files import check_output_path, write_text
+    from ..core.files import check_output_paths, read_json, write_text
+    from .options import command_inputs
 
     cluster = load_cluster(args.cluster)
     rates = load_rates(args.calibration)
     device_bytes = args.device_memory * GIB
     if args.predict_json:
-        check_output_path(args.predict_json, "--json")
+        check_output_paths((args.predict_json, "--json"), inputs=command_inputs(args))
     if args.paper_deployments:
         rows = predict_paper(config, cluster, rates, args.backend, device_bytes,
                              args.routing_imbalance)
@@ -201,9 +202,7 @@ def cmd_predict(args, config: RunConfig) -> int:
                          args.routing_imbalance)
         print(format_prediction(result), flush=True)
         if args.against:
-            report = _read_json(args.against, "--against", "file not found")
-            if not isinstance(report, dict):
-                raise ConfigError("--against", "not a spmd-moe run --report JSON")
+            report = read_json(args.against, "--against", "report", error=ConfigError)
             comparison = against_report(result, report)
             print(format_against(comparison), flush=True)
             result = {"prediction": result, "against": comparison}
@@ -230,6 +229,8 @@ def add_parser(commands) -> None:
 
 
 def cmd_plan(args) -> int:
+    positive_finite(args.device_memory, "--device-memory", "GiB")
+    positive_finite(args.hbm_gbps, "--hbm-gbps", "GB/s")
     config = config_from_args(args)
     if args.world_size is None and not (args.predict and args.paper_deployments):
         raise ConfigError("--world-size", "required: the number of ranks to plan for")

@@ -13,18 +13,30 @@ Panels, one column per deployment (a compare report has two, side by side):
 Given a trace (``--trace``'s JSON) instead, it draws the timeline: one row per rank and
 Chrome thread (iterations, stage, slot 0, slot 1), a bar per span coloured by phase.
 
+The file is read through the read door (core/files.py: a regular file of at most 256 MiB
+of UTF-8 JSON) and its schema checked before anything is drawn: a field of the wrong type is
+one line naming it. What is drawn is capped so that a big file takes bounded time: at most
+MAX_RANKS ranks in the phase bars (the slowest), MAX_HEAT_CELLS cells in the heatmap
+(experts binned), MAX_TRACE_ROWS timeline rows (the busiest) and MAX_TRACE_SPANS bars (the
+longest); the figure says what was left out.
+
 matplotlib is an optional extra (``pip install 'spmd-moe[plot]'``); without it the command
 says so in one line. The Agg backend renders without a display.
 """
 from __future__ import annotations
 
-import json
-import os
-import stat
+from collections import defaultdict
+
+import numpy as np
 
 from ..core.errors import ConfigError, InputError
+from ..core.files import JsonFields, check_json, read_json
 
-MAX_INPUT_BYTES = 1 << 30
+MAX_RANKS = 256              # phase bars drawn (the slowest ranks)
+MAX_HEAT_CELLS = 1 << 20     # expert-load heatmap cells (experts summed into bins beyond)
+MAX_TRACE_ROWS = 48          # timeline rows (the busiest in the window)
+MAX_TRACE_SPANS = 20_000     # timeline bars (the longest in the window)
+MAX_LABELS = 2_000           # micro-batch numbers written on bars
 # Phase colours, fixed so two plots (and the two sides of a compare) read alike.
 PHASE_COLORS = {
     "embed": "#8c564b", "stage_recv": "#d9d9d9", "attention": "#1f77b4",
@@ -49,41 +61,64 @@ def load_matplotlib():
     return Figure
 
 
-def read_json(path: str) -> dict:
-    """A report or trace file: a regular file of at most 1 GiB of JSON object."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise InputError("REPORT", f"cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError("REPORT", f"{path} is not a regular file")
-    if info.st_size > MAX_INPUT_BYTES:
-        raise InputError("REPORT", f"{path} is larger than 1 GiB")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InputError("REPORT", f"{path} is not JSON: {exc}") from None
+def read_report(path: str) -> dict:
+    """A report or trace file through the read door, as a JSON object."""
+    data = read_json(path, "REPORT", "report")
     if not isinstance(data, dict):
         raise InputError("REPORT", f"{path} is not a spmd-moe report or trace")
     return data
 
 
+def check_run_report(report: JsonFields) -> None:
+    """The fields a run report's panels draw, type-checked (and the per-rank columns of
+    one length) before anything is drawn."""
+    for key in ("per_rank", "expert_counts"):
+        if key not in report:
+            raise InputError("REPORT", f"{report.path}: not a spmd-moe report with {key} (run "
+                                       "or compare --report of this version, or a --trace "
+                                       "file)")
+    columns = report.fields("per_rank")
+    ranks = len(columns.get("stage", "integers"))
+    for key in ("group_rank",):
+        if len(columns.get(key, "integers")) != ranks:
+            raise InputError(columns.field(key), f"has not one entry per rank ({ranks})")
+    phases = columns.fields("phases_ms")
+    for phase in phases.data:
+        if len(phases.get(phase, "numbers_or_nulls")) != ranks:
+            raise InputError(phases.field(phase), f"has not one entry per rank ({ranks})")
+    counts = report.get("expert_counts", "array")
+    for layer, row in enumerate(counts):
+        check_json(row, "numbers", f"{report.field('expert_counts')}[{layer}]", report.path)
+        if len(row) != len(counts[0]):
+            raise InputError(f"{report.field('expert_counts')}[{layer}]",
+                             f"has {len(row)} experts, row 0 has {len(counts[0])}")
+    for index, row in enumerate(report.get("expert_load", "array", [])):
+        JsonFields(row, f"{report.field('expert_load')}[{index}]", report.path).get(
+            "max_over_mean", "number", 0.0)
+    if "decode" in report:
+        decode = report.fields("decode")
+        decode.get("step_ms", "numbers", [])
+        if "per_token_ms" in decode:
+            decode.fields("per_token_ms").get("p50", "number")
+
+
 def deployments(data: dict, path: str = "REPORT") -> list[tuple[str, dict]]:
-    """``[(title, run report)]``: one for a run report, the two of a compare report."""
+    """``[(title, run report)]``: one for a run report, the two of a compare report; each
+    checked (:func:`check_run_report`)."""
+    fields = JsonFields(data, "REPORT", path)
     if "comparison" in data and "ep" in data and "baseline" in data:
-        comp = data["comparison"]
-        parts = [(f"expert parallel {comp.get('ep_layout', '')}", data["ep"]),
-                 (f"baseline {comp.get('baseline_layout', '')}", data["baseline"])]
+        comp = fields.fields("comparison")
+        parts = [(f"expert parallel {comp.get('ep_layout', 'string', '')}", "ep"),
+                 (f"baseline {comp.get('baseline_layout', 'string', '')}", "baseline")]
     else:
-        parts = [(f"{data.get('workload', 'run')} {data.get('layout', '')}", data)]
-    for title, report in parts:
-        for key in ("per_rank", "expert_counts"):
-            if key not in report:
-                raise InputError("REPORT", f"{path}: not a spmd-moe report with {key} (run "
-                                           "or compare --report of this version, or a "
-                                           "--trace file)")
-    return parts
+        parts = [(f"{fields.get('workload', 'string', 'run')} "
+                  f"{fields.get('layout', 'string', '')}", None)]
+    checked = []
+    for title, key in parts:
+        report = fields.fields(key) if key else fields
+        check_run_report(report)
+        checked.append((title, report.data))
+    return checked
 
 
 def panels_of(report: dict) -> list[str]:
@@ -94,29 +129,44 @@ def panels_of(report: dict) -> list[str]:
 
 
 def plot_phases(ax, report: dict) -> None:
-    """Per rank, stacked mean ms per phase (per_rank.phases_ms: a column per phase)."""
+    """Per rank, stacked mean ms per phase (per_rank.phases_ms: a column per phase); the
+    MAX_RANKS slowest ranks when there are more."""
     columns = report["per_rank"]
-    ranks = list(range(len(columns["stage"])))
-    bottoms = [0.0] * len(ranks)
-    for phase, column in columns["phases_ms"].items():
-        heights = [ms or 0.0 for ms in column]          # null: the rank has no such phase
-        ax.bar(ranks, heights, bottom=bottoms, label=phase, width=0.8,
+    phases = {phase: np.array([ms or 0.0 for ms in column])   # null: no such phase
+              for phase, column in columns["phases_ms"].items()}
+    total = sum(phases.values(), np.zeros(len(columns["stage"])))
+    shown = np.arange(len(total))
+    if len(shown) > MAX_RANKS:
+        shown = np.sort(np.argsort(-total, kind="stable")[:MAX_RANKS])
+    place = np.arange(len(shown))
+    bottoms = np.zeros(len(shown))
+    for phase, column in phases.items():
+        ax.bar(place, column[shown], bottom=bottoms, label=phase, width=0.8,
                color=PHASE_COLORS.get(phase))
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    ax.set_xticks(ranks)
+        bottoms += column[shown]
+    ax.set_xticks(place)
     ax.set_xticklabels([f"{r}\ns{columns['stage'][r]}/g{columns['group_rank'][r]}"
-                        for r in ranks], fontsize=7)
+                        for r in shown], fontsize=7 if len(shown) <= 32 else 4)
     ax.set_xlabel("rank (stage / expert- or tensor-rank)")
     ax.set_ylabel("ms per iteration")
-    ax.set_title("time per phase, by rank", fontsize=9)
+    left_out = len(total) - len(shown)
+    ax.set_title("time per phase, by rank" + (f" (the {len(shown)} slowest of {len(total)}; "
+                                              f"{left_out} left out)" if left_out else ""),
+                 fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="upper right")
 
 
 def plot_experts(ax, report: dict) -> None:
-    """Routed rows per (layer, expert), all ranks."""
-    counts = report["expert_counts"]
+    """Routed rows per (layer, expert), all ranks; experts summed into bins when the map
+    would exceed MAX_HEAT_CELLS."""
+    counts = np.array(report["expert_counts"], dtype=np.float64).reshape(
+        len(report["expert_counts"]), -1)
+    layers, experts = counts.shape
+    per_bin = max(1, -(-layers * experts // MAX_HEAT_CELLS))
+    if per_bin > 1:
+        counts = np.add.reduceat(counts, np.arange(0, experts, per_bin), axis=1)
     image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
+    ax.set_xlabel("expert" if per_bin == 1 else f"expert bin ({per_bin} experts each)")
     ax.set_ylabel("layer")
     load = report.get("expert_load") or []
     worst = max((row.get("max_over_mean", 0.0) for row in load), default=0.0)
@@ -159,54 +209,92 @@ def report_figure(data: dict, path: str = "REPORT"):
     return fig
 
 
+def trace_events(data: dict, path: str) -> tuple[dict, dict, list[dict]]:
+    """A trace's thread names ``{(pid, tid): name}``, process names ``{pid: name}`` and
+    complete spans (``ph`` X), every field drawn type-checked first."""
+    events = JsonFields(data, "REPORT", path).get("traceEvents", "array")
+    threads, processes, spans = {}, {}, []
+    for index, event in enumerate(events):
+        event = JsonFields(event, f"REPORT traceEvents[{index}]", path)
+        kind = event.get("ph", "string", "")
+        if kind == "M" and event.get("name", "string", "") in ("thread_name", "process_name"):
+            name = event.fields("args").get("name", "string")
+            if event.data["name"] == "thread_name":
+                threads[event.get("pid", "integer"), event.get("tid", "integer")] = name
+            else:
+                processes[event.get("pid", "integer")] = name
+        elif kind == "X":
+            for key, of in (("name", "string"), ("pid", "integer"), ("tid", "integer"),
+                            ("ts", "number"), ("dur", "number")):
+                event.get(key, of)
+            if event.data["dur"] < 0:
+                raise InputError(event.field("dur"), f"{event.data['dur']} must be >= 0 "
+                                                     f"({path})")
+            event.get("args", "object", None)
+            spans.append(event.data)
+    return threads, processes, spans
+
+
 def trace_figure(data: dict, path: str = "TRACE", start_ms: float | None = None,
                  end_ms: float | None = None):
-    """A timeline of a ``--trace`` file: a row per (rank, thread), a bar per span."""
+    """A timeline of a ``--trace`` file: a row per (rank, thread), a bar per span; at most
+    MAX_TRACE_ROWS rows (the busiest in the window) and MAX_TRACE_SPANS bars (the
+    longest), the title saying what was left out."""
     Figure = load_matplotlib()
-    events = data.get("traceEvents")
-    if not isinstance(events, list):
-        raise InputError("REPORT", f"{path}: not a Chrome trace (no traceEvents)")
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    processes = {e["pid"]: e["args"]["name"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    spans = [e for e in events if e.get("ph") == "X"]
+    threads, processes, spans = trace_events(data, path)
     if start_ms is None:
         iterations = [e for e in spans if e["tid"] == 0 and e["name"].startswith("iteration")]
         first = iterations[-1] if iterations else None
         start_ms = first["ts"] / 1e3 if first else 0.0
         end_ms = (first["ts"] + first["dur"]) / 1e3 if first else None
-    rows = sorted({(e["pid"], e["tid"]) for e in spans if e["tid"] > 0})
+    by_row: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for e in spans:
+        begin = e["ts"] / 1e3
+        if e["tid"] > 0 and begin + e["dur"] / 1e3 >= start_ms and (
+                end_ms is None or begin <= end_ms):
+            by_row[e["pid"], e["tid"]].append(e)
+    rows = sorted(by_row, key=lambda row: -sum(e["dur"] for e in by_row[row]))
+    rows_left = max(0, len(rows) - MAX_TRACE_ROWS)
+    rows = sorted(rows[:MAX_TRACE_ROWS])
+    drawn = [e for row in rows for e in by_row[row]]
+    spans_left = max(0, len(drawn) - MAX_TRACE_SPANS)
+    if spans_left:
+        drawn = sorted(drawn, key=lambda e: -e["dur"])[:MAX_TRACE_SPANS]
     fig = Figure(figsize=(11, 0.42 * len(rows) + 1.6), layout="constrained")
     ax = fig.subplots()
+    bars: dict[tuple[int, str], list[tuple[float, float]]] = defaultdict(list)
+    place = {row: y for y, row in enumerate(rows)}
+    for e in drawn:
+        bars[place[e["pid"], e["tid"]], e["name"]].append((e["ts"] / 1e3 - start_ms,
+                                                           e["dur"] / 1e3))
     seen: set[str] = set()
-    for y, (pid, tid) in enumerate(rows):
-        for e in spans:
-            if (e["pid"], e["tid"]) != (pid, tid):
-                continue
-            begin, width = e["ts"] / 1e3, e["dur"] / 1e3
-            if begin + width < start_ms or (end_ms is not None and begin > end_ms):
-                continue
-            label = None if e["name"] in seen else e["name"]
-            seen.add(e["name"])
-            ax.broken_barh([(begin - start_ms, width)], (y - 0.4, 0.8),
-                           facecolors=PHASE_COLORS.get(e["name"], "#7f7f7f"), label=label)
+    for (y, name), ranges in sorted(bars.items()):
+        ax.broken_barh(ranges, (y - 0.4, 0.8), facecolors=PHASE_COLORS.get(name, "#7f7f7f"),
+                       label=None if name in seen else name)
+        seen.add(name)
+    if len(drawn) <= MAX_LABELS:
+        for e in drawn:
             micro = (e.get("args") or {}).get("micro_batch")
-            if micro is not None and e["name"] == "attention" and width > 0:
-                ax.text(begin - start_ms + width / 2, y, str(micro), ha="center",
-                        va="center", fontsize=5, color="white")
+            if micro is not None and e["name"] == "attention" and e["dur"] > 0:
+                ax.text(e["ts"] / 1e3 - start_ms + e["dur"] / 2e3, place[e["pid"], e["tid"]],
+                        str(micro), ha="center", va="center", fontsize=5, color="white")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{processes.get(pid, pid)} | {threads.get((pid, tid), tid)}"
                         for pid, tid in rows], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("ms from the start of the iteration")
-    ax.legend(fontsize=6, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    ax.set_title("trace timeline (numbers: micro-batch)", fontsize=9)
+    if seen:
+        ax.legend(fontsize=6, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    left = [f"{rows_left} quieter rows" if rows_left else "",
+            f"{spans_left} shorter spans" if spans_left else ""]
+    left = [part for part in left if part]
+    ax.set_title("trace timeline (numbers: micro-batch)"
+                 + (f"; left out: {', '.join(left)}" if left else ""), fontsize=9)
     return fig
 
 
 def figure_for(path: str):
-    data = read_json(path)
+    data = read_report(path)
     if "traceEvents" in data:
         return trace_figure(data, path)
     return report_figure(data, path)
@@ -228,9 +316,9 @@ def add_parser(commands) -> None:
 
 
 def cmd_plot(args) -> int:
-    from ..core.files import check_output_path, write_files
+    from ..core.files import check_output_paths, write_files
 
-    check_output_path(args.output, "--output")
+    check_output_paths((args.output, "--output"), inputs=((args.report, "REPORT"),))
     load_matplotlib()
     fig = figure_for(args.report)
     write_files([(args.output, "--output", png_writer(fig))])

@@ -8,14 +8,12 @@ and sequence length under ``"input"``), then ``--set key=value`` overrides.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import stat
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError, LayoutError
+from .files import read_json
 
 DTYPES = ("bfloat16", "float32")
 # Sizes and counts are C ints on their way through MPI (counts) and int32 indices: larger
@@ -191,10 +189,14 @@ class WorkloadConfig:
 
 
 def check_sequence_fits(model: ModelConfig, prompt_len: int, new_tokens: int,
-                        field_name: str) -> None:
-    """Refuse prompts that, with the tokens asked for, outgrow ``max_seq_len``."""
+                        field_name: str, new_tokens_field: str = "new_tokens") -> None:
+    """Refuse prompts that, with the tokens asked for, outgrow ``max_seq_len``: the error
+    names ``field_name`` (the prompt's source) when the prompt alone does not fit, else
+    ``new_tokens_field``."""
     if prompt_len + new_tokens > model.max_seq_len:
         extra = f" + new_tokens {new_tokens}" if new_tokens else ""
+        if new_tokens and prompt_len <= model.max_seq_len:
+            field_name = new_tokens_field
         raise ConfigError(field_name, f"prompt length {prompt_len}{extra} = "
                                       f"{prompt_len + new_tokens} exceeds max_seq_len="
                                       f"{model.max_seq_len}")
@@ -468,32 +470,10 @@ def settings_from_json(data: Any, source: str) -> tuple[str | None, dict[str, An
     return preset, settings
 
 
-MAX_CONFIG_BYTES = 1 << 20   # a config is a few hundred bytes; /dev/zero is not one
-
-
 def read_config_file(path: str) -> Any:
-    """The JSON document in ``path``: a regular file of at most MAX_CONFIG_BYTES."""
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError("--config", f"{path} is not a regular file")
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError("--config", f"{path} is {info.st_size} bytes; a config file may "
-                                          f"have at most {MAX_CONFIG_BYTES}")
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError("--config", f"{path} grew past {MAX_CONFIG_BYTES} bytes while read")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("--config", f"{path} is not UTF-8 text") from None
-    except RecursionError:
-        raise ConfigError("--config", f"{path} nests too deeply to be a config") from None
-    except ValueError as exc:                  # JSONDecodeError, an int of 5000 digits
-        raise ConfigError("--config", f"{path} is not valid JSON: {exc}") from None
+    """The JSON document in ``path``, through the read door (files.read_json: a regular
+    file of at most 1 MiB of UTF-8 JSON, bounded depth, finite numbers)."""
+    return read_json(path, "--config", "config", error=ConfigError)
 
 
 def build_run_config(preset: str | None = None, config_file: str | None = None,

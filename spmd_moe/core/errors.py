@@ -18,10 +18,22 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, a carriage return,
+    an escape sequence, a line separator, a lone surrogate) written as its backslash
+    escape: a message quoting user input stays one line and cannot forge another."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class SpmdMoeError(Exception):
-    """A rejected input: one line that names the field and what is allowed."""
+    """A rejected input: one line that names the field and what is allowed (any control
+    character of either, from user input, escaped: :func:`one_line`)."""
 
     def __init__(self, field: str, message: str):
+        field, message = one_line(str(field)), one_line(str(message))
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
 

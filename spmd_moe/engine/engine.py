@@ -29,7 +29,6 @@ L layers, E experts, N new tokens.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -58,6 +57,7 @@ FAULT_ENV = "SPMD_MOE_FAULT"
 
 
 FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm")
+MAX_FAULT_SECONDS = 86400.0   # a day: time.sleep(1e300) raises OverflowError
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,9 @@ class Fault:
         if kind not in FAULT_KINDS or len(parts) > 4 or (kind == "sleep") != (len(parts) == 4):
             raise ConfigError(FAULT_ENV, f"{text!r}: KIND is one of {', '.join(FAULT_KINDS)} "
                                          "(sleep takes SECONDS)")
-        if not 0 <= seconds < math.inf:
-            raise ConfigError(FAULT_ENV, f"{text!r}: SECONDS must be finite and >= 0")
+        if not 0 <= seconds <= MAX_FAULT_SECONDS:
+            raise ConfigError(FAULT_ENV, f"{text!r}: SECONDS must be a number in [0, "
+                                         f"{MAX_FAULT_SECONDS:g}]")
         return cls(rank, layer, kind, seconds)
 
     def check(self, world_size: int, n_layers: int) -> "Fault":

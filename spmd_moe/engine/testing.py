@@ -83,7 +83,7 @@ def broken_inputs(tmp_path, vocab_size: int) -> dict:
     np.savez(tmp_path / "objects.npz", ids=np.array([[1, None]], dtype=object))
     out["objects.npz"] = (tmp_path / "objects.npz", "holds Python objects (pickled data)")
     os.mkfifo(tmp_path / "fifo.npz")
-    out["fifo.npz"] = (tmp_path / "fifo.npz", "is a FIFO, not an .npz file")
-    out["dir.npz"] = (tmp_path, "is a directory, not an .npz file")
-    out["/dev/zero"] = ("/dev/zero", "is a character device, not an .npz file")
+    out["fifo.npz"] = (tmp_path / "fifo.npz", "is a FIFO, not a regular file")
+    out["dir.npz"] = (tmp_path, "is a directory, not a regular file")
+    out["/dev/zero"] = ("/dev/zero", "is a character device, not a regular file")
     return out

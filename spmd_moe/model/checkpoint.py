@@ -2,9 +2,11 @@
 shards listed in model.safetensors.index.json), generation_config.json; read rank-locally.
 
 Reading. A safetensors file is 8 bytes of little-endian header length, a JSON header (per
-tensor: dtype, shape, data offsets) and the raw little-endian data. Every rank reads the
-headers of every file first (small), checks that each tensor the model needs is there with
-the right shape and a float dtype, and only then maps the files (``numpy.memmap``) and
+tensor: dtype, shape, data offsets) and the raw little-endian data. Every file is opened
+through the read door (core/files.py: a regular file of the model directory). Every rank
+reads the headers first (each sized by what the model needs before it is read), checks that
+each tensor the model needs is there with the right shape and a float dtype, keeps only
+those, and only then maps the files (``numpy.memmap``) and
 copies out the slices it owns: its stage's layers, its experts, its heads and F columns
 under TP, the embedding on the first stage, the LM head on the last. Nothing else is
 touched, so on a shared filesystem each rank reads its share. Tensors stay in the
@@ -14,19 +16,22 @@ them to the device as they are; a run in another dtype converts on load.
 The ``safetensors`` package's numpy API (``safe_open``) copies whole tensors or slices into
 new arrays and, in older releases, has no bfloat16; the header is simple enough to read
 here, which gives memory-mapped views, header-first checks over all shards, and the bytes
-each rank reads. Writing (``spmd-moe export``) uses the package.
+each rank reads. Writing (``spmd-moe export``) streams a tensor at a time into a directory
+that appears whole or not at all (files.write_directory).
 
 Errors a user can cause (missing file or tensor, wrong shape or dtype, a shard the index
-names but that is absent, a truncated file) raise InputError naming the tensor and file.
+names but that is absent or outside the directory, a truncated file, a malformed or
+oversized header) raise InputError naming the tensor or field and the file.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -34,6 +39,8 @@ from ..backend.array import BF16, Backend, storage_dtype
 from ..core.config import (ALIASES, DTYPES, DTYPE_ALIASES, MODEL_FIELDS, RunConfig, WorkloadConfig,
                            apply_settings, parse_set)
 from ..core.errors import ConfigError, InputError
+from ..core.files import (JsonFields, check_output_directory, open_regular, parse_json,
+                          plain_name, read_json, resolves_inside, write_directory)
 from ..core.topology import Grid
 from .families import checkpoint_tensors, hf_config, model_config_from_hf, tensor_location
 
@@ -48,33 +55,42 @@ FLOAT_DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
                 "F64": np.dtype("<f8")}
 SAFETENSORS_NAMES = {BF16: "BF16", np.dtype(np.float32): "F32"}
 HEADER_LIMIT = 100 << 20   # the format's own bound on the JSON header
+# A header is sized before it is held: at most this many bytes per tensor the model needs
+# (a real entry takes ~150), plus room for __metadata__, and never more than HEADER_LIMIT.
+HEADER_BYTES_PER_TENSOR = 1024
+HEADER_SLACK = 1 << 20
 # Settings a run may change on top of a checkpoint's config.json (the rest is the model).
 MODEL_OVERRIDES = ("dtype", "max_seq_len")
 
 
 # --- config.json and generation_config.json ------------------------------------------
 
-def _read_json(path: str, field_name: str) -> Any:
+def read_model_json(directory: str, name: str, kind: str = "config") -> Any:
+    """File ``name`` of model directory ``directory`` as JSON, through the read door: a
+    regular file of that directory (symlinks resolved; a hub cache's blobs allowed), capped
+    by its kind, UTF-8, bounded depth. Errors name the file."""
+    return read_json(os.path.join(directory, name), name, kind, inside=directory)
+
+
+def model_files(directory: str) -> list[str]:
+    """The files of model directory ``directory`` a run may read (config.json, the
+    generation config, tokenizer, index and safetensors files), as paths; none for a
+    directory that is not one."""
+    read = (CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE, INDEX_FILE)
     try:
-        with open(path) as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise InputError(field_name, f"{path} does not exist") from None
-    except OSError as exc:
-        raise InputError(field_name, f"cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(field_name, f"{path} is not valid JSON: {exc}") from None
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names)
+            if n in read or n.endswith(".safetensors")]
 
 
 def read_hf_config(directory: str) -> dict:
     """config.json of a model directory, as a dict (``--model`` named on failure)."""
     if not os.path.isdir(directory):
         raise InputError("--model", f"{directory} is not a directory")
-    data = _read_json(os.path.join(directory, CONFIG_FILE), "--model")
-    if not isinstance(data, dict):
-        raise InputError("--model", f"{os.path.join(directory, CONFIG_FILE)} must hold a "
-                                    "JSON object")
-    return data
+    return JsonFields(read_model_json(directory, CONFIG_FILE), CONFIG_FILE,
+                      os.path.join(directory, CONFIG_FILE)).data
 
 
 def checkpoint_run_config(directory: str, sets: list[str] | None = None,
@@ -104,20 +120,24 @@ def checkpoint_run_config(directory: str, sets: list[str] | None = None,
     return apply_settings(base, settings).validate()
 
 
-def eos_token_ids(directory: str) -> list[int]:
+def eos_token_ids(directory: str, vocab_size: int | None = None) -> list[int]:
     """The checkpoint's end-of-sequence ids: generation_config.json's ``eos_token_id``,
-    else config.json's (an int or a list); empty when neither names one."""
+    else config.json's (an int or a list); empty when neither names one. Each id is
+    checked to be a token id (below ``vocab_size`` when given)."""
     for name in (GENERATION_FILE, CONFIG_FILE):
         path = os.path.join(directory, name)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             continue
-        value = _read_json(path, "--model").get("eos_token_id")
+        fields = JsonFields(read_model_json(directory, name), name, path)
+        value = fields.get("eos_token_id", "integer|integers", None)
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-            raise InputError(f"{name} eos_token_id", f"{value!r} must be a token id or a "
-                                                     "list of them")
+        top = vocab_size if vocab_size is not None else 1 << 31
+        bad = [v for v in values if not 0 <= v < top]
+        if bad:
+            raise InputError(f"{name} eos_token_id", f"{bad[0]} is not a token id (0 .. "
+                                                     f"{top - 1}) ({path})")
         return [int(v) for v in values]
     return []
 
@@ -136,47 +156,80 @@ class TensorEntry:
     end: int
 
 
-def read_header(path: str) -> dict[str, TensorEntry]:
-    """The tensors of one safetensors file, from its header alone (checked against the
-    file's size, so a truncated file is caught before any data is read)."""
+def header_limit(model=None) -> int:
+    """The largest safetensors header read for ``model``: HEADER_BYTES_PER_TENSOR for each
+    tensor it needs (counted up to the point where HEADER_LIMIT wins, never listed whole)
+    plus HEADER_SLACK; HEADER_LIMIT without a model."""
+    if model is None:
+        return HEADER_LIMIT
+    most = (HEADER_LIMIT - HEADER_SLACK) // HEADER_BYTES_PER_TENSOR + 1
+    count = sum(1 for _ in itertools.islice(checkpoint_tensors(model), most))
+    return min(HEADER_LIMIT, HEADER_SLACK + HEADER_BYTES_PER_TENSOR * count)
+
+
+def parse_header(handle: BinaryIO, path: str,
+                 limit: int = HEADER_LIMIT) -> dict[str, TensorEntry]:
+    """The tensors of one safetensors file (``handle``, opened by the read door), from its
+    header alone: its length checked against ``limit`` and the file's size before it is
+    read, every entry type-checked (dtype a string, shape and offsets integers), no two
+    entries' data overlapping, and every offset inside the file (a truncated file is caught
+    before any data is read)."""
     label = os.path.basename(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise InputError(label, f"{path} is too short to be a safetensors file")
-            length = int.from_bytes(prefix, "little")
-            if length > HEADER_LIMIT or 8 + length > size:
-                raise InputError(label, f"{path}: header length {length} does not fit the "
-                                        f"file ({size} bytes); not a safetensors file?")
-            header = json.loads(handle.read(length))
-    except FileNotFoundError:
-        raise InputError(label, f"{path} does not exist") from None
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise InputError(label, f"{path} is too short to be a safetensors file")
+        length = int.from_bytes(prefix, "little")
+        if length > limit:
+            raise InputError(label, f"{path}: header of {length} bytes; the tensors this "
+                                    f"model needs take at most {limit}")
+        if 8 + length > size:
+            raise InputError(label, f"{path}: header length {length} does not fit the "
+                                    f"file ({size} bytes); not a safetensors file?")
+        raw = handle.read(length)
     except OSError as exc:
         raise InputError(label, f"cannot read {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(label, f"{path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise InputError(label, f"{path}: header must be a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(label, f"{path}: header is not UTF-8 JSON") from None
+    header = JsonFields(parse_json(text, path, label), label, path).data
     start, entries = 8 + length, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape = str(info["dtype"]), tuple(int(n) for n in info["shape"])
-            begin, end = (int(n) for n in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"tensor {name}", f"malformed header entry in {path}") from None
+        where = f"tensor {name}"
+        info = JsonFields(info, where, path)
+        dtype = info.get("dtype", "string")
+        shape = tuple(info.get("shape", "integers"))
+        offsets = info.get("data_offsets", "integers")
+        if len(offsets) != 2:
+            raise InputError(f"{where} data_offsets", f"{offsets} must be [begin, end] "
+                                                      f"({path})")
+        if min(shape, default=0) < 0:
+            raise InputError(f"{where} shape", f"{list(shape)} has a negative size ({path})")
+        begin, end = offsets
         if not 0 <= begin <= end or start + end > size:
-            raise InputError(f"tensor {name}", f"data offsets [{begin}, {end}) run past the "
-                                               f"end of {path} ({size} bytes): truncated?")
+            raise InputError(where, f"data offsets [{begin}, {end}) run past the end of {path} "
+                                    f"({size} bytes): truncated?")
         itemsize = FLOAT_DTYPES[dtype].itemsize if dtype in FLOAT_DTYPES else None
         if itemsize is not None and end - begin != math.prod(shape) * itemsize:
-            raise InputError(f"tensor {name}", f"{path}: {end - begin} bytes for shape "
-                                               f"{list(shape)} of {dtype}")
+            raise InputError(where, f"{path}: {end - begin} bytes for shape {list(shape)} of "
+                                    f"{dtype}")
         entries[name] = TensorEntry(name, path, dtype, shape, start + begin, start + end)
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise InputError(f"tensor {second}", f"its data overlaps tensor {first}'s in "
+                                                 f"{path}")
     return entries
+
+
+def read_header(path: str, limit: int = HEADER_LIMIT) -> dict[str, TensorEntry]:
+    """:func:`parse_header` of the file ``path`` (opened through the read door)."""
+    with open_regular(path, os.path.basename(path), "weights") as handle:
+        return parse_header(handle, path, limit)
 
 
 # --- a model directory -----------------------------------------------------------------
@@ -189,9 +242,7 @@ def shard_path(directory: str, shard: str) -> str:
     inside the directory. Refused (InputError naming the index) before anything is opened,
     so an index can never make a rank read a file outside its model directory."""
     label = f"{INDEX_FILE} weight_map"
-    plain = (shard and shard not in (".", "..") and "/" not in shard and "\\" not in shard
-             and not os.path.isabs(shard) and all(ord(c) >= 32 and c != "\x7f" for c in shard))
-    if not plain:
+    if not plain_name(shard):
         raise InputError(label, f"shard {shard!r} is not a plain file name of {directory}")
     path = os.path.join(directory, shard)
     if not resolves_inside(directory, path):
@@ -199,19 +250,26 @@ def shard_path(directory: str, shard: str) -> str:
     return path
 
 
-def resolves_inside(directory: str, path: str) -> bool:
-    """Whether ``path``, symlinks resolved, is a file of model directory ``directory``.
-
-    The one allowance is the Hugging Face hub cache, where a snapshot's files are links
-    into the same repository's blob store (``<repo>/snapshots/<rev>/f -> ../../blobs/<h>``):
-    for a directory ``<repo>/snapshots/<rev>``, a file of ``<repo>/blobs`` counts as inside."""
-    target = os.path.dirname(os.path.realpath(path))
-    root = os.path.realpath(directory)
-    if target == root:
-        return True
-    snapshots = os.path.dirname(root)
-    return (os.path.basename(snapshots) == "snapshots"
-            and target == os.path.join(os.path.dirname(snapshots), "blobs"))
+def read_index(directory: str) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map as ``{tensor: shard path}``: every shard
+    name checked (:func:`shard_path`) and every shard present, before any shard is
+    opened."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    index = JsonFields(read_model_json(directory, INDEX_FILE, "index"), INDEX_FILE, index_path)
+    weight_map = index.get("weight_map", "object")
+    if not weight_map:
+        raise InputError(INDEX_FILE, f"{index_path} has no weight_map")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(f"{INDEX_FILE} weight_map", f"the shard of {name!r} must be a "
+                                                          f"file name, not {shard!r}")
+    paths = {shard: shard_path(directory, shard) for shard in sorted(set(weight_map.values()))}
+    for shard, path in paths.items():
+        if not os.path.lexists(path):
+            first = next(n for n, f in weight_map.items() if f == shard)
+            raise InputError(INDEX_FILE, f"shard {shard} (holding {first}, ...) is named by "
+                                         f"{index_path} but absent")
+    return {name: paths[shard] for name, shard in weight_map.items()}
 
 
 @dataclass
@@ -227,59 +285,67 @@ class LoadStats:
 class Checkpoint:
     """The safetensors files of a model directory, by header (no data read yet).
 
-    ``tensors``: every tensor name -> its :class:`TensorEntry`. Use :meth:`check` before
-    reading, then :meth:`read` for the slices a rank owns.
+    ``tensors``: tensor name -> its :class:`TensorEntry`. With a ``model``, headers are
+    sized by what it needs and read as :meth:`check` walks its tensors (stopping at the
+    first one missing), and only its tensors are kept; without, every tensor of every
+    file. Each file is opened once, through the read door, and mapped from that handle.
+    Use :meth:`check` before reading, then :meth:`read` for the slices a rank owns.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, model=None):
         self.directory = directory
         self.tensors: dict[str, TensorEntry] = {}
         self.stats = LoadStats()
+        self._files: dict[str, BinaryIO] = {}
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
         self._maps: dict[str, np.memmap] = {}
-        index_path = os.path.join(directory, INDEX_FILE)
-        single = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(index_path):
-            index = _read_json(index_path, INDEX_FILE)
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise InputError(INDEX_FILE, f"{index_path} has no weight_map")
-            for name, shard in weight_map.items():
-                if not isinstance(shard, str):
-                    raise InputError(f"{INDEX_FILE} weight_map", f"the shard of {name!r} "
-                                                                  f"must be a file name, "
-                                                                  f"not {shard!r}")
-            files = sorted(set(weight_map.values()))
-            for shard in files:
-                shard_path(directory, shard)
-            for shard in files:
-                if not os.path.exists(os.path.join(directory, shard)):
-                    first = next(n for n, f in weight_map.items() if f == shard)
-                    raise InputError(INDEX_FILE, f"shard {shard} (holding {first}, ...) is "
-                                                 f"named by {index_path} but absent")
-            headers = {shard: read_header(os.path.join(directory, shard)) for shard in files}
-            for name, shard in weight_map.items():
-                if name not in headers[shard]:
-                    raise InputError(f"tensor {name}", f"not in {shard}, where {INDEX_FILE} "
-                                                       "places it")
-                self.tensors[name] = headers[shard][name]
-        elif os.path.exists(single):
-            self.tensors = read_header(single)
-        else:
+        self.limit = header_limit(model)
+        self.weight_map: dict[str, str] | None = None
+        if os.path.lexists(os.path.join(directory, INDEX_FILE)):
+            self.weight_map = read_index(directory)
+        elif not os.path.lexists(os.path.join(directory, SINGLE_FILE)):
             raise InputError("--model", f"{directory} has neither {SINGLE_FILE} nor "
                                         f"{INDEX_FILE}")
+        if model is None:
+            for path in sorted(set(self.weight_map.values()) if self.weight_map else
+                               [os.path.join(directory, SINGLE_FILE)]):
+                self.tensors.update(self._header(path))
+
+    def _header(self, path: str) -> dict[str, TensorEntry]:
+        if path not in self._headers:
+            handle = open_regular(path, os.path.basename(path), "weights",
+                                  inside=self.directory)
+            self._files[path] = handle
+            self._headers[path] = parse_header(handle, path, self.limit)
+        return self._headers[path]
 
     def where(self) -> str:
-        files = sorted({os.path.basename(e.file) for e in self.tensors.values()})
-        return files[0] if len(files) == 1 else f"{len(files)} shards ({files[0]}, ...)"
+        return INDEX_FILE if self.weight_map is not None else SINGLE_FILE
+
+    def find(self, name: str) -> TensorEntry:
+        """The entry of tensor ``name`` (reading its file's header on first use)."""
+        if self.weight_map is None:
+            entry = self._header(os.path.join(self.directory, SINGLE_FILE)).get(name)
+        else:
+            shard = self.weight_map.get(name)
+            if shard is None:
+                raise InputError(f"tensor {name}", f"missing from {INDEX_FILE} in "
+                                                   f"{self.directory}")
+            entry = self._header(shard).get(name)
+            if entry is None:
+                raise InputError(f"tensor {name}", f"not in {os.path.basename(shard)}, "
+                                                   f"where {INDEX_FILE} places it")
+        if entry is None:
+            raise InputError(f"tensor {name}", f"missing from {self.where()} in "
+                                               f"{self.directory}")
+        return entry
 
     def check(self, model) -> None:
         """Every tensor ``model`` needs is present with its shape and a float dtype (all of
-        them, on every rank: the same error everywhere, whatever the layout)."""
+        them, on every rank: the same error everywhere, whatever the layout), walked in the
+        model's order and stopping at the first that is not; then only those are kept."""
         for ours, where in checkpoint_tensors(model):
-            entry = self.tensors.get(where.name)
-            if entry is None:
-                raise InputError(f"tensor {where.name}", f"missing from {self.where()} in "
-                                                         f"{self.directory}")
+            entry = self.find(where.name)
             label = f"tensor {where.name}"
             if entry.dtype not in FLOAT_DTYPES:
                 raise InputError(label, f"dtype {entry.dtype} in {os.path.basename(entry.file)}"
@@ -288,13 +354,16 @@ class Checkpoint:
                 raise InputError(label, f"shape {list(entry.shape)} in "
                                         f"{os.path.basename(entry.file)}, but config.json "
                                         f"gives {list(where.shape)}")
+            self.tensors[where.name] = entry
+        self._headers.clear()
 
     def read(self, name: str, rows: range | None = None, cols: range | None = None) -> np.ndarray:
         """The ``[rows, cols]`` block of tensor ``name`` as a host array in the checkpoint's
         dtype (a copy: only these bytes are read from the mapped file)."""
         entry = self.tensors[name]
         if entry.file not in self._maps:
-            self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
+            self._maps[entry.file] = np.memmap(self._files[entry.file], dtype=np.uint8,
+                                               mode="r")
         raw = self._maps[entry.file][entry.begin:entry.end]
         view = raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
         if rows is not None:
@@ -310,14 +379,22 @@ class Checkpoint:
 
     def close(self) -> None:
         self._maps.clear()
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
 
 
 def open_checkpoint(directory: str, model) -> Checkpoint:
-    """Headers of every file, then :meth:`Checkpoint.check` against ``model``; nothing is
-    allocated for weights yet. Raises InputError naming the tensor and file."""
+    """Headers of the files holding ``model``'s tensors, sized by what it needs, then
+    :meth:`Checkpoint.check`; nothing is allocated for weights yet. Raises InputError
+    naming the tensor and file."""
     started = time.perf_counter()
-    checkpoint = Checkpoint(directory)
-    checkpoint.check(model)
+    checkpoint = Checkpoint(directory, model)
+    try:
+        checkpoint.check(model)
+    except BaseException:
+        checkpoint.close()
+        raise
     checkpoint.stats.seconds += time.perf_counter() - started
     return checkpoint
 
@@ -410,65 +487,98 @@ def shard_plan(sizes: list[tuple[str, int]], max_bytes: int | None) -> list[list
     return shards
 
 
-def write_checkpoint(directory: str, config_json: dict,
-                     tensors: Iterator[tuple[str, np.ndarray]], sizes: list[tuple[str, int]],
-                     max_shard_bytes: int | None = None) -> list[str]:
-    """Write config.json and the tensors (produced in ``sizes``' order by ``tensors``) as
-    model.safetensors, or shards plus model.safetensors.index.json when they exceed
-    ``max_shard_bytes``. Holds one shard in memory at a time. Returns the files written."""
-    from safetensors.numpy import save_file
+def write_safetensors(out: BinaryIO, tensors: list[tuple[str, tuple[int, ...]]],
+                      dtype: np.dtype, arrays: Iterator[np.ndarray]) -> None:
+    """One safetensors file: the header of ``tensors`` (name, shape; all of ``dtype``),
+    laid out in order, then each array of ``arrays`` as it comes (one tensor in memory at a
+    time; the format's reader in the safetensors package reads it)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)                 # data 8-byte aligned, as the package does
+    out.write(len(raw).to_bytes(8, "little") + raw)
+    for (name, shape), array in zip(tensors, arrays):
+        array = np.ascontiguousarray(array, dtype=dtype)
+        assert array.shape == tuple(shape), (name, array.shape, shape)
+        out.write(array.reshape(-1).view(np.uint8).data)
 
+
+def write_checkpoint(directory: str, config_json: dict,
+                     tensors: Iterator[tuple[str, np.ndarray]],
+                     shapes: list[tuple[str, tuple[int, ...]]], dtype: np.dtype,
+                     max_shard_bytes: int | None = None) -> list[str]:
+    """Write config.json and the tensors (produced in ``shapes``' order by ``tensors``) as
+    model.safetensors, or shards plus model.safetensors.index.json when they exceed
+    ``max_shard_bytes``, into ``directory`` (a new one: files.write_directory's). Holds one
+    tensor in memory at a time. Returns the files written."""
+    sizes = [(name, math.prod(shape) * dtype.itemsize) for name, shape in shapes]
     plan = shard_plan(sizes, max_shard_bytes)
     names = ([SINGLE_FILE] if len(plan) == 1 else
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    shape_of = dict(shapes)
     weight_map, written = {}, []
     produced = iter(tensors)
-    for shard, file_name in zip(plan, names):
-        arrays = {}
+
+    def arrays(shard: list[str]) -> Iterator[np.ndarray]:
         for expected in shard:
             name, array = next(produced)
             assert name == expected, (name, expected)
-            arrays[name] = np.ascontiguousarray(array)
-            weight_map[name] = file_name
-        path = os.path.join(directory, file_name)
-        save_file(arrays, path, metadata={"format": "pt"})
-        # The package creates files owner-only; ranks of other users on a shared
-        # filesystem read them, so give them the mode the user's umask gives any file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
+            yield array
+
+    for shard, file_name in zip(plan, names):
+        with open(os.path.join(directory, file_name), "xb") as out:
+            write_safetensors(out, [(name, shape_of[name]) for name in shard], dtype,
+                              arrays(shard))
+        weight_map.update(dict.fromkeys(shard, file_name))
         written.append(file_name)
+    documents = [(CONFIG_FILE, config_json)]
     if len(plan) > 1:
         total = sum(nbytes for _, nbytes in sizes)
-        with open(os.path.join(directory, INDEX_FILE), "w") as handle:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle,
-                      indent=2)
-        written.append(INDEX_FILE)
-    with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
-        json.dump(config_json, handle, indent=2)
-    written.append(CONFIG_FILE)
+        documents.insert(0, (INDEX_FILE, {"metadata": {"total_size": total},
+                                          "weight_map": weight_map}))
+    for file_name, document in documents:
+        with open(os.path.join(directory, file_name), "x") as handle:
+            json.dump(document, handle, indent=2)
+        written.append(file_name)
     return written
+
+
+def export_memory_bytes(shapes: list[tuple[str, tuple[int, ...]]], dtype: np.dtype) -> int:
+    """Host memory ``export`` holds at its peak: the largest tensor's float32 draw, its
+    transposed copy in ``dtype`` and the cast between (the files are written a tensor at a
+    time)."""
+    elements = max(math.prod(shape) for _, shape in shapes)
+    return elements * (4 + 4 + dtype.itemsize)
 
 
 def export_generated(config: RunConfig, directory: str,
                      max_shard_bytes: int | None = None) -> list[str]:
     """``spmd-moe export``: SPEC §1's generated weights of ``config`` (its seed and dtype)
     as a model directory of the ``spmd`` family (or the config's family), which
-    ``--model DIR`` loads back bit-identical."""
+    ``--model DIR`` loads back bit-identical. Through the write door
+    (files.write_directory): the directory appears whole or not at all; the host memory and
+    free disk it needs are checked before anything is written."""
+    from ..backend.host import host_memory
     from .weights import WeightSource
 
     model = config.model
     hf = hf_config(model)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ConfigError("export", f"{directory} exists and is not an empty directory")
-    parent = os.path.dirname(os.path.abspath(directory))
-    if not os.path.isdir(parent):
-        raise ConfigError("export", f"directory {parent} does not exist")
-
+    check_output_directory(directory, "export")
     dtype = storage_dtype(model.dtype)
+    listed = list(checkpoint_tensors(model))
+    shapes = [(where.name, where.shape) for _, where in listed]
+    need = export_memory_bytes(shapes, dtype)
+    available, source_of = host_memory(1)
+    if need > available:
+        raise ConfigError("export", f"writing {directory} needs {need / 2**30:.1f} GiB of host "
+                                    f"memory (its largest tensor) but {available / 2**30:.1f} "
+                                    f"GiB is available ({source_of})")
     source = WeightSource(model, None, config.seed)   # host arrays only: no backend
-    listed = checkpoint_tensors(model)
-    sizes = [(where.name, math.prod(where.shape) * dtype.itemsize) for _, where in listed]
 
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for ours, where in listed:
@@ -479,8 +589,9 @@ def export_generated(config: RunConfig, directory: str,
                 array = array.T if where.transposed else array
             yield where.name, array
 
-    os.makedirs(directory, exist_ok=True)
-    return write_checkpoint(directory, hf, produce(), sizes, max_shard_bytes)
+    disk = sum(math.prod(shape) for _, shape in shapes) * dtype.itemsize + HEADER_SLACK
+    return write_directory(directory, "export", lambda tmp: write_checkpoint(
+        tmp, hf, produce(), shapes, dtype, max_shard_bytes), need_bytes=disk)
 
 
 def describe(checkpoint_dir: str | None, seed: int, init: str) -> str:

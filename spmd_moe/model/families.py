@@ -26,9 +26,11 @@ an error naming the config.json field; unknown fields that do not change the for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..core.config import FAMILIES, ModelConfig
 from ..core.errors import ConfigError
+from ..core.files import check_json
 from .weights import gain_shapes, tensor_family, tensor_shapes
 
 # Our tensor names (weights.py) -> the checkpoint's. ``{l}`` layer, ``{e}`` expert.
@@ -219,6 +221,7 @@ def model_config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
     checkpoint's (weights are converted on load)."""
     if not isinstance(hf, dict):
         raise _refuse("", "must hold a JSON object")
+    check_field_types(hf)
     family = family_of(hf)
     _refuse_unimplemented(hf, family)
     ckpt_dtype = checkpoint_dtype(hf)
@@ -342,23 +345,52 @@ def tensor_location(model: ModelConfig, ours: str) -> CheckpointTensor:
     return CheckpointTensor(name, matrices[key][0][::-1], True)
 
 
-def checkpoint_tensors(model: ModelConfig) -> list[tuple[str, CheckpointTensor]]:
+def checkpoint_tensors(model: ModelConfig) -> Iterator[tuple[str, CheckpointTensor]]:
     """Every tensor of ``model`` as (our name, where it lives), in a fixed order: the
     embedding, each layer (attention, norms, router, experts), final norm, LM head (absent
-    when tied: the embedding serves)."""
+    when tied: the embedding serves). A generator: a check that stops at the first missing
+    tensor never lists a model of 20,000 layers x 2,000 experts."""
     keys = list(tensor_shapes(model)) + list(gain_shapes(model))
     per_layer = [k for k in keys if k.startswith("layers.") and ".experts." not in k]
     per_expert = [k for k in keys if ".experts." in k]
-    out = [("embed", tensor_location(model, "embed"))]
+    yield "embed", tensor_location(model, "embed")
     for layer in range(model.n_layers):
         for key in per_layer:
             ours = key.format(l=layer)
-            out.append((ours, tensor_location(model, ours)))
+            yield ours, tensor_location(model, ours)
         for expert in range(model.n_experts):
             for key in per_expert:
                 ours = key.format(l=layer, e=expert)
-                out.append((ours, tensor_location(model, ours)))
-    out.append(("final_norm", tensor_location(model, "final_norm")))
+                yield ours, tensor_location(model, ours)
+    yield "final_norm", tensor_location(model, "final_norm")
     if not model.tie_word_embeddings:
-        out.append(("lm_head", tensor_location(model, "lm_head")))
-    return out
+        yield "lm_head", tensor_location(model, "lm_head")
+
+
+# --- config.json field types -----------------------------------------------------------
+
+# The JSON type of every config.json key a family reads (core/files.JSON_KINDS; null is
+# absent). Checked before any is used, so no reader meets a list where it wants a name.
+CONFIG_TYPES = {
+    "architectures": "string|strings", "model_type": "string", "hidden_act": "string",
+    "dtype": "string", "torch_dtype": "string", "layer_types": "strings",
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "num_hidden_layers", "num_local_experts", "num_experts",
+                     "intermediate_size", "moe_intermediate_size", "num_experts_per_tok",
+                     "max_position_embeddings", "sliding_window", "decoder_sparse_step",
+                     "shared_expert_intermediate_size", "n_shared_experts",
+                     "num_shared_experts"), "integer"),
+    **dict.fromkeys(("rope_theta", "rms_norm_eps", "partial_rotary_factor", "clip_qkv"),
+                    "number"),
+    **dict.fromkeys(("tie_word_embeddings", "norm_topk_prob", "attention_bias", "mlp_bias",
+                     "bias", "use_sliding_window"), "boolean"),
+    **dict.fromkeys(("rope_parameters", "rope_scaling", "quantization_config"), "object"),
+    "mlp_only_layers": "integers", "eos_token_id": "integer|integers",
+}
+
+
+def check_field_types(hf: dict) -> None:
+    """Refuse, naming the key, a config.json field of the wrong JSON type (CONFIG_TYPES)."""
+    for key, kind in CONFIG_TYPES.items():
+        if hf.get(key) is not None:
+            check_json(hf[key], kind, f"config.json {key}", error=ConfigError)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core.config import ModelConfig, WorkloadConfig
 from ..core.errors import InputError
-from ..core.files import file_kind
+from ..core.files import open_regular
 from .weights import tensor_rng
 
 
@@ -151,30 +151,12 @@ class InputFile:
     def __init__(self, path: str):
         self.path = path
         self.checked_mask: np.ndarray | None = None   # bool [B, S], once lengths() ran
+        self.handle = open_regular(path, "--input", "input")   # the read door
         try:
-            info = os.stat(path)
-        except OSError as exc:
-            raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
-        kind = file_kind(info.st_mode)
-        if kind is not None:
-            raise InputError("--input", f"{path} is {kind}, not an .npz file")
-        if info.st_size == 0:
-            raise InputError("--input", f"{path} is empty (0 bytes), not an .npz file")
-        try:
-            with open(path, "rb") as handle:
-                magic = handle.read(6)
-        except OSError as exc:
-            raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
-        if magic.startswith(NPY_MAGIC):
-            raise InputError("--input", f"{path} is a single .npy array; save ids (and mask) "
-                                        "together with numpy.savez")
-        if not magic.startswith(ZIP_MAGIC):
-            raise InputError("--input", f"{path} is not an .npz (zip) archive")
-        try:
-            self.archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise InputError("--input", f"{path} is truncated or not a valid .npz: "
-                                        f"{exc}") from None
+            self._open_archive()
+        except BaseException:
+            self.handle.close()
+            raise
         names = [n[:-4] for n in self.archive.namelist() if n.endswith(".npy")]
         if "ids" not in names:
             self.close()
@@ -185,6 +167,26 @@ class InputFile:
         self.mask = self._header("mask") if "mask" in names else None
         if self.mask is not None:
             _check_mask_header(self.mask.shape, self.mask.dtype, self.ids.shape, "input")
+
+    def _open_archive(self) -> None:
+        path = self.path
+        try:
+            if os.fstat(self.handle.fileno()).st_size == 0:
+                raise InputError("--input", f"{path} is empty (0 bytes), not an .npz file")
+            magic = self.handle.read(6)
+            self.handle.seek(0)
+        except OSError as exc:
+            raise InputError("--input", f"cannot read {path}: {exc.strerror}") from None
+        if magic.startswith(NPY_MAGIC):
+            raise InputError("--input", f"{path} is a single .npy array; save ids (and mask) "
+                                        "together with numpy.savez")
+        if not magic.startswith(ZIP_MAGIC):
+            raise InputError("--input", f"{path} is not an .npz (zip) archive")
+        try:
+            self.archive = zipfile.ZipFile(self.handle)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise InputError("--input", f"{path} is truncated or not a valid .npz: "
+                                        f"{exc}") from None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -248,6 +250,7 @@ class InputFile:
 
     def close(self) -> None:
         self.archive.close()
+        self.handle.close()
 
 
 def load_input(path: str, model: ModelConfig, new_tokens: int = 0) -> Batch:

@@ -16,19 +16,26 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class TextTokenizer:
-    """The tokenizer.json of a model directory."""
+    """The tokenizer.json of a model directory, read through the read door (a regular file
+    of the directory, at most 64 MiB of UTF-8 JSON of bounded depth) and handed to the
+    library as text: the file checked is the file parsed."""
 
     def __init__(self, directory: str):
+        from ..core.files import JsonFields, parse_json, read_text
+
         path = os.path.join(directory, TOKENIZER_FILE)
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise InputError("--model", f"{directory} has no {TOKENIZER_FILE}: generate "
                                         "needs one (run --input takes token ids instead)")
         from tokenizers import Tokenizer
 
+        text = read_text(path, TOKENIZER_FILE, "tokenizer", inside=directory)
+        JsonFields(parse_json(text, path, TOKENIZER_FILE), TOKENIZER_FILE, path).get("model",
+                                                                                    "object")
         try:
-            self.tokenizer = Tokenizer.from_file(path)
+            self.tokenizer = Tokenizer.from_str(text)
         except Exception as exc:   # the library raises its own Exception type
-            raise InputError("--model", f"cannot load {path}: {exc}") from None
+            raise InputError(TOKENIZER_FILE, f"cannot load {path}: {exc}") from None
         self.path = path
 
     def encode(self, texts: list[str]) -> list[list[int]]:

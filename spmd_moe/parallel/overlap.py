@@ -26,10 +26,12 @@ from typing import Callable, Generator, Iterable
 from ..core.phases import FROM_STAGE_PHASES
 
 
-@dataclass
+@dataclass(eq=False)
 class Exchange:
     """One started exchange: its request (``Test()``/``Wait()``; transport.PendingExchange)
-    and its accounting (host seconds from the Flight's clock)."""
+    and its accounting (host seconds from the Flight's clock). Compared by identity: a
+    field-wise ``__eq__`` made every ``in`` and ``remove`` over a forward's exchanges
+    compare their call lists (29.5 M calls for 4-token chunks at batch 64)."""
 
     phase: str
     request: object
@@ -151,14 +153,14 @@ class Flight:
         (``device_times() -> (in_flight, stalled)``: NCCL on its side stream) they are
         summed instead."""
         exchanges = [e for e in self.finished if e.phase not in FROM_STAGE_PHASES]
-        host = [e for e in exchanges if getattr(e.request, "device_times", None) is None]
+        host, device = [], []
+        for e in exchanges:      # one pass: linear in the forward's exchanges
+            (host if getattr(e.request, "device_times", None) is None else device).append(e)
         flying = _union([(e.began, e.seen_open) for e in host])
         calls = _union([c for e in host for c in e.calls])
         in_flight, exposed = _length(flying), _length(calls)
         hidden = in_flight - _overlap(flying, calls)
-        for exchange in exchanges:
-            if exchange in host:
-                continue
+        for exchange in device:
             device_flying, stalled = exchange.request.device_times()
             spent = exchange.exposed if stalled is None else stalled
             in_flight += device_flying

@@ -46,6 +46,7 @@ import time
 from typing import Iterator
 
 from ..core.errors import say
+from ..core.files import discard_staged
 
 EXIT_STALL = 3                        # exit status of a job the watchdog aborted
 DEFAULT_STALL_TIMEOUT = 600.0         # seconds; torch.distributed's default timeout too
@@ -66,8 +67,10 @@ def _pending_output(fd: int) -> int:
 
 
 def abort(world, code: int, message: str) -> None:
-    """Print ``message`` on stderr, wait (at most a second) until the launcher has read it,
-    then end the whole job with ``code``. Never returns."""
+    """Remove this rank's unfinished output temporaries (files.discard_staged), print
+    ``message`` on stderr, wait (at most a second) until the launcher has read it, then end
+    the whole job with ``code``. Never returns."""
+    discard_staged()
     say(message)
     deadline = time.monotonic() + 1.0
     while _pending_output(2) > 0 and time.monotonic() < deadline:

@@ -6,12 +6,13 @@ docs/CLUSTER.md describes both.
 """
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.files import read_json
 
 # --- the cluster ---------------------------------------------------------------------
 
@@ -131,26 +132,16 @@ def cluster_to_dict(cluster: Cluster) -> dict:
 
 
 def load_cluster(name_or_path: str | None) -> Cluster:
-    """A built-in cluster by name (``h100-ib``) or a JSON file."""
+    """A built-in cluster by name (``h100-ib``) or a JSON file (through the read door)."""
     if not name_or_path:
         return CLUSTERS["h100-ib"]
     if name_or_path in CLUSTERS:
         return CLUSTERS[name_or_path]
-    data = _read_json(name_or_path, "--cluster",
-                      f"not a built-in cluster ({', '.join(CLUSTERS)}) nor a readable file")
+    if not os.path.lexists(name_or_path):
+        raise ConfigError("--cluster", f"{name_or_path!r}: not a built-in cluster "
+                                       f"({', '.join(CLUSTERS)}) nor a file")
+    data = read_json(name_or_path, "--cluster", "config", error=ConfigError)
     return cluster_from_dict(data, name_or_path)
-
-
-def _read_json(path: str, flag: str, missing: str) -> Any:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(flag, f"{path!r}: {missing}") from None
-    except OSError as exc:
-        raise ConfigError(flag, f"cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(flag, f"{path} is not valid JSON: {exc}") from None
 
 
 # --- kernel rates --------------------------------------------------------------------
@@ -288,4 +279,4 @@ def rates_from_dict(data: Any, source: str = "calibration", base: Rates = DEFAUL
 def load_rates(path: str | None) -> Rates:
     if not path:
         return DEFAULT_RATES
-    return rates_from_dict(_read_json(path, "--calibration", "file not found"), path)
+    return rates_from_dict(read_json(path, "--calibration", "report", error=ConfigError), path)

@@ -25,6 +25,7 @@ from ..core.chunks import MicroBatch, overlap_enabled, prefill_schedule, whole_s
 from ..core.config import Layout, RunConfig
 from ..core.costs import GIB, rank_cost
 from ..core.errors import ConfigError, LayoutError
+from ..core.files import JsonFields
 from ..core.phases import LAYER_COMM_PHASES, LAYER_COMPUTE_PHASES, LAYER_PHASES
 from ..core.topology import Grid
 from .cluster import RATE_KEYS, Cluster, Rates, cluster_to_dict
@@ -447,17 +448,20 @@ def measured_imbalance(expert_counts: np.ndarray, layout: Layout) -> float:
 def against_report(prediction: dict, report: dict) -> dict:
     """Predicted vs measured (a ``spmd-moe run --report`` JSON): wall time per forward and
     each phase's max over ranks; error = predicted / measured - 1."""
-    if "phases_ms" not in report or "wall_s" not in report:
+    fields = JsonFields(report, "--against", error=ConfigError)
+    if "phases_ms" not in fields or "wall_s" not in fields:
         raise ConfigError("--against", "not a spmd-moe run --report JSON (no wall_s, "
                                        "phases_ms)")
-    if report.get("layout") and report["layout"] != prediction["layout"]:
-        raise ConfigError("--against", f"the report ran layout {report['layout']}, the "
+    layout = fields.get("layout", "string", None)
+    if layout and layout != prediction["layout"]:
+        raise ConfigError("--against", f"the report ran layout {layout}, the "
                                        f"prediction is for {prediction['layout']}")
-    measured_wall = report["wall_s"]
+    measured_wall = fields.get("wall_s", "number")
+    phases = fields.fields("phases_ms")
     rows = {}
-    for name in dict.fromkeys(list(prediction["phases_ms"]) + list(report["phases_ms"])):
+    for name in dict.fromkeys(list(prediction["phases_ms"]) + list(phases.data)):
         predicted = prediction["phases_ms"].get(name, {}).get("max", 0.0)
-        measured = report["phases_ms"].get(name, {}).get("max", 0.0)
+        measured = phases.fields(name).get("max", "number", 0.0) if name in phases else 0.0
         rows[name] = {"predicted_ms": predicted, "measured_ms": measured}
     wall_p = prediction["wall_s"]
     return {"layout": prediction["layout"], "world_size": prediction["world_size"],
