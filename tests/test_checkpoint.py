@@ -679,24 +679,27 @@ def run_on_cupy(config, batch, decode_tokens=0, eos=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fused", "generic"])
-@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+@pytest.mark.parametrize("name", hf.FLOAT32 + hf.LOW_PRECISION)
 def test_cupy_backend_matches_transformers(name, kernels, monkeypatch):
     """Each family on CuPy against transformers, in float32: with the fused kernels
-    (grouped-query flash attention over the K/V heads' cache, the SwiGLU FFN; the report's
-    kernels_reason says so) and with the generic array code (SPMD_MOE_KERNELS=0); and bf16
-    weights on the device as bf16."""
+    (grouped-query flash attention over the K/V heads' cache, or MLA's prefill and its
+    decode over the latent cache, the SwiGLU FFN; the report's kernels_reason says so) and
+    with the generic array code (SPMD_MOE_KERNELS=0); and bf16 weights on the device as
+    bf16."""
     if kernels == "generic":
         monkeypatch.setenv("SPMD_MOE_KERNELS", "0")
     config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
     logits, tokens, fused, reason = run_on_cupy(config, batch, hf.NEW_TOKENS, eos)
     if kernels == "fused":
         assert fused is not None and fused.fused_attention, reason
-        assert "grouped-query" in reason and "swiglu experts" in reason, reason
+        attention = ("latent attention (prefill" if config.model.attention == "mla"
+                     else "grouped-query")
+        assert attention in reason and "swiglu experts" in reason, reason
     else:
         assert fused is None and "SPMD_MOE_KERNELS=0" in reason
-    suffix = "_float32" if name == hf.BF16 else ""
-    assert relative_error(logits, want["logits" + suffix]) < 1e-4
-    assert np.array_equal(tokens, want["tokens" + suffix])
+    want_logits, want_tokens = hf.float32_expected(name, want)
+    assert relative_error(logits, want_logits) < 1e-4
+    assert np.array_equal(tokens, want_tokens)
     if name == hf.BF16 and kernels == "fused":
         bf16 = checkpoint_run_config(hf.path(name)).model
         bk = Backend(choose_backend("cupy"), "bfloat16")
@@ -710,7 +713,7 @@ def test_cupy_backend_matches_transformers(name, kernels, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+@pytest.mark.parametrize("name", hf.FLOAT32 + hf.LOW_PRECISION)
 def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
     """bfloat16 arithmetic through the fused kernels (bf16 tensor-core attention with
     grouped K/V heads, the SwiGLU FFN) against the NumPy backend's bf16 run of the same
@@ -722,5 +725,52 @@ def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
     assert fused is not None and fused.fused_attention, reason
     on_numpy = run_layout(WORLD, config, batch)["logits"]
     assert relative_error(logits, on_numpy) < TOLERANCE["bfloat16"]
-    if name == hf.BF16:
+    if name in hf.LOW_PRECISION:
         assert relative_error(logits, want["logits"]) < TOLERANCE["bfloat16"]
+
+
+# --- the latent cache in the memory check and plan ---------------------------------------------
+
+def test_the_engine_allocates_the_latent_cache_the_memory_check_charges():
+    """MLA keeps kv_lora_rank + qk_rope_head_dim numbers per token and layer: the cache the
+    engine allocates for a chunked prefill with decode is exactly rank_cost's KV bytes."""
+    from dataclasses import replace
+
+    from spmd_moe.core.costs import latent_cache_bytes, rank_cost
+    from spmd_moe.engine.runner import open_session, run_decode
+    from spmd_moe.model.kv_cache import LatentCache
+
+    config, batch, _, eos = hf.setup("deepseek_v3", dtype="float32", decode=True)
+    config = replace(config, workload=replace(config.workload, chunk_tokens=4))
+    session = open_session(config, WORLD, batch, backend="numpy", new_tokens=hf.NEW_TOKENS)
+    caches, new_cache = [], session.engine.new_cache
+    session.engine.new_cache = lambda b, n: caches.append(new_cache(b, n)) or caches[-1]
+    try:
+        run_decode(session, batch, hf.NEW_TOKENS, eos)
+        cost = rank_cost(config, session.topo, batch.lengths, "numpy", hf.NEW_TOKENS)
+    finally:
+        session.close()
+    (cache,) = caches
+    assert isinstance(cache, LatentCache)
+    allocated = sum(a.nbytes for a in cache.arrays())
+    capacity = int(batch.lengths.max()) + hf.NEW_TOKENS
+    assert allocated == cost.kv_bytes == latent_cache_bytes(3, 5, capacity, 12 + 4, 4)
+
+
+def test_plan_of_deepseek_v3_counts_the_latent_and_the_fp8_share():
+    from spmd_moe.commands.plan import format_plan, make_plan
+    from spmd_moe.core.costs import GIB, latent_cache_bytes
+
+    path = os.path.join(os.path.dirname(hf.ROOT), "..", "..", "docs", "models", "deepseek-v3")
+    config = checkpoint_run_config(path, ["batch_size=16", "seq_len=4096", "workload=decode",
+                                          "new_tokens=256"])
+    layout, costs = make_plan(config, 32, "ep=16,pp=2")
+    worst = max(costs, key=lambda c: c.memory_bytes)
+    # Stage 1 holds 30 of the 61 layers and one sequence per rank.
+    assert worst.kv_bytes == latent_cache_bytes(30, 1, 4096 + 256, 576, 2)
+    text = format_plan(config, layout, costs, 80 * GIB)
+    assert "KV cache: the latent, 576 numbers per token and layer (512 + 64; 128 heads' " \
+           "expanded keys and values would be 40960, 71x more)" in text
+    assert "GiB read from the FP8 checkpoint as shipped" in text
+    assert "num_nextn_predict_layers 1: multi-token-prediction weights ignored" in text
+    assert "latent attention (q rank 1536, q/k head dim 192 = 128 + 64 rope, values 128" in text

@@ -270,6 +270,32 @@ def mla_expansion_bytes(model: ModelConfig, heads: int, schedule: ScheduleSize,
     return int(keys * per_key * item)
 
 
+def checkpoint_share_bytes(model: ModelConfig, grid: Grid) -> int:
+    """Bytes of ``grid``'s share of an FP8 checkpoint as DeepSeek ships it (what the rank
+    reads before dequantising): attention and MLP matrices in float8 (one byte) plus a
+    float32 scale per ``fp8_block``; norms, router, embedding and LM head in bfloat16; the
+    router's selection bias in float32. (A checkpoint without FP8: its dtype throughout.)"""
+    item = 2 if model.fp8_block is not None or model.dtype == "bfloat16" else 4
+    quantised = 1 + 4 / (model.fp8_block[0] * model.fp8_block[1]) if model.fp8_block \
+        else item
+    d, heads, kv_heads = model.d_model, len(grid.heads), len(grid.kv_heads)
+    ff, shared, dense = (len(grid.tp_slice(w)) for w in (model.d_ff, model.d_shared,
+                                                         model.d_ff_dense))
+    total = 0.0
+    for layer in grid.layers:
+        stored, wide = attention_params(model, heads, kv_heads)
+        vectors = (model.q_lora_rank + model.kv_lora_rank) if model.attention == "mla" else 0
+        mlp, selection = mlp_params(model, layer, len(grid.experts), ff, shared, dense)
+        router = 0 if model.is_dense(layer) else d * model.n_experts
+        total += (stored - vectors + mlp - router) * quantised
+        total += (vectors + router + 2 * d) * item + (wide + selection) * 4
+    if grid.is_first_stage:
+        total += model.vocab_size * d * item
+    if grid.is_last_stage:
+        total += (d * model.vocab_size + d) * item
+    return int(total)
+
+
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     """(all parameters, those one token uses): embedding, LM head (unless tied), per layer
     attention and norms, then a dense MLP, or router, E experts (top-k of them for the

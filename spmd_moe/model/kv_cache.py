@@ -112,8 +112,9 @@ class LatentCache(_Cache):
 
     def write(self, layer: int, packed: Packed, latent, k_rope) -> None:
         """Store the latent [T, c] and rope key [T, 1, R] of ``packed``'s new tokens."""
-        row = self.bk.xp.concatenate([latent, k_rope.reshape(k_rope.shape[0], -1)], axis=1)
-        self.bk.put_rows(self.rows[layer], self._rows(packed), row)               # [T, W]
+        rope = k_rope.reshape(k_rope.shape[0], k_rope.shape[2])                  # [T, R]
+        row = self.bk.xp.concatenate([latent, rope], axis=1)                      # [T, W]
+        self.bk.put_rows(self.rows[layer], self._rows(packed), row)
 
     def view(self, layer: int, packed: Packed):
         """``(keys [n, 1, W], values [n, 1, c], k_starts_host, k_lengths_host)``: the
