@@ -1087,35 +1087,42 @@ def tolerance(dtype) -> float:
     return 1e-2 if dtype == BF16 else 1e-5
 
 
-ATTENTION_CASES = [(head_dim, dtype, mode, 64) for head_dim in (8, 16, 32, 64, 128)
+ATTENTION_CASES = [(head_dim, head_dim, dtype, mode, 64) for head_dim in (8, 16, 32, 64, 128)
                    for dtype in (BF16, F32) for mode in ("prefill", "decode")]
 # 4-byte row copies (6), and head dims padded to the next instantiation (40, 96).
-ATTENTION_CASES += [(6, BF16, "prefill", 64), (40, BF16, "decode", 64),
-                    (96, BF16, "prefill", 64)]
+ATTENTION_CASES += [(6, 6, BF16, "prefill", 64), (40, 40, BF16, "decode", 64),
+                    (96, 96, BF16, "prefill", 64)]
 # 128-query tiles (8 warps), every instantiated head dim, prefill and decode.
-ATTENTION_CASES += [(head_dim, BF16, mode, 128) for head_dim in (8, 16, 32, 40, 64, 128)
+ATTENTION_CASES += [(head_dim, head_dim, BF16, mode, 128)
+                    for head_dim in (8, 16, 32, 40, 64, 128) for mode in ("prefill", "decode")]
+# MLA's prefill: values narrower than queries and keys (the tiny fixtures' 12 and 6, in the
+# kernels of head dim 16; DeepSeek-V3's 192 and 128, in their own), both tile heights.
+ATTENTION_CASES += [(12, 6, dtype, mode, 64) for dtype in (BF16, F32)
                     for mode in ("prefill", "decode")]
+ATTENTION_CASES += [(192, 128, dtype, mode, tiles) for dtype, tiles in
+                    ((BF16, 64), (BF16, 128), (F32, 64)) for mode in ("prefill", "decode")]
 
 
-@pytest.mark.parametrize("head_dim,dtype,mode,tile_rows", ATTENTION_CASES, ids=dtype_id)
-def test_flash_attention_matches_float64(device, head_dim, dtype, mode, tile_rows):
+@pytest.mark.parametrize("head_dim,v_dim,dtype,mode,tile_rows", ATTENTION_CASES, ids=dtype_id)
+def test_flash_attention_matches_float64(device, head_dim, v_dim, dtype, mode, tile_rows):
     xp, fused = device
-    rng = np.random.default_rng(head_dim * 7 + len(mode))
+    rng = np.random.default_rng(head_dim * 7 + len(mode) + (v_dim != head_dim) * v_dim)
     heads = int(rng.integers(1, 5))
     lengths = random_sequences(rng, int(rng.integers(1, 7)), int(rng.choice([37, 300, 1500])),
                                decode=mode == "decode", gap=int(rng.integers(0, 5)))
     n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
     q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
     k = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
-    v = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
+    v = rng.standard_normal((n_k, heads, v_dim)).astype(dtype)
     scale = head_dim ** -0.5
-    out = poisoned(xp, (n_q, heads * head_dim), dtype)
+    out = poisoned(xp, (n_q, heads * v_dim), dtype)
     fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
                     scale, out=out, tile_rows=tile_rows)
     got = out.get().astype(np.float64)
     assert np.isfinite(got).all(), "rows left unwritten"
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
     assert relative_error(got, want) < tolerance(dtype)
+    assert fused.fits_attention(head_dim, v_dim) and not fused.fits_attention(192, 130)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2)])
@@ -1210,39 +1217,6 @@ def test_flash_attention_split_k_prefill(device, dtype, head_dim, tile_rows, mon
                     head_dim ** -0.5, out=out, tile_rows=tile_rows)
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], head_dim ** -0.5)
     assert relative_error(out.get(), want) < tolerance(dtype)
-
-
-# MLA's prefill: values narrower than queries and keys (the tiny fixtures' 12 and 6, in the
-# kernels of head dim 16; DeepSeek-V3's 192 and 128, in their own), prefill and decode,
-# split-K, both tile heights.
-VALUE_WIDTH_CASES = [(12, 6, dtype, mode, 64) for dtype in (BF16, F32)
-                     for mode in ("prefill", "decode")]
-VALUE_WIDTH_CASES += [(192, 128, dtype, mode, tiles) for dtype, tiles in
-                      ((BF16, 64), (BF16, 128), (F32, 64)) for mode in ("prefill", "decode")]
-
-
-@pytest.mark.parametrize("head_dim,v_dim,dtype,mode,tile_rows", VALUE_WIDTH_CASES,
-                         ids=dtype_id)
-def test_flash_attention_with_values_of_their_own_width(device, head_dim, v_dim, dtype, mode,
-                                                        tile_rows):
-    xp, fused = device
-    rng = np.random.default_rng(head_dim + v_dim + len(mode) + tile_rows)
-    heads = int(rng.integers(1, 4))
-    lengths = random_sequences(rng, int(rng.integers(2, 5)), int(rng.choice([37, 301])),
-                               decode=mode == "decode", gap=int(rng.integers(0, 4)))
-    n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
-    q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
-    k = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
-    v = rng.standard_normal((n_k, heads, v_dim)).astype(dtype)
-    scale = head_dim ** -0.5
-    out = poisoned(xp, (n_q, heads * v_dim), dtype)
-    fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
-                    scale, out=out, tile_rows=tile_rows)
-    got = out.get().astype(np.float64)
-    assert np.isfinite(got).all(), "rows left unwritten"
-    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
-    assert relative_error(got, want) < tolerance(dtype)
-    assert fused.fits_attention(head_dim, v_dim) and not fused.fits_attention(192, 130)
 
 
 def reference_mla_decode(q, rows, k_starts, k_lengths, latent, scale):

@@ -29,15 +29,6 @@
 #define MLA_COLS (MLA_MAX_LATENT / 32)
 #define NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float mla_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float mla_load(const bf16_t* p, long long i) {
-    return bf16_to_float(p[i]);
-}
-__device__ __forceinline__ void mla_store(float* p, long long i, float x) { p[i] = x; }
-__device__ __forceinline__ void mla_store(bf16_t* p, long long i, float x) {
-    p[i] = float_to_bf16(x);
-}
-
 template <typename T>
 __device__ __forceinline__ void mla_decode(const T* __restrict__ q, const T* __restrict__ rows,
                                            T* __restrict__ out, float* __restrict__ part_o,
@@ -60,7 +51,7 @@ __device__ __forceinline__ void mla_decode(const T* __restrict__ q, const T* __r
     for (int i = threadIdx.x; i < MLA_HEADS * width; i += MLA_THREADS) {
         const int hh = i / width, col = i - hh * width;
         sQ[i] = head0 + hh < heads
-                    ? mla_load(q, (static_cast<long long>(q_row) * heads + head0 + hh) * width
+                    ? load_f(q, (static_cast<long long>(q_row) * heads + head0 + hh) * width
                                       + col)
                     : 0.f;
     }
@@ -90,7 +81,7 @@ __device__ __forceinline__ void mla_decode(const T* __restrict__ q, const T* __r
             const int hh = warp + 4 * m;
             float dot = 0.f;
             for (int col = 0; col < width; ++col)
-                dot = fmaf(sQ[hh * width + col], mla_load(sK, lane * ldk + col), dot);
+                dot = fmaf(sQ[hh * width + col], load_f(sK, lane * ldk + col), dot);
             const float x = valid ? dot * scale_log2 : NEG_INF;
             float block_max = x;
 #pragma unroll
@@ -113,7 +104,7 @@ __device__ __forceinline__ void mla_decode(const T* __restrict__ q, const T* __r
 #pragma unroll
                 for (int i = 0; i < MLA_COLS; ++i) {
                     const int col = lane + 32 * i;
-                    if (col < latent) o[m][i] = fmaf(pj, mla_load(sK, j * ldk + col), o[m][i]);
+                    if (col < latent) o[m][i] = fmaf(pj, load_f(sK, j * ldk + col), o[m][i]);
                 }
             }
         }
@@ -129,7 +120,7 @@ __device__ __forceinline__ void mla_decode(const T* __restrict__ q, const T* __r
 #pragma unroll
             for (int i = 0; i < MLA_COLS; ++i) {
                 const int col = lane + 32 * i;
-                if (col < latent) mla_store(out, at + col, o[m][i] * inv);
+                if (col < latent) store_f(out, at + col, o[m][i] * inv);
             }
         } else {
             const long long prow = static_cast<long long>(slot) * heads + head;   // block_m 1

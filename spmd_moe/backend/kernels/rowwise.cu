@@ -41,14 +41,6 @@
 #define QK_FULL 2
 #define QK_SUMMED 3
 
-__device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float load_f(const bf16_t* p, long long i) {
-    return bf16_to_float(p[i]);
-}
-__device__ __forceinline__ void store_f(float* p, long long i, float x) { p[i] = x; }
-__device__ __forceinline__ void store_f(bf16_t* p, long long i, float x) {
-    p[i] = float_to_bf16(x);
-}
 // x rounded to the storage dtype and back: what bk.store followed by astype(float32) gives.
 __device__ __forceinline__ float rounded(const float*, float x) { return x; }
 __device__ __forceinline__ float rounded(const bf16_t*, float x) {
