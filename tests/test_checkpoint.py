@@ -647,6 +647,21 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
         export_generated(build_run_config("tiny"), str(tmp_path / "taken"))
 
 
+def test_export_refuses_the_families_it_does_not_write(tmp_path):
+    from dataclasses import replace
+
+    for name in ("qwen2_moe", "deepseek_v3"):
+        config = checkpoint_run_config(hf.path(name))
+        with pytest.raises(ConfigError, match="family: export writes the spmd, mixtral, "
+                                              "qwen3_moe, olmoe formats"):
+            export_generated(config, str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+    spec = build_run_config("tiny")
+    with pytest.raises(ConfigError, match="family: export writes"):
+        export_generated(replace(spec, model=replace(spec.model, qkv_bias=True)),
+                         str(tmp_path / "biased"))
+
+
 def test_host_transpose_and_bf16_widening_are_exact():
     from spmd_moe.model.checkpoint import transpose, widen_bf16
 

@@ -24,6 +24,10 @@ Decode: the prefill fills a per-rank KV cache of the rank's sequences; each step
 token per live sequence, runs every layer (dispatch and combine included) and takes the
 greedy argmax on the last stage, which sends the tokens back to stage 0.
 
+Families (SPEC §8) change named pieces only: multi-head latent attention (model/mla.py) in
+place of q/k/v and its latent cache (``new_cache`` chooses), a dense MLP in place of the
+MoE half on a model's dense layers, the shared expert inside the MoE half (moe/layer.py).
+
 Notation: B batch, T packed tokens of a micro-batch on this rank, d width, V vocabulary,
 L layers, E experts, N new tokens.
 """
