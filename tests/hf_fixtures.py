@@ -11,8 +11,14 @@ from spmd_moe.model.checkpoint import checkpoint_run_config, eos_token_ids
 from spmd_moe.model.inputs import validate_batch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hf")
-FLOAT32 = ("mixtral", "qwen3_moe", "olmoe")   # float32 checkpoints, one per family
+# float32 checkpoints, one per family (DeepSeek-V3 twice: MLA with a low-rank query,
+# interleaved RoPE and expert groups; one query projection, YaRN, one group)
+FLOAT32 = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "deepseek_v3_yarn")
 BF16 = "mixtral_bf16"                         # a sharded bfloat16 checkpoint
+FP8 = "deepseek_v3_fp8"                       # DeepSeek's FP8 blocks, bfloat16 elsewhere
+# The checkpoints stored in another dtype than float32: expected.npz has transformers'
+# float32 run of the same (dequantised) weights as logits_float32 and tokens_float32.
+LOW_PRECISION = (BF16, FP8)
 NEW_TOKENS = 6                                # generate()'s max_new_tokens
 
 
@@ -23,6 +29,12 @@ def path(name: str) -> str:
 def expected(name: str) -> dict[str, np.ndarray]:
     with np.load(os.path.join(path(name), "expected.npz")) as data:
         return {key: data[key] for key in data.files}
+
+
+def float32_expected(name: str, want: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, tokens) of transformers' float32 run of checkpoint ``name``."""
+    suffix = "_float32" if name in LOW_PRECISION else ""
+    return want["logits" + suffix], want["tokens" + suffix]
 
 
 def setup(name: str, dtype: str | None = None, decode: bool = False):

@@ -1,12 +1,13 @@
 """The dense blocks against SPEC §1 written out in float64."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from spmd_moe.backend.array import Backend, BackendChoice, erfc_numpy
-from spmd_moe.model.blocks import (apply_rope, causal_attention, pack, qk_norm, qk_square_sums,
-                                   rms_norm, rms_norm_summed, rope_tables)
+from spmd_moe.model.blocks import (RopeSpec, apply_rope, causal_attention, pack, qk_norm,
+                                   qk_square_sums, rms_norm, rms_norm_summed, rope_tables)
 
 
 def bk(dtype="float32"):
@@ -37,7 +38,7 @@ def test_rope_is_the_rotate_half_convention():
     rng = np.random.default_rng(2)
     pos = np.array([0, 1, 7, 300], dtype=np.int32)
     u = rng.standard_normal((4, 3, 8)).astype(np.float32)
-    cos, sin = rope_tables(bk(), pos, 8, 10000.0)
+    cos, sin = rope_tables(bk(), pos, RopeSpec(10000.0 ** (-np.arange(0, 8, 2) / 8)))
     got = apply_rope(bk(), u, cos, sin)
     inv = 10000.0 ** (-2 * np.arange(4) / 8)
     want = np.empty_like(u, dtype=np.float64)
@@ -49,16 +50,86 @@ def test_rope_is_the_rotate_half_convention():
     assert np.allclose(got[0], u[0])  # position 0 is the identity
 
 
+def test_interleaved_rope_rotates_pairs_as_transformers_up_to_its_permutation():
+    """DeepSeek's rope_interleave: transformers rotates pairs (2j, 2j+1) and writes them
+    de-interleaved ([evens | odds]); we write each pair back in place. Same numbers, a fixed
+    permutation, hence the same q.k dot products."""
+    rng = np.random.default_rng(3)
+    pos = np.array([0, 5, 40], dtype=np.int32)
+    q, k = (rng.standard_normal((3, 2, 8)).astype(np.float32) for _ in range(2))
+    inv = 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    spec = RopeSpec(inv, 1.0, True)
+    cos, sin = rope_tables(bk(), pos, spec)
+    got_q, got_k = (apply_rope(bk(), u, cos, sin, interleaved=True) for u in (q, k))
+
+    def transformers_interleave(u):
+        ang = pos[:, None, None] * inv                                   # [T, 1, D/2]
+        even, odd = u[..., 0::2].astype(np.float64), u[..., 1::2].astype(np.float64)
+        return np.concatenate([even * np.cos(ang) - odd * np.sin(ang),
+                               odd * np.cos(ang) + even * np.sin(ang)], axis=-1)
+
+    want_q, want_k = transformers_interleave(q), transformers_interleave(k)
+    order = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])
+    assert rel(got_q[..., order], want_q) < 1e-6 and rel(got_k[..., order], want_k) < 1e-6
+    dots = np.einsum("thd,thd->th", got_q.astype(np.float64), got_k)
+    assert rel(dots, np.einsum("thd,thd->th", want_q, want_k)) < 1e-6
+
+
+def test_yarn_frequencies_and_scales_are_transformers():
+    """YaRN (transformers' _compute_yarn_parameters, written out here): dims past the
+    correction range interpolated by the factor, a ramp between; the attention factor from
+    mscale/mscale_all_dim times cos and sin; DeepSeek's softmax scale times the
+    mscale_all_dim factor squared."""
+    import math
+
+    from spmd_moe.core.config import ModelConfig, Yarn
+    from spmd_moe.model.blocks import rope_frequencies, rope_spec, softmax_scale
+
+    yarn = Yarn(factor=40.0, original_max=4096, beta_fast=32, beta_slow=1,
+                attention_factor=1.0, softmax_mscale=0.1 * 1.0 * math.log(40) + 1)
+    model = ModelConfig(vocab_size=8, d_model=64, n_heads=2, n_layers=1, n_experts=2, d_ff=8,
+                        attention="mla", d_head=192, rope_dim=64, v_head_dim=128,
+                        kv_lora_rank=512, yarn=yarn)
+    dim, base = 64, 10000.0
+
+    def correction(rotations):
+        return dim * math.log(4096 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(correction(32)), 0), min(math.ceil(correction(1)), dim - 1)
+    freqs = base ** (np.arange(0, dim, 2) / dim)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    want = 1 / (40 * freqs) * ramp + 1 / freqs * (1 - ramp)
+    got = rope_frequencies(model)
+    assert np.allclose(got, want, rtol=1e-12) and 0 < low < high < dim // 2
+    assert got[0] == 1.0 and np.isclose(got[-1], 1 / (40 * freqs[-1]))
+    assert np.isclose(softmax_scale(model), 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    scaled = rope_spec(replace(model, yarn=replace(yarn, attention_factor=1.25)))
+    cos, sin = rope_tables(bk(), np.array([3], dtype=np.int32), scaled)
+    assert np.allclose(cos[0, 0, :32], 1.25 * np.cos(3 * got), rtol=1e-6)
+
+
+def test_attention_takes_values_of_their_own_width():
+    """MLA's prefill: keys of 12, values of 6, one output of h*6 per query."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((7, 2, 12)).astype(np.float32)
+    k = rng.standard_normal((7, 2, 12)).astype(np.float32)
+    v = rng.standard_normal((7, 2, 6)).astype(np.float32)
+    got = causal_attention(bk(), q, np.array([0]), np.array([7]), k, v, np.array([0]),
+                           np.array([7]), 0.3)
+    assert got.shape == (7, 12)
+    assert rel(got, naive_attention(q, k, v, 7, 7, 0.3)) < 1e-6
+
+
 def naive_attention(q, k, v, q_len, k_len, scale):
     """One sequence: query r sits at position k_len - q_len + r."""
-    out = np.zeros((q_len, q.shape[1] * q.shape[2]))
+    out = np.zeros((q_len, q.shape[1] * v.shape[2]))
     for h in range(q.shape[1]):
         s = q[:, h].astype(np.float64) @ k[:, h].T.astype(np.float64) * scale
         for r in range(q_len):
             s[r, k_len - q_len + r + 1:] = -np.inf
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        out[:, h * q.shape[2]:(h + 1) * q.shape[2]] = p @ v[:, h]
+        out[:, h * v.shape[2]:(h + 1) * v.shape[2]] = p @ v[:, h]
     return out
 
 

@@ -4,6 +4,7 @@ bit for bit, each rank reading only its share, bad checkpoints refused naming te
 file, unimplemented config fields refused naming the field, and SPEC §1's model exported
 and loaded back bit-identical. (tests/mpi/test_checkpoint_mpi.py: the same at 2-4 ranks.)"""
 import json
+import math
 import os
 import shutil
 
@@ -79,6 +80,44 @@ def test_each_family_reads_its_config():
         "olmoe", "full", False, 8)
     assert checkpoint_run_config(hf.path(hf.BF16)).model.dtype == "bfloat16"
     assert checkpoint_run_config(hf.path(hf.BF16), dtype="float32").model.dtype == "float32"
+    qwen2 = checkpoint_run_config(hf.path("qwen2_moe")).model
+    assert (qwen2.family, qwen2.qkv_bias, qwen2.d_shared, qwen2.shared_gate,
+            qwen2.dense_layers, qwen2.d_ff_dense, qwen2.router_renorm, qwen2.kv_heads) == (
+        "qwen2_moe", True, 12, True, (1,), 20, False, 2)
+    deepseek = checkpoint_run_config(hf.path("deepseek_v3")).model
+    # transformers writes head_dim = qk_rope_head_dim (4): the query/key width is 8 + 4.
+    assert (deepseek.attention, deepseek.head_dim, deepseek.rope_width, deepseek.v_dim,
+            deepseek.q_lora_rank, deepseek.kv_lora_rank, deepseek.rope_interleave,
+            deepseek.kv_heads, deepseek.cache_width) == ("mla", 12, 4, 6, 10, 12, True, 1, 16)
+    assert (deepseek.router_score, deepseek.router_bias, deepseek.n_group,
+            deepseek.topk_group, deepseek.top_k, deepseek.routed_scale, deepseek.router_renorm,
+            deepseek.d_shared, deepseek.dense_layers, deepseek.d_ff_dense, deepseek.yarn,
+            deepseek.fp8_block) == ("sigmoid", True, 4, 2, 3, 2.5, True, 16, (0,), 24, None,
+                                    None)
+    yarn = checkpoint_run_config(hf.path("deepseek_v3_yarn")).model
+    assert (yarn.q_lora_rank, yarn.rope_interleave, yarn.n_group, yarn.router_renorm,
+            yarn.dense_layers) == (0, False, 1, False, ())
+    assert (yarn.yarn.factor, yarn.yarn.original_max) == (4.0, 16)
+    assert yarn.yarn.attention_factor == pytest.approx((1 + 0.1 * math.log(4))
+                                                       / (1 + 0.07 * math.log(4)))
+    assert yarn.yarn.softmax_mscale == pytest.approx(1 + 0.07 * math.log(4))
+    fp8 = checkpoint_run_config(hf.path(hf.FP8)).model
+    assert (fp8.fp8_block, fp8.dtype) == ((8, 8), "bfloat16")
+
+
+def test_published_rope_scaling_reads_as_transformers():
+    """DeepSeek-V3's config.json as published: YaRN under the older ``rope_scaling`` key
+    with ``type``, factor 40 from 4096 positions, mscale = mscale_all_dim = 1."""
+    path = os.path.join(os.path.dirname(hf.ROOT), "..", "..", "docs", "models", "deepseek-v3",
+                        "config.json")
+    with open(path) as handle:
+        data = json.load(handle)
+    model = model_config_from_hf(data)
+    assert (model.yarn.factor, model.yarn.original_max, model.yarn.beta_fast,
+            model.yarn.beta_slow, model.yarn.attention_factor) == (40.0, 4096, 32.0, 1.0, 1.0)
+    assert model.yarn.softmax_mscale == pytest.approx(0.1 * math.log(40) + 1)
+    assert (model.fp8_block, model.n_experts, model.moe_layers, model.cache_width) == (
+        (128, 128), 256, 58, 576)
 
 
 def mixtral_config(**changes) -> dict:
@@ -96,7 +135,7 @@ def test_rope_theta_from_either_key():
 
 
 REFUSED = {
-    "rope scaling": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+    "rope scaling": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4,
                                            "factor": 4.0}), "rope_parameters.rope_type"),
     "old rope_scaling": (dict(rope_scaling={"type": "linear", "factor": 2.0}),
                          "rope_scaling.rope_type"),
@@ -111,13 +150,52 @@ REFUSED = {
                        "config.json shared_expert_intermediate_size"),
     "activation": (dict(hidden_act="gelu"), "config.json hidden_act: 'gelu'"),
     "architecture": (dict(architectures=["LlamaForCausalLM"]), "config.json architectures"),
-    "quantised": (dict(quantization_config={"quant_method": "fp8"}),
-                  "config.json quantization_config"),
+    "quantised": (dict(quantization_config={"quant_method": "gptq"}),
+                  "config.json quantization_config.quant_method: 'gptq'"),
+    "fp8 without blocks": (dict(quantization_config={"quant_method": "fp8"}),
+                           "config.json quantization_config.weight_block_size: None"),
     "float16 without --dtype": (dict(dtype="float16"), "config.json dtype: float16"),
     "sliding layers": (dict(layer_types=["full_attention", "sliding_attention"]),
                        "config.json layer_types"),
     "bad kv heads": (dict(num_key_value_heads=3), "config.json num_key_value_heads: 3"),
     "missing field": (dict(num_hidden_layers=...), "config.json num_hidden_layers: missing"),
+    "q/k/v biases outside Qwen2-MoE": (dict(qkv_bias=True), "config.json qkv_bias"),
+    "fp8 in e5m2": (dict(quantization_config={"quant_method": "fp8", "fmt": "e5m2",
+                                              "weight_block_size": [128, 128]}),
+                    "config.json quantization_config.fmt: 'e5m2'"),
+    "yarn without a number": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                    "factor": "big"}),
+                              "config.json rope_parameters.factor: 'big'"),
+}
+# Each family's own refusals (changes to its fixture's config.json).
+FAMILY_REFUSED = {
+    "qwen2 sliding window": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=8),
+                             "config.json sliding_window: 8"),
+    "qwen2 no experts": ("qwen2_moe", dict(num_experts=0), "config.json num_experts: 0"),
+    "qwen2 sparse step": ("qwen2_moe", dict(decoder_sparse_step=0),
+                          "config.json decoder_sparse_step: 0 must be >= 1"),
+    "deepseek softmax scores": ("deepseek_v3", dict(scoring_func="softmax"),
+                                "config.json scoring_func: 'softmax'"),
+    "deepseek greedy top-k": ("deepseek_v3", dict(topk_method="greedy"),
+                              "config.json topk_method: 'greedy'"),
+    "deepseek MoE every other layer": ("deepseek_v3", dict(moe_layer_freq=2),
+                                       "config.json moe_layer_freq: 2"),
+    "deepseek grouped kv": ("deepseek_v3", dict(num_key_value_heads=2),
+                            "config.json num_key_value_heads: 2"),
+    "deepseek attention bias": ("deepseek_v3", dict(attention_bias=True),
+                                "config.json attention_bias"),
+    "deepseek groups": ("deepseek_v3", dict(n_group=5), "config.json n_group: 5 must divide "
+                                                        "n_experts=12"),
+    "deepseek kept groups": ("deepseek_v3", dict(topk_group=1, num_experts_per_tok=4),
+                             "config.json num_experts_per_tok: 4 is more than the 1 kept "
+                             "groups of 3 experts hold"),
+    "deepseek linear rope": ("deepseek_v3", dict(rope_parameters={"rope_type": "linear",
+                                                                  "factor": 2.0}),
+                             "config.json rope_parameters.rope_type: 'linear'"),
+    "deepseek dense layers the Qwen2 way": ("deepseek_v3", dict(mlp_only_layers=[1]),
+                                            "config.json mlp_only_layers"),
+    "deepseek partial rotation": ("deepseek_v3", dict(partial_rotary_factor=0.5),
+                                  "config.json partial_rotary_factor"),
 }
 
 
@@ -126,7 +204,17 @@ def test_unimplemented_config_fields_are_refused_by_name(case):
     changes, message = REFUSED[case]
     with pytest.raises(ConfigError) as info:
         model_config_from_hf(mixtral_config(**changes))
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_REFUSED))
+def test_each_family_refuses_what_it_does_not_implement(case):
+    name, changes, message = FAMILY_REFUSED[case]
+    with open(os.path.join(hf.path(name), "config.json")) as handle:
+        data = {**json.load(handle), **changes}
+    with pytest.raises(ConfigError) as info:
+        model_config_from_hf(data)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_qwen3_sliding_window_only_counts_when_used():
@@ -169,13 +257,71 @@ def test_tokenizer_gives_the_fixture_ids():
 
 # --- against transformers ----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", hf.FLOAT32)
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.FP8,))
 def test_one_rank_matches_transformers(name):
-    config, batch, want, eos = hf.setup(name, decode=True)
+    """Float32 logits within 1e-4 and generate()'s greedy tokens; the FP8 checkpoint run in
+    float32 (dequantised exactly) against transformers on its dequantised weights."""
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    logits, tokens = hf.float32_expected(name, want)
+    prefill = run_layout(WORLD, config, batch)
+    assert relative_error(prefill["logits"], logits) < 1e-4
+    decode = run_layout(WORLD, config, batch, decode_tokens=hf.NEW_TOKENS, eos_id=eos)
+    assert np.array_equal(decode["tokens"], tokens), (decode["tokens"], tokens)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "deepseek_v3_yarn"])
+def test_chunked_prefill_through_the_family_s_cache_matches_transformers(name):
+    """Chunks of 3 tokens: a prompt's later chunks attend to its earlier ones through the
+    cache the family chooses (MLA: the latent cache, expanded again per chunk), then
+    decode continues from it (MLA: the absorbed form)."""
+    from dataclasses import replace
+
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    config = replace(config, workload=replace(config.workload, chunk_tokens=3))
     prefill = run_layout(WORLD, config, batch)
     assert relative_error(prefill["logits"], want["logits"]) < 1e-4
     decode = run_layout(WORLD, config, batch, decode_tokens=hf.NEW_TOKENS, eos_id=eos)
-    assert np.array_equal(decode["tokens"], want["tokens"]), (decode["tokens"], want["tokens"])
+    assert np.array_equal(decode["tokens"], want["tokens"])
+
+
+def test_absorbed_decode_is_the_expanded_attention():
+    """The two forms of MLA are one function: a decode step in the absorbed form (over the
+    latent cache) against the same step expanded, at float32 rounding, and the cache holds
+    exactly kv_lora_rank + qk_rope_head_dim numbers per token and layer."""
+    from spmd_moe.core.costs import latent_cache_bytes
+    from spmd_moe.core.topology import Grid
+    from spmd_moe.model import mla
+    from spmd_moe.model.blocks import Rope, pack, rope_spec, softmax_scale
+    from spmd_moe.model.kv_cache import LatentCache
+
+    config, _, _, _ = hf.setup("deepseek_v3", dtype="float32")
+    model = config.model
+    bk = backend("float32")
+    lw = load_weights(Grid(Layout(), model, 0), bk,
+                      open_checkpoint(hf.path("deepseek_v3"), model)).layers[1]
+    rng = np.random.default_rng(0)
+    cache = LatentCache(bk, range(1, 2), 0, 3, 9, model.kv_lora_rank, model.rope_width)
+    assert sum(a.nbytes for a in cache.arrays()) == latent_cache_bytes(1, 3, 9, 16, 4) == \
+        3 * 9 * (12 + 4) * 4
+    prompt = pack(bk, np.arange(3), np.array([5, 2, 7]))
+    a = rng.standard_normal((14, model.d_model)).astype(np.float32)
+    spec, scale = rope_spec(model), softmax_scale(model)
+    mla.attention(bk, lw, model, a, prompt, Rope(bk, prompt.positions, spec), cache, 1,
+                  model.n_heads, scale)
+    cache.advance(prompt)
+    step = pack(bk, np.arange(3), np.ones(3, dtype=np.int64), cache.lengths_host)
+    x = rng.standard_normal((3, model.d_model)).astype(np.float32)
+    rope = Rope(bk, step.positions, spec)
+    got = mla.attention(bk, lw, model, x, step, rope, cache, 1, model.n_heads, scale)
+    keys, _, starts, lengths = cache.view(1, step)
+    rows = cache.gather(keys[:, 0], starts, lengths)
+    q_nope, q_rope, _, _ = mla.project(bk, lw, model, x, model.n_heads, rope)
+    want = mla.expanded(bk, model, q_nope, q_rope, np.arange(3), np.ones(3, dtype=np.int64),
+                        rows[:, :12], rows[:, None, 12:],
+                        np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths, lw.wkv_b,
+                        scale)
+    assert got.shape == (3, model.n_heads * model.v_dim)
+    assert relative_error(got, want) < 1e-6
 
 
 def test_bfloat16_checkpoint_loads_bit_for_bit():
@@ -206,6 +352,65 @@ def test_bfloat16_checkpoint_loads_bit_for_bit():
         # NumPy keeps matrices as float32 holding the bf16 values: compare those exactly.
         assert np.array_equal(np.asarray(ours, dtype=np.float32), want.astype(np.float32))
     assert weights.embed.dtype == BF16
+
+
+def test_fp8_blocks_dequantise_per_block_and_each_rank_reads_its_blocks():
+    """W = W8 * S[i // 8, j // 8] with edge blocks partial, for any row and column slice
+    (TP reads a head's columns across block edges), and both the float8 bytes and the
+    scales read count."""
+    import ml_dtypes
+
+    config, _, _, _ = hf.setup(hf.FP8, dtype="float32")
+    checkpoint = open_checkpoint(hf.path(hf.FP8), config.model)
+    with open(os.path.join(hf.path(hf.FP8), "model.safetensors"), "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    assert header[name]["dtype"] == "F8_E4M3" and header[name]["shape"] == [48, 10]
+    w8 = checkpoint._block(checkpoint.tensors[name], np.dtype(np.uint8), None, None)
+    scale = checkpoint.read(name + "_scale_inv")                               # [6, 2]
+    values = w8.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    want = values * np.repeat(np.repeat(scale, 8, 0), 8, 1)[:48, :10]
+    before = checkpoint.stats.bytes_read
+    assert np.array_equal(checkpoint.read(name), want)
+    assert checkpoint.stats.bytes_read - before == 48 * 10 + 6 * 2 * 4
+    before = checkpoint.stats.bytes_read
+    block = checkpoint.read(name, range(12, 36), range(5, 10))                # heads 1-2
+    assert np.array_equal(block, want[12:36, 5:10])
+    assert checkpoint.stats.bytes_read - before == 24 * 5 + 4 * 2 * 4   # scale rows 1-4, cols 0-1
+
+
+def test_fp8_checkpoint_matches_transformers_in_bfloat16():
+    """The FP8 checkpoint in its own dtype: dequantised, rounded to bf16, against
+    transformers' bf16 run of the dequantised model (the bf16 tolerance)."""
+    config, batch, want, _ = hf.setup(hf.FP8)
+    assert config.model.dtype == "bfloat16"
+    assert relative_error(run_layout(WORLD, config, batch)["logits"], want["logits"]) < 3e-2
+
+
+def test_fp8_without_its_scales_is_refused(tmp_path):
+    directory = copy_fixture(tmp_path, hf.FP8)
+    file_path = os.path.join(directory, "model.safetensors")
+    with open(file_path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    name = "model.layers.2.mlp.experts.3.up_proj.weight_scale_inv"
+    assert name in header
+    header.pop(name)
+    rewrite_header(file_path, header)
+    assert f"tensor {name}: missing from model.safetensors" in refused(directory)
+
+
+def rewrite_header(path: str, header: dict) -> None:
+    """Replace a safetensors file's header (the data stays; offsets must still fit)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + length)
+        data = handle.read()
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text + data)
 
 
 def test_bfloat16_checkpoint_matches_transformers():
@@ -439,6 +644,21 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
         export_generated(build_run_config("tiny"), str(tmp_path / "taken"))
 
 
+def test_export_refuses_the_families_it_does_not_write(tmp_path):
+    from dataclasses import replace
+
+    for name in ("qwen2_moe", "deepseek_v3"):
+        config = checkpoint_run_config(hf.path(name))
+        with pytest.raises(ConfigError, match="family: export writes the spmd, mixtral, "
+                                              "qwen3_moe, olmoe formats"):
+            export_generated(config, str(tmp_path / name))
+        assert not (tmp_path / name).exists()
+    spec = build_run_config("tiny")
+    with pytest.raises(ConfigError, match="family: export writes"):
+        export_generated(replace(spec, model=replace(spec.model, qkv_bias=True)),
+                         str(tmp_path / "biased"))
+
+
 def test_host_transpose_and_bf16_widening_are_exact():
     from spmd_moe.model.checkpoint import transpose, widen_bf16
 
@@ -471,24 +691,27 @@ def run_on_cupy(config, batch, decode_tokens=0, eos=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fused", "generic"])
-@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+@pytest.mark.parametrize("name", hf.FLOAT32 + hf.LOW_PRECISION)
 def test_cupy_backend_matches_transformers(name, kernels, monkeypatch):
     """Each family on CuPy against transformers, in float32: with the fused kernels
-    (grouped-query flash attention over the K/V heads' cache, the SwiGLU FFN; the report's
-    kernels_reason says so) and with the generic array code (SPMD_MOE_KERNELS=0); and bf16
-    weights on the device as bf16."""
+    (grouped-query flash attention over the K/V heads' cache, or MLA's prefill and its
+    decode over the latent cache, the SwiGLU FFN; the report's kernels_reason says so) and
+    with the generic array code (SPMD_MOE_KERNELS=0); and bf16 weights on the device as
+    bf16."""
     if kernels == "generic":
         monkeypatch.setenv("SPMD_MOE_KERNELS", "0")
     config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
     logits, tokens, fused, reason = run_on_cupy(config, batch, hf.NEW_TOKENS, eos)
     if kernels == "fused":
         assert fused is not None and fused.fused_attention, reason
-        assert "grouped-query" in reason and "swiglu experts" in reason, reason
+        attention = ("latent attention (prefill" if config.model.attention == "mla"
+                     else "grouped-query")
+        assert attention in reason and "swiglu experts" in reason, reason
     else:
         assert fused is None and "SPMD_MOE_KERNELS=0" in reason
-    suffix = "_float32" if name == hf.BF16 else ""
-    assert relative_error(logits, want["logits" + suffix]) < 1e-4
-    assert np.array_equal(tokens, want["tokens" + suffix])
+    want_logits, want_tokens = hf.float32_expected(name, want)
+    assert relative_error(logits, want_logits) < 1e-4
+    assert np.array_equal(tokens, want_tokens)
     if name == hf.BF16 and kernels == "fused":
         bf16 = checkpoint_run_config(hf.path(name)).model
         bk = Backend(choose_backend("cupy"), "bfloat16")
@@ -502,7 +725,7 @@ def test_cupy_backend_matches_transformers(name, kernels, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+@pytest.mark.parametrize("name", hf.FLOAT32 + hf.LOW_PRECISION)
 def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
     """bfloat16 arithmetic through the fused kernels (bf16 tensor-core attention with
     grouped K/V heads, the SwiGLU FFN) against the NumPy backend's bf16 run of the same
@@ -514,7 +737,7 @@ def test_cupy_fused_bfloat16_matches_numpy_and_transformers(name):
     assert fused is not None and fused.fused_attention, reason
     on_numpy = run_layout(WORLD, config, batch)["logits"]
     assert relative_error(logits, on_numpy) < TOLERANCE["bfloat16"]
-    if name == hf.BF16:
+    if name in hf.LOW_PRECISION:
         assert relative_error(logits, want["logits"]) < TOLERANCE["bfloat16"]
 
 
@@ -757,3 +980,50 @@ def test_export_checks_host_memory_first(tmp_path, monkeypatch):
                                           r"\(its largest tensor\) but 0.0 GiB is available"):
         export_generated(build_run_config("tiny"), str(tmp_path / "m"))
     assert os.listdir(tmp_path) == []
+
+
+# --- the latent cache in the memory check and plan ---------------------------------------------
+
+def test_the_engine_allocates_the_latent_cache_the_memory_check_charges():
+    """MLA keeps kv_lora_rank + qk_rope_head_dim numbers per token and layer: the cache the
+    engine allocates for a chunked prefill with decode is exactly rank_cost's KV bytes."""
+    from dataclasses import replace
+
+    from spmd_moe.core.costs import latent_cache_bytes, rank_cost
+    from spmd_moe.engine.runner import open_session, run_decode
+    from spmd_moe.model.kv_cache import LatentCache
+
+    config, batch, _, eos = hf.setup("deepseek_v3", dtype="float32", decode=True)
+    config = replace(config, workload=replace(config.workload, chunk_tokens=4))
+    session = open_session(config, WORLD, batch, backend="numpy", new_tokens=hf.NEW_TOKENS)
+    caches, new_cache = [], session.engine.new_cache
+    session.engine.new_cache = lambda b, n: caches.append(new_cache(b, n)) or caches[-1]
+    try:
+        run_decode(session, batch, hf.NEW_TOKENS, eos)
+        cost = rank_cost(config, session.topo, batch.lengths, "numpy", hf.NEW_TOKENS)
+    finally:
+        session.close()
+    (cache,) = caches
+    assert isinstance(cache, LatentCache)
+    allocated = sum(a.nbytes for a in cache.arrays())
+    capacity = int(batch.lengths.max()) + hf.NEW_TOKENS
+    assert allocated == cost.kv_bytes == latent_cache_bytes(3, 5, capacity, 12 + 4, 4)
+
+
+def test_plan_of_deepseek_v3_counts_the_latent_and_the_fp8_share():
+    from spmd_moe.commands.plan import format_plan, make_plan
+    from spmd_moe.core.costs import GIB, latent_cache_bytes
+
+    path = os.path.join(os.path.dirname(hf.ROOT), "..", "..", "docs", "models", "deepseek-v3")
+    config = checkpoint_run_config(path, ["batch_size=16", "seq_len=4096", "workload=decode",
+                                          "new_tokens=256"])
+    layout, costs = make_plan(config, 32, "ep=16,pp=2")
+    worst = max(costs, key=lambda c: c.memory_bytes)
+    # Stage 1 holds 30 of the 61 layers and one sequence per rank.
+    assert worst.kv_bytes == latent_cache_bytes(30, 1, 4096 + 256, 576, 2)
+    text = format_plan(config, layout, costs, 80 * GIB)
+    assert "KV cache: the latent, 576 numbers per token and layer (512 + 64; 128 heads' " \
+           "expanded keys and values would be 40960, 71x more)" in text
+    assert "GiB read from the FP8 checkpoint as shipped" in text
+    assert "num_nextn_predict_layers 1: multi-token-prediction weights ignored" in text
+    assert "latent attention (q rank 1536, q/k head dim 192 = 128 + 64 rope, values 128" in text

@@ -145,7 +145,7 @@ def measured_prefill(config):
     tracemalloc.stop()
     cost = rank_cost(config, session.topo, batch.lengths, "numpy")
     session.close()
-    allocated = sum(a.nbytes for c in caches for a in (*c.keys.values(), *c.values.values()))
+    allocated = sum(a.nbytes for c in caches for a in c.arrays())
     return peak, allocated, cost
 
 

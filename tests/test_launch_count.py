@@ -63,7 +63,8 @@ def check_run(counter, config, decode_tokens: int):
         assert first["attention"] - later["attention"] == 2            # tiles, combine lists
     outside = sum(c["host->device"] for (_, _, phase), c in counter.counts.items()
                   if phase is None)
-    assert outside == passes + 1             # each pass's positions; the embedding table once
+    # Each pass's positions; the embedding table and the RoPE frequencies once.
+    assert outside == passes + 2
     assert compute.GPU_OPS["pass"] == 2 + 1
 
 
@@ -78,7 +79,7 @@ def test_spec_model_chunked_prefill_and_decode_launches_match_the_model(monkeypa
     assert per_layer == 22
 
 
-@pytest.mark.parametrize("name", hf.FLOAT32)
+@pytest.mark.parametrize("name", ("mixtral", "qwen3_moe", "olmoe"))
 def test_each_family_s_launches_match_the_model(monkeypatch, name):
     """q/k norms (none, per head, whole projection), SwiGLU experts, renormalised or not:
     the same count; every chunk of a prefill chunked by 7 and every decode step."""

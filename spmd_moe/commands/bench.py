@@ -132,6 +132,16 @@ def shape_from_args(args) -> BenchShape:
             dtype = DTYPE_ALIASES.get(str(args.dtype).lower(), args.dtype)
         model = model_config_from_hf(read_hf_config(args.model),
                                      dtype if dtype in ("bfloat16", "float32") else None)
+        variants = [what for what, present in (
+            ("multi-head latent attention", model.attention == "mla"),
+            ("q/k/v biases", model.qkv_bias), ("shared experts", model.d_shared),
+            ("dense layers", model.dense_layers), ("a sigmoid router", model.router_score
+                                                   != "softmax")) if present]
+        if variants:
+            # The bench's layer step is the multi-head, routed-experts-only one.
+            raise ConfigError("--model", f"{model.family}: the layer step of "
+                                         f"{', '.join(variants)} is not benched yet (spmd-moe "
+                                         "run --model times every phase)")
         return BenchShape.for_model(model, args.seqs, args.seq_len, args.rows,
                                     dtype or model.dtype, args.chunk_tokens)
     defaults = BenchShape()

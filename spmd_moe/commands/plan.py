@@ -10,7 +10,8 @@ import numpy as np
 
 from ..core.chunks import overlap_enabled
 from ..core.config import Layout, RunConfig
-from ..core.costs import GIB, RankCost, decode_step_bytes, parameter_counts, plan_costs
+from ..core.costs import (GIB, RankCost, checkpoint_share_bytes, decode_step_bytes,
+                          parameter_counts, plan_costs)
 from ..core.errors import ConfigError, LayoutError, say
 from ..core.topology import Grid
 from ..perf.cluster import CLUSTERS, load_cluster, load_rates
@@ -46,12 +47,7 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     lines = [
         f"model: L={model.n_layers} d={model.d_model} H={model.n_heads} E={model.n_experts} "
         f"F={model.d_ff} top-{model.top_k} V={model.vocab_size} {model.dtype}",
-        *([f"family: {model.family}: KV heads {model.kv_heads}, head dim {model.head_dim}, "
-           f"{model.activation} experts, q/k norm {model.qk_norm}, top-k "
-           f"{'renormalised' if model.router_renorm else 'not renormalised'}"
-           + (", tied embeddings" if model.tie_word_embeddings else "")
-           + (f" ({config.checkpoint})" if config.checkpoint else "")]
-          if model.family != "spmd" or config.checkpoint else []),
+        *([family_line(config)] if model.family != "spmd" or config.checkpoint else []),
         f"parameters: {total / 1e9:.2f} B, {active / 1e9:.2f} B active per token",
         f"batch: {work.batch_size} x {work.seq_len} tokens"
         + (f", decode {work.new_tokens} tokens" if work.workload == "decode" else ""),
@@ -79,6 +75,17 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
     per_layer = worst.send_bytes_per_layer
     flops = costs[0].flops
     lines += ["", *schedule_lines(config, layout, worst, backend)]
+    if model.fp8_block is not None:
+        shipped = checkpoint_share_bytes(model, Grid(layout, model, worst.rank))
+        lines.append(f"weights (rank {worst.rank}): {worst.weight_bytes / GIB:.2f} GiB as loaded "
+                     f"({model.dtype}, dequantised), {shipped / GIB:.2f} GiB read from the FP8 "
+                     "checkpoint as shipped")
+    if model.attention == "mla":
+        expanded = model.n_heads * (model.head_dim + model.v_dim)
+        lines.append(f"KV cache: the latent, {model.cache_width} numbers per token and layer "
+                     f"({model.kv_lora_rank} + {model.rope_width}; {model.n_heads} heads' "
+                     f"expanded keys and values would be {expanded}, "
+                     f"{expanded / model.cache_width:.0f}x more)")
     lines += [
         f"memory: max {worst.memory_bytes / GIB:.2f} GiB per rank (rank {worst.rank}) of "
         f"{device_bytes / GIB:.0f} GiB",
@@ -98,6 +105,50 @@ def format_plan(config: RunConfig, layout: Layout, costs: list[RankCost],
             f"{total / 1e9:.2f} GB (" + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in step.items())
             + f"); bandwidth floor {total / (hbm_gbps * 1e9) * 1e3:.2f} ms at {hbm_gbps:.0f} GB/s")
     return "\n".join(lines)
+
+
+def family_line(config: RunConfig) -> str:
+    """What the checkpoint's family changes, in one line."""
+    model = config.model
+    if model.attention == "mla":
+        query = (f"q rank {model.q_lora_rank}" if model.q_lora_rank else "one q projection")
+        attention = (f"latent attention ({query}, q/k head dim {model.head_dim} = "
+                     f"{model.nope_dim} + {model.rope_width} rope, values {model.v_dim}, "
+                     f"latent {model.kv_lora_rank})")
+    else:
+        attention = f"KV heads {model.kv_heads}, head dim {model.head_dim}"
+    parts = [attention, f"{model.activation} experts", f"q/k norm {model.qk_norm}"]
+    if model.qkv_bias:
+        parts.append("q/k/v biases")
+    if model.rope_interleave:
+        parts.append("interleaved RoPE")
+    if model.yarn is not None:
+        parts.append(f"YaRN x{model.yarn.factor:g} from {model.yarn.original_max}")
+    router = "sigmoid router" if model.router_score == "sigmoid" else "top-k"
+    if model.n_group > 1:
+        router += f" ({model.topk_group} of {model.n_group} groups)"
+    router += " renormalised" if model.router_renorm else " not renormalised"
+    if model.routed_scale != 1:
+        router += f" x{model.routed_scale:g}"
+    parts.append(router)
+    if model.d_shared:
+        parts.append(f"shared expert of {model.d_shared}"
+                     + (" (gated)" if model.shared_gate else ""))
+    if model.dense_layers:
+        parts.append(f"{len(model.dense_layers)} dense layer(s) of {model.d_ff_dense}")
+    if model.fp8_block is not None:
+        parts.append(f"FP8 {model.fp8_block[0]}x{model.fp8_block[1]} blocks, dequantised "
+                     "at load")
+    if model.tie_word_embeddings:
+        parts.append("tied embeddings")
+    notes = ""
+    if config.checkpoint:
+        from ..model.checkpoint import read_hf_config
+        from ..model.families import ignored
+
+        notes = "".join(f"; {note}" for note in ignored(read_hf_config(config.checkpoint)))
+    return (f"family: {model.family}: {', '.join(parts)}" + notes
+            + (f" ({config.checkpoint})" if config.checkpoint else ""))
 
 
 def schedule_lines(config: RunConfig, layout: Layout, cost: RankCost,

@@ -24,10 +24,31 @@ INITS = ("host", "device")
 # What a model family may change (families.py maps checkpoint formats onto these).
 ACTIVATIONS = ("gelu", "swiglu")     # GELU(x W1) W2  |  (silu(x W1) * x W3) W2
 QK_NORMS = ("none", "head", "full")  # no q/k norm | RMSNorm per head | over the projection
-FAMILIES = ("spmd", "mixtral", "qwen3_moe", "olmoe")   # SPEC §1's, then SPEC §8's
+FAMILIES = ("spmd", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe",   # SPEC §1's, then §8's
+            "deepseek_v3")
+ATTENTIONS = ("mha", "mla")          # multi-head (grouped-query) | multi-head latent
+ROUTER_SCORES = ("softmax", "sigmoid")
 OVERLAPS = ("auto", "on", "off")
 OVERLAP_ALIASES = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off",
                    "0": "off"}
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (``rope_scaling`` of type ``yarn``), as transformers computes it:
+    frequencies blended between ``theta^(-2j/R)`` (fast dims) and that over ``factor``
+    (slow dims), ramped between the dims that make ``beta_fast`` and ``beta_slow``
+    rotations in ``original_max`` positions (floored/ceiled when ``truncate``); cos and sin
+    times ``attention_factor``; the softmax scale times ``softmax_mscale ** 2`` (DeepSeek's
+    ``mscale_all_dim``; 1 elsewhere)."""
+
+    factor: float
+    original_max: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
+    softmax_mscale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,20 @@ class ModelConfig:
     - ``router_renorm``: divide the top-k probabilities by their sum (SPEC §1) or not.
     - ``tie_word_embeddings``: the LM head is the embedding table transposed.
     - ``family``: which checkpoint format names the tensors (families.FAMILIES).
+
+    Attention variants: ``qkv_bias`` (q/k/v projections with biases: Qwen2-MoE);
+    ``attention`` ``mla`` (DeepSeek-V3's multi-head latent attention: queries from
+    ``q_lora_rank`` (0: one projection), keys and values from a ``kv_lora_rank`` latent
+    and one shared rope key; ``d_head`` is the query/key width, nope + ``rope_dim``,
+    ``v_head_dim`` the value width); ``rope_dim`` (the rotated width, default the head
+    dim); ``rope_interleave`` (rotate pairs (2j, 2j+1), not halves); ``yarn`` (RoPE
+    scaling). MoE variants: ``router_score`` ``sigmoid`` (DeepSeek: selection on the
+    scores plus a per-expert bias when ``router_bias``, within the ``topk_group`` best of
+    ``n_group`` groups), ``routed_scale`` (times the routed weights); ``d_shared`` (a
+    shared SwiGLU expert of that width on every token, gated by ``sigmoid(x W_sg)`` when
+    ``shared_gate``); ``dense_layers`` (layers with a dense SwiGLU MLP of ``d_ff_dense``
+    instead of experts). ``fp8_block``: the checkpoint's weights are float8 with a scale
+    per block of this size, dequantised at load.
     """
 
     vocab_size: int
@@ -67,14 +102,72 @@ class ModelConfig:
     router_renorm: bool = True
     tie_word_embeddings: bool = False
     family: str = "spmd"
+    qkv_bias: bool = False
+    attention: str = "mha"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    rope_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False
+    yarn: Yarn | None = None
+    router_score: str = "softmax"
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scale: float = 1.0
+    d_shared: int = 0
+    shared_gate: bool = False
+    dense_layers: tuple[int, ...] = ()
+    d_ff_dense: int = 0
+    fp8_block: tuple[int, int] | None = None
 
     @property
     def head_dim(self) -> int:
+        """Query/key width per head (MLA: nope + rope)."""
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
 
     @property
+    def v_dim(self) -> int:
+        """Value (and attention output) width per head."""
+        return self.v_head_dim if self.v_head_dim is not None else self.head_dim
+
+    @property
+    def rope_width(self) -> int:
+        """The rotated part of each query/key head (its last ``rope_width`` columns)."""
+        return self.rope_dim if self.rope_dim is not None else self.head_dim
+
+    @property
+    def nope_dim(self) -> int:
+        """The unrotated part of each query/key head (MLA's qk_nope_head_dim; 0 for MHA)."""
+        return self.head_dim - self.rope_width
+
+    @property
     def kv_heads(self) -> int:
+        """Key/value heads (MLA: 1, the latent shared by every query head)."""
+        if self.attention == "mla":
+            return 1
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def cache_width(self) -> int:
+        """Numbers the KV cache holds per token and layer: keys and values of the K/V heads
+        (2 H_kv Dh), or MLA's latent and rope key (kv_lora_rank + rope_dim)."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.rope_width
+        return 2 * self.kv_width
+
+    @property
+    def o_width(self) -> int:
+        """Width of the attention output before the output projection: H * Dv."""
+        return self.n_heads * self.v_dim
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether ``layer`` has a dense MLP instead of experts."""
+        return layer in self.dense_layers
+
+    @property
+    def moe_layers(self) -> int:
+        return self.n_layers - len(self.dense_layers)
 
     @property
     def q_width(self) -> int:
@@ -101,7 +194,7 @@ class ModelConfig:
         if self.d_head is None and self.d_model % self.n_heads:
             raise ConfigError("d_model", f"{self.d_model} must be divisible by "
                                          f"n_heads={self.n_heads}")
-        if self.head_dim % 2:
+        if self.attention == "mha" and self.head_dim % 2:
             field_name = "d_head" if self.d_head is not None else "n_heads"
             raise ConfigError(field_name, f"head dim {self.head_dim} must be even (RoPE "
                                           "rotates halves)")
@@ -126,7 +219,83 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                     not 0 < value < math.inf:
                 raise ConfigError(name, f"{value!r} must be a finite positive number")
+        self._validate_variants()
         return self
+
+    def _validate_variants(self) -> None:
+        """The attention and MoE variants of the checkpoint families (SPEC §8)."""
+        for name, allowed in (("attention", ATTENTIONS), ("router_score", ROUTER_SCORES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of "
+                                        f"{', '.join(allowed)}")
+        for name in ("qkv_bias", "rope_interleave", "router_bias", "shared_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"{getattr(self, name)!r} must be true or false")
+        for name in ("q_lora_rank", "kv_lora_rank", "d_shared", "d_ff_dense"):
+            _count(name, getattr(self, name))
+        for name in ("rope_dim", "v_head_dim"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.attention == "mla":
+            if self.kv_lora_rank < 1 or self.rope_dim is None:
+                raise ConfigError("kv_lora_rank", "multi-head latent attention needs "
+                                                  "kv_lora_rank >= 1 and rope_dim")
+            if self.qkv_bias or self.qk_norm != "none":
+                raise ConfigError("attention", "mla takes no q/k/v biases or q/k norms")
+        elif self.q_lora_rank or self.kv_lora_rank:
+            raise ConfigError("kv_lora_rank", "low-rank projections need attention=mla")
+        if self.rope_width % 2 or self.rope_width > self.head_dim:
+            raise ConfigError("rope_dim", f"{self.rope_width} must be even and at most the "
+                                          f"head dim {self.head_dim}")
+        if self.attention == "mha" and self.rope_width != self.head_dim:
+            raise ConfigError("rope_dim", "partial rotation is implemented for mla only")
+        for name in ("n_group", "topk_group"):
+            _positive_int(name, getattr(self, name))
+        if self.n_experts % self.n_group:
+            raise ConfigError("n_group", f"{self.n_group} must divide n_experts="
+                                         f"{self.n_experts}")
+        per_group = self.n_experts // self.n_group
+        if self.topk_group > self.n_group:
+            raise ConfigError("topk_group", f"{self.topk_group} must be in [1, n_group="
+                                            f"{self.n_group}]")
+        if self.n_group > 1 and per_group < 2:
+            raise ConfigError("n_group", f"{self.n_group} groups of {per_group} expert: a "
+                                         "group's score sums its two best")
+        if self.top_k > self.topk_group * per_group:
+            raise ConfigError("top_k", f"{self.top_k} is more than the {self.topk_group} "
+                                       f"kept groups of {per_group} experts hold")
+        if self.router_score == "softmax" and (self.router_bias or self.n_group > 1):
+            raise ConfigError("router_bias", "selection bias and expert groups need "
+                                             "router_score=sigmoid")
+        value = self.routed_scale
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 < value < math.inf:
+            raise ConfigError("routed_scale", f"{value!r} must be a finite positive number")
+        if self.shared_gate and not self.d_shared:
+            raise ConfigError("shared_gate", "a shared-expert gate needs d_shared > 0")
+        layers = self.dense_layers
+        if not isinstance(layers, tuple) or any(
+                isinstance(l, bool) or not isinstance(l, int) for l in layers) or \
+                list(layers) != sorted(set(layers)) or \
+                any(not 0 <= l < self.n_layers for l in layers):
+            raise ConfigError("dense_layers", f"{layers!r} must be distinct layer indices in "
+                                              f"[0, n_layers={self.n_layers}), ascending")
+        if layers and self.d_ff_dense < 1:
+            raise ConfigError("d_ff_dense", "dense layers need d_ff_dense >= 1")
+        if self.fp8_block is not None and (
+                not isinstance(self.fp8_block, tuple) or len(self.fp8_block) != 2 or any(
+                    isinstance(b, bool) or not isinstance(b, int) or b < 1
+                    for b in self.fp8_block)):
+            raise ConfigError("fp8_block", f"{self.fp8_block!r} must be two positive "
+                                           "integers")
+        if self.yarn is not None:
+            yarn = self.yarn
+            numbers = (yarn.factor, yarn.beta_fast, yarn.beta_slow, yarn.attention_factor,
+                       yarn.softmax_mscale)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and 0 < v < math.inf for v in numbers) or yarn.original_max < 1:
+                raise ConfigError("yarn", f"{yarn!r}: factors, betas and scales must be "
+                                          "finite positive numbers, original_max >= 1")
 
 
 @dataclass(frozen=True)
@@ -282,8 +451,10 @@ class Layout:
             # (tp divides H_kv) or one, replicated on tp/H_kv ranks (H_kv divides tp).
             raise LayoutError("layout", f"tp={self.tp} must divide n_kv_heads="
                                         f"{model.kv_heads} or be a multiple of it")
-        if model.d_ff % self.tp:
-            raise LayoutError("layout", f"tp={self.tp} must divide d_ff={model.d_ff}")
+        for name in ("d_ff", "d_shared", "d_ff_dense"):
+            if getattr(model, name) % self.tp:
+                raise LayoutError("layout", f"tp={self.tp} must divide {name}="
+                                            f"{getattr(model, name)}")
         if self.pp > model.n_layers:
             raise LayoutError("layout", f"pp={self.pp} stages is more than n_layers="
                                         f"{model.n_layers}")
@@ -375,6 +546,15 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "overlap":
         text = str(value).strip().lower()
         return OVERLAP_ALIASES.get(text, text)
+    if key in ("yarn", "fp8_block"):
+        raise ConfigError(key, "is read from a checkpoint's config.json (--model)")
+    if key == "dense_layers":
+        items = value if isinstance(value, (list, tuple)) else [
+            v for v in str(value).replace(" ", "").strip("[]()").split(",") if v]
+        try:
+            return tuple(int(v) for v in items)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"{value!r} is not a list of layer indices") from None
     if key == "dtype":
         text = str(value).lower()
         if text not in DTYPE_ALIASES:

@@ -26,6 +26,52 @@ def kv_cache_bytes(n_layers: int, n_seqs: int, capacity: int, heads: int, head_d
     sequences of ``capacity`` positions, ``heads`` x ``head_dim`` each, per layer."""
     return 2 * n_layers * n_seqs * capacity * heads * head_dim * itemsize
 
+
+def latent_cache_bytes(n_layers: int, n_seqs: int, capacity: int, width: int,
+                       itemsize: int) -> int:
+    """What kv_cache.LatentCache's constructor allocates: ``width`` (MLA's kv_lora_rank +
+    qk_rope_head_dim) numbers per position of ``n_seqs`` sequences of ``capacity``, per
+    layer."""
+    return n_layers * n_seqs * capacity * width * itemsize
+
+
+def cache_bytes(model: ModelConfig, n_layers: int, n_seqs: int, capacity: int,
+                kv_heads: int, itemsize: int) -> int:
+    """The cache the family chooses (engine.Engine.new_cache): MLA's latent cache, or keys
+    and values of ``kv_heads`` heads."""
+    if model.attention == "mla":
+        return latent_cache_bytes(n_layers, n_seqs, capacity, model.cache_width, itemsize)
+    return kv_cache_bytes(n_layers, n_seqs, capacity, kv_heads, model.head_dim, itemsize)
+
+
+def attention_params(model: ModelConfig, heads: int, kv_heads: int) -> tuple[int, int]:
+    """Elements of one layer's attention on a rank with ``heads`` query heads and
+    ``kv_heads`` K/V heads: (in the weights' dtype, in float32: the q/k/v biases). MLA's
+    latent projections and norms are whole on every rank, its per-head ones sliced."""
+    d, dh, dv = model.d_model, model.head_dim, model.v_dim
+    if model.attention == "mla":
+        rank, latent = model.q_lora_rank, model.kv_lora_rank
+        query = (d * rank + rank + rank * heads * dh) if rank else d * heads * dh
+        return (query + d * (latent + model.rope_width) + latent
+                + latent * heads * (model.nope_dim + dv) + heads * dv * d), 0
+    width, kv_width = heads * dh, kv_heads * dh
+    qk = {"none": 0, "head": 2 * dh, "full": width + kv_width}[model.qk_norm]
+    biases = width + 2 * kv_width if model.qkv_bias else 0
+    return d * width + 2 * d * kv_width + heads * dv * d + qk, biases
+
+
+def mlp_params(model: ModelConfig, layer: int, experts: int, ff: int, shared_ff: int,
+               dense_ff: int) -> tuple[int, int]:
+    """Elements of one layer's MLP half on a rank: (in the weights' dtype, in float32: the
+    router's selection bias). A dense layer: its SwiGLU MLP (``dense_ff`` columns); a MoE
+    layer: router, ``experts`` experts of ``ff`` columns, the shared expert (and gate)."""
+    d = model.d_model
+    if model.is_dense(layer):
+        return 3 * d * dense_ff, 0
+    shared = 3 * d * shared_ff + (d if model.shared_gate else 0)
+    return (d * model.n_experts + experts * model.expert_matrices * d * ff + shared,
+            model.n_experts if model.router_bias else 0)
+
 @dataclass
 class RankCost:
     """One rank's work for one forward pass (prefill) of the batch."""
@@ -66,21 +112,41 @@ def attention_core_flops(lengths: np.ndarray, width: int,
 
 def layer_flops(model: ModelConfig, tokens: int, lengths: np.ndarray, heads: int,
                 routed_rows: float, ff_width: int, kv_heads: int | None = None,
-                starts: np.ndarray | None = None) -> dict[str, float]:
+                starts: np.ndarray | None = None, shared_width: int | None = None,
+                dense_width: int | None = None) -> dict[str, float]:
     """FLOPs of one layer on one rank (multiply-add = 2) with ``heads`` query heads and
     ``kv_heads`` key/value heads (default: as many) of the model's head dim: Q and O
-    projections ``d x h*Dh``, K and V ``d x hk*Dh``; two (GELU) or three (SwiGLU) expert
-    matrices of ``d x ff_width``. ``starts``: chunks' first positions
+    projections ``d x h*Dh``, K and V ``d x hk*Dh`` (MLA: its low-rank projections, and the
+    expansion of every key it attends to); two (GELU) or three (SwiGLU) expert matrices of
+    ``d x ff_width``, plus a shared expert of ``shared_width`` on every token (default the
+    model's; TP: the rank's slice). With ``dense_width`` the layer is dense: that SwiGLU
+    MLP instead of router and experts. ``starts``: chunks' first positions
     (attention_core_flops)."""
-    d, dh = model.d_model, model.head_dim
+    d, dh, dv = model.d_model, model.head_dim, model.v_dim
     width = heads * dh
     kv_width = (heads if kv_heads is None else kv_heads) * dh
-    return {
-        "attention_proj": 2.0 * tokens * d * (2 * width + 2 * kv_width),
-        "attention_core": attention_core_flops(lengths, width, starts),
-        "router": 2.0 * tokens * d * model.n_experts,
-        "experts": 2.0 * routed_rows * model.expert_matrices * d * ff_width,
+    if model.attention == "mla":
+        params, _ = attention_params(model, heads, 1)
+        keys = tokens + (float(np.sum(starts)) if starts is not None else 0.0)
+        expand = model.kv_lora_rank * heads * (model.nope_dim + dv)
+        proj = 2.0 * tokens * (params - expand - model.q_lora_rank - model.kv_lora_rank) \
+            + 2.0 * keys * expand
+    else:
+        proj = 2.0 * tokens * d * (width + 2 * kv_width + heads * dv)
+    out = {
+        "attention_proj": proj,
+        # QK^T over Dh and PV over Dv: the mean width counts both.
+        "attention_core": attention_core_flops(lengths, heads * (dh + dv) / 2, starts),
     }
+    if dense_width is not None:
+        out["experts"] = 2.0 * tokens * 3 * d * dense_width
+        return out
+    shared = model.d_shared if shared_width is None else shared_width
+    out["router"] = 2.0 * tokens * d * model.n_experts
+    out["experts"] = 2.0 * routed_rows * model.expert_matrices * d * ff_width
+    if shared:
+        out["shared_experts"] = 2.0 * tokens * 3 * d * shared
+    return out
 
 
 def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str = "cupy",
@@ -103,29 +169,36 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
     else:
         routed = stage_tokens * k / layout.ep  # balanced: E/ep experts of E get T*k*(1/ep)
 
-    per_layer = layer_flops(model, tokens, my_lengths, heads, routed, ff, kv_heads)
-    flops = {part: value * n_layers for part, value in per_layer.items()}
+    shared_ff, dense_ff = len(grid.tp_slice(model.d_shared)), len(grid.tp_slice(model.d_ff_dense))
+    flops: dict[str, float] = {}
+    weights = 0
+    for layer in grid.layers:
+        dense = model.is_dense(layer)
+        per_layer = layer_flops(model, tokens, my_lengths, heads, 0.0 if dense else routed, ff,
+                                kv_heads, shared_width=shared_ff,
+                                dense_width=dense_ff if dense else None)
+        for part, value in per_layer.items():
+            flops[part] = flops.get(part, 0.0) + value
+        stored, wide = attention_params(model, heads, kv_heads)
+        mlp, selection = mlp_params(model, layer, len(grid.experts), ff, shared_ff, dense_ff)
+        weights += (stored + mlp + 2 * d) * param_item + (wide + selection) * 4
     b_last = len(my_lengths) if grid.is_last_stage and grid.writes_outputs else 0
     flops["lm_head"] = 2.0 * b_last * d * model.vocab_size
-
-    qk_gains = {"none": 0, "head": 2 * dh, "full": width + kv_width}[model.qk_norm]
-    weights = n_layers * (2 * d * width + 2 * d * kv_width + d * e + 2 * d + qk_gains) \
-        * param_item
-    weights += n_layers * len(grid.experts) * model.expert_matrices * d * ff * param_item
     if grid.is_first_stage:
         weights += model.vocab_size * d * item
     if grid.is_last_stage:
         weights += (d * model.vocab_size + d) * param_item
 
     schedule = schedule_size(grid, config.workload, lengths, backend)
-    activations = micro_batch_bytes(config, grid, schedule, backend)
+    activations = micro_batch_bytes(config, grid, schedule, backend,
+                                    int(lengths.max(initial=0)))
     activations += b_last * model.vocab_size * 4          # the rank's logits, float32
     kv = 0
     if new_tokens or schedule.splits_sequences:
         # engine.Engine.new_cache: the longest prompt (plus the tokens to generate) for
         # each of the rank's sequences, every layer of its stage.
         capacity = int(lengths.max()) + new_tokens
-        kv = kv_cache_bytes(n_layers, len(my_lengths), capacity, kv_heads, dh, item)
+        kv = cache_bytes(model, n_layers, len(my_lengths), capacity, kv_heads, item)
 
     row = d * item
     if layout.tp > 1:
@@ -146,15 +219,17 @@ def rank_cost(config: RunConfig, grid: Grid, lengths: np.ndarray, backend: str =
 
 
 def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: ScheduleSize,
-                     backend: str = "cupy") -> int:
+                     backend: str = "cupy", longest: int = 0) -> int:
     """Activation bytes of the micro-batches ``grid``'s rank holds at once: its largest
     micro-batch's tensors (bounded by the chunk budget, not the batch), twice when two are
-    in flight (overlap), assuming balanced routing of the stage's largest micro-batch."""
+    in flight (overlap), assuming balanced routing of the stage's largest micro-batch.
+    ``longest``: the longest prompt (MLA expands a chunk's earlier keys too)."""
     model, layout = config.model, grid.layout
     d, dh, e, k = model.d_model, model.head_dim, model.n_experts, model.top_k
     item = 2 if model.dtype == "bfloat16" else 4
     ff = len(grid.ff_columns)
-    wide = max(d, len(grid.heads) * dh)                 # q and att are h*Dh wide
+    heads = len(grid.heads)
+    wide = max(d, heads * dh, heads * model.v_dim)      # q and att are h*Dh (h*Dv) wide
     mb_tokens = schedule.largest_tokens
     if layout.tp > 1:
         mb_rows_in = mb_tokens * k                          # every row, on an F slice
@@ -169,8 +244,12 @@ def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: ScheduleSize,
            + mb_tokens * dh * 4 * 2                       # RoPE tables
            + mb_rows_out * d * item * 3                   # send, returned, un-permuted
            + mb_rows_in * d * item * 3                    # received, grouped, expert out
-           + rows_per_expert * ff * (4 * (model.expert_matrices - 1) + item))
-    # ^ one expert's hidden layer: float32 accumulator(s) (SwiGLU: gate and up) and stored
+           + rows_per_expert * ff * (4 * (model.expert_matrices - 1) + item)
+           # ^ one expert's hidden layer: float32 accumulator(s) (SwiGLU: gate and up), stored
+           + mb_tokens * max(len(grid.tp_slice(model.d_shared)),
+                             len(grid.tp_slice(model.d_ff_dense))) * (8 + item)
+           # ^ a shared expert's or a dense MLP's hidden layer, the same way
+           + mla_expansion_bytes(model, heads, schedule, item, longest))
     in_flight = 2 if overlap_enabled(config.workload.overlap, schedule.count, layout.pp,
                                      layout.group, backend) else 1
     activations = in_flight * one
@@ -179,17 +258,59 @@ def micro_batch_bytes(config: RunConfig, grid: Grid, schedule: ScheduleSize,
     return int(activations)
 
 
+def mla_expansion_bytes(model: ModelConfig, heads: int, schedule: ScheduleSize,
+                        item: int, longest: int) -> int:
+    """MLA's prefill expands every key a micro-batch attends to into its heads' keys and
+    values (mla.expanded: the product [Tk, h, N+Dv], keys [Tk, h, N+R], values [Tk, h, Dv]);
+    a chunk's keys include its sequence's earlier chunks (at most the longest prompt)."""
+    if model.attention != "mla":
+        return 0
+    keys = schedule.largest_tokens + (longest if schedule.splits_sequences else 0)
+    per_key = heads * (2 * model.nope_dim + 2 * model.v_dim + model.rope_width)
+    return int(keys * per_key * item)
+
+
+def checkpoint_share_bytes(model: ModelConfig, grid: Grid) -> int:
+    """Bytes of ``grid``'s share of an FP8 checkpoint as DeepSeek ships it (what the rank
+    reads before dequantising): attention and MLP matrices in float8 (one byte) plus a
+    float32 scale per ``fp8_block``; norms, router, embedding and LM head in bfloat16; the
+    router's selection bias in float32. (A checkpoint without FP8: its dtype throughout.)"""
+    item = 2 if model.fp8_block is not None or model.dtype == "bfloat16" else 4
+    quantised = 1 + 4 / (model.fp8_block[0] * model.fp8_block[1]) if model.fp8_block \
+        else item
+    d, heads, kv_heads = model.d_model, len(grid.heads), len(grid.kv_heads)
+    ff, shared, dense = (len(grid.tp_slice(w)) for w in (model.d_ff, model.d_shared,
+                                                         model.d_ff_dense))
+    total = 0.0
+    for layer in grid.layers:
+        stored, wide = attention_params(model, heads, kv_heads)
+        vectors = (model.q_lora_rank + model.kv_lora_rank) if model.attention == "mla" else 0
+        mlp, selection = mlp_params(model, layer, len(grid.experts), ff, shared, dense)
+        router = 0 if model.is_dense(layer) else d * model.n_experts
+        total += (stored - vectors + mlp - router) * quantised
+        total += (vectors + router + 2 * d) * item + (wide + selection) * 4
+    if grid.is_first_stage:
+        total += model.vocab_size * d * item
+    if grid.is_last_stage:
+        total += (d * model.vocab_size + d) * item
+    return int(total)
+
+
 def parameter_counts(model: ModelConfig) -> tuple[int, int]:
     """(all parameters, those one token uses): embedding, LM head (unless tied), per layer
-    attention, norms, router and E experts (top-k of them for the active count)."""
-    d, dh = model.d_model, model.head_dim
-    qk = {"none": 0, "head": 2 * dh, "full": model.q_width + model.kv_width}[model.qk_norm]
-    attention = 2 * d * model.q_width + 2 * d * model.kv_width + 2 * d + qk
-    expert = model.expert_matrices * d * model.d_ff
-    router = d * model.n_experts
+    attention and norms, then a dense MLP, or router, E experts (top-k of them for the
+    active count) and the shared expert."""
+    d = model.d_model
+    attention = sum(attention_params(model, model.n_heads, model.kv_heads)) + 2 * d
     embeddings = model.vocab_size * d * (1 if model.tie_word_embeddings else 2) + d
-    total = embeddings + model.n_layers * (attention + router + model.n_experts * expert)
-    active = embeddings + model.n_layers * (attention + router + model.top_k * expert)
+    total = active = embeddings
+    expert = model.expert_matrices * d * model.d_ff
+    for layer in range(model.n_layers):
+        mlp = sum(mlp_params(model, layer, model.n_experts, model.d_ff, model.d_shared,
+                             model.d_ff_dense))
+        total += attention + mlp
+        active += attention + mlp - (0 if model.is_dense(layer) else
+                                     (model.n_experts - model.top_k) * expert)
     return total, active
 
 
@@ -207,16 +328,25 @@ def decode_step_bytes(config: RunConfig, grid: Grid, context: int) -> dict[str, 
     """
     model = config.model
     item = 2 if model.dtype == "bfloat16" else 4
-    d, width = model.d_model, len(grid.heads) * model.head_dim
-    kv_width = len(grid.kv_heads) * model.head_dim
+    d, heads, kv_heads = model.d_model, len(grid.heads), len(grid.kv_heads)
     n_layers = len(grid.layers)
     seqs = len(grid.sequences(config.workload.batch_size))
+    per_token = (model.cache_width if model.attention == "mla"
+                 else 2 * kv_heads * model.head_dim)
+    ff, shared_ff = len(grid.ff_columns), len(grid.tp_slice(model.d_shared))
+    dense_ff = len(grid.tp_slice(model.d_ff_dense))
+    mlp = {"expert_weights": 0.0, "router": 0.0}
+    for layer in grid.layers:
+        stored, selection = mlp_params(model, layer, len(grid.experts), ff, shared_ff,
+                                       dense_ff)
+        router = 0 if model.is_dense(layer) else d * model.n_experts
+        mlp["expert_weights"] += (stored - router) * item
+        mlp["router"] += router * item + selection * 4
+    attention, biases = attention_params(model, heads, kv_heads)
     out = {
-        "kv_cache": 2.0 * n_layers * seqs * context * kv_width * item,
-        "attention_weights": n_layers * 2.0 * d * (width + kv_width) * item,
-        "expert_weights": n_layers * len(grid.experts) * model.expert_matrices * d
-        * len(grid.ff_columns) * item,
-        "router": n_layers * float(d * model.n_experts * item),
+        "kv_cache": float(n_layers * seqs * context * per_token * item),
+        "attention_weights": float(n_layers * (attention * item + biases * 4)),
+        **mlp,
     }
     if grid.is_last_stage:
         out["lm_head"] = float(d * model.vocab_size * item)

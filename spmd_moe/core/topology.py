@@ -86,8 +86,13 @@ class Grid:
     @property
     def ff_columns(self) -> range:
         """Columns of W1 (rows of W2) this rank holds for each of its experts."""
-        return block_range(self.model.d_ff, self.layout.tp, self.group_rank
-                           if self.layout.tp > 1 else 0)
+        return self.tp_slice(self.model.d_ff)
+
+    def tp_slice(self, width: int) -> range:
+        """This rank's block of a ``width`` split over the tensor-parallel group (all of it
+        under expert parallelism): an expert's F, a shared expert's, a dense MLP's."""
+        return block_range(width, self.layout.tp, self.group_rank if self.layout.tp > 1
+                           else 0)
 
     def sequences(self, batch_size: int) -> range:
         """Sequences whose attention this rank runs (all of them under TP)."""

@@ -24,6 +24,10 @@ Decode: the prefill fills a per-rank KV cache of the rank's sequences; each step
 token per live sequence, runs every layer (dispatch and combine included) and takes the
 greedy argmax on the last stage, which sends the tokens back to stage 0.
 
+Families (SPEC §8) change named pieces only: multi-head latent attention (model/mla.py) in
+place of q/k/v and its latent cache (``new_cache`` chooses), a dense MLP in place of the
+MoE half on a model's dense layers, the shared expert inside the MoE half (moe/layer.py).
+
 Notation: B batch, T packed tokens of a micro-batch on this rank, d width, V vocabulary,
 L layers, E experts, N new tokens.
 """
@@ -42,13 +46,15 @@ from ..core.chunks import MicroBatch, Schedule, overlap_enabled, prefill_schedul
 from ..core.config import RunConfig
 from ..core.errors import ConfigError, say
 from ..core.topology import Topology
-from ..model.blocks import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head, pack,
-                            qk_norm_rope, qk_square_sums, residual_add, rms_norm)
+from ..model import mla
+from ..model.blocks import (Packed, Rope, add_rms_norm, causal_attention, embed, linear, lm_head,
+                            pack, qk_norm_rope, qk_square_sums, residual_add, rms_norm, rope_spec,
+                            softmax_scale)
 from ..model.inputs import Batch
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, LatentCache
 from ..model.weights import ModelWeights, build_weights
 from ..moe.dispatcher import AllreduceDispatcher, AlltoallDispatcher
-from ..moe.layer import moe_steps
+from ..moe.layer import dense_steps, moe_steps
 from ..parallel.overlap import CHECKPOINT, Flight, run_pass, run_passes
 from ..parallel.transport import allreduce_bytes
 
@@ -137,11 +143,19 @@ def fit_kernels_to_family(bk: Backend, model) -> None:
     where the model fits them (FusedKernels.fit_rowwise). Idempotent."""
     if bk.kernels is None:
         return
-    kernels.fit_model(bk, model.head_dim)
-    bk.kernels = bk.kernels.fit_rowwise(model.n_experts, model.n_heads, model.kv_heads,
-                                        model.qk_norm, model.head_dim)
+    kernels.fit_model(bk, model.head_dim, model.v_dim)
+    bk.kernels = bk.kernels.fit_rowwise(
+        model.n_experts, model.n_heads, model.kv_heads, model.qk_norm, model.rope_width,
+        model.router_score, model.kv_lora_rank if model.attention == "mla" else 0,
+        model.kv_lora_rank + model.rope_width, bk.dtype.itemsize)
     pieces = [f"{model.activation} experts"]
-    if bk.kernels.fused_attention:
+    if model.attention == "mla":
+        parts = ([f"prefill of head dim {model.head_dim} with values of {model.v_dim}"]
+                 if bk.kernels.fused_attention else [])
+        parts += ["decode over the latent cache"] if bk.kernels.fuses("mla_decode") else []
+        if parts:
+            pieces.insert(0, f"latent attention ({', '.join(parts)})")
+    elif bk.kernels.fused_attention:
         heads = ("multi-head" if model.kv_heads == model.n_heads else
                  f"grouped-query ({model.n_heads // model.kv_heads} query heads per K/V head)")
         pieces.insert(0, f"{heads} attention of head dim {model.head_dim}")
@@ -167,7 +181,6 @@ class Engine:
                  weights: ModelWeights | None = None):
         self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
         self.transport = transport
-        kernels.fit_model(bk, self.model.head_dim)
         fit_kernels_to_family(bk, self.model)
         self.weights = weights if weights is not None else build_weights(
             topo, bk, config.seed, config.init)
@@ -181,7 +194,9 @@ class Engine:
         # over the group counts it that often, and so must the width it is divided by.
         self.kv_width_summed = self.model.kv_width * max(
             1, topo.layout.tp // self.model.kv_heads)
-        self.scale = float(self.model.head_dim) ** -0.5
+        self.scale = softmax_scale(self.model)
+        self.rope = rope_spec(self.model)
+        self.inv_freq = bk.asarray(self.rope.inv_freq)    # on the device once
         fault = injected_fault(topo.size, self.model.n_layers)
         self.fault = fault if fault is not None and fault.rank == topo.rank else None
         self.pending: list = []   # sends to the next stage started by the current pass
@@ -196,11 +211,18 @@ class Engine:
         an allreduce on ``slot``'s communicator."""
         bk, lw, model = self.bk, self.weights.layers[layer], self.model
         n, dh = x.shape[0], model.head_dim
+        out_dtype = F32 if self.topo.layout.tp > 1 else None   # TP: partial sums
+        if model.attention == "mla":
+            with timer.phase("attention"):
+                a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
+                att = mla.attention(bk, lw, model, a, packed, rope, cache, layer, self.heads,
+                                    self.scale)                            # [T, h*Dv]
+                return bk.matmul(att, lw.wo, out_dtype=out_dtype)
         with timer.phase("attention"):
             a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
-            q = bk.matmul(a, lw.wq).reshape(n, self.heads, dh)            # [T, h, Dh]
-            k = bk.matmul(a, lw.wk).reshape(n, self.kv_heads, dh)         # [T, hk, Dh]
-            v = bk.matmul(a, lw.wv).reshape(n, self.kv_heads, dh)
+            q = linear(bk, a, lw.wq, lw.bq).reshape(n, self.heads, dh)    # [T, h, Dh]
+            k = linear(bk, a, lw.wk, lw.bk).reshape(n, self.kv_heads, dh) # [T, hk, Dh]
+            v = linear(bk, a, lw.wv, lw.bv).reshape(n, self.kv_heads, dh)
             summed = None
             if model.qk_norm == "full" and self.topo.layout.tp > 1:
                 summed = qk_square_sums(bk, q, k)                          # [T, 2] f32
@@ -224,7 +246,7 @@ class Engine:
                 keys, values, k_starts, k_lengths = cache.view(layer, packed)
             att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys,
                                    values, k_starts, k_lengths, self.scale)   # [T, h*Dh]
-            return bk.matmul(att, lw.wo, out_dtype=F32 if self.topo.layout.tp > 1 else None)
+            return bk.matmul(att, lw.wo, out_dtype=out_dtype)
 
     def layer_steps(self, layer: int, x, packed: Packed, rope, timer: PhaseTimer,
                     flight: Flight, cache: KVCache | None, counts: np.ndarray, slot: int = 0):
@@ -248,8 +270,12 @@ class Engine:
         with timer.phase("router"):
             # The residual add and the MoE norm: one kernel with the fused kernels.
             h, b = add_rms_norm(bk, x, att, lw.moe_norm, self.model.norm_eps)
-        moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
-                                                      self.model, timer, flight)
+        if self.model.is_dense(layer):
+            moe, tokens_per_expert = yield from dense_steps(
+                self.dispatchers[slot], b, lw, self.model.n_experts, timer, flight)
+        else:
+            moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
+                                                          self.model, timer, flight)
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
@@ -284,7 +310,7 @@ class Engine:
             x = yield flight.start("stage_recv", lambda: self.transport.irecv(
                 topo.pipe_comm, (packed.n_tokens, d), bk.dtype, source=topo.stage - 1,
                 tag=HIDDEN_TAG))
-        rope = Rope(bk, packed.positions, self.model.head_dim, self.model.rope_theta)
+        rope = Rope(bk, packed.positions, self.rope, self.inv_freq)
         for layer in topo.layers:
             x = yield from self.layer_steps(layer, x, packed, rope, timer, flight, cache,
                                             counts, slot)
@@ -390,12 +416,17 @@ class Engine:
         return [np.arange(r.start, r.stop) for r in
                 self.topo.micro_batches(batch_size, self.config.workload.micro_batches)]
 
-    def new_cache(self, batch: Batch, new_tokens: int) -> KVCache:
-        """A cache for this rank's sequences, sized for the longest prompt plus N tokens."""
+    def new_cache(self, batch: Batch, new_tokens: int) -> KVCache | LatentCache:
+        """A cache for this rank's sequences, sized for the longest prompt plus N tokens:
+        the family's (MLA keeps the latent: LatentCache)."""
         mine = self.topo.sequences(batch.batch_size)
         capacity = int(batch.lengths.max()) + new_tokens
+        model = self.model
+        if model.attention == "mla":
+            return LatentCache(self.bk, self.topo.layers, mine.start, len(mine), capacity,
+                               model.kv_lora_rank, model.rope_width)
         return KVCache(self.bk, self.topo.layers, mine.start, len(mine), capacity,
-                       self.kv_heads, self.model.head_dim)
+                       self.kv_heads, model.head_dim)
 
     def sample(self, logits, timer: PhaseTimer) -> np.ndarray:
         """Greedy tokens [b] (host int64) from float32 logits [b, V]; ties: lowest id."""

@@ -1,7 +1,9 @@
-"""The dense blocks of SPEC §1 in the order data flows: embedding, RMSNorm, q/k norms (the
-checkpoint families' difference, SPEC §8), RoPE, causal attention with grouped key/value
-heads, LM head. The MoE half of a layer lives in router.py, dispatcher.py, experts.py
-and layer.py of moe/; the layer loop in engine/engine.py.
+"""The dense blocks of SPEC §1 in the order data flows: embedding, RMSNorm, projections
+(with the families' biases), q/k norms (the checkpoint families' difference, SPEC §8),
+RoPE (rotate-half or interleaved pairs, default or YaRN frequencies), causal attention
+with grouped key/value heads and a value width of its own, LM head. Multi-head latent
+attention builds on these in mla.py. The MoE half of a layer lives in router.py,
+dispatcher.py, experts.py and layer.py of moe/; the layer loop in engine/engine.py.
 
 Tokens are *packed*: left padding is dropped once, at the edge (inputs.py), and every block
 works on the real tokens of its sequences laid end to end, ``[T, ...]``, with per-sequence
@@ -10,15 +12,19 @@ zero by construction. With left padding, the causal mask of SPEC §1 restricted 
 query is exactly "the real keys up to and including it", which is what the packed form does.
 
 Notation: T packed tokens, b sequences, d model width, h query heads and hk key/value heads
-(local under TP; h = hk in SPEC §1), g = h/hk, Dh head dim, V vocabulary. Arrays live on the backend (``bk.xp``) unless named ``*_host``.
+(local under TP; h = hk in SPEC §1), g = h/hk, Dh query/key head dim, Dv value head dim, R
+rotated width, V vocabulary. Arrays live on the backend (``bk.xp``) unless named
+``*_host``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend.array import F32, Backend
+from ..core.config import ModelConfig
 
 
 @dataclass
@@ -70,6 +76,19 @@ def pack(bk: Backend, seqs: np.ndarray, lengths_host: np.ndarray,
 def embed(bk: Backend, table, ids) -> object:
     """Token ids [T] -> rows of the embedding table [T, d] (storage dtype)."""
     return bk.take_rows(table, ids)
+
+
+def linear(bk: Backend, x, w, bias=None, out_dtype=None):
+    """``x W (+ b)``: x [T, k] -> [T, n] in the storage dtype (or ``out_dtype``); the bias
+    (float32 [n]) is added to the float32 accumulator before the one rounding."""
+    if bias is None:
+        return bk.matmul(x, w, out_dtype=out_dtype)
+    if bk.kernels is not None:
+        return bk.kernels.bias_add(bk.matmul(x, w, out_dtype=F32), bias,
+                                   bk.dtype if out_dtype is None else out_dtype)
+    y = bk.matmul(x, w, out_dtype=F32)
+    y += bias
+    return y if out_dtype is not None and np.dtype(out_dtype) == F32 else bk.store(y)
 
 
 def rms_norm(bk: Backend, x, gain, eps: float):
@@ -152,18 +171,79 @@ def qk_norm(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_width: i
     return qn.reshape(q.shape), kn.reshape(k.shape)
 
 
-class Rope:
-    """The rotation of one pass's tokens: ``positions`` int32 [T] (device) and ``theta``.
-    The fused kernel computes its angles from these; the generic code takes the cos/sin
-    :meth:`tables`, built once per pass on first use."""
+@dataclass(frozen=True)
+class RopeSpec:
+    """A model's rotation: ``inv_freq`` float64 [R/2] (host), cos and sin times ``scale``
+    (YaRN's attention factor), and ``interleaved`` pairs (2j, 2j+1) instead of halves
+    (j, j + R/2). Built once per engine (:func:`rope_spec`)."""
 
-    def __init__(self, bk: Backend, positions, head_dim: int, theta: float):
-        self.bk, self.positions, self.head_dim, self.theta = bk, positions, head_dim, theta
+    inv_freq: np.ndarray
+    scale: float = 1.0
+    interleaved: bool = False
+
+    @property
+    def width(self) -> int:
+        return 2 * len(self.inv_freq)
+
+
+def rope_frequencies(model: ModelConfig) -> np.ndarray:
+    """``theta^(-2j/R)`` for j < R/2 (float64; R the rotated width), or YaRN's blend of
+    them and them over ``factor`` (transformers' ``_compute_yarn_parameters``: the
+    low-frequency dims interpolated, the high ones kept, a linear ramp between the dims
+    that make ``beta_slow`` and ``beta_fast`` rotations over ``original_max`` positions)."""
+    width, theta = model.rope_width, model.rope_theta
+    inv_freq = theta ** (-np.arange(0, width, 2, dtype=np.float64) / width)       # [R/2]
+    yarn = model.yarn
+    if yarn is None:
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        return (width * math.log(yarn.original_max / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, width - 1)
+    if low == high:
+        high += 0.001                                     # transformers' guard
+    ramp = np.clip((np.arange(width // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    kept = 1 - ramp                                       # 1: extrapolated (unscaled)
+    return inv_freq / yarn.factor * (1 - kept) + inv_freq * kept
+
+
+def rope_spec(model: ModelConfig) -> RopeSpec:
+    return RopeSpec(rope_frequencies(model), model.yarn.attention_factor if model.yarn
+                    else 1.0, model.rope_interleave)
+
+
+def softmax_scale(model: ModelConfig) -> float:
+    """``1/sqrt(Dh)``, times DeepSeek's YaRN ``mscale_all_dim`` factor squared."""
+    mscale = model.yarn.softmax_mscale if model.yarn is not None else 1.0
+    return float(model.head_dim) ** -0.5 * mscale * mscale
+
+
+class Rope:
+    """The rotation of one pass's tokens: ``positions`` int32 [T] (device) and the model's
+    :class:`RopeSpec`. The fused kernel computes its angles from these (``inv_freq`` on the
+    device: the engine's copy, uploaded once, or this pass's); the generic code takes the
+    cos/sin :meth:`tables`, built once per pass on first use."""
+
+    def __init__(self, bk: Backend, positions, spec: RopeSpec, inv_freq=None):
+        self.bk, self.positions, self.spec = bk, positions, spec
         self._tables = None
+        self._inv_freq = inv_freq
+
+    @property
+    def inv_freq(self):
+        """float64 [R/2] on the backend."""
+        if self._inv_freq is None:
+            self._inv_freq = self.bk.asarray(self.spec.inv_freq)
+        return self._inv_freq
 
     def tables(self):
         if self._tables is None:
-            self._tables = rope_tables(self.bk, self.positions, self.head_dim, self.theta)
+            self._tables = rope_tables(self.bk, self.positions, self.spec)
         return self._tables
 
 
@@ -177,26 +257,40 @@ def qk_norm_rope(bk: Backend, kind: str, q, k, q_gain, k_gain, eps: float, q_wid
     if kernels is not None and kernels.fuses("qk_rope") and (
             kind == "none" or q_gain.dtype == k_gain.dtype == q.dtype):
         return kernels.qk_norm_rope(kind, q, k, q_gain, k_gain, eps, q_width, kv_width,
-                                    summed, rope.positions, rope.theta)
+                                    summed, rope.positions, rope.inv_freq, rope.spec.scale,
+                                    rope.spec.interleaved)
     q, k = qk_norm(bk, kind, q, k, q_gain, k_gain, eps, q_width, kv_width, summed)
     cos, sin = rope.tables()
-    return apply_rope(bk, q, cos, sin), apply_rope(bk, k, cos, sin)
+    interleaved = rope.spec.interleaved
+    return apply_rope(bk, q, cos, sin, interleaved), apply_rope(bk, k, cos, sin, interleaved)
 
 
-def rope_tables(bk: Backend, positions, head_dim: int, theta: float):
-    """cos and sin of ``[ang, ang]`` for each position: two float32 [T, 1, Dh] arrays.
-    Angles are formed in float64: at 10^4 positions float32 would lose ~1e-3 rad."""
+def rope_tables(bk: Backend, positions, spec: RopeSpec):
+    """cos and sin (times ``spec.scale``) of each position's angles: two float32 arrays,
+    [T, 1, R] of ``[ang, ang]`` (rotate-half) or [T, 1, R/2] (interleaved pairs). Angles
+    are formed in float64: at 10^4 positions float32 would lose ~1e-3 rad."""
     xp = bk.xp
-    inv_freq = theta ** (-xp.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [Dh/2]
-    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]                 # [T, Dh/2]
-    ang = xp.concatenate([ang, ang], axis=-1)[:, None, :]                           # [T, 1, Dh]
-    return xp.cos(ang).astype(F32), xp.sin(ang).astype(F32)
+    inv_freq = xp.asarray(spec.inv_freq)                                             # [R/2]
+    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]                 # [T, R/2]
+    if not spec.interleaved:
+        ang = xp.concatenate([ang, ang], axis=-1)                                   # [T, R]
+    ang = ang[:, None, :]
+    return ((xp.cos(ang) * spec.scale).astype(F32), (xp.sin(ang) * spec.scale).astype(F32))
 
 
-def apply_rope(bk: Backend, u, cos, sin):
-    """Rotate-half RoPE of u [T, h, Dh] (any float dtype) in float32, stored in dtype."""
+def apply_rope(bk: Backend, u, cos, sin, interleaved: bool = False):
+    """RoPE of u [T, h, R] (any float dtype) in float32, stored in dtype: rotate-half
+    (columns j and j + R/2 rotate together), or interleaved pairs (2j, 2j + 1), each pair
+    written back in place: a fixed permutation of transformers' de-interleaved output,
+    applied alike to queries and keys, so their dot products are its own."""
     xp = bk.xp
     uf = u.astype(F32)
+    if interleaved:
+        even, odd = uf[..., 0::2], uf[..., 1::2]                           # [T, h, R/2]
+        out = xp.empty_like(uf)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = odd * cos + even * sin
+        return bk.store(out)
     half = uf.shape[-1] // 2
     rotated = xp.concatenate([-uf[..., half:], uf[..., :half]], axis=-1)
     return bk.store(uf * cos + rotated * sin)
@@ -206,23 +300,24 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
                      k_lengths_host, scale: float):
     """Causal attention of packed queries against packed (or cached) keys.
 
-    q: [Tq, h, Dh]; k, v: [Tk, hk, Dh] (storage dtype), hk dividing h: query head j uses
-    key/value head ``j // (h/hk)`` (grouped-query attention; hk = h in SPEC §1).
+    q: [Tq, h, Dh]; k: [Tk, hk, Dh], v: [Tk, hk, Dv] (storage dtype), hk dividing h: query
+    head j uses key/value head ``j // (h/hk)`` (grouped-query attention; hk = h in SPEC §1;
+    MLA's absorbed decode: hk = 1, keys the cached latent and rope key, values the latent).
     Sequence i has ``q_lengths[i]``
     queries at rows ``q_starts[i]...`` and ``k_lengths[i]`` keys at rows ``k_starts[i]...``;
     its queries are the *last* ``q_lengths[i]`` of its keys' positions, so query r attends to
     keys ``0 .. k_len - q_len + r`` (prefill: q_len = k_len; a decode step: q_len = 1).
-    Returns [Tq, h*Dh] in storage dtype. Scores, softmax and accumulation are float32.
+    Returns [Tq, h*Dv] in storage dtype. Scores, softmax and accumulation are float32.
     """
-    if bk.kernels is not None and bk.kernels.fused_attention:
+    if bk.kernels is not None and bk.kernels.fits_attention(q.shape[2], v.shape[2]):
         return bk.kernels.attention(q, q_starts_host, q_lengths_host, k, v, k_starts_host,
                                     k_lengths_host, scale)
     xp = bk.xp
     n_q, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, v_dim = k.shape[1], v.shape[2]
     group = heads // kv_heads
-    assert group * kv_heads == heads, (q.shape, k.shape)
-    out = xp.empty((n_q, heads * head_dim), dtype=bk.dtype)
+    assert group * kv_heads == heads and v.shape[:2] == k.shape[:2], (q.shape, k.shape, v.shape)
+    out = xp.empty((n_q, heads * v_dim), dtype=bk.dtype)
     for q0, nq, k0, nk in zip(q_starts_host, q_lengths_host, k_starts_host, k_lengths_host):
         q0, nq, k0, nk = int(q0), int(nq), int(k0), int(nk)
         if nq == 0:
@@ -231,7 +326,7 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
         # ([hk, g*r, Dh] @ [hk, Dh, nk]), so K/V are neither copied g times nor broadcast
         # (NumPy's matmul leaves BLAS for broadcast operands).
         kf = k[k0:k0 + nk].astype(F32).transpose(1, 2, 0)                # [hk, Dh, nk]
-        vf = v[k0:k0 + nk].astype(F32).transpose(1, 0, 2)                # [hk, nk, Dh]
+        vf = v[k0:k0 + nk].astype(F32).transpose(1, 0, 2)                # [hk, nk, Dv]
         # Query blocks bound the float32 score tile to ~16 MiB.
         block = max(1, (1 << 22) // max(1, heads * nk))
         for r0 in range(0, nq, block):
@@ -243,7 +338,7 @@ def causal_attention(bk: Backend, q, q_starts_host, q_lengths_host, k, v, k_star
             scores = xp.where(xp.arange(nk)[None, :] <= query_pos, scores, -np.inf)
             scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
             probs = scores / scores.sum(axis=-1, keepdims=True)
-            att = (probs @ vf).reshape(heads, r1 - r0, head_dim)            # [h, r, Dh]
+            att = (probs @ vf).reshape(heads, r1 - r0, v_dim)               # [h, r, Dv]
             out[q0 + r0:q0 + r1] = bk.store(att.transpose(1, 0, 2).reshape(r1 - r0, -1))
     return out
 

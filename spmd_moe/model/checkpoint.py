@@ -19,6 +19,11 @@ here, which gives memory-mapped views, header-first checks over all shards, and 
 each rank reads. Writing (``spmd-moe export``) streams a tensor at a time into a directory
 that appears whole or not at all (files.write_directory).
 
+FP8 checkpoints (DeepSeek's ``quantization_config``: ``ModelConfig.fp8_block``): a matrix
+stored as ``float8_e4m3fn`` comes with a float32 ``<name>_scale_inv`` of one scale per
+``[bo, bi]`` block (edge blocks partial); a rank reads its block of both and dequantises,
+``W[i, j] = W8[i, j] * S[i // bo, j // bi]`` in float32, then rounds to the run's dtype.
+
 Errors a user can cause (missing file or tensor, wrong shape or dtype, a shard the index
 names but that is absent or outside the directory, a truncated file, a malformed or
 oversized header) raise InputError naming the tensor or field and the file.
@@ -33,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
+import ml_dtypes
 import numpy as np
 
 from ..backend.array import BF16, Backend, storage_dtype
@@ -42,7 +48,8 @@ from ..core.errors import ConfigError, InputError
 from ..core.files import (JsonFields, check_output_directory, open_regular, parse_json,
                           plain_name, read_json, resolves_inside, write_directory)
 from ..core.topology import Grid
-from .families import checkpoint_tensors, hf_config, model_config_from_hf, tensor_location
+from .families import (checkpoint_tensors, hf_config, ignored, model_config_from_hf,
+                       tensor_location)
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -53,6 +60,12 @@ TOKENIZER_FILE = "tokenizer.json"
 # (integers, float8, quantised blocks) is refused.
 FLOAT_DTYPES = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
                 "F64": np.dtype("<f8")}
+# Block-quantised weights (with a float32 ``<name>_scale_inv`` of per-block scales).
+FP8_DTYPES = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
+SCALE_SUFFIX = "_scale_inv"
+# Every float8_e4m3fn byte's float32 value: a table lookup widens a block exactly, at
+# NumPy's gather speed (ml_dtypes' cast runs element by element).
+FP8_VALUES = np.arange(256, dtype=np.uint8).view(FP8_DTYPES["F8_E4M3"]).astype(np.float32)
 SAFETENSORS_NAMES = {BF16: "BF16", np.dtype(np.float32): "F32"}
 HEADER_LIMIT = 100 << 20   # the format's own bound on the JSON header
 # A header is sized before it is held: at most this many bytes per tensor the model needs
@@ -213,7 +226,8 @@ def parse_header(handle: BinaryIO, path: str,
         if not 0 <= begin <= end or start + end > size:
             raise InputError(where, f"data offsets [{begin}, {end}) run past the end of {path} "
                                     f"({size} bytes): truncated?")
-        itemsize = FLOAT_DTYPES[dtype].itemsize if dtype in FLOAT_DTYPES else None
+        known = {**FLOAT_DTYPES, **FP8_DTYPES}
+        itemsize = known[dtype].itemsize if dtype in known else None
         if itemsize is not None and end - begin != math.prod(shape) * itemsize:
             raise InputError(where, f"{path}: {end - begin} bytes for shape {list(shape)} of "
                                     f"{dtype}")
@@ -298,6 +312,7 @@ class Checkpoint:
         self.stats = LoadStats()
         self._files: dict[str, BinaryIO] = {}
         self._headers: dict[str, dict[str, TensorEntry]] = {}
+        self.fp8_block: tuple[int, int] | None = None   # FP8 scales' block (from check)
         self._maps: dict[str, np.memmap] = {}
         self.limit = header_limit(model)
         self.weight_map: dict[str, str] | None = None
@@ -343,13 +358,20 @@ class Checkpoint:
     def check(self, model) -> None:
         """Every tensor ``model`` needs is present with its shape and a float dtype (all of
         them, on every rank: the same error everywhere, whatever the layout), walked in the
-        model's order and stopping at the first that is not; then only those are kept."""
+        model's order and stopping at the first that is not; then only those are kept (an
+        FP8 matrix with its scales)."""
+        self.fp8_block = model.fp8_block
         for ours, where in checkpoint_tensors(model):
             entry = self.find(where.name)
             label = f"tensor {where.name}"
-            if entry.dtype not in FLOAT_DTYPES:
+            if entry.dtype in FP8_DTYPES and model.fp8_block is not None and \
+                    len(where.shape) == 2:
+                self._check_scales(where.name, where.shape, model.fp8_block)
+            elif entry.dtype not in FLOAT_DTYPES:
+                fp8 = (" (float8 weights need config.json's quantization_config)"
+                       if entry.dtype in FP8_DTYPES else "")
                 raise InputError(label, f"dtype {entry.dtype} in {os.path.basename(entry.file)}"
-                                        f": only {', '.join(FLOAT_DTYPES)} load")
+                                        f": only {', '.join(FLOAT_DTYPES)} load{fp8}")
             if entry.shape != where.shape:
                 raise InputError(label, f"shape {list(entry.shape)} in "
                                         f"{os.path.basename(entry.file)}, but config.json "
@@ -357,15 +379,55 @@ class Checkpoint:
             self.tensors[where.name] = entry
         self._headers.clear()
 
+    def _check_scales(self, name: str, shape: tuple[int, ...], block: tuple[int, int]) -> None:
+        """An FP8 matrix's ``<name>_scale_inv``: present, float32, one per block."""
+        label = f"tensor {name + SCALE_SUFFIX}"
+        try:
+            scales = self.find(name + SCALE_SUFFIX)
+        except InputError:
+            raise InputError(label, f"missing from {self.where()} in {self.directory} "
+                                    f"({name} is float8)") from None
+        want = tuple(-(-n // b) for n, b in zip(shape, block))
+        if scales.dtype != "F32" or scales.shape != want:
+            raise InputError(label, f"{scales.dtype} {list(scales.shape)} in "
+                                    f"{os.path.basename(scales.file)}, but weight_block_size "
+                                    f"{list(block)} gives F32 {list(want)}")
+        self.tensors[name + SCALE_SUFFIX] = scales
+
     def read(self, name: str, rows: range | None = None, cols: range | None = None) -> np.ndarray:
         """The ``[rows, cols]`` block of tensor ``name`` as a host array in the checkpoint's
-        dtype (a copy: only these bytes are read from the mapped file)."""
+        dtype (a copy: only these bytes are read from the mapped file); an FP8 matrix's
+        block dequantised to float32 with its blocks' scales (those read too)."""
         entry = self.tensors[name]
+        if entry.dtype in FP8_DTYPES:
+            return self._dequantised(entry, rows, cols)
+        return self._block(entry, FLOAT_DTYPES[entry.dtype], rows, cols)
+
+    def _dequantised(self, entry: TensorEntry, rows: range | None,
+                     cols: range | None) -> np.ndarray:
+        """``W8[rows, cols] * S[i // bo, j // bi]`` in float32 (the scales' block read)."""
+        scales = self.tensors[entry.name + SCALE_SUFFIX]
+        rows = rows if rows is not None else range(entry.shape[0])
+        cols = cols if cols is not None else range(entry.shape[1])
+        assert self.fp8_block is not None, "check() reads the block size first"
+        block_rows, block_cols = self.fp8_block
+        weights = FP8_VALUES[self._block(entry, np.dtype(np.uint8), rows, cols)]  # [r, c]
+        if not len(rows) or not len(cols):
+            return weights
+        s_rows = range(rows.start // block_rows, (rows.stop - 1) // block_rows + 1)
+        s_cols = range(cols.start // block_cols, (cols.stop - 1) // block_cols + 1)
+        scale = self._block(scales, FLOAT_DTYPES["F32"], s_rows, s_cols)
+        row_of = np.arange(rows.start, rows.stop) // block_rows - s_rows.start
+        col_of = np.arange(cols.start, cols.stop) // block_cols - s_cols.start
+        return weights * scale[row_of][:, col_of]
+
+    def _block(self, entry: TensorEntry, dtype: np.dtype, rows: range | None,
+               cols: range | None) -> np.ndarray:
         if entry.file not in self._maps:
             self._maps[entry.file] = np.memmap(self._files[entry.file], dtype=np.uint8,
                                                mode="r")
         raw = self._maps[entry.file][entry.begin:entry.end]
-        view = raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+        view = raw.view(dtype).reshape(entry.shape)
         if rows is not None:
             view = view[rows.start:rows.stop]
         if cols is not None:
@@ -427,8 +489,15 @@ class CheckpointSource:
     def param(self, name: str, rows: range | None = None, cols: range | None = None):
         return self.backend.param(self._host(name, rows, cols))
 
-    def gain(self, name: str, cols: range | None = None):
-        return self.backend.param(self._host(name, cols, None))    # 1-D: cols is axis 0
+    def gain(self, name: str, cols: range | None = None, float32: bool = False):
+        """1-D tensor ``name`` (its block ``cols``) in compute form, or as float32 whatever
+        the run's dtype (``float32``: biases added in float32, the router's selection
+        bias)."""
+        if not float32:
+            return self.backend.param(self._host(name, cols, None))   # 1-D: cols is axis 0
+        where = tensor_location(self.model, name)
+        block = self.checkpoint.read(where.name, cols)
+        return self.backend.asarray(np.ascontiguousarray(block.astype(np.float32)))
 
     def embedding(self):
         return self.backend.asarray(self._host("embed", None, None, compute=False),
@@ -597,7 +666,8 @@ def export_generated(config: RunConfig, directory: str,
 def describe(checkpoint_dir: str | None, seed: int, init: str) -> str:
     """Where a run's weights come from, in words (the report)."""
     if checkpoint_dir:
-        return f"checkpoint {checkpoint_dir}"
+        notes = ignored(read_hf_config(checkpoint_dir))
+        return f"checkpoint {checkpoint_dir}" + "".join(f"; {note}" for note in notes)
     return (f"generated (SPEC §1 generator, seed {seed})" if init == "host" else
             f"generated on the device (init=device, seed {seed}; not SPEC §1's values)")
 

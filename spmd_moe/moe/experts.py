@@ -23,6 +23,14 @@ def silu(bk: Backend, x):
     return x * xp.where(x >= 0, np.float32(1.0), e) / (np.float32(1.0) + e)
 
 
+def sigmoid(bk: Backend, x):
+    """``1 / (1 + exp(-x))`` of float32 x with :func:`silu`'s stable branches (no
+    overflow, no cancellation): DeepSeek's router scores, Qwen2-MoE's shared-expert gate."""
+    xp = bk.xp
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, np.float32(1.0), e) / (np.float32(1.0) + e)
+
+
 def expert_ffn(bk: Backend, x, w1, w2, out_dtype=None, w3=None):
     """x: [R, d] -> [R, d] in the storage dtype, or ``out_dtype`` (float32 for the TP
     baseline's partial sums, which are reduced before rounding). w1: [d, F], w2: [F, d];

@@ -111,17 +111,38 @@ class RankShape:
     tp: int
     numpy: bool
     swiglu: bool = False   # gated (SwiGLU) experts: a third GEMM and more launches
+    # The attention's projections per new token other than the output one, as (k, n)
+    # GEMM shapes, and the output projection's input width (h * Dv).
+    proj: tuple = ()
+    out_width: int = 0
+    # MLA: the latent's expansion per key, (c, h * (nope + Dv)) (None: multi-head).
+    expand: tuple | None = None
+    cache_token_bytes: int = 0   # KV cache bytes per token and layer a decode step reads
+    decode_key_flops: int = 0    # attention FLOPs per (query, key) at decode
+    shared_ff: int = 0           # the shared expert's F slice
 
 
 @functools.lru_cache(maxsize=4096)
 def rank_shape(config: RunConfig, grid: Grid, backend: str) -> RankShape:
     model = config.model
     item = 2 if model.dtype == "bfloat16" else 4
-    return RankShape(model.d_model, len(grid.heads) * model.head_dim, len(grid.heads),
-                     model.head_dim, len(grid.ff_columns), model.n_experts, len(grid.experts),
-                     model.top_k, model.vocab_size, item,
+    d, heads, dh, dv = model.d_model, len(grid.heads), model.head_dim, model.v_dim
+    width, kv_width = heads * dh, len(grid.kv_heads) * dh
+    if model.attention == "mla":
+        rank, latent = model.q_lora_rank, model.kv_lora_rank
+        proj = (((d, rank), (rank, width)) if rank else ((d, width),)) + (
+            (d, latent + model.rope_width),)
+        expand = (latent, heads * (model.nope_dim + dv))
+        # The absorbed form: a score over the latent and rope key, a value of the latent.
+        cache, per_key = model.cache_width * item, 2 * heads * (model.cache_width + latent)
+    else:
+        proj, expand = ((d, width), (d, kv_width), (d, kv_width)), None
+        cache, per_key = 2 * kv_width * item, 2 * (width + heads * dv)
+    return RankShape(d, width, heads, dh, len(grid.ff_columns), model.n_experts,
+                     len(grid.experts), model.top_k, model.vocab_size, item,
                      4 if backend == "numpy" else item, grid.layout.tp, backend == "numpy",
-                     model.activation == "swiglu")
+                     model.activation == "swiglu", proj, heads * dv, expand, cache, per_key,
+                     len(grid.tp_slice(model.d_shared)))
 
 
 def launched(device: float, ops: float, rates: Rates, shape: "RankShape") -> float:
@@ -148,23 +169,31 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
     t = int(np.sum(lengths))
     hbm = rates.hbm
     k = shape.top_k
-    flops = layer_flops(config.model, t, lengths, shape.heads, routed_rows, f, starts=starts)
+    flops = layer_flops(config.model, t, lengths, shape.heads, routed_rows, f, starts=starts,
+                        shared_width=shape.shared_ff)
     passes = lambda n_passes, elements: n_passes * elements * PASS_BYTES / hbm  # noqa: E731
     run = lambda device, ops: launched(device, ops, rates, shape)  # noqa: E731
 
-    # Attention: q, k, v, o projections; the core; norm, RoPE, residual add.
+    # Attention: the projections (MLA: its low-rank ones, and the latent's expansion of
+    # every key at prefill or the absorption into the queries at decode); the core; norm,
+    # RoPE, residual add.
     partial = 4 if shape.tp > 1 else s        # TP: float32 partial sums for the allreduce
-    proj = 3 * gemm_time(t, d, w, rates.gemm, hbm, s, p, s) + \
-        gemm_time(t, w, d, rates.gemm, hbm, s, p, partial)
+    proj = sum(gemm_time(t, k_in, n_out, rates.gemm, hbm, s, p, s)
+               for k_in, n_out in shape.proj) + \
+        gemm_time(t, shape.out_width, d, rates.gemm, hbm, s, p, partial)
     cached = context is not None or starts is not None
     if context is None:
         core_flops = flops["attention_core"]
         keys = t + (float(np.sum(starts)) if starts is not None else 0.0)
         core_bytes = 2 * t * w * s + 2 * keys * w * s     # q, o; k, v (cached or new) once
+        if shape.expand is not None:
+            proj += gemm_time(keys, *shape.expand, rates.gemm, hbm, s, p, s)
     else:
         keys = float(np.sum(context))
-        core_flops = 4.0 * w * keys                   # q.K and p.V for one query per sequence
-        core_bytes = 2 * keys * w * s + 2 * t * w * s
+        core_flops = shape.decode_key_flops * keys    # one query per sequence
+        core_bytes = keys * shape.cache_token_bytes + 2 * t * w * s
+        if shape.expand is not None:
+            proj += gemm_time(t, *shape.expand, rates.gemm, hbm, s, p, s)
     core = max(core_flops / rates.attention, core_bytes / hbm) if t else 0.0
     n_seqs = int(np.count_nonzero(lengths))
     if shape.numpy:
@@ -199,11 +228,16 @@ def layer_compute(config: RunConfig, shape: RankShape, rates: Rates, lengths: np
                  ops["router"])
     permute = run(2 * t * k * d * s / hbm, ops["permute"])
 
-    # Experts: El experts, routed_rows rows between them, two GEMMs and a GELU each.
+    # Experts: El experts, routed_rows rows between them, two GEMMs and a GELU each; and a
+    # shared expert's three GEMMs over every token.
     rows = routed_rows
     expert_bytes = (shape.local_experts * 2 * d * f * p
                     + rows * (2 * d * s + 2 * f * s))
     experts = max(flops["experts"] / rates.expert, expert_bytes / hbm) if rows else 0.0
+    if shape.shared_ff and t:
+        experts += max(flops["shared_experts"] / rates.expert,
+                       (3 * d * shape.shared_ff * p + t * (2 * d + 3 * shape.shared_ff) * s)
+                       / hbm)
     if shape.numpy and not rates.expert_tflops:
         experts += passes(PASSES["gelu_numpy"], rows * f)
     experts = run(experts, ops["experts"])

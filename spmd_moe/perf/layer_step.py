@@ -38,7 +38,7 @@ class LayerStep:
         from ..moe.dispatcher import Dispatcher
         from ..engine.engine import fit_kernels_to_family
         from ..model.kv_cache import KVCache
-        from ..model.blocks import pack, rope_tables
+        from ..model.blocks import pack, rope_spec, rope_tables
         from ..core.topology import Grid
         from ..model.weights import build_weights
 
@@ -74,7 +74,7 @@ class LayerStep:
             rows = max(1, round(shape.expert_rows * mb.n_tokens / shape.tokens))
             self.micro.append((
                 packed, None if budget >= shape.tokens else bk.asarray(rows_of_x),
-                rope_tables(bk, packed.positions, model.head_dim, model.rope_theta),
+                rope_tables(bk, packed.positions, rope_spec(model)),
                 None if rows == routed else bk.asarray(np.arange(rows) % routed),
                 None if rows == routed else bk.asarray(np.arange(routed) % rows)))
 

@@ -38,7 +38,8 @@ def layouts(name: str, size: int) -> list[str]:
     return found
 
 
-CASES = [(name, layout) for name in hf.FLOAT32 + (hf.BF16,) for layout in layouts(name, SIZE)]
+CASES = [(name, layout) for name in hf.FLOAT32 + hf.LOW_PRECISION
+         for layout in layouts(name, SIZE)]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -64,8 +65,7 @@ def test_layout_matches_transformers(name, layout):
         session.close()
     if WORLD.Get_rank() != 0:
         return
-    logits = want["logits_float32"] if name == hf.BF16 else want["logits"]
-    tokens = want["tokens_float32"] if name == hf.BF16 else want["tokens"]
+    logits, tokens = hf.float32_expected(name, want)
     assert relative_error(prefill.outputs["logits"], logits) < 1e-4
     assert np.array_equal(decode.outputs["tokens"], tokens), (decode.outputs["tokens"], tokens)
     whole = sum(e.end - e.begin for e in Checkpoint(hf.path(name)).tensors.values())
@@ -113,7 +113,6 @@ def test_chunked_and_overlapped_run_matches_transformers(name, layout):
     assert WORLD.allreduce(int(schedule.splits_sequences)) > 0
     if WORLD.Get_rank() != 0:
         return
-    logits = want["logits_float32"] if name == hf.BF16 else want["logits"]
-    tokens = want["tokens_float32"] if name == hf.BF16 else want["tokens"]
+    logits, tokens = hf.float32_expected(name, want)
     assert relative_error(prefill.outputs["logits"], logits) < 1e-4
     assert np.array_equal(decode.outputs["tokens"], tokens), (decode.outputs["tokens"], tokens)

@@ -68,17 +68,18 @@ def attach(backend) -> None:
     backend.kernels, backend.kernels_reason = load_kernels()
 
 
-def fit_model(backend, head_dim: int) -> None:
+def fit_model(backend, head_dim: int, v_dim: int | None = None) -> None:
     """Leave attention to the generic array code (with the reason, in ``kernels_reason``)
-    when the model's head dim is one the attention kernel has no variant for, before the
-    first layer rather than in it; the expert FFN and permutation kernels stay on.
-    Idempotent (the engine, ``info --model`` and the bench may each call it)."""
+    when the model's head dim (and value width ``v_dim``, default the head dim) is one the
+    attention kernel has no variant for, before the first layer rather than in it; the
+    expert FFN and permutation kernels stay on. Idempotent (the engine, ``info --model``
+    and the bench may each call it)."""
     if backend.kernels is None or not backend.kernels.fused_attention:
         return
     from .schedule import attention_variant
 
     try:
-        attention_variant(head_dim, backend.dtype_name)
+        attention_variant(head_dim, backend.dtype_name, v_dim=v_dim)
     except ValueError as exc:
         backend.kernels = backend.kernels.without_attention(str(exc))
         backend.kernels_reason = backend.kernels.describe()

@@ -35,3 +35,14 @@ __device__ __forceinline__ float bf16x2_lo(unsigned word) {
 __device__ __forceinline__ float bf16x2_hi(unsigned word) {
     return __uint_as_float(word & 0xffff0000u);
 }
+
+// A float or bf16 element as float, and back (rounded to nearest even): the row kernels'
+// (rowwise.cu, mla.cu) typed loads and stores.
+__device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load_f(const bf16_t* p, long long i) {
+    return bf16_to_float(p[i]);
+}
+__device__ __forceinline__ void store_f(float* p, long long i, float x) { p[i] = x; }
+__device__ __forceinline__ void store_f(bf16_t* p, long long i, float x) {
+    p[i] = float_to_bf16(x);
+}

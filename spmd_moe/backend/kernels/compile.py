@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ("flash_attention.cu", "expert_ffn.cu", "permute.cu", "rowwise.cu")
+SOURCES = ("flash_attention.cu", "expert_ffn.cu", "permute.cu", "rowwise.cu", "mla.cu")
 # The options of every compile, at run time and in the tests. C++17 for the lambdas and
 # constexpr in the sources (NVRTC 12 defaults to C++14). -ftz=true: float32 denormals flush
 # to zero, which lets exp2f/log2f compile to the fast ex2/lg2 instructions; it is also what

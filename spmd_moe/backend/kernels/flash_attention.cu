@@ -1,10 +1,11 @@
 // Causal flash-attention forward for packed variable-length sequences (SPEC §1 attention).
 //
-// Semantics are those of model.causal_attention: q [Tq, h, Dh], k/v [Tk, hk, Dh] row-major,
-// hk dividing h (grouped-query attention: query head j reads key/value head j / (h/hk);
+// Semantics are those of model.causal_attention: q [Tq, h, D], k [Tk, hk, D] and v
+// [Tk, hk, Dv] row-major (Dv, the value width, may differ from D: MLA's prefill), hk
+// dividing h (grouped-query attention: query head j reads key/value head j / (h/hk);
 // hk = h is plain multi-head attention); sequence i has q_len queries at rows q_start..
 // and k_len keys at rows k_start..; query r of the sequence attends to keys
-// 0 .. k_len - q_len + r. Output [Tq, h*Dh]. Prefill (q_len = k_len) and a decode step
+// 0 .. k_len - q_len + r. Output [Tq, h*Dv]. Prefill (q_len = k_len) and a decode step
 // (q_len = 1 against a KV cache of the hk heads laid out as rows) are the same kernel:
 // only the tile list differs. The group size is a run-time argument, not a template
 // parameter: every head layout shares one set of instantiations.
@@ -32,7 +33,8 @@
 // Q K^T and O += P V run on tensor cores (mma.sync m16n8k16 bf16 -> f32, operands by
 // ldmatrix from shared memory). Online softmax in float32 in base 2 (scale folded with
 // log2 e). K/V blocks are double-buffered with cp.async. The head dim is padded to DP
-// (16/32/64/128): zero columns change no dot product and padded output columns are never
+// (16/32/64/128, or 192 for MLA's 128 + 64) and the value width to DVP (DP, or 128 with
+// DP = 192): zero columns change no dot product and padded output columns are never
 // stored. Two tile heights: BM = 64 (4 warps, two CTAs per SM) and BM = 128 (8 warps, one
 // CTA per SM), which reads each K/V block once for twice the queries: half the L2 -> SM
 // traffic on long prefill (the schedule picks it, schedule.py: tile_rows). A warp skips a
@@ -42,9 +44,10 @@
 // query row): float32 runs are for accuracy, so no TF32 and no bf16 rounding.
 //
 // Notation: BM queries per tile (BLOCK_M, or BLOCK_M_LONG for the 8-warp variant), BN =
-// BLOCK_N keys per block, D head dim, DP padded head dim, LD shared-memory row stride in
-// elements. Split partials are laid out [slot, h, BM, D] with the BM of the variant that
-// wrote them; the combine kernel takes that BM as an argument.
+// BLOCK_N keys per block, D query/key head dim, Dv value head dim, DP and DVP their padded
+// widths, LD and LDV shared-memory row strides in elements. Split partials are laid out
+// [slot, h, BM, Dv] with the BM of the variant that wrote them; the combine kernel takes
+// that BM as an argument.
 #include "bf16.cuh"
 
 #define BLOCK_M 64         // queries per tile: the float32 kernel and the 4-warp bf16 one
@@ -168,21 +171,22 @@ __device__ __forceinline__ void load_tile_async(bf16_t* sdst, const bf16_t* __re
     }
 }
 
-template <int BM, int DP, int CH>
+template <int BM, int DP, int DVP, int CH>
 __device__ __forceinline__ void flash_attention_bf16(
         const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         const bf16_t* __restrict__ v, bf16_t* __restrict__ out, float* __restrict__ part_o,
         float* __restrict__ part_lse, const int* __restrict__ tiles, int n_tiles, int heads,
-        int kv_heads, int D, float scale_log2) {
+        int kv_heads, int D, int Dv, float scale_log2) {
     constexpr int THREADS = BM / 16 * 32;   // one warp per 16 query rows
     constexpr int LD = DP + SMEM_PAD;
+    constexpr int LDV = DVP + SMEM_PAD;
     constexpr int KSTEPS = DP / 16;       // k16 steps of S = Q K^T over the head dim
     constexpr int NTILES = BLOCK_N / 8;   // n8 tiles of S over a key block
-    constexpr int DTILES = DP / 8;        // n8 tiles of O over the head dim
+    constexpr int DTILES = DVP / 8;       // n8 tiles of O over the value width
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16_t* sQ = reinterpret_cast<bf16_t*>(smem_raw);   // [BM][LD]
     bf16_t* sK = sQ + BM * LD;                          // [2][BN][LD]
-    bf16_t* sV = sK + 2 * BLOCK_N * LD;                 // [2][BN][LD]
+    bf16_t* sV = sK + 2 * BLOCK_N * LD;                 // [2][BN][LDV]
 
     const CtaWork work(blockIdx.x, n_tiles, heads, kv_heads);
     const int head = work.head;
@@ -191,9 +195,10 @@ __device__ __forceinline__ void flash_attention_bf16(
     // heads only. Row offsets are 64-bit: a KV cache of 128 x 16k rows x 4096 exceeds
     // 2^31 elements.
     const int stride = heads * D, kv_stride = kv_heads * D;
-    const long long kv_at = static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
-    const bf16_t* k_seq = k + kv_at;   // key 0 of the tile's sequence, this CTA's K/V head
-    const bf16_t* v_seq = v + kv_at;
+    const int out_stride = heads * Dv, v_stride = kv_heads * Dv;
+    // Key 0 of the tile's sequence, this CTA's K/V head.
+    const bf16_t* k_seq = k + static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
+    const bf16_t* v_seq = v + static_cast<long long>(t.k_row0) * v_stride + work.kv_head * Dv;
     const int key_end = t.key_end();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int quad = lane >> 2, quad_lane = lane & 3;   // the MMA fragment's row and column pair
@@ -205,11 +210,12 @@ __device__ __forceinline__ void flash_attention_bf16(
     auto load_kv = [&](int kb, int buf) {
         const int first = kb * BLOCK_N;
         const int valid = min(BLOCK_N, key_end - first);
-        const long long at = static_cast<long long>(first) * kv_stride;
-        load_tile_async<DP, CH, BLOCK_N, THREADS>(sK + buf * BLOCK_N * LD, k_seq + at, valid,
-                                                  kv_stride, D);
-        load_tile_async<DP, CH, BLOCK_N, THREADS>(sV + buf * BLOCK_N * LD, v_seq + at, valid,
-                                                  kv_stride, D);
+        load_tile_async<DP, CH, BLOCK_N, THREADS>(
+            sK + buf * BLOCK_N * LD, k_seq + static_cast<long long>(first) * kv_stride, valid,
+            kv_stride, D);
+        load_tile_async<DVP, CH, BLOCK_N, THREADS>(
+            sV + buf * BLOCK_N * LDV, v_seq + static_cast<long long>(first) * v_stride, valid,
+            v_stride, Dv);
     };
     load_tile_async<DP, CH, BM, THREADS>(
         sQ, q + static_cast<long long>(t.q_row0) * stride + head * D, t.n_rows, stride, D);
@@ -237,7 +243,7 @@ __device__ __forceinline__ void flash_attention_bf16(
         if (kb + 1 < t.kb_end) load_kv(kb + 1, buf ^ 1);
         cp_async_commit();
         const bf16_t* sKb = sK + buf * BLOCK_N * LD;
-        const bf16_t* sVb = sV + buf * BLOCK_N * LD;
+        const bf16_t* sVb = sV + buf * BLOCK_N * LDV;
 
         const int key0 = kb * BLOCK_N;
         // A block wholly past the causal bound of this warp's last row adds nothing to its
@@ -313,11 +319,11 @@ __device__ __forceinline__ void flash_attention_bf16(
                     pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                     pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-                for (int dp = 0; dp < DP / 16; ++dp) {
+                for (int dp = 0; dp < DVP / 16; ++dp) {
                     // V rows are keys: the transposed ldmatrix gives the "col" B fragment.
                     unsigned b[4];
-                    ldmatrix_x4_trans(b, sVb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD
-                                             + dp * 16 + (lane >> 4) * 8);
+                    ldmatrix_x4_trans(b, sVb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8)
+                                                   * LDV + dp * 16 + (lane >> 4) * 8);
                     mma_bf16_16816(o[2 * dp], p, b[0], b[1]);
                     mma_bf16_16816(o[2 * dp + 1], p, b[2], b[3]);
                 }
@@ -334,22 +340,23 @@ __device__ __forceinline__ void flash_attention_bf16(
         if (row >= t.n_rows) continue;
         if (t.slot < 0) {
             const float inv = 1.f / sum;   // > 0: key 0 is visible to every row
-            bf16_t* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + head * D;
+            bf16_t* dst = out + (t.q_row0 + static_cast<long long>(row)) * out_stride
+                          + head * Dv;
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
-                const int col = dt * 8 + quad_lane * 2;   // even, and D is even
-                if (col < D)
+                const int col = dt * 8 + quad_lane * 2;   // even, and Dv is even
+                if (col < Dv)
                     *reinterpret_cast<unsigned*>(dst + col) =
                         pack_bf16x2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
             }
         } else {
             const long long prow = partial_row(t.slot, heads, head, BM, row);
             const float inv = sum > 0.f ? 1.f / sum : 0.f;   // a split may see no key of a row
-            float* dst = part_o + prow * D;
+            float* dst = part_o + prow * Dv;
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
                 const int col = dt * 8 + quad_lane * 2;
-                if (col < D)
+                if (col < Dv)
                     *reinterpret_cast<float2*>(dst + col) =
                         make_float2(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv);
             }
@@ -361,26 +368,26 @@ __device__ __forceinline__ void flash_attention_bf16(
 // ---------------------------------------------------------------------------------------
 // float32 kernel: same tiles, one thread per query row, FMA only.
 
-template <int DP>
+template <int DP, int DVP>
 __device__ __forceinline__ void flash_attention_f32(
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
         float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_lse,
-        const int* __restrict__ tiles, int n_tiles, int heads, int kv_heads, int D,
+        const int* __restrict__ tiles, int n_tiles, int heads, int kv_heads, int D, int Dv,
         float scale_log2) {
     constexpr int LDQ = DP + 1;   // odd stride: thread r reads row r without bank conflicts
     extern __shared__ __align__(16) unsigned char smem_raw[];
     float* sQ = reinterpret_cast<float*>(smem_raw);   // [BM][LDQ]
     float* sK = sQ + BLOCK_M * LDQ;                   // [BN][DP] (every thread reads the same key)
-    float* sV = sK + BLOCK_N * DP;                    // [BN][DP]
+    float* sV = sK + BLOCK_N * DP;                    // [BN][DVP]
 
     const CtaWork work(blockIdx.x, n_tiles, heads, kv_heads);
     const int head = work.head;
     const Tile t(tiles + static_cast<long long>(work.tile) * TILE_FIELDS);
     const int stride = heads * D, kv_stride = kv_heads * D;   // as in the bf16 kernel
+    const int out_stride = heads * Dv, v_stride = kv_heads * Dv;
     const float* q_tile = q + static_cast<long long>(t.q_row0) * stride + head * D;
-    const long long kv_at = static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
-    const float* k_seq = k + kv_at;
-    const float* v_seq = v + kv_at;
+    const float* k_seq = k + static_cast<long long>(t.k_row0) * kv_stride + work.kv_head * D;
+    const float* v_seq = v + static_cast<long long>(t.k_row0) * v_stride + work.kv_head * Dv;
     const int key_end = t.key_end();
     const int row = threadIdx.x;
 
@@ -388,9 +395,9 @@ __device__ __forceinline__ void flash_attention_f32(
         const int r = i / D, c = i % D;
         sQ[r * LDQ + c] = r < t.n_rows ? q_tile[static_cast<long long>(r) * stride + c] : 0.f;
     }
-    float o[DP];
+    float o[DVP];
 #pragma unroll
-    for (int c = 0; c < DP; ++c) o[c] = 0.f;
+    for (int c = 0; c < DVP; ++c) o[c] = 0.f;
     float row_max = NEG_INF, row_sum = 0.f;
 
     for (int kb = t.kb_begin; kb < t.kb_end; ++kb) {
@@ -399,9 +406,12 @@ __device__ __forceinline__ void flash_attention_f32(
         for (int i = threadIdx.x; i < BLOCK_N * D; i += F32_THREADS) {
             const int j = i / D, c = i % D;
             const bool ok = first + j < key_end;
-            const long long at = static_cast<long long>(first + j) * kv_stride + c;
-            sK[j * DP + c] = ok ? k_seq[at] : 0.f;
-            sV[j * DP + c] = ok ? v_seq[at] : 0.f;
+            sK[j * DP + c] = ok ? k_seq[static_cast<long long>(first + j) * kv_stride + c] : 0.f;
+        }
+        for (int i = threadIdx.x; i < BLOCK_N * Dv; i += F32_THREADS) {
+            const int j = i / Dv, c = i % Dv;
+            const bool ok = first + j < key_end;
+            sV[j * DVP + c] = ok ? v_seq[static_cast<long long>(first + j) * v_stride + c] : 0.f;
         }
         __syncthreads();
         if (row >= t.n_rows) continue;
@@ -416,29 +426,29 @@ __device__ __forceinline__ void flash_attention_f32(
                 const float rescale = exp2f(row_max - x);
                 row_sum *= rescale;
 #pragma unroll
-                for (int c = 0; c < DP; ++c) o[c] *= rescale;
+                for (int c = 0; c < DVP; ++c) o[c] *= rescale;
                 row_max = x;
             }
             const float p = exp2f(x - row_max);
             row_sum += p;
 #pragma unroll
-            for (int c = 0; c < DP; ++c)
-                if (c < D) o[c] = fmaf(p, sV[j * DP + c], o[c]);
+            for (int c = 0; c < DVP; ++c)
+                if (c < Dv) o[c] = fmaf(p, sV[j * DVP + c], o[c]);
         }
     }
     if (row >= t.n_rows) return;
     if (t.slot < 0) {
         const float inv = 1.f / row_sum;
-        float* dst = out + (t.q_row0 + static_cast<long long>(row)) * stride + head * D;
+        float* dst = out + (t.q_row0 + static_cast<long long>(row)) * out_stride + head * Dv;
 #pragma unroll
-        for (int c = 0; c < DP; ++c)
-            if (c < D) dst[c] = o[c] * inv;
+        for (int c = 0; c < DVP; ++c)
+            if (c < Dv) dst[c] = o[c] * inv;
     } else {
         const long long prow = partial_row(t.slot, heads, head, BLOCK_M, row);
         const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
-        for (int c = 0; c < DP; ++c)
-            if (c < D) part_o[prow * D + c] = o[c] * inv;
+        for (int c = 0; c < DVP; ++c)
+            if (c < Dv) part_o[prow * Dv + c] = o[c] * inv;
         part_lse[prow] = row_sum > 0.f ? row_max + log2f(row_sum) : NEG_INF;
     }
 }
@@ -484,39 +494,44 @@ __device__ __forceinline__ void attention_combine(const float* __restrict__ part
 // bases) are not the long-prefill case, and each instantiation costs NVRTC seconds.
 #define BOUNDS_M64 __launch_bounds__(128)
 #define BOUNDS_M128 __launch_bounds__(256, 1)
-#define FLASH_BF16(BM, BOUNDS, DP, CH, NAME)                                                  \
+#define FLASH_BF16(BM, BOUNDS, DP, DVP, CH, NAME)                                             \
     extern "C" __global__ void BOUNDS NAME(                                                   \
             const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* part_o,    \
             float* part_lse, const int* tiles, int n_tiles, int heads, int kv_heads, int D,   \
-            float scale_log2) {                                                               \
-        flash_attention_bf16<BM, DP, CH>(q, k, v, out, part_o, part_lse, tiles, n_tiles,      \
-                                         heads, kv_heads, D, scale_log2);                     \
+            int Dv, float scale_log2) {                                                       \
+        flash_attention_bf16<BM, DP, DVP, CH>(q, k, v, out, part_o, part_lse, tiles, n_tiles, \
+                                              heads, kv_heads, D, Dv, scale_log2);            \
     }
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 8, flash_attention_bf16_m64_d16_v16)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 8, flash_attention_bf16_m64_d32_v16)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 8, flash_attention_bf16_m64_d64_v16)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 8, flash_attention_bf16_m64_d128_v16)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 2, flash_attention_bf16_m64_d16_v4)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 2, flash_attention_bf16_m64_d32_v4)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 2, flash_attention_bf16_m64_d64_v4)
-FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 2, flash_attention_bf16_m64_d128_v4)
-FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 16, 8, flash_attention_bf16_m128_d16_v16)
-FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 32, 8, flash_attention_bf16_m128_d32_v16)
-FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 64, 8, flash_attention_bf16_m128_d64_v16)
-FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 128, 8, flash_attention_bf16_m128_d128_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 16, 8, flash_attention_bf16_m64_d16_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 32, 8, flash_attention_bf16_m64_d32_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 64, 8, flash_attention_bf16_m64_d64_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 128, 8, flash_attention_bf16_m64_d128_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 16, 16, 2, flash_attention_bf16_m64_d16_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 32, 32, 2, flash_attention_bf16_m64_d32_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 64, 64, 2, flash_attention_bf16_m64_d64_v4)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 128, 128, 2, flash_attention_bf16_m64_d128_v4)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 16, 16, 8, flash_attention_bf16_m128_d16_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 32, 32, 8, flash_attention_bf16_m128_d32_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 64, 64, 8, flash_attention_bf16_m128_d64_v16)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 128, 128, 8, flash_attention_bf16_m128_d128_v16)
+// MLA's prefill (DeepSeek-V3, Kimi K2): queries and keys of 128 + 64, values of 128.
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 192, 128, 8, flash_attention_bf16_m64_d192v128_v16)
+FLASH_BF16(BLOCK_M, BOUNDS_M64, 192, 128, 2, flash_attention_bf16_m64_d192v128_v4)
+FLASH_BF16(BLOCK_M_LONG, BOUNDS_M128, 192, 128, 8, flash_attention_bf16_m128_d192v128_v16)
 
-#define FLASH_F32(DP, NAME)                                                                   \
+#define FLASH_F32(DP, DVP, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(F32_THREADS) NAME(                           \
             const float* q, const float* k, const float* v, float* out, float* part_o,        \
             float* part_lse, const int* tiles, int n_tiles, int heads, int kv_heads, int D,   \
-            float scale_log2) {                                                               \
-        flash_attention_f32<DP>(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads,        \
-                                kv_heads, D, scale_log2);                                     \
+            int Dv, float scale_log2) {                                                       \
+        flash_attention_f32<DP, DVP>(q, k, v, out, part_o, part_lse, tiles, n_tiles, heads,   \
+                                     kv_heads, D, Dv, scale_log2);                            \
     }
-FLASH_F32(16, flash_attention_f32_d16)
-FLASH_F32(32, flash_attention_f32_d32)
-FLASH_F32(64, flash_attention_f32_d64)
-FLASH_F32(128, flash_attention_f32_d128)
+FLASH_F32(16, 16, flash_attention_f32_d16)
+FLASH_F32(32, 32, flash_attention_f32_d32)
+FLASH_F32(64, 64, flash_attention_f32_d64)
+FLASH_F32(128, 128, flash_attention_f32_d128)
+FLASH_F32(192, 128, flash_attention_f32_d192v128)
 
 extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) attention_combine_bf16(
         const float* part_o, const float* part_lse, const int* combine, bf16_t* out, int heads,

@@ -22,10 +22,12 @@ import numpy as np
 
 from ..array import BF16, F32
 from .compile import load_module
-from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_HEAD_DIM, MAX_ROUTER_EXPERTS, ORDER_THREADS,
-                       PADDED_HEAD_DIMS, ROUTER_THREADS, ROW_THREADS, TILE_ROWS,
-                       attention_schedule, attention_variant, ffn_row_chunk, row_block, row_grid,
-                       row_vector_bytes, swiglu_element_bytes, tile_rows as choose_tile_rows)
+from .schedule import (COMBINE_THREADS, MAX_HEADS, MAX_HEAD_DIM, MAX_ROUTER_EXPERTS,
+                       MLA_HEADS, MLA_MAX_LATENT, MLA_THREADS, ORDER_THREADS, PADDED_HEAD_DIMS,
+                       ROUTER_THREADS, ROW_THREADS, TILE_ROWS, attention_schedule,
+                       attention_variant, ffn_row_chunk, mla_schedule, mla_shared_bytes,
+                       row_block, row_grid, row_vector_bytes, swiglu_element_bytes,
+                       tile_rows as choose_tile_rows)
 
 LOG2E = 1.4426950408889634
 # Bound on the expert FFN's [rows, F] hidden chunk. Paper shapes (F = 16384, bf16): 16384
@@ -105,6 +107,7 @@ class FusedKernels:
         self.ffn_module = load("expert_ffn.cu")
         self.permute_module = load("permute.cu")
         self.rowwise_module = load("rowwise.cu")
+        self.mla_module = load("mla.cu")
         self.ffn_workspace_bytes = int(float(os.environ.get(FFN_WORKSPACE_ENV, 0)) * 2**20) \
             or FFN_WORKSPACE_BYTES
         self.attention_tile = _attention_tile_setting()
@@ -114,7 +117,7 @@ class FusedKernels:
         self.attention_off: str | None = None
         # Row-wise pieces ("router", "qk_rope") left to the generic array code, and why
         # (fit_rowwise); RMSNorm has no limit and is always fused.
-        self.rowwise_off: dict[str, str] = {}
+        self.rowwise_off: dict[str, str] = {"mla_decode": "no latent attention"}
         self._functions: dict[str, object] = {}
         # Attention schedules by lengths, newest last: two micro-batches in flight alternate
         # layer by layer, and each keeps its own (no re-upload per layer).
@@ -141,6 +144,17 @@ class FusedKernels:
         """Whether :meth:`attention` serves this model (model.causal_attention asks)."""
         return self.attention_off is None
 
+    def fits_attention(self, head_dim: int, v_dim: int) -> bool:
+        """Whether :meth:`attention` has a kernel for queries and keys of ``head_dim`` and
+        values of ``v_dim`` (fused attention on)."""
+        if self.attention_off is not None:
+            return False
+        try:
+            attention_variant(head_dim, "float32", v_dim=v_dim)
+        except ValueError:
+            return False
+        return True
+
     def without_attention(self, reason: str) -> "FusedKernels":
         """These kernels with attention left to the generic array code (``reason``: why,
         e.g. a head dim with no instantiation); expert FFN and permutation stay fused. A
@@ -150,21 +164,34 @@ class FusedKernels:
         return partial
 
     def fuses(self, piece: str) -> bool:
-        """Whether the row-wise kernel ``piece`` ("router": softmax/top-k and expert order;
-        "qk_rope": q/k norm and RoPE) serves this model."""
+        """Whether kernel ``piece`` ("router": softmax/top-k; "qk_rope": q/k norm and RoPE;
+        "mla_decode": MLA's absorbed decode) serves this model (fit_rowwise)."""
         return piece not in self.rowwise_off
 
     def fit_rowwise(self, n_experts: int, heads: int, kv_heads: int, qk_norm: str,
-                    head_dim: int = 0) -> "FusedKernels":
-        """These kernels, or a copy with the row-wise pieces a model exceeds left to the
-        generic array code (the reason kept for describe()): the router kernel holds at
-        most MAX_ROUTER_EXPERTS experts per token in registers, the q/k norm + RoPE kernel
-        a row's cos/sin (head dim <= MAX_HEAD_DIM) and, per-head norm, at most MAX_HEADS
-        heads' norms in shared memory."""
+                    head_dim: int = 0, router_score: str = "softmax", latent: int = 0,
+                    latent_row: int = 0, itemsize: int = 2) -> "FusedKernels":
+        """These kernels, or a copy with the pieces a model exceeds left to the generic
+        array code (the reason kept for describe()): the router kernel is the softmax
+        router and holds at most MAX_ROUTER_EXPERTS experts per token in registers, the q/k
+        norm + RoPE kernel a row's cos/sin (rotated width ``head_dim`` <= MAX_HEAD_DIM)
+        and, per-head norm, at most MAX_HEADS heads' norms in shared memory; MLA's decode
+        kernel (``latent`` > 0, rows of ``latent_row`` numbers of ``itemsize`` bytes) at
+        most MLA_MAX_LATENT latent columns per lane's registers and its block in shared
+        memory."""
         off = {}
+        if router_score != "softmax":
+            off["router_scores"] = (f"router: generic array code ({router_score} scores "
+                                    "with a selection bias and expert groups)")
         if n_experts > MAX_ROUTER_EXPERTS:
             off["router"] = (f"router: generic array code ({n_experts} experts; the fused "
                              f"router holds at most {MAX_ROUTER_EXPERTS})")
+        if not latent:
+            off["mla_decode"] = "no latent attention"
+        elif latent > MLA_MAX_LATENT or mla_shared_bytes(latent_row, itemsize) > \
+                self.shared_limit:
+            off["mla_decode"] = (f"MLA decode: generic array code (latent {latent}, rows of "
+                                 f"{latent_row}; the kernel holds at most {MLA_MAX_LATENT})")
         if head_dim > MAX_HEAD_DIM:
             off["qk_rope"] = (f"q/k norm and RoPE: generic array code (head dim {head_dim}; "
                               f"the fused rotation takes at most {MAX_HEAD_DIM})")
@@ -187,12 +214,16 @@ class FusedKernels:
                          "heads)")
         else:
             attention = f"attention: generic array code ({self.attention_off})"
-        rowwise = ", ".join(["RMSNorm with the residual add"]
+        softmax = self.fuses("router") and self.fuses("router_scores")
+        rowwise = ", ".join(["RMSNorm with the residual add", "projection biases"]
                             + [what for piece, what in (
                                 ("qk_rope", "q/k norm + RoPE"),
-                                ("router", "router softmax/top-k and expert order"))
-                               if self.fuses(piece)])
-        off = "".join(f"; {reason}" for reason in self.rowwise_off.values())
+                                ("mla_decode", "MLA decode over the latent cache"))
+                               if self.fuses(piece)]
+                            + (["router softmax/top-k and expert order"] if softmax else
+                               ["expert order"] if self.fuses("router") else []))
+        off = "".join(f"; {reason}" for piece, reason in self.rowwise_off.items()
+                      if piece != "mla_decode" or reason.startswith("MLA"))
         return (f"fused CUDA kernels for sm_{self.arch}: {attention}, expert FFN (cuBLAS + "
                 f"in-place GELU or SwiGLU), permutation, {rowwise}{off}")
 
@@ -230,12 +261,12 @@ class FusedKernels:
     def attention(self, q, q_starts_host, q_lengths_host, k, v, k_starts_host, k_lengths_host,
                   scale: float, out=None, tile_rows: int | None = None):
         """Causal attention of packed queries against packed (or cached) keys, as
-        model.causal_attention. q: [Tq, h, D]; k, v: [Tk, hk, D] with hk dividing h (query
-        head j reads K/V head j // (h/hk): grouped-query attention; hk = h: multi-head),
-        C-contiguous, bf16 or float32 (all the same); ``*_host``: int64 [b]. Returns
-        [Tq, h*D] in q's dtype; rows of no sequence are left unwritten, as in the generic
-        code. ``out`` (optional, [Tq, h*D] C-contiguous, 4-byte aligned) receives the result
-        instead of a new array.
+        model.causal_attention. q: [Tq, h, D]; k: [Tk, hk, D], v: [Tk, hk, Dv] with hk
+        dividing h (query head j reads K/V head j // (h/hk): grouped-query attention; hk = h:
+        multi-head) and Dv the value width (D, or MLA's own), C-contiguous, bf16 or float32
+        (all the same); ``*_host``: int64 [b]. Returns [Tq, h*Dv] in q's dtype; rows of no
+        sequence are left unwritten, as in the generic code. ``out`` (optional, [Tq, h*Dv]
+        C-contiguous, 4-byte aligned) receives the result instead of a new array.
         ``tile_rows`` (64 or 128) forces the tile height, which is otherwise
         $SPMD_MOE_ATTENTION_TILE or the schedule's choice by sequence length (bf16 only:
         float32 and unaligned inputs always run 64-row tiles)."""
@@ -243,8 +274,9 @@ class FusedKernels:
         cp = self.cp
         n_q, heads, head_dim = q.shape
         kv_heads = k.shape[1] if k.ndim == 3 else 0
-        assert k.ndim == 3 and k.shape[2] == head_dim and v.shape == k.shape, \
-            (q.shape, k.shape, v.shape)
+        assert k.ndim == 3 and k.shape[2] == head_dim and v.ndim == 3 and \
+            v.shape[:2] == k.shape[:2], (q.shape, k.shape, v.shape)
+        v_dim = v.shape[2]
         assert kv_heads >= 1 and heads % kv_heads == 0, (q.shape, k.shape)
         assert q.dtype == k.dtype == v.dtype, (q.dtype, k.dtype, v.dtype)
         assert q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous
@@ -259,9 +291,9 @@ class FusedKernels:
             tile_rows = self.attention_tile or choose_tile_rows(q_lengths_host, heads,
                                                                 self.n_sm, dtype_name)
         variant = attention_variant(head_dim, dtype_name, tile_rows,
-                                    (q.data.ptr, k.data.ptr, v.data.ptr))
+                                    (q.data.ptr, k.data.ptr, v.data.ptr), v_dim)
 
-        out = _output(cp, out, (n_q, heads * head_dim), q.dtype)           # [Tq, h*D]
+        out = _output(cp, out, (n_q, heads * v_dim), q.dtype)              # [Tq, h*Dv]
         assert out.data.ptr % 4 == 0, "output rows are stored in 4-byte pairs"
         schedule, tiles, combine = self._attention_schedule(
             q_starts_host, q_lengths_host, k_starts_host, k_lengths_host, heads,
@@ -269,20 +301,20 @@ class FusedKernels:
         if schedule.n_tiles == 0:
             return out
         assert schedule.n_tiles * heads < 2**31
-        # Split tiles write normalised partials [slot, h, BM, D] and their log2-sum-exp.
+        # Split tiles write normalised partials [slot, h, BM, Dv] and their log2-sum-exp.
         slots = max(schedule.n_slots, 1)
-        part_o = cp.empty((slots, heads, variant.block_m, head_dim), dtype=F32)
+        part_o = cp.empty((slots, heads, variant.block_m, v_dim), dtype=F32)
         part_lse = cp.empty((slots, heads, variant.block_m), dtype=F32)
         kernel = self._function(self.attention_module, variant.kernel, variant.shared_bytes)
         kernel((schedule.n_tiles * heads,), (variant.threads,),
                (q, k, v, out, part_o, part_lse, tiles, np.int32(schedule.n_tiles),
-                np.int32(heads), np.int32(kv_heads), np.int32(head_dim),
+                np.int32(heads), np.int32(kv_heads), np.int32(head_dim), np.int32(v_dim),
                 np.float32(scale * LOG2E)),
                shared_mem=variant.shared_bytes)
         if len(schedule.combine):
             merge = self._function(self.attention_module, variant.combine_kernel)
             merge((len(schedule.combine) * heads,), (COMBINE_THREADS,),
-                  (part_o, part_lse, combine, out, np.int32(heads), np.int32(head_dim),
+                  (part_o, part_lse, combine, out, np.int32(heads), np.int32(v_dim),
                    np.int32(variant.block_m)))
         return out
 
@@ -504,13 +536,16 @@ class FusedKernels:
         return out
 
     def qk_norm_rope(self, kind: str, q, k, q_gain, k_gain, eps: float, q_width: int,
-                     kv_width: int, summed, positions, theta: float):
+                     kv_width: int, summed, positions, inv_freq, scale: float = 1.0,
+                     interleaved: bool = False):
         """model.qk_norm_rope in one launch, q and k rewritten in place and returned.
 
         q [T, h, D], k [T, hk, D] (one dtype, C-contiguous); ``kind`` as model.qk_norm
         (``full`` with ``summed``, the TP group's float32 [T, 2] square sums, runs the
-        ``summed`` variant); gains of q's dtype; ``positions`` int32 [T] and ``theta``:
-        the rotation (angles computed in the kernel, in float64 as model.rope_tables).
+        ``summed`` variant); gains of q's dtype; ``positions`` int32 [T], ``inv_freq``
+        float64 [D/2], ``scale`` (cos and sin times it) and ``interleaved`` (pairs (2j,
+        2j + 1), not (j, j + D/2)): the rotation (angles computed in the kernel, in float64
+        as model.rope_tables).
         """
         name = _dtype_name(q.dtype)
         n, heads, head_dim = q.shape
@@ -519,7 +554,10 @@ class FusedKernels:
         assert q.flags.c_contiguous and k.flags.c_contiguous, "q, k are rewritten in place"
         assert head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and positions.shape == (n,) \
             and positions.dtype == np.int32, (head_dim, positions.shape, positions.dtype)
+        assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == np.float64, \
+            (inv_freq.shape, inv_freq.dtype)
         positions = self._rows(positions, "positions")
+        inv_freq = self.cp.ascontiguousarray(inv_freq)
         variant = "summed" if kind == "full" and summed is not None else kind
         assert variant in ("none", "head", "full", "summed"), kind
         assert variant != "head" or max(heads, kv_heads) <= MAX_HEADS, (heads, MAX_HEADS)
@@ -539,8 +577,25 @@ class FusedKernels:
             kernel((row_grid(n, 1, self.n_sm), 2), (ROW_THREADS,),
                    (q, k, q_gain, k_gain, positions, summed, np.int64(n), np.int32(heads),
                     np.int32(kv_heads), np.int32(head_dim), np.float32(q_width),
-                    np.float32(kv_width), np.float32(eps), np.float64(theta)))
+                    np.float32(kv_width), np.float32(eps), inv_freq, np.float64(scale),
+                    np.int32(bool(interleaved))))
         return q, k
+
+    def bias_add(self, y, bias, out_dtype):
+        """blocks.linear's bias: y float32 [T, w] (a GEMM's accumulator), bias float32 [w]
+        -> ``y + bias`` rounded once to ``out_dtype`` (bf16, or float32 in place); one
+        launch."""
+        name = _dtype_name(np.dtype(out_dtype))
+        assert y.dtype == bias.dtype == F32 and y.ndim == 2 and bias.shape == (y.shape[1],), \
+            (y.dtype, bias.dtype, y.shape, bias.shape)
+        y, bias = self._rows(y, "y"), self._rows(bias, "bias")
+        out = y if name == "float32" else _output(self.cp, None, y.shape, np.dtype(out_dtype))
+        if y.size:
+            self._function(self.rowwise_module, "bias_add_"
+                           + ("bf16" if name == "bfloat16" else "f32"))(
+                (self._elementwise_blocks(y.size, 1),), (ROW_THREADS,),
+                (y, bias, out, np.int64(y.size), np.int32(y.shape[1])))
+        return out
 
     def route(self, logits, top_k: int, renormalize: bool):
         """router.route after its GEMM: logits float32 [T, E] -> ``experts`` int32 [T, k]
@@ -561,6 +616,42 @@ class FusedKernels:
                 (logits, experts, weights, np.int64(n), np.int32(n_experts),
                  np.int32(top_k), np.int32(bool(renormalize))))
         return experts, weights
+
+    def mla_decode(self, q, rows, k_starts_host, k_lengths_host, latent: int, scale: float,
+                   out=None):
+        """mla.absorbed's attention over the latent: q [b, h, W] (one query per sequence,
+        its latent part then its rope part), rows [n, W] (the latent cache: each token's
+        latent, then its rope key), sequence i's keys at rows ``k_starts[i]`` (int64 [b])
+        onwards, ``k_lengths[i]`` of them, all visible; values: the rows' first ``latent``
+        columns. -> [b, h*latent] in q's dtype. One launch (split-K: two, the combine's).
+        ``out`` (optional, [b, h*latent]) receives the result."""
+        cp = self.cp
+        n, heads, width = q.shape
+        assert rows.ndim == 2 and rows.shape[1] == width and rows.dtype == q.dtype, \
+            (q.shape, rows.shape, rows.dtype)
+        assert 0 < latent <= min(width, MLA_MAX_LATENT), (latent, width)
+        name = _dtype_name(q.dtype)
+        q, rows = self._rows(q, "q"), self._rows(rows, "rows")
+        out = _output(cp, out, (n, heads * latent), q.dtype)               # [b, h*c]
+        if n == 0:
+            return out
+        schedule = mla_schedule(k_starts_host, k_lengths_host, heads, self.n_sm)
+        slots = max(schedule.n_slots, 1)
+        part_o = cp.empty((slots, heads, 1, latent), dtype=F32)
+        part_lse = cp.empty((slots, heads, 1), dtype=F32)
+        shared = mla_shared_bytes(width, q.dtype.itemsize)
+        short = "bf16" if name == "bfloat16" else "f32"
+        kernel = self._function(self.mla_module, f"mla_decode_{short}", shared)
+        kernel((len(schedule.tiles), -(-heads // MLA_HEADS)), (MLA_THREADS,),
+               (q, rows, out, part_o, part_lse, cp.asarray(schedule.tiles), np.int32(heads),
+                np.int32(width), np.int32(latent), np.float32(scale * LOG2E)),
+               shared_mem=shared)
+        if len(schedule.combine):
+            merge = self._function(self.attention_module, f"attention_combine_{short}")
+            merge((len(schedule.combine) * heads,), (COMBINE_THREADS,),
+                  (part_o, part_lse, cp.asarray(schedule.combine), out, np.int32(heads),
+                   np.int32(latent), np.int32(1)))
+        return out
 
     def expert_order(self, top_experts, n_experts: int):
         """Dispatcher.dispatch_preprocess's sort: top_experts int32 [T, k] -> ``order``

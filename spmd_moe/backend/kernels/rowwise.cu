@@ -9,9 +9,13 @@
 // qk_norm_rope:  q [T, h, D] and k [T, hk, D] in place, grid.y = 0 (q) / 1 (k): the family's
 //                q/k RMSNorm (QK_NONE; QK_HEAD: per head over D, gain [D]; QK_FULL: over the
 //                row h*D, gain [h*D]; QK_SUMMED: over the row, its square sum given, from
-//                the TP allreduce), rounded to the storage dtype, then rotate-half RoPE at
-//                positions int32 [T] (angles, cos and sin in float64 as model.rope_tables,
-//                so no tables are built per pass), rounded again.
+//                the TP allreduce), rounded to the storage dtype, then RoPE at positions
+//                int32 [T] with frequencies inv_freq float64 [D/2] (default or YaRN), cos and
+//                sin times cs_scale (YaRN's attention factor), in float64 as
+//                model.rope_tables (no tables are built per pass), of column pairs
+//                (j, j + D/2) (rotate-half) or (2j, 2j + 1) (interleave), rounded again.
+// bias_add:      out = round(y + bias[col]): y float32 [n, w] (a GEMM's accumulator), bias
+//                float32 [w]; out in the storage dtype or float32 (may be y itself).
 // router_topk:   logits float32 [T, E] -> experts int32 [T, k], weights float32 [T, k]:
 //                softmax, k rounds of argmax (ties to the lower expert), renormalised.
 // expert_order:  experts int32 [R] (R = T*k pairs) -> counts int64 [E] and order int64 [R],
@@ -37,14 +41,6 @@
 #define QK_FULL 2
 #define QK_SUMMED 3
 
-__device__ __forceinline__ float load_f(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float load_f(const bf16_t* p, long long i) {
-    return bf16_to_float(p[i]);
-}
-__device__ __forceinline__ void store_f(float* p, long long i, float x) { p[i] = x; }
-__device__ __forceinline__ void store_f(bf16_t* p, long long i, float x) {
-    p[i] = float_to_bf16(x);
-}
 // x rounded to the storage dtype and back: what bk.store followed by astype(float32) gives.
 __device__ __forceinline__ float rounded(const float*, float x) { return x; }
 __device__ __forceinline__ float rounded(const bf16_t*, float x) {
@@ -165,7 +161,8 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
                              const T* __restrict__ k_gain, const int* __restrict__ positions,
                              const float* __restrict__ sums, long long n_rows, int q_heads,
                              int kv_heads, int head_dim, float q_width, float kv_width,
-                             float eps, double theta) {
+                             float eps, const double* __restrict__ inv_freq, double cs_scale,
+                             int interleave) {
     __shared__ float scratch[33];
     __shared__ float inv_of[MAX_HEADS];
     __shared__ float cos_of[MAX_HEAD_DIM / 2], sin_of[MAX_HEAD_DIM / 2];
@@ -180,11 +177,10 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
         // model.rope_tables' angles in float64 (float32 would lose ~1e-3 rad at 10^4
         // positions), cos and sin rounded to float32: once per row, shared by its heads.
         for (int j = threadIdx.x; j < half; j += blockDim.x) {
-            const double inv_freq = pow(theta, -static_cast<double>(2 * j) / head_dim);
             double sd, cd;
-            sincos(static_cast<double>(positions[r]) * inv_freq, &sd, &cd);
-            cos_of[j] = static_cast<float>(cd);
-            sin_of[j] = static_cast<float>(sd);
+            sincos(static_cast<double>(positions[r]) * inv_freq[j], &sd, &cd);
+            cos_of[j] = static_cast<float>(cd * cs_scale);
+            sin_of[j] = static_cast<float>(sd * cs_scale);
         }
         float inv = 1.0f;
         if (KIND == QK_FULL) {
@@ -208,18 +204,21 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
             }
         }
         __syncthreads();   // inv_of, cos_of, sin_of written
-        // Each thread owns pairs (a, a + half) of a head: it reads both before writing.
+        // Each thread owns pairs (a, b) of a head, (j, j + half) or (2j, 2j + 1): it reads
+        // both before writing.
         for (int p = threadIdx.x; p < heads * half; p += blockDim.x) {
             const int hh = p / half, j = p - hh * half;
-            const int a = hh * head_dim + j, b = a + half;
+            const int a = hh * head_dim + (interleave ? 2 * j : j);
+            const int b = interleave ? a + 1 : a + half;
             float ua = load_f(u, base + a), ub = load_f(u, base + b);
             if (KIND != QK_NONE) {
                 const float s = KIND == QK_HEAD ? inv_of[hh] : inv;
-                const int ga = KIND == QK_HEAD ? j : a, gb = KIND == QK_HEAD ? j + half : b;
+                const int ga = KIND == QK_HEAD ? a - hh * head_dim : a;
+                const int gb = KIND == QK_HEAD ? b - hh * head_dim : b;
                 ua = rounded(u, __fmul_rn(__fmul_rn(ua, s), load_f(gain, ga)));
                 ub = rounded(u, __fmul_rn(__fmul_rn(ub, s), load_f(gain, gb)));
             }
-            const float c = cos_of[j], sn = sin_of[j];   // columns j and j + half share it
+            const float c = cos_of[j], sn = sin_of[j];   // both columns of the pair share it
             store_f(u, base + a, __fadd_rn(__fmul_rn(ua, c), __fmul_rn(-ub, sn)));
             store_f(u, base + b, __fadd_rn(__fmul_rn(ub, c), __fmul_rn(ua, sn)));
         }
@@ -231,9 +230,11 @@ __device__ void qk_norm_rope(T* q, T* k, const T* __restrict__ q_gain,
     extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                 \
     NAME(T* q, T* k, const T* q_gain, const T* k_gain, const int* positions,                  \
          const float* sums, long long n_rows, int q_heads, int kv_heads, int head_dim,        \
-         float q_width, float kv_width, float eps, double theta) {                            \
+         float q_width, float kv_width, float eps, const double* inv_freq, double cs_scale,   \
+         int interleave) {                                                                    \
         qk_norm_rope<T, KIND>(q, k, q_gain, k_gain, positions, sums, n_rows, q_heads,         \
-                              kv_heads, head_dim, q_width, kv_width, eps, theta);             \
+                              kv_heads, head_dim, q_width, kv_width, eps, inv_freq, cs_scale, \
+                              interleave);                                                    \
     }
 QK_NORM_ROPE(bf16_t, QK_NONE, rope_none_bf16)
 QK_NORM_ROPE(bf16_t, QK_HEAD, rope_head_bf16)
@@ -243,6 +244,21 @@ QK_NORM_ROPE(float, QK_NONE, rope_none_f32)
 QK_NORM_ROPE(float, QK_HEAD, rope_head_f32)
 QK_NORM_ROPE(float, QK_FULL, rope_full_f32)
 QK_NORM_ROPE(float, QK_SUMMED, rope_summed_f32)
+
+// --- projection biases -----------------------------------------------------------------
+
+// out[r, c] = round(y[r, c] + bias[c]): the bias added to a GEMM's float32 accumulator,
+// rounded once (out may alias y for float32).
+#define BIAS_ADD(T, NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                 \
+    NAME(const float* y, const float* __restrict__ bias, T* out, long long n, int width) {    \
+        const long long step = static_cast<long long>(gridDim.x) * blockDim.x;                \
+        for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;     \
+             i < n; i += step)                                                                \
+            store_f(out, i, __fadd_rn(y[i], bias[i % width]));                                \
+    }
+BIAS_ADD(bf16_t, bias_add_bf16)
+BIAS_ADD(float, bias_add_f32)
 
 // --- router ---------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@
   (:func:`swiglu_element_bytes`: what a SwiGLU hidden element costs).
 - :func:`row_vector_bytes` and :func:`row_block`: vector width and block shape of the
   permutation kernels.
+- :func:`mla_schedule`: the tiles of MLA's decode kernel (mla.cu): a sequence's keys, split
+  when sequences are few, and the combine list that merges the splits.
 
 The constants mirror the ``#define`` lines of flash_attention.cu (a test checks that).
 Notation: b sequences, BM queries per tile, BN keys per key block, h query heads, hk
@@ -33,6 +35,9 @@ F32_THREADS = 64
 COMBINE_THREADS = 128
 SMEM_PAD = 8              # bf16 elements of padding per shared-memory row
 PADDED_HEAD_DIMS = (16, 32, 64, 128)   # head dims the kernels are instantiated for
+# Query/key widths padded to DP with value widths padded to DVP != DP (MLA's prefill):
+# DeepSeek-V3's and Kimi K2's 128 + 64 with values of 128.
+WIDE_QK_VARIANTS = {192: 128}
 
 # Split-K policy: split tiles over their key blocks when fewer than SPLIT_TARGET_PER_SM CTAs
 # per SM would run (about two waves at two resident CTAs per SM), keeping at least
@@ -59,6 +64,7 @@ class AttentionVariant:
     block_m: int
     threads: int
     shared_bytes: int
+    padded_v_dim: int = 0
 
 
 def bf16_threads(block_m: int) -> int:
@@ -66,35 +72,60 @@ def bf16_threads(block_m: int) -> int:
     return block_m // 16 * 32
 
 
-def attention_variant(head_dim: int, dtype_name: str, block_m: int = BLOCK_M,
-                      pointers: tuple[int, ...] = ()) -> AttentionVariant:
-    """The kernel for head dim ``head_dim`` (even, <= 128), dtype ``bfloat16`` or
-    ``float32``, ``block_m`` query rows per tile (bf16: 64 or 128; float32: 64) and q/k/v
-    base addresses ``pointers``. The head dim is padded to the next of PADDED_HEAD_DIMS.
-    bf16 rows load in 16-byte copies (``cp.async ... 16``) when ``head_dim % 8 == 0`` and
-    every base address is 16-byte aligned, else in 4-byte ones, which the 128-row tiles do
-    not have: those fall back to 64 rows."""
-    if head_dim % 2 or not 0 < head_dim <= PADDED_HEAD_DIMS[-1]:
+def padded_dims(head_dim: int, v_dim: int | None = None) -> tuple[int, int]:
+    """(DP, DVP): the instantiated query/key and value widths that hold ``head_dim`` and
+    ``v_dim`` (default: the head dim): the next of PADDED_HEAD_DIMS for both, or one of
+    WIDE_QK_VARIANTS. ValueError for widths no kernel holds (odd ones among them: outputs
+    are stored in pairs)."""
+    v_dim = head_dim if v_dim is None else v_dim
+    limit = max(PADDED_HEAD_DIMS[-1], *WIDE_QK_VARIANTS)
+    if head_dim % 2 or v_dim % 2 or not 0 < head_dim <= limit or not 0 < v_dim:
+        wide = ", ".join(f"{d} with values up to {v}" for d, v in WIDE_QK_VARIANTS.items())
         raise ValueError(f"fused attention supports even head dims up to "
-                         f"{PADDED_HEAD_DIMS[-1]}, not {head_dim}")
+                         f"{PADDED_HEAD_DIMS[-1]} (and {wide}), not {head_dim}"
+                         + (f" with values of {v_dim}" if v_dim != head_dim else ""))
+    padded = next((p for p in PADDED_HEAD_DIMS if p >= max(head_dim, v_dim)), None)
+    if head_dim <= PADDED_HEAD_DIMS[-1] and padded is not None:
+        return padded, padded
+    wide = next(d for d in sorted(WIDE_QK_VARIANTS) if d >= head_dim)
+    if v_dim > WIDE_QK_VARIANTS[wide]:
+        raise ValueError(f"fused attention of head dim {head_dim} takes values of at most "
+                         f"{WIDE_QK_VARIANTS[wide]}, not {v_dim}")
+    return wide, WIDE_QK_VARIANTS[wide]
+
+
+def attention_variant(head_dim: int, dtype_name: str, block_m: int = BLOCK_M,
+                      pointers: tuple[int, ...] = (), v_dim: int | None = None
+                      ) -> AttentionVariant:
+    """The kernel for head dim ``head_dim`` and value width ``v_dim`` (default the head
+    dim; :func:`padded_dims` says which are instantiated), dtype ``bfloat16`` or
+    ``float32``, ``block_m`` query rows per tile (bf16: 64 or 128; float32: 64) and q/k/v
+    base addresses ``pointers``. bf16 rows load in 16-byte copies (``cp.async ... 16``)
+    when both widths are multiples of 8 and every base address is 16-byte aligned, else in
+    4-byte ones, which the 128-row tiles do not have: those fall back to 64 rows."""
+    v_dim = head_dim if v_dim is None else v_dim
+    padded, v_padded = padded_dims(head_dim, v_dim)
     if block_m not in TILE_ROWS:
         raise ValueError(f"attention tiles have {' or '.join(map(str, TILE_ROWS))} query "
                          f"rows, not {block_m}")
-    padded = next(p for p in PADDED_HEAD_DIMS if p >= head_dim)
+    dims = f"d{padded}" if padded == v_padded else f"d{padded}v{v_padded}"
     if dtype_name == "bfloat16":
-        wide = head_dim % 8 == 0 and all(p % 16 == 0 for p in pointers)
+        wide = head_dim % 8 == 0 and v_dim % 8 == 0 and all(p % 16 == 0 for p in pointers)
         if not wide:
             block_m = BLOCK_M
-        # Q [BM] + double-buffered K and V [2 x 2 x BN] rows of (padded + pad) bf16.
-        shared = (block_m + 4 * BLOCK_N) * (padded + SMEM_PAD) * 2
+        # Q [BM] and double-buffered K [2 x BN] rows of (padded + pad) bf16, V [2 x BN]
+        # rows of (v_padded + pad).
+        shared = ((block_m + 2 * BLOCK_N) * (padded + SMEM_PAD)
+                  + 2 * BLOCK_N * (v_padded + SMEM_PAD)) * 2
         return AttentionVariant(
-            f"flash_attention_bf16_m{block_m}_d{padded}_{'v16' if wide else 'v4'}",
-            "attention_combine_bf16", padded, block_m, bf16_threads(block_m), shared)
+            f"flash_attention_bf16_m{block_m}_{dims}_{'v16' if wide else 'v4'}",
+            "attention_combine_bf16", padded, block_m, bf16_threads(block_m), shared,
+            v_padded)
     if dtype_name == "float32":
-        # Q [BM][padded + 1] + K and V [BN][padded] float.
-        shared = (BLOCK_M * (padded + 1) + 2 * BLOCK_N * padded) * 4
-        return AttentionVariant(f"flash_attention_f32_d{padded}", "attention_combine_f32",
-                                padded, BLOCK_M, F32_THREADS, shared)
+        # Q [BM][padded + 1], K [BN][padded] and V [BN][v_padded] float.
+        shared = (BLOCK_M * (padded + 1) + BLOCK_N * (padded + v_padded)) * 4
+        return AttentionVariant(f"flash_attention_f32_{dims}", "attention_combine_f32",
+                                padded, BLOCK_M, F32_THREADS, shared, v_padded)
     raise ValueError(f"fused attention supports bfloat16 and float32, not {dtype_name}")
 
 
@@ -258,3 +289,57 @@ MAX_ROUTER_EXPERTS = 32 * MAX_EXPERTS_PER_LANE
 MAX_HEADS = 256            # qk_norm_rope's per-head norms of one row, in shared memory
 MAX_HEAD_DIM = 512         # qk_norm_rope's cos/sin of one row, in shared memory
 QK_KINDS = ("none", "head", "full", "summed")   # QK_NONE.. in rowwise.cu, in this order
+
+
+# --- MLA's decode kernel (mla.cu) ------------------------------------------------------------
+
+MLA_THREADS = 128          # 4 warps
+MLA_HEADS = 16             # query heads per CTA
+MLA_KEYS = 32              # keys per block (one per lane)
+MLA_MAX_LATENT = 640       # latent widths the kernel's registers hold
+MLA_TILE_FIELDS = 6        # q_row, k_row0, k_len, kb_begin, kb_end, slot
+
+
+@dataclass
+class MlaSchedule:
+    """``tiles`` int32 [n, MLA_TILE_FIELDS], ``combine`` int32 [g, COMBINE_FIELDS]
+    (flash_attention.cu's attention_combine with block_m 1), ``n_slots`` partials."""
+
+    tiles: np.ndarray
+    combine: np.ndarray
+    n_slots: int
+
+
+def mla_shared_bytes(width: int, itemsize: int) -> int:
+    """The decode kernel's dynamic shared memory: the block's queries (float) and a key
+    block of rows padded by one 4-byte word."""
+    return MLA_HEADS * width * 4 + MLA_KEYS * (width * itemsize + 4)
+
+
+def mla_schedule(k_starts: np.ndarray, k_lengths: np.ndarray, heads: int,
+                 n_sm: int) -> MlaSchedule:
+    """One decode query per sequence (query row i), sequence i's keys at rows
+    ``k_starts[i]..`` (``k_lengths[i]`` >= 1): a tile per sequence, split over its key
+    blocks (as attention_schedule: to about SPLIT_TARGET_PER_SM CTAs per SM, keeping at
+    least MIN_SPLIT_BLOCKS blocks per split) when the sequences alone leave the device idle."""
+    k_starts, k_lengths = (np.asarray(a, dtype=np.int64) for a in (k_starts, k_lengths))
+    assert (k_lengths >= 1).all() and (k_starts + k_lengths).max(initial=0) <= INT32_MAX
+    n_seqs = len(k_lengths)
+    head_blocks = _cdiv(heads, MLA_HEADS)
+    blocks = _cdiv(k_lengths, MLA_KEYS)
+    target = SPLIT_TARGET_PER_SM * n_sm
+    want = _cdiv(target, n_seqs * head_blocks) if n_seqs and n_seqs * head_blocks < target \
+        else 1
+    splits = np.clip(np.minimum(want, blocks // MIN_SPLIT_BLOCKS), 1, None)
+    seq = np.repeat(np.arange(n_seqs), splits)
+    first = np.cumsum(splits) - splits
+    index = np.arange(len(seq)) - first[seq]
+    is_split = splits[seq] > 1
+    slot = np.where(is_split, np.cumsum(is_split) - 1, -1)
+    tiles = np.stack([seq, k_starts[seq], k_lengths[seq], index * blocks[seq] // splits[seq],
+                      (index + 1) * blocks[seq] // splits[seq], slot], axis=1)
+    split = np.flatnonzero(splits > 1)
+    combine = np.stack([split, np.ones_like(split), slot[first[split]], splits[split]], axis=1)
+    return MlaSchedule(tiles.astype(np.int32).reshape(-1, MLA_TILE_FIELDS),
+                       combine.astype(np.int32).reshape(-1, COMBINE_FIELDS),
+                       int(is_split.sum()))
