@@ -271,7 +271,10 @@ def test_a_slow_rank_within_the_timeout_is_no_stall_and_the_report_flags_it(tmp_
         status, _, stdout, stderr = job.finish(limit=120)
         assert status == 0, stderr
         slow = json.loads(report.read_text())["slow_iterations"]
-        assert [s["iteration"] for s in slow] == [1] and slow[0]["wall_ms"] > 3000, slow
+        # Iteration 1 is flagged; on a loaded machine a merely slowish one may be too, but
+        # nothing near the sleep.
+        assert slow[0]["iteration"] == 1 and slow[0]["wall_ms"] > 3000, slow
+        assert all(s["wall_ms"] < 1500 for s in slow[1:]), slow
         assert "warning: iteration 1 took" in stdout
         expected = "stall timeout 600 s" if timeout is None else "off"
         assert expected in json.loads(report.read_text())["watchdog"]
