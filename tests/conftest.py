@@ -6,6 +6,8 @@
   fails at once unless the world really has N ranks. A launcher that did not give the
   ranks would otherwise run every multi-rank test at size 1, skip them all, and pass.
 - ``@pytest.mark.gpu`` tests are skipped cleanly unless a CUDA device is usable.
+- ``device``: (array module, FusedKernels) for the kernel tests, on the fake device and,
+  where a CUDA device is usable, on the compiled kernels.
 """
 from __future__ import annotations
 
@@ -56,3 +58,20 @@ def pytest_runtest_makereport(item, call):
             print(f"\n[rank {world.Get_rank()}] {item.nodeid} failed:\n{report.longreprtext}",
                   file=sys.stderr, flush=True)
             world.Abort(1)
+
+
+@pytest.fixture(params=["fake", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request):
+    """(array module, FusedKernels): the NumPy emulations behind the real launch code, and,
+    where a CUDA device is usable, the compiled kernels."""
+    if request.param == "fake":
+        from fakes.kernels import FakeCupy, make_fake_fused
+
+        return FakeCupy(), make_fake_fused()
+    import cupy
+
+    from spmd_moe.backend import kernels
+
+    loaded, reason = kernels.load_kernels()
+    assert loaded is not None, reason
+    return cupy, loaded

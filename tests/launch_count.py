@@ -28,7 +28,7 @@ import contextlib
 from collections import Counter, defaultdict
 
 import numpy as np
-from test_kernels import FakeArray, FakeCupy, FakeModule, HostFusedKernels
+from fakes.kernels import FakeArray, FakeCupy, FakeModule, HostFusedKernels
 
 from spmd_moe.backend.array import F32, Backend, BackendChoice, PhaseTimer
 

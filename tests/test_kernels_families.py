@@ -1,0 +1,148 @@
+"""Which pieces run fused for a model (engine.fit_kernels_to_family, kernels.fit_model), and
+the engine running each checkpoint family (tests/data/hf) and SPEC §1's model with grouped
+K/V heads through the fused launch code on the fake device, against transformers' logits and
+greedy tokens and against the generic NumPy path."""
+from __future__ import annotations
+
+import hf_fixtures as hf
+import numpy as np
+import pytest
+from fakes.kernels import FakeCupy, FakeModule, HostFusedKernels, launches
+from kernel_cases import relative_error
+
+from spmd_moe.backend import kernels
+
+
+def fake_backend(dtype: str = "float32"):
+    """A NumPy backend carrying the fake device's FusedKernels (as attach() would give a
+    CuPy one), whose launch code the engine then runs (HostFusedKernels)."""
+    from spmd_moe.backend.array import Backend, BackendChoice
+
+    bk = Backend(BackendChoice("numpy", "test"), dtype)
+    bk.kernels = HostFusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10,
+                                  load=FakeModule)
+    bk.kernels_reason = bk.kernels.describe()
+    return bk
+
+
+def test_unsupported_head_dim_leaves_only_attention_to_the_generic_code():
+    bk = fake_backend()
+    loaded = bk.kernels
+    kernels.fit_model(bk, 128)
+    assert bk.kernels is loaded and bk.kernels.fused_attention
+    kernels.fit_model(bk, 256)
+    assert bk.kernels is not None and not bk.kernels.fused_attention
+    assert loaded.fused_attention            # the process's shared kernels are untouched
+    assert ("attention: generic array code (fused attention supports even head dims up to "
+            "128, not 256)") in bk.kernels_reason
+    assert "expert FFN (cuBLAS + in-place GELU or SwiGLU), permutation" in bk.kernels_reason
+    reason = bk.kernels_reason
+    kernels.fit_model(bk, 256)
+    assert bk.kernels_reason == reason
+
+
+def family_reason(model) -> tuple[object, str]:
+    from spmd_moe.engine.engine import fit_kernels_to_family
+
+    bk = fake_backend()
+    fit_kernels_to_family(bk, model)
+    first = bk.kernels_reason
+    fit_kernels_to_family(bk, model)                       # idempotent
+    assert bk.kernels_reason == first
+    return bk.kernels, first
+
+
+def test_every_family_runs_fused_and_says_so():
+    from dataclasses import replace
+
+    from spmd_moe.core.config import build_run_config
+    from spmd_moe.model.checkpoint import checkpoint_run_config
+
+    spec = build_run_config("tiny").model
+    fused, reason = family_reason(spec)
+    assert fused.fused_attention
+    assert reason.endswith("; spmd model: fused multi-head attention of head dim 8 and gelu "
+                           "experts")
+    for name, group, head_dim in (("mixtral", 2, 4), ("qwen3_moe", 2, 6), ("olmoe", 2, 4)):
+        model = checkpoint_run_config(hf.path(name)).model
+        fused, reason = family_reason(model)
+        assert fused is not None and fused.fused_attention, reason
+        assert reason.endswith(f"; {name} model: fused grouped-query ({group} query heads per "
+                               f"K/V head) attention of head dim {head_dim} and swiglu "
+                               "experts"), reason
+        assert "generic" not in reason
+    fused, reason = family_reason(replace(spec, d_model=1024, n_heads=4))   # head dim 256
+    assert fused is not None and not fused.fused_attention
+    assert "attention: generic array code (fused attention supports even head dims up to " \
+           "128, not 256)" in reason and reason.endswith("; spmd model: fused gelu experts")
+
+
+def run_on_fake_device(monkeypatch, config, batch, decode_tokens=0, eos=None, layout=None):
+    """The engine through the fused kernels' launch code (emulated kernels) at one rank:
+    (outputs, kernel launches)."""
+    from mpi4py import MPI
+
+    from spmd_moe.engine import runner
+    from spmd_moe.engine.testing import run_layout
+
+    made = []
+
+    class FusedBackend(runner.Backend):
+        def __init__(self, choice, dtype):
+            super().__init__(choice, dtype)
+            fake = fake_backend(dtype)
+            self.kernels, self.kernels_reason = fake.kernels, fake.kernels_reason
+            made.append(self)
+
+    monkeypatch.setattr(runner, "Backend", FusedBackend)
+    outputs = run_layout(MPI.COMM_SELF, config, batch, layout, decode_tokens, eos)
+    (bk,) = made
+    assert bk.kernels is not None and bk.kernels.fused_attention, bk.kernels_reason
+    return outputs, launches(bk.kernels)
+
+
+@pytest.mark.parametrize("name", hf.FLOAT32 + (hf.BF16,))
+def test_each_family_through_the_fused_launch_code_matches_transformers(monkeypatch, name):
+    """Grouped-query attention over the KV cache of the K/V heads, SwiGLU experts, q/k
+    norms as array code: the same tolerance and greedy tokens as the generic path."""
+    config, batch, want, eos = hf.setup(name, dtype="float32", decode=True)
+    prefill, ran = run_on_fake_device(monkeypatch, config, batch)
+    suffix = "_float32" if name == hf.BF16 else ""
+    assert relative_error(prefill["logits"], want["logits" + suffix]) < 1e-4
+    assert ran["swiglu_f32"] > 0 and ran["gather_rows_v16"] > 0
+    assert ran["unpermute_weighted_f32_v16"] > 0
+    assert sum(n for k, n in ran.items() if k.startswith("flash_attention_f32_d16")) \
+        == config.model.n_layers
+    layers = config.model.n_layers
+    # The row-wise kernels: one each per layer (RMSNorm: attention's, and the final norm).
+    assert ran[f"rope_{config.model.qk_norm}_f32"] == layers
+    assert ran["router_topk"] == ran["expert_order"] == ran["add_rms_norm_f32"] == layers
+    assert ran["rms_norm_f32"] == layers + 1 and ran["residual_add_f32"] == layers
+    decode, ran = run_on_fake_device(monkeypatch, config, batch, hf.NEW_TOKENS, eos)
+    assert np.array_equal(decode["tokens"], want["tokens" + suffix])
+    assert ran["flash_attention_f32_d16"] > config.model.n_layers     # prefill, then steps
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
+def test_grouped_query_spec_model_through_the_fused_launch_code(monkeypatch, kv_heads):
+    """SPEC §1's model with 8 query heads of dim 16 over 8, 4, 2 or 1 K/V heads and SwiGLU
+    experts, prefill and decode, against the generic NumPy path."""
+    from mpi4py import MPI
+
+    from spmd_moe.core.config import build_run_config
+    from spmd_moe.engine.testing import run_layout
+    from spmd_moe.model.inputs import synthetic_input
+
+    config = build_run_config("tiny", sets=["dtype=float32", "pad_fraction=0.3", "n_heads=8",
+                                            "d_head=16", f"n_kv_heads={kv_heads}",
+                                            "activation=swiglu", "n_layers=2"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    want = run_layout(MPI.COMM_SELF, config, batch)
+    got, ran = run_on_fake_device(monkeypatch, config, batch)
+    for key in ("hidden", "logits"):
+        assert relative_error(got[key], want[key]) < 1e-5, key
+    assert np.array_equal(got["expert_counts"], want["expert_counts"])
+    assert ran["flash_attention_f32_d16"] == 2 and ran["swiglu_f32"] > 0
+    want = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=4)
+    got, _ = run_on_fake_device(monkeypatch, config, batch, decode_tokens=4)
+    assert np.array_equal(got["tokens"], want["tokens"])
