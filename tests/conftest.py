@@ -6,8 +6,9 @@
   fails at once unless the world really has N ranks. A launcher that did not give the
   ranks would otherwise run every multi-rank test at size 1, skip them all, and pass.
 - ``@pytest.mark.gpu`` tests are skipped cleanly unless a CUDA device is usable.
-- ``device``: (array module, FusedKernels) for the kernel tests, on the fake device and,
-  where a CUDA device is usable, on the compiled kernels.
+- ``fake_gpu``: the asynchronous fake CUDA device, active for one test; ``device``: (array
+  module, FusedKernels) for the kernel tests, on the fake device and, where a CUDA device
+  is usable, on the compiled kernels.
 """
 from __future__ import annotations
 
@@ -60,13 +61,24 @@ def pytest_runtest_makereport(item, call):
             world.Abort(1)
 
 
+@pytest.fixture
+def fake_gpu():
+    """The asynchronous fake CUDA device (tests/fakes/device.py), active for the test."""
+    from fakes.device import FakeDevice
+
+    with FakeDevice(seed=0) as device:
+        yield device
+
+
 @pytest.fixture(params=["fake", pytest.param("gpu", marks=pytest.mark.gpu)])
 def device(request):
-    """(array module, FusedKernels): the NumPy emulations behind the real launch code, and,
-    where a CUDA device is usable, the compiled kernels."""
+    """(array module, FusedKernels): the NumPy emulations behind the real launch code on
+    the fake device, and, where a CUDA device is usable, the compiled kernels."""
     if request.param == "fake":
-        from fakes.kernels import FakeCupy, make_fake_fused
+        from fakes.cupy import FakeCupy
+        from fakes.kernels import make_fake_fused
 
+        request.getfixturevalue("fake_gpu")
         return FakeCupy(), make_fake_fused()
     import cupy
 

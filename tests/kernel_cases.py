@@ -7,8 +7,13 @@ import numpy as np
 from spmd_moe.backend.array import BF16, F32
 
 
+def host(arr) -> np.ndarray:
+    """A device array copied to the host (synchronised), a host array as it is."""
+    return arr.get() if hasattr(arr, "get") else np.asarray(arr)
+
+
 def relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    got, want = host(got).astype(np.float64), host(want).astype(np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 

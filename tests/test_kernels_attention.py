@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes.cupy import FakeCupy
 from fakes.emulations import address
-from fakes.kernels import FakeArray, FakeCupy, FakeModule, make_fake_fused
+from fakes.kernels import FakeModule, make_fake_fused
 from kernel_cases import (dtype_id, poisoned, random_sequences, reference_attention,
                           relative_error, tolerance)
 
@@ -17,12 +18,12 @@ from spmd_moe.backend.kernels import schedule as sch
 from spmd_moe.backend.kernels.fused import FusedKernels
 
 
-def test_fused_kernels_refuse_old_devices():
+def test_fused_kernels_refuse_old_devices(fake_gpu):
     with pytest.raises(RuntimeError, match="sm_80"):
         FusedKernels(FakeCupy(), "75", n_sm=40, shared_limit=64 << 10, load=FakeModule)
 
 
-def test_attention_schedule_is_kept_for_a_pass_and_rebuilt_for_new_lengths():
+def test_attention_schedule_is_kept_for_a_pass_and_rebuilt_for_new_lengths(fake_gpu):
     fused, fake = make_fake_fused(), FakeCupy()
     rng = np.random.default_rng(0)
     q = fake.asarray(rng.standard_normal((10, 2, 16)).astype(BF16))
@@ -33,14 +34,14 @@ def test_attention_schedule_is_kept_for_a_pass_and_rebuilt_for_new_lengths():
     assert fused._schedule is first
     second = fused.attention(q, [0], [10], k, k, [0], [20], 0.25)  # the next decode step
     assert fused._schedule is not first
-    want = reference_attention(np.asarray(q), [0], [10], np.asarray(k), np.asarray(k), [0],
+    want = reference_attention(q.get(), [0], [10], k.get(), k.get(), [0],
                                [20], 0.25)
     assert relative_error(second, want) < 1e-2
     kernel = fused.attention_module.kernels["flash_attention_bf16_m64_d16_v16"]
     assert kernel.launches == 3 and kernel.max_dynamic_shared_size_bytes == 48 << 10
 
 
-def test_large_shared_memory_is_opted_in():
+def test_large_shared_memory_is_opted_in(fake_gpu):
     fused, fake = make_fake_fused(), FakeCupy()
     q = fake.asarray(np.ones((3, 1, 128), BF16))
     fused.attention(q, [0], [3], q, q, [0], [3], 0.1)
@@ -60,20 +61,20 @@ def launched(fused) -> dict[str, int]:
 
 
 def offset_view(fake, values, offset_bytes: int):
-    """``values`` copied into a FakeArray whose base address is ``offset_bytes`` past a
-    64-byte boundary (a view into a larger buffer, C-contiguous)."""
-    flat = np.zeros(values.size + 64, values.dtype)
+    """``values`` copied into a device array whose base address is ``offset_bytes`` past a
+    64-byte boundary (a view into a larger allocation, C-contiguous)."""
+    flat = fake.zeros(values.size + 64, values.dtype)
     start = (-address(flat) % 64 + offset_bytes) // values.dtype.itemsize
     view = flat[start:start + values.size].reshape(values.shape)
-    view[...] = values
+    view[...] = fake.asarray(values)
     assert address(view) % 64 == offset_bytes
-    return view.view(FakeArray)
+    return view
 
 
 @pytest.mark.parametrize("offset,kernel", [(0, "flash_attention_bf16_m64_d32_v16"),
                                            (8, "flash_attention_bf16_m64_d32_v4"),
                                            (2, "flash_attention_bf16_m64_d32_v16")])
-def test_attention_checks_base_alignment(offset, kernel):
+def test_attention_checks_base_alignment(fake_gpu, offset, kernel):
     """k starting 8 bytes off a 16-byte boundary takes the 4-byte copies; 2 bytes off (an
     odd bf16 element) is copied to an aligned array first. The fake kernels fail on a
     misaligned cp.async source, as the hardware would."""
@@ -84,11 +85,11 @@ def test_attention_checks_base_alignment(offset, kernel):
     k = offset_view(fake, k_values, offset)
     got = fused.attention(q, [0], [70], k, k, [0], [90], 0.2)
     assert launched(fused) == {kernel: 1}
-    want = reference_attention(np.asarray(q), [0], [70], k_values, k_values, [0], [90], 0.2)
+    want = reference_attention(q.get(), [0], [70], k_values, k_values, [0], [90], 0.2)
     assert relative_error(got, want) < 1e-2
 
 
-def test_attention_tile_height_by_length_and_by_request(monkeypatch):
+def test_attention_tile_height_by_length_and_by_request(fake_gpu, monkeypatch):
     fused, fake = make_fake_fused(), FakeCupy()
     fused.n_sm = 1                 # so that one long sequence fills the "device"
     rng = np.random.default_rng(5)
@@ -202,7 +203,7 @@ def test_grouped_query_attention_matches_float64(device, group, head_dim, dtype,
         assert kv_heads == 1 or relative_error(got, wrong) > 0.1
 
 
-def test_attention_refuses_k_v_heads_that_do_not_divide_the_query_heads():
+def test_attention_refuses_k_v_heads_that_do_not_divide_the_query_heads(fake_gpu):
     fused, fake = make_fake_fused(), FakeCupy()
     q = fake.asarray(np.ones((3, 6, 16), BF16))
     k = fake.asarray(np.ones((3, 4, 16), BF16))

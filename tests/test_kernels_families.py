@@ -7,25 +7,19 @@ from __future__ import annotations
 import hf_fixtures as hf
 import numpy as np
 import pytest
-from fakes.kernels import FakeCupy, FakeModule, HostFusedKernels, launches
+from fakes.engine import CHOICE, FakeGpuBackend, run_on_fake_gpu
+from fakes.kernels import launches
 from kernel_cases import relative_error
 
 from spmd_moe.backend import kernels
 
 
 def fake_backend(dtype: str = "float32"):
-    """A NumPy backend carrying the fake device's FusedKernels (as attach() would give a
-    CuPy one), whose launch code the engine then runs (HostFusedKernels)."""
-    from spmd_moe.backend.array import Backend, BackendChoice
-
-    bk = Backend(BackendChoice("numpy", "test"), dtype)
-    bk.kernels = HostFusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10,
-                                  load=FakeModule)
-    bk.kernels_reason = bk.kernels.describe()
-    return bk
+    """The CuPy backend on the fake device, with the fused kernels' launch code."""
+    return FakeGpuBackend(CHOICE, dtype)
 
 
-def test_unsupported_head_dim_leaves_only_attention_to_the_generic_code():
+def test_unsupported_head_dim_leaves_only_attention_to_the_generic_code(fake_gpu):
     bk = fake_backend()
     loaded = bk.kernels
     kernels.fit_model(bk, 128)
@@ -52,7 +46,7 @@ def family_reason(model) -> tuple[object, str]:
     return bk.kernels, first
 
 
-def test_every_family_runs_fused_and_says_so():
+def test_every_family_runs_fused_and_says_so(fake_gpu):
     from dataclasses import replace
 
     from spmd_moe.core.config import build_run_config
@@ -78,25 +72,13 @@ def test_every_family_runs_fused_and_says_so():
 
 
 def run_on_fake_device(monkeypatch, config, batch, decode_tokens=0, eos=None, layout=None):
-    """The engine through the fused kernels' launch code (emulated kernels) at one rank:
-    (outputs, kernel launches)."""
+    """The engine through the fused kernels' launch code (emulated kernels) at one rank on
+    the fake device: (outputs, kernel launches)."""
     from mpi4py import MPI
 
-    from spmd_moe.engine import runner
-    from spmd_moe.engine.testing import run_layout
-
-    made = []
-
-    class FusedBackend(runner.Backend):
-        def __init__(self, choice, dtype):
-            super().__init__(choice, dtype)
-            fake = fake_backend(dtype)
-            self.kernels, self.kernels_reason = fake.kernels, fake.kernels_reason
-            made.append(self)
-
-    monkeypatch.setattr(runner, "Backend", FusedBackend)
-    outputs = run_layout(MPI.COMM_SELF, config, batch, layout, decode_tokens, eos)
-    (bk,) = made
+    outputs, device = run_on_fake_gpu(monkeypatch, MPI.COMM_SELF, config, batch, layout,
+                                      decode_tokens=decode_tokens, eos=eos)
+    (bk,) = device.backends
     assert bk.kernels is not None and bk.kernels.fused_attention, bk.kernels_reason
     return outputs, launches(bk.kernels)
 

@@ -7,14 +7,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fakes.kernels import FakeCupy, make_fake_fused
+from fakes.cupy import FakeCupy
+from fakes.kernels import make_fake_fused
 from kernel_cases import dtype_id, poisoned, reference_ffn, relative_error, tolerance
 
 from spmd_moe.backend.array import BF16, F32
 from spmd_moe.backend.kernels import schedule as sch
 
 
-def test_expert_ffn_runs_one_gelu_per_chunk():
+def test_expert_ffn_runs_one_gelu_per_chunk(fake_gpu):
     fused, fake = make_fake_fused(), FakeCupy()
     fused.ffn_workspace_bytes = 128 * 40 * 2                      # 3 passes: 128, 128, 44
     x, w1, w2 = (fake.asarray(np.ones(shape, BF16)) for shape in ((300, 24), (24, 40), (40, 24)))
@@ -22,7 +23,7 @@ def test_expert_ffn_runs_one_gelu_per_chunk():
     assert fused.ffn_module.kernels["gelu_bf16_inplace"].launches == 3
 
 
-def test_ffn_workspace_from_the_environment(monkeypatch):
+def test_ffn_workspace_from_the_environment(fake_gpu, monkeypatch):
     monkeypatch.setenv("SPMD_MOE_FFN_WORKSPACE_MB", "32")
     assert make_fake_fused().ffn_workspace_bytes == 32 << 20
 
@@ -132,7 +133,7 @@ def test_swiglu_pass_matches_the_numpy_product(device, dtype, n):
                                    rtol=2 ** -7, atol=0)
 
 
-def test_expert_ffn_runs_one_swiglu_per_chunk_within_the_workspace():
+def test_expert_ffn_runs_one_swiglu_per_chunk_within_the_workspace(fake_gpu):
     fused, fake = make_fake_fused(), FakeCupy()
     element = sch.swiglu_element_bytes(2)
     assert element == 10 and sch.swiglu_element_bytes(4) == 8

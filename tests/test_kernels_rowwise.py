@@ -151,7 +151,7 @@ def test_expert_order_is_the_stable_sort_and_counts(device, n_pairs, n_experts):
     np.testing.assert_array_equal(counts.get(), np.bincount(experts, minlength=n_experts))
 
 
-def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so():
+def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so(fake_gpu):
     fused = make_fake_fused()
     assert fused.fit_rowwise(256, 64, 8, "head") is fused
     fitted = fused.fit_rowwise(257, 300, 4, "head")

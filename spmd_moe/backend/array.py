@@ -163,7 +163,7 @@ class Backend:
 
     def to_host(self, arr) -> np.ndarray:
         """Backend (or host) array -> host array; synchronises the device when it copies."""
-        if isinstance(arr, np.ndarray) or not self.on_gpu:
+        if not self.on_gpu or not isinstance(arr, self.xp.ndarray):
             return np.asarray(arr)
         return arr.get()
 

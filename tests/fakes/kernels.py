@@ -1,19 +1,22 @@
-"""The fused kernels' launch code on a fake device: :class:`FakeCupy` (the part of CuPy
-that fused.py uses, on NumPy), :class:`FakeModule` (a compiled module whose kernels check
-each launch against the PTX parameter types and run the NumPy emulation of emulations.py),
-and the FusedKernels built on them."""
+"""The fused kernels on the fake device (device.py): :class:`FakeModule`, a compiled module
+whose kernels check each launch against the PTX parameter types (a Python int or a
+wrong-width scalar would be a silent bug on the GPU) and queue the NumPy emulation of
+emulations.py on the current stream; :func:`make_fake_fused`, fused.FusedKernels on the
+fake CuPy (its float32-output GEMMs through the backend's cublasGemmEx, on the fake
+cuBLAS)."""
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import numpy as np
 
-from spmd_moe.backend.array import BF16, F32
+from spmd_moe.backend.array import BF16, F32, CublasGemm
 from spmd_moe.backend.kernels import schedule as sch
 from spmd_moe.backend.kernels.compile import compile_source
 from spmd_moe.backend.kernels.fused import FusedKernels
 
+from .cupy import FakeCupy
+from .device import current
 from .emulations import (
     address,
     emulate_attention_combine,
@@ -39,57 +42,13 @@ def compiled(name: str, arch: str):
     return _compiled[name, arch]
 
 
-class FakeArray(np.ndarray):
-    """A NumPy array posing as a CuPy one: ``.data.ptr`` and ``.get()``."""
-
-    @property
-    def data(self):
-        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-    def get(self):
-        return np.asarray(self)
-
-
-class FakeCupy:
-    """The part of CuPy that fused.py uses, on NumPy. New arrays come poisoned (NaN, or -7
-    for integers) so that an element no kernel writes shows up."""
-
-    @staticmethod
-    def _wrap(a):
-        return np.asarray(a).view(FakeArray)
-
-    def empty(self, shape, dtype):
-        a = np.empty(shape, dtype=dtype)
-        a[...] = -7 if np.dtype(dtype).kind in "iu" else np.nan
-        return self._wrap(a)
-
-    def full(self, shape, value, dtype):
-        return self._wrap(np.full(shape, value, dtype=dtype))
-
-    def asarray(self, a, dtype=None):
-        return self._wrap(np.array(a, dtype=dtype))
-
-    def ascontiguousarray(self, a, dtype=None):
-        return self._wrap(np.ascontiguousarray(a, dtype=dtype))
-
-    def matmul(self, a, b, out=None):
-        """float32 accumulation, result rounded to the inputs' dtype, as cuBLAS does."""
-        result = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)).astype(a.dtype)
-        if out is None:
-            return self._wrap(result)
-        assert out.flags.c_contiguous and out.shape == result.shape
-        out[...] = result
-        return out
-
-
 _PTX_TYPE = {np.dtype(np.int32): "u32", np.dtype(np.int64): "u64", np.dtype(np.float32): "f32",
              np.dtype(np.float64): "f64"}
 
 
 class FakeKernel:
     """A compiled kernel's stand-in: checks each launch's arguments against the parameter
-    types in the PTX (a Python int or a wrong-width scalar would be a silent bug on the
-    GPU), the shared-memory opt-in, then runs the kernel's emulation."""
+    types in the PTX and the shared-memory opt-in, then queues the kernel's emulation."""
 
     def __init__(self, name: str, params: list[str], emulate):
         self.name, self.params, self.emulate = name, params, emulate
@@ -97,6 +56,8 @@ class FakeKernel:
         self.launches = 0
 
     def __call__(self, grid, block, args, shared_mem=0):
+        """Check the launch now; queue the emulation (on views that do not keep the
+        arguments alive: freed memory may be reused while the launch is queued)."""
         assert len(args) == len(self.params), (self.name, len(args), self.params)
         for i, (arg, ptype) in enumerate(zip(args, self.params)):
             if isinstance(arg, np.ndarray):
@@ -107,7 +68,11 @@ class FakeKernel:
         assert shared_mem <= self.max_dynamic_shared_size_bytes, (self.name, shared_mem)
         assert all(g >= 1 for g in grid) and np.prod(block) <= 1024
         self.launches += 1
-        self.emulate(grid, block, *args)
+        device = current()
+        raw = [device.raw(arg) for arg in args]
+        arrays = [arg for arg in args if isinstance(arg, np.ndarray)]
+        device.enqueue(self.name, lambda: self.emulate(grid, block, *raw), reads=arrays,
+                       writes=arrays)
 
 
 class FakeModule:
@@ -223,39 +188,17 @@ def _emulation(name: str):
     raise AssertionError(f"no emulation for {name}")
 
 
-def make_fake_fused():
-    return FusedKernels(FakeCupy(), "90", n_sm=132, shared_limit=227 << 10, load=FakeModule)
-
-
-def _on_fake_device(method):
-    """``method`` of FusedKernels taking the engine's NumPy arrays: each is viewed as a
-    FakeArray (what the launch code reads device pointers from), the result handed back
-    as a plain array."""
-    def call(self, *args, **kwargs):
-        fake = lambda a: a.view(FakeArray) if isinstance(a, np.ndarray) else a  # noqa: E731
-        result = method(self, *map(fake, args), **{k: fake(v) for k, v in kwargs.items()})
-        if isinstance(result, tuple):
-            return tuple(np.asarray(r) for r in result)
-        return np.asarray(result)
-    return call
-
-
-class HostFusedKernels(FusedKernels):
-    """The launch code on the fake device, called by the engine with NumPy arrays."""
-
-    attention = _on_fake_device(FusedKernels.attention)
-    expert_ffn = _on_fake_device(FusedKernels.expert_ffn)
-    gather_rows = _on_fake_device(FusedKernels.gather_rows)
-    unpermute_weighted = _on_fake_device(FusedKernels.unpermute_weighted)
-    rms_norm = _on_fake_device(FusedKernels.rms_norm)
-    add_rms_norm = _on_fake_device(FusedKernels.add_rms_norm)
-    qk_norm_rope = _on_fake_device(FusedKernels.qk_norm_rope)
-    residual_add = _on_fake_device(FusedKernels.residual_add)
-    route = _on_fake_device(FusedKernels.route)
-    expert_order = _on_fake_device(FusedKernels.expert_order)
+def make_fake_fused() -> FusedKernels:
+    """FusedKernels of an H100-like device (132 SMs, 227 KiB shared memory) on the current
+    fake device."""
+    cp = FakeCupy(current())
+    gemm = CublasGemm(cp)
+    return FusedKernels(cp, "90", n_sm=132, shared_limit=227 << 10, load=FakeModule,
+                        gemm=lambda a, b, out: gemm(a, b, out.dtype, out=out))
 
 
 def launches(fused) -> dict[str, int]:
+    """Launches per kernel name, of the kernels that ran."""
     return {name: kernel.launches
             for module in (fused.attention_module, fused.ffn_module, fused.permute_module,
                            fused.rowwise_module)
