@@ -187,8 +187,11 @@ class CudaAwareMpiTransport(DeviceTransport):
 
     def _irecv_device(self, comm, out, source, tag):
         self._check()
-        return PendingExchange([comm.Irecv(out.view(word_dtype(out.dtype.itemsize)), source=source,
-                                           tag=tag)], out)
+        # As _recv_device: ``out`` is a fresh pool block that kernels still queued may use;
+        # MPI writes it from outside the stream.
+        self.ops.synchronize()
+        return PendingExchange([comm.Irecv(out.view(word_dtype(out.dtype.itemsize)),
+                                           source=source, tag=tag)], out)
 
     def _exchange_tag(self, comm) -> int:
         key = comm.py2f()

@@ -3,10 +3,13 @@ from a unique id that rank 0 draws and broadcasts over that communicator.
 
 - Alltoallv: a group of send/recv per peer, all on the compute stream (no host sync).
 - Non-blocking exchanges (``ialltoallv``, ``iallreduce_sum``): the grouped send/recv (or
-  the allreduce) on a side stream that waits for an event recorded on the compute stream;
-  ``Wait`` makes the compute stream wait for the side stream's done event, so the host
-  never blocks. :meth:`NcclPending.device_times` gives the side stream's time in flight
-  and the compute stream's stall.
+  the allreduce) on a side stream of the communicator's own that waits for an event
+  recorded on the compute stream; ``Wait`` makes the compute stream wait for the side
+  stream's done event, so the host never blocks. :meth:`NcclExchange.device_times` gives
+  the side stream's time in flight and the compute stream's stall. One side stream per
+  communicator (each slot of micro-batches in flight has its own): ranks may start the
+  two slots' exchanges in different orders (overlap.run_passes goes on with whichever
+  completes first), and one stream would serialise them into a cross-rank deadlock.
 - A stage's receive from the previous stage stays the compute stream's ``recv`` (one
   communicator used from two streams is not something NCCL promises to order).
 """
@@ -86,7 +89,7 @@ class NcclTransport(DeviceTransport):
         self.nccl = nccl
         self._factory = communicator_factory or self._new_communicator
         self._communicators: dict[int, Any] = {}
-        self._side = None
+        self._sides: dict[int, Any] = {}
         self.uint8 = getattr(nccl, "NCCL_UINT8", NCCL_UINT8)
         self.float32 = getattr(nccl, "NCCL_FLOAT32", NCCL_FLOAT32)
         self.sum = getattr(nccl, "NCCL_SUM", NCCL_SUM)
@@ -138,17 +141,20 @@ class NcclTransport(DeviceTransport):
             self.nccl.groupEnd()
         return recv
 
-    def side_stream(self):
-        """The stream non-blocking exchanges run on, beside the compute stream."""
-        if self._side is None:
-            self._side = self.ops.side_stream()
-        return self._side
+    def side_stream(self, comm):
+        """The stream ``comm``'s non-blocking exchanges run on, beside the compute stream:
+        one per communicator, so that exchanges of two slots in flight never queue behind
+        each other (module docstring)."""
+        key = comm.py2f()
+        if key not in self._sides:
+            self._sides[key] = self.ops.side_stream()
+        return self._sides[key]
 
     def _on_side_stream(self, comm, enqueue, result, hold: tuple):
-        """Enqueue ``enqueue(nccl_comm, stream_ptr)`` on the side stream once the compute
-        stream has produced its inputs; a :class:`NcclExchange` for it."""
+        """Enqueue ``enqueue(nccl_comm, stream_ptr)`` on ``comm``'s side stream once the
+        compute stream has produced its inputs; a :class:`NcclExchange` for it."""
         nccl_comm = self.communicator(comm)
-        side = self.side_stream()
+        side = self.side_stream(comm)
         self.ops.wait_event(self.ops.record_event(), side)
         start = self.ops.record_event(side)
         enqueue(nccl_comm, self.ops.stream_ptr(side))

@@ -282,6 +282,7 @@ class FakeDevice:
         self._previous: list = []
         self.hazards_checked = 0
         self.failure: BaseException | None = None     # raised in the helper thread
+        self.last_progress = time.monotonic()
         self.backends: list = []         # backends made on it (tests read their kernels)
 
     # --- activation ---------------------------------------------------------------------
@@ -436,6 +437,7 @@ class FakeDevice:
     def _step(self, stream: FakeStream) -> None:
         """Run (or, for an NCCL call not yet started, start) ``stream``'s next operation."""
         op = stream.queue[0]
+        self.last_progress = time.monotonic()
         if op.kind == "nccl" and op.requests is None:
             self._check_races(op)
             op.requests = op.start()
@@ -501,31 +503,34 @@ class FakeDevice:
         with self.lock:
             self._raise_failure()
             self._tell("waited", kind)
-            stalled_since = None
             while not satisfied():
                 runnable = self._runnable()
                 if runnable:
                     self._step(self._pick(runnable, bias))
-                    stalled_since = None
                     continue
                 blocked = [s for s in self.streams if s.queue]
                 if not any(s.queue[0].kind == "nccl" for s in blocked):
                     raise AssertionError(f"fake device: waiting for work that cannot run "
                                          f"({[s.queue[0].describe() for s in blocked]})")
-                now = time.monotonic()
-                stalled_since = stalled_since or now
-                if now - stalled_since > self.deadlock_s:
-                    raise DeviceDeadlock(
-                        "device deadlock: " + "; ".join(
-                            f"stream {s.ptr} waits in {s.queue[0].describe()} with "
-                            f"{len(s.queue) - 1} op(s) behind it" for s in blocked)
-                        + f" (nothing ran for {self.deadlock_s:.0f} s)")
+                self._check_deadlock()
                 time.sleep(0.0005)
             self.last_call = time.monotonic()
 
+    def _check_deadlock(self) -> None:
+        """Nothing runnable, streams blocked in NCCL calls: after ``deadlock_s`` seconds
+        without progress (the peers never came), a DeviceDeadlock."""
+        if time.monotonic() - self.last_progress <= self.deadlock_s:
+            return
+        blocked = [s for s in self.streams if s.queue]
+        raise DeviceDeadlock(
+            "device deadlock: " + "; ".join(
+                f"stream {s.ptr} waits in {s.queue[0].describe()} with {len(s.queue) - 1} "
+                "op(s) behind it" for s in blocked)
+            + f" (nothing ran for {self.deadlock_s:.0f} s)")
+
     def query(self, satisfied) -> bool:
         """An event or stream query: first a few queued operations (at random), so that a
-        host polling in a loop sees the device advance."""
+        host polling in a loop sees the device advance (and a deadlock is reported)."""
         with self.lock:
             self._raise_failure()
             if not satisfied():
@@ -534,6 +539,9 @@ class FakeDevice:
                     if not runnable:
                         break
                     self._step(self._pick(runnable, None))
+                if not satisfied() and not self._runnable() and any(
+                        s.queue and s.queue[0].kind == "nccl" for s in self.streams):
+                    self._check_deadlock()
             self.last_call = time.monotonic()
             return bool(satisfied())
 

@@ -6,13 +6,16 @@ fake CuPy (its float32-output GEMMs through the backend's cublasGemmEx, on the f
 cuBLAS)."""
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 
 from spmd_moe.backend.array import BF16, F32, CublasGemm
 from spmd_moe.backend.kernels import schedule as sch
-from spmd_moe.backend.kernels.compile import compile_source
+from spmd_moe.backend.kernels.compile import cache_dir, cache_key, compile_source
 from spmd_moe.backend.kernels.fused import FusedKernels
 
 from .cupy import FakeCupy
@@ -75,11 +78,26 @@ class FakeKernel:
                        writes=arrays)
 
 
+def kernel_params(source_name: str) -> dict[str, list[str]]:
+    """Each kernel's PTX parameter types, from one NVRTC compile kept in the kernel cache
+    beside the cubins (so that the ranks of an MPI test do not each compile the sources)."""
+    path = cache_dir() / (f"{Path(source_name).stem}-sm_80-{cache_key(source_name, 'sm_80')}"
+                          ".params.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    ptx = compiled(source_name, "sm_80").ptx
+    params = {m.group(1): re.findall(r"\.param \.(\w+)", m.group(2))
+              for m in re.finditer(r"\.visible \.entry (\w+)\(([^)]*)\)", ptx)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(params))
+    os.replace(partial, path)
+    return params
+
+
 class FakeModule:
     def __init__(self, source_name: str):
-        ptx = compiled(source_name, "sm_80").ptx
-        self.params = {m.group(1): re.findall(r"\.param \.(\w+)", m.group(2))
-                       for m in re.finditer(r"\.visible \.entry (\w+)\(([^)]*)\)", ptx)}
+        self.params = kernel_params(source_name)
         self.kernels: dict[str, FakeKernel] = {}
 
     def get_function(self, name: str) -> FakeKernel:

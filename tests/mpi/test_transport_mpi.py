@@ -327,12 +327,17 @@ def test_nccl_exchanges_run_on_the_side_stream():
     blocking = set(transport.nccl.streams)
     transport.nccl.streams.clear()
     request = transport.ialltoallv(WORLD, on_device(ops, send), send_counts, recv_counts)
-    assert request.start.stream is transport.side_stream()
-    assert request.done.stream is transport.side_stream()
+    assert request.start.stream is transport.side_stream(WORLD)
+    assert request.done.stream is transport.side_stream(WORLD)
     assert np.array_equal(bits(request.Wait()), bits(want))
     assert blocking == {0} and set(transport.nccl.streams) == {1}
     assert request.device_times() == (0.0, 0.0)          # stand-in events take no time
+    # Each communicator (slot of micro-batches in flight) has a side stream of its own.
+    other = WORLD.Dup()
+    assert transport.side_stream(other) is not transport.side_stream(WORLD)
+    assert transport.side_stream(other) is transport.side_stream(other)
     transport.free()
+    other.Free()
 
 
 @pytest.mark.mpi(min_size=2)
