@@ -87,12 +87,14 @@ def counting(monkeypatch, transport: str = "mpi-host", seed: int = 0):
     """Within: engine.runner opens sessions on a fresh fake device (with ``transport``),
     every device call and host wait counted; yields the counter. A pass is marked where
     the engine starts one (PassCursor.start_pass: before its positions are uploaded), a
-    layer at Engine._at_layer (one rank: passes do not overlap)."""
+    layer at Engine._at_layer until the pass leaves its layers (one rank: passes do not
+    overlap)."""
     from spmd_moe.core.trace import PassCursor
     from spmd_moe.engine import engine, runner
 
     counter = LaunchCounter()
     at_layer, start_pass = engine.Engine._at_layer, PassCursor.start_pass
+    leave_layers = PassCursor.leave_layers
 
     def marked(self, layer, timer):
         counter.layer = layer
@@ -103,6 +105,10 @@ def counting(monkeypatch, transport: str = "mpi-host", seed: int = 0):
         counter.layer = None
         return start_pass(self, *args, **kwargs)
 
+    def left(self):
+        counter.layer = None
+        return leave_layers(self)
+
     with FakeDevice(seed=seed) as device, fake_gpu_sessions(monkeypatch, transport):
         device.listeners.append(counter)
         monkeypatch.setattr(CountingTimer, "counter", counter)
@@ -111,6 +117,7 @@ def counting(monkeypatch, transport: str = "mpi-host", seed: int = 0):
                                                                                    dtype))
             patch.setattr(engine.Engine, "_at_layer", marked)
             patch.setattr(PassCursor, "start_pass", started)
+            patch.setattr(PassCursor, "leave_layers", left)
             yield counter
         device.synchronize()
 

@@ -569,3 +569,13 @@ def test_bench_and_compare_check_their_output_paths(tmp_path):
     compare = spmd_moe("compare", "--preset", "tiny", "--report", str(tmp_path / "fifo"),
                        ranks=2, per_rank_status=True)
     check_refused(compare, f"--report: {tmp_path / 'fifo'} is a FIFO")
+
+
+def test_non_finite_router_logits_end_the_job_with_one_line(tmp_path):
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--preset", "tiny", "--output", str(out), ranks=2,
+                      env={"SPMD_MOE_FAULT": "1:2:nan"})
+    assert result.returncode == 1
+    assert ("spmd-moe: error: rank 1: layer 2: non-finite router logits (NaN, inf or no "
+            "finite value) for 1 token(s) of rank 1") in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

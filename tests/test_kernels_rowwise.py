@@ -117,26 +117,38 @@ def test_qk_norm_rope_matches_the_generic_code_and_float64(device, dtype, kind, 
 def test_router_kernel_matches_the_generic_code_and_float64(device, n, n_experts, top_k,
                                                             renormalize):
     """Softmax, k rounds of argmax with ties to the lower expert, renormalised or not; the
-    winners exactly the generic code's (exact ties included), weights to float32 rounding."""
-    from spmd_moe.moe.router import route
+    winners exactly the generic code's (exact ties included), weights to float32 rounding.
+    Rows with a NaN, a +inf or only -inf logits get the sentinel expert E and weight 0 on
+    both paths (some -inf beside a finite maximum are ordinary)."""
+    from spmd_moe.moe.router import select
 
     xp, fused = device
     rng = np.random.default_rng(n + n_experts)
     logits = rng.standard_normal((n, n_experts)).astype(np.float32)
+    bad = np.zeros(n, dtype=bool)
     if n > 2:
         logits[1, :] = 0.5                                     # all tied: experts 0..k-1
         logits[2, n_experts // 2:] = logits[2, :n_experts - n_experts // 2].max() + 1
+    if n > 8:
+        logits[4, n_experts - 1] = np.nan
+        logits[5, 0] = np.inf
+        logits[6, :] = -np.inf
+        logits[7, 1:] = -np.inf                                # finite maximum: ordinary
+        bad[4:7] = True
     experts, weights = fused.route(xp.asarray(logits), top_k, renormalize)
-    want_e, want_w = route(generic_backend(F32), logits, np.eye(n_experts, dtype=np.float32),
-                           top_k, renormalize)
+    with np.errstate(invalid="ignore"):
+        want_e, want_w = select(generic_backend(F32), logits, top_k, renormalize)
     np.testing.assert_array_equal(experts.get(), want_e)
     np.testing.assert_allclose(weights.get(), want_w, rtol=2e-6, atol=1e-7)
-    p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    assert (want_e[bad] == n_experts).all() and (want_w[bad] == 0).all()
+    assert (want_e[~bad] < n_experts).all()
+    good = logits[~bad].astype(np.float64)
+    p = np.exp(good - good.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    chosen = np.take_along_axis(p, want_e.astype(np.int64), axis=-1)
+    chosen = np.take_along_axis(p, want_e[~bad].astype(np.int64), axis=-1)
     if renormalize:
         chosen /= chosen.sum(-1, keepdims=True)
-    assert relative_error(weights.get(), chosen) < 1e-5
+    assert relative_error(weights.get()[~bad], chosen) < 1e-5
 
 
 @pytest.mark.parametrize("n_pairs,n_experts", [(74, 8), (4800, 16), (9, 128), (0, 4),
@@ -146,9 +158,10 @@ def test_expert_order_is_the_stable_sort_and_counts(device, n_pairs, n_experts):
     rng = np.random.default_rng(n_pairs)
     # Skewed: some experts get nothing, one gets most.
     experts = np.minimum(rng.geometric(0.3, n_pairs) - 1, n_experts - 1).astype(np.int32)
+    experts[::7] = n_experts             # the router's sentinel: non-finite logits
     order, counts = fused.expert_order(xp.asarray(experts.reshape(-1, 1)), n_experts)
     np.testing.assert_array_equal(order.get(), np.argsort(experts, kind="stable"))
-    np.testing.assert_array_equal(counts.get(), np.bincount(experts, minlength=n_experts))
+    np.testing.assert_array_equal(counts.get(), np.bincount(experts, minlength=n_experts + 1))
 
 
 def test_router_and_q_k_pieces_beyond_the_kernels_limits_say_so(fake_gpu):

@@ -41,7 +41,7 @@ from ..backend import kernels
 from ..backend.array import F32, Backend, PhaseTimer
 from ..core.chunks import MicroBatch, Schedule, overlap_enabled, prefill_schedule
 from ..core.config import RunConfig
-from ..core.errors import ConfigError, say
+from ..core.errors import ConfigError, NumericalFault, say
 from ..core.topology import Topology
 from ..model.blocks import (Packed, Rope, add_rms_norm, causal_attention, embed, lm_head, pack,
                             qk_norm_rope, qk_square_sums, residual_add, rms_norm)
@@ -57,7 +57,7 @@ HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-st
 FAULT_ENV = "SPMD_MOE_FAULT"
 
 
-FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm")
+FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm", "nan")
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ class Fault:
     layer LAYER, does KIND: ``raise`` (a RuntimeError, the default), ``interrupt``
     (KeyboardInterrupt), ``exit`` (SystemExit), ``sleep`` SECONDS (a stall with the rank's
     watchdog alive), ``stop`` (SIGSTOP to itself: a hung GPU or a dead link), ``sigint`` or
-    ``sigterm`` (to itself). How the tests prove that a rank failing, interrupted or stalled
-    mid-run takes the job down instead of deadlocking it."""
+    ``sigterm`` (to itself), ``nan`` (the rank's first token at that layer gets NaN router
+    input: non-finite router logits, which the run refuses naming the layer). How the
+    tests prove that a rank failing, interrupted or stalled mid-run takes the job down
+    instead of deadlocking it."""
 
     rank: int
     layer: int
@@ -163,7 +165,9 @@ class Engine:
     """One rank's share of the model and the loop that runs it."""
 
     def __init__(self, config: RunConfig, topo: Topology, bk: Backend, transport,
-                 weights: ModelWeights | None = None):
+                 weights: ModelWeights | None = None, dispatchers: list | None = None):
+        """``dispatchers``: one per slot of micro-batches in flight (default: the layout's,
+        each on its stage communicator; the bench's layer step passes a loop-back)."""
         self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
         self.transport = transport
         kernels.fit_model(bk, self.model.head_dim)
@@ -172,8 +176,9 @@ class Engine:
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
         # One dispatcher per slot of micro-batches in flight, each on its own communicator.
-        self.dispatchers = [kind(bk, comm, transport, self.model.n_experts, self.model.top_k,
-                                 topo.experts) for comm in topo.stage_comms]
+        self.dispatchers = dispatchers or [
+            kind(bk, comm, transport, self.model.n_experts, self.model.top_k, topo.experts)
+            for comm in topo.stage_comms]
         self.heads = len(topo.heads)
         self.kv_heads = len(topo.kv_heads)
         # Under TP with more ranks than K/V heads each K/V head sits on tp/H_kv ranks: a sum
@@ -183,6 +188,7 @@ class Engine:
         self.scale = float(self.model.head_dim) ** -0.5
         fault = injected_fault(topo.size, self.model.n_layers)
         self.fault = fault if fault is not None and fault.rank == topo.rank else None
+        self.poisoned_layer: int | None = None    # the ``nan`` fault's layer, while it runs
         self.pending: list = []   # sends to the next stage started by the current pass
 
     # --- one layer ---------------------------------------------------------------------
@@ -247,8 +253,14 @@ class Engine:
         with timer.phase("router"):
             # The residual add and the MoE norm: one kernel with the fused kernels.
             h, b = add_rms_norm(bk, x, att, lw.moe_norm, self.model.norm_eps)
-        moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
-                                                      self.model, timer, flight)
+            if self.poisoned_layer == layer and b.shape[0]:
+                b[0] = np.nan                             # SPMD_MOE_FAULT's ``nan``
+                self.poisoned_layer = None
+        try:
+            moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
+                                                          self.model, timer, flight)
+        except NumericalFault as fault:
+            raise NumericalFault(f"layer {layer}: {fault}") from None
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
@@ -263,7 +275,10 @@ class Engine:
             timer.count("stage_passes", 1)
         if self.fault is not None and layer == self.fault.layer:
             fault, self.fault = self.fault, None          # once
-            fault.trigger()
+            if fault.kind == "nan":
+                self.poisoned_layer = layer
+            else:
+                fault.trigger()
 
     # --- a pass of new tokens through this rank's stage ---------------------------------
 

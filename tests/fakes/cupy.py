@@ -448,6 +448,7 @@ class FakeCublas:
     def __init__(self, device):
         self.device = device
         self.mode = 1
+        self.calls: list[tuple] = []          # (m, n, k, A type, B type, C type) per call
 
     def getPointerMode(self, handle):
         return self.mode
@@ -469,7 +470,8 @@ class FakeCublas:
     def gemmEx(self, handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb,
                beta, c, ctype, ldc, compute, algo):
         assert self.mode == 0 and transa == transb == 0, "host pointer mode, no transposes"
-        assert compute == 68, "CUBLAS_COMPUTE_32F"
+        assert compute == 68 and algo == -1, "CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT"
+        self.calls.append((m, n, k, atype, btype, ctype))
         one = float(host_view(alpha, 4).view(np.float32)[0])
         zero = float(host_view(beta, 4).view(np.float32)[0])
         left, left_range = self._matrix(a, atype, m, k, lda)

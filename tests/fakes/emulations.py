@@ -159,13 +159,14 @@ def emulate_qk_norm_rope(kind, q, k, q_gain, k_gain, positions, sums, n, heads, 
 
 
 def emulate_router_topk(logits, experts, weights, n, n_experts, top_k, renormalize):
+    """The router's rule after its GEMM (router.select): the fused kernel's contract."""
     from spmd_moe.backend.array import Backend, BackendChoice
-    from spmd_moe.moe.router import route
+    from spmd_moe.moe.router import select
 
     bk = Backend(BackendChoice("numpy", "emulation"), "float32")
-    identity = np.eye(n_experts, dtype=np.float32)
-    got_experts, got_weights = route(bk, np.asarray(logits, np.float32).reshape(n, n_experts),
-                                     identity, top_k, bool(renormalize))
+    with np.errstate(invalid="ignore"):
+        got_experts, got_weights = select(bk, np.asarray(logits, np.float32).reshape(
+            n, n_experts), top_k, bool(renormalize))
     experts.reshape(n, top_k)[...] = got_experts
     weights.reshape(n, top_k)[...] = got_weights
 

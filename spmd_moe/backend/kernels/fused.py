@@ -3,8 +3,8 @@
 
 Each method has the signature and semantics of the generic array code it replaces
 (model.causal_attention, experts.expert_ffn, Dispatcher.permute and
-Dispatcher.combine_postprocess; model.rms_norm, model.add_rms_norm, model.qk_norm_rope,
-router.route and Dispatcher.dispatch_preprocess for the row-wise kernels); inputs are
+Dispatcher.unpermute; model.rms_norm, model.add_rms_norm, model.qk_norm_rope,
+router.route and Dispatcher.sort for the row-wise kernels); inputs are
 CuPy arrays on the current device, ``*_host`` arguments NumPy int64 arrays. Kernels and
 GEMMs (the backend's cublasGemmEx for bf16, cupy.matmul for float32) run on CuPy's
 current stream, so they order with the rest of the backend's work and nothing here
@@ -546,8 +546,9 @@ class FusedKernels:
     def route(self, logits, top_k: int, renormalize: bool):
         """router.route after its GEMM: logits float32 [T, E] -> ``experts`` int32 [T, k]
         (best first, ties to the lower expert) and ``weights`` float32 [T, k] (the
-        winners' softmax probabilities, divided by their sum when ``renormalize``); one
-        launch, E <= MAX_ROUTER_EXPERTS."""
+        winners' softmax probabilities, divided by their sum when ``renormalize``); a token
+        with non-finite logits gets the sentinel expert E and weight 0, as on the generic
+        path. One launch, E <= MAX_ROUTER_EXPERTS."""
         cp = self.cp
         n, n_experts = logits.shape
         assert logits.dtype == F32 and 1 <= top_k <= n_experts <= MAX_ROUTER_EXPERTS, \
@@ -564,16 +565,17 @@ class FusedKernels:
         return experts, weights
 
     def expert_order(self, top_experts, n_experts: int):
-        """Dispatcher.dispatch_preprocess's sort: top_experts int32 [T, k] -> ``order``
-        int64 [R] (pair indices t*k + j stably sorted by expert) and ``counts`` int64 [E]
-        on the device; one launch (block e writes expert e's run)."""
+        """Dispatcher.sort's sort: top_experts int32 [T, k] (experts 0..E-1, or the
+        router's sentinel E) -> ``order`` int64 [R] (pair indices t*k + j stably sorted by
+        expert, the sentinel's last) and ``counts`` int64 [E + 1] (the last: sentinel
+        pairs) on the device; one launch (block e writes expert e's run)."""
         cp = self.cp
         assert top_experts.dtype == np.int32, top_experts.dtype
         flat = self._rows(top_experts, "experts").reshape(-1)                     # [R]
-        n_pairs = flat.shape[0]
+        n_pairs, bins = flat.shape[0], n_experts + 1
         order = _output(cp, None, (n_pairs,), np.dtype(np.int64))                 # [R]
-        counts = _output(cp, None, (n_experts,), np.dtype(np.int64))              # [E]
+        counts = _output(cp, None, (bins,), np.dtype(np.int64))                   # [E + 1]
         self._function(self.rowwise_module, "expert_order")(
-            (n_experts,), (ORDER_THREADS,),
-            (flat, order, counts, np.int64(n_pairs), np.int32(n_experts)))
+            (bins,), (ORDER_THREADS,),
+            (flat, order, counts, np.int64(n_pairs), np.int32(bins)))
         return order, counts
