@@ -126,10 +126,18 @@ def test_flash_attention_matches_float64(device, head_dim, dtype, mode, tile_row
     heads = int(rng.integers(1, 5))
     lengths = random_sequences(rng, int(rng.integers(1, 7)), int(rng.choice([37, 300, 1500])),
                                decode=mode == "decode", gap=int(rng.integers(0, 5)))
+    attend_against_float64(xp, fused, rng, lengths, heads, heads, head_dim, dtype, tile_rows)
+
+
+def attend_against_float64(xp, fused, rng, lengths, heads, kv_heads, head_dim, dtype,
+                           tile_rows):
+    """Random q, k, v for ``lengths`` through the fused attention into a NaN-poisoned
+    output, every row written and within the dtype's tolerance of float64: (got, q, k, v,
+    scale)."""
     n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
     q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
-    k = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
-    v = rng.standard_normal((n_k, heads, head_dim)).astype(dtype)
+    k = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
+    v = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
     scale = head_dim ** -0.5
     out = poisoned(xp, (n_q, heads * head_dim), dtype)
     fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
@@ -138,6 +146,7 @@ def test_flash_attention_matches_float64(device, head_dim, dtype, mode, tile_row
     assert np.isfinite(got).all(), "rows left unwritten"
     want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
     assert relative_error(got, want) < tolerance(dtype)
+    return got, q, k, v, scale
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2)])
@@ -183,18 +192,8 @@ def test_grouped_query_attention_matches_float64(device, group, head_dim, dtype,
     heads = kv_heads * group
     lengths = random_sequences(rng, int(rng.integers(2, 6)), int(rng.choice([37, 131, 301])),
                                decode=mode == "decode", gap=int(rng.integers(1, 6)))
-    n_q, n_k = int(lengths[1].sum()), int((lengths[2] + lengths[3]).max())
-    q = rng.standard_normal((n_q, heads, head_dim)).astype(dtype)
-    k = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
-    v = rng.standard_normal((n_k, kv_heads, head_dim)).astype(dtype)
-    scale = head_dim ** -0.5
-    out = poisoned(xp, (n_q, heads * head_dim), dtype)
-    fused.attention(xp.asarray(q), *lengths[:2], xp.asarray(k), xp.asarray(v), *lengths[2:],
-                    scale, out=out, tile_rows=tile_rows)
-    got = out.get().astype(np.float64)
-    assert np.isfinite(got).all(), "rows left unwritten"
-    want = reference_attention(q, *lengths[:2], k, v, *lengths[2:], scale)
-    assert relative_error(got, want) < tolerance(dtype)
+    got, q, k, v, scale = attend_against_float64(xp, fused, rng, lengths, heads, kv_heads,
+                                                 head_dim, dtype, tile_rows)
     if group > 1:
         # Each query head reads its own group's K/V head: attending to another one (or to
         # K/V head 0 for all) would be far off.
