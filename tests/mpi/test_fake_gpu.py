@@ -2,7 +2,7 @@
 against the NumPy path: expert parallel, expert parallel x pipeline with chunked prefill
 and two micro-batches in flight, the tensor-parallel baseline (its allreduces overlapped
 too), each followed by decode steps, over each device transport (``mpi-cuda``, ``mpi-host``,
-``nccl``), in several interleavings (each seed a different order of the streams' work on
+``nccl``), in three interleavings (each seed a different order of the streams' work on
 each rank, and of the passes in flight).
 
 The fake runs work only when something waits, reuses freed memory while queued work still
@@ -23,7 +23,7 @@ from spmd_moe.model.inputs import synthetic_input
 WORLD = MPI.COMM_WORLD
 SIZE = WORLD.Get_size()
 NEW_TOKENS = 3
-SEEDS = (1, 2)
+SEEDS = (1, 2, 3)
 BASE = ["dtype=float32", "pad_fraction=0.35", "batch_size=5", "seq_len=7",
         "workload=decode", f"new_tokens={NEW_TOKENS}"]
 
