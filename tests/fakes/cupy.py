@@ -317,6 +317,12 @@ class DeviceArray(np.ndarray):
     def argsort(self, *args, **kwargs):
         return lazy("argsort", lambda a: np.ndarray.argsort(a, *args, **kwargs), (self,))
 
+    def dot(self, other, out=None):
+        return lazy("dot", np.dot, (self, other))
+
+    def trace(self, *args, **kwargs):
+        return lazy("trace", lambda a: np.asarray(np.trace(a, *args, **kwargs)), (self,))
+
     def take(self, indices, axis=None):
         return lazy("take", np.take, (self, indices), {"axis": axis})
 

@@ -1,7 +1,7 @@
 """An asynchronous fake CUDA device on host memory: what a GPU would do, run on the CPU.
 
-- **Memory** (:class:`Pool`): allocations rounded to 512 bytes, served best-fit from the
-  free chunks of the stream they were made on. An array freed on the host hands its chunk
+- **Memory** (:class:`Pool`): allocations rounded to 512 bytes, served best-fit (the last
+  freed among equals) from the free chunks of the stream they were made on. An array freed on the host hands its chunk
   back at once, as CuPy's pool does, although work queued on a stream may still read or
   write it: the next allocation of that size gets it. Fresh memory is poisoned (bytes
   0xFF: NaN for floats, -1 for integers). Pinned host memory has a pool of its own.
@@ -119,10 +119,10 @@ class Pool:
     def allocate(self, nbytes: int, stream: int) -> Chunk:
         size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         free = self.free[stream]
-        fits = [c for c in free if c.size >= size]
+        fits = [(c.size, -i) for i, c in enumerate(free) if c.size >= size]
         if fits:
-            chunk = min(fits, key=lambda c: (c.size, c.address))
-            free.remove(chunk)
+            # Best fit; among equals the last freed, as CuPy's free lists pop it.
+            chunk = free.pop(-min(fits)[1])
             if chunk.size > size:
                 free.append(Chunk(chunk.segment, chunk.offset + size, chunk.size - size,
                                   stream))
