@@ -157,3 +157,20 @@ def test_host_reads_synchronise_and_bf16_matmul_is_refused():
         a = cp.asarray(np.ones((2, 2), BF16))
         with pytest.raises(TypeError, match="cublasGemmEx"):
             cp.matmul(a, a)
+
+
+def test_a_blocking_stream_orders_with_the_legacy_default_stream():
+    """CUDA's implicit synchronisation: a stream made without non_blocking waits for the
+    default stream's queued work (and the default stream for its), with no event."""
+    for seed in range(6):
+        with FakeDevice(seed=seed, eager=0) as device:
+            cp = FakeCupy(device)
+            y = cp.asarray(np.arange(4, dtype=np.float32)) * 3      # default stream
+            blocking = cp.cuda.Stream()
+            out = cp.empty(4, np.float32)
+            cp.cuda.runtime.memcpyAsync(out.data.ptr, y.data.ptr, 16,
+                                        cp.cuda.runtime.memcpyDefault, blocking.ptr)
+            host = np.zeros(4, np.float32)
+            cp.cuda.runtime.memcpy(host.ctypes.data, out.data.ptr, 16,
+                                   cp.cuda.runtime.memcpyDeviceToHost)
+            assert host.tolist() == [0, 3, 6, 9] and device.pending() == 0

@@ -184,6 +184,16 @@ class DeviceArray(np.ndarray):
             return out
         return host
 
+    def set(self, arr: np.ndarray, stream=None) -> None:
+        """Copy host ``arr`` in (taken now, queued on the stream)."""
+        device = current()
+        values, raw = np.array(arr, dtype=self.dtype).reshape(self.shape), device.raw(self)
+
+        def run():
+            raw[...] = values
+
+        device.enqueue("host->device", run, writes=[self], stream=stream)
+
     def _host(self) -> np.ndarray:
         device = current()
         device.wait_for(lambda: not device.current_stream.queue, "read",
@@ -396,14 +406,14 @@ def _as_device(result, like: DeviceArray):
 
 # --- cupy.cuda ------------------------------------------------------------------------------
 
-MEMCPY_H2D, MEMCPY_D2H, MEMCPY_D2D = 1, 2, 3
+MEMCPY_H2D, MEMCPY_D2H, MEMCPY_D2D, MEMCPY_DEFAULT = 1, 2, 3, 4
 
 
 class FakeRuntime:
     """``cupy.cuda.runtime``: asynchronous copies by address, device facts."""
 
-    memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = (MEMCPY_H2D, MEMCPY_D2H,
-                                                                    MEMCPY_D2D)
+    memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice, memcpyDefault = (
+        MEMCPY_H2D, MEMCPY_D2H, MEMCPY_D2D, MEMCPY_DEFAULT)
 
     def __init__(self, device):
         self.device = device
@@ -421,6 +431,9 @@ class FakeRuntime:
         stream = device.stream_of(stream)
         dst_view, dst_ours = self._memory(dst, nbytes)
         src_view, src_ours = self._memory(src, nbytes)
+        if kind == MEMCPY_DEFAULT:                   # unified addressing: by who owns what
+            kind = (MEMCPY_D2D if device.is_device_memory(dst) and device.is_device_memory(src)
+                    else MEMCPY_D2H if device.is_device_memory(src) else MEMCPY_H2D)
         if kind == MEMCPY_H2D and not src_ours:
             src_view = src_view.copy()             # pageable: staged by CUDA at the call
         name = {MEMCPY_H2D: "host->device", MEMCPY_D2H: "device->host",
@@ -434,6 +447,18 @@ class FakeRuntime:
         if kind == MEMCPY_D2H and not dst_ours:
             # Into pageable memory CUDA returns only once the copy is done.
             device.wait_for(lambda: not stream.queue, "stream", bias=stream)
+
+    def memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        """cudaMemcpy: on the legacy default stream, the host waiting for it."""
+        self.memcpyAsync(dst, src, nbytes, kind, 0)
+        stream = self.device.null_stream
+        self.device.wait_for(lambda: not stream.queue, "stream", bias=stream)
+
+    def deviceSynchronize(self) -> None:
+        self.device.synchronize()
+
+    def streamSynchronize(self, stream: int) -> None:
+        self.device.synchronize_stream(self.device.stream_of(stream))
 
     def getDeviceCount(self) -> int:
         return 1
@@ -525,10 +550,10 @@ class FakeCuda:
         self.get_elapsed_time = get_elapsed_time
 
     def Stream(self, null: bool = False, non_blocking: bool = False, ptds: bool = False):
-        if not non_blocking:
-            raise NotImplementedError("fake device: only non-blocking streams (a blocking one "
-                                      "would synchronise with the legacy default stream)")
-        return self._device.new_stream()
+        """A new stream; ``null``: the legacy default stream itself."""
+        if null:
+            return self._device.null_stream
+        return self._device.new_stream(non_blocking=non_blocking)
 
     def get_current_stream(self):
         return self._device.current_stream

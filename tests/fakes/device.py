@@ -1,17 +1,20 @@
 """An asynchronous fake CUDA device on host memory: what a GPU would do, run on the CPU.
 
 - **Memory** (:class:`Pool`): allocations rounded to 512 bytes, served best-fit (the last
-  freed among equals) from the free chunks of the stream they were made on. An array freed on the host hands its chunk
-  back at once, as CuPy's pool does, although work queued on a stream may still read or
-  write it: the next allocation of that size gets it. Fresh memory is poisoned (bytes
-  0xFF: NaN for floats, -1 for integers). Pinned host memory has a pool of its own.
+  freed among equals) from the free chunks of the stream they were made on. An array freed
+  on the host hands its chunk back at once, as CuPy's pool does, although work queued on a
+  stream may still read or write it: the next allocation of that size gets it. Fresh memory
+  is poisoned (bytes 0xFF: NaN for floats, -1 for integers). Pinned host memory has a pool
+  of its own.
 - **Streams** (:class:`FakeStream`): every kernel, copy, GEMM, generic array operation and
   NCCL call is queued on a stream and runs only when something waits for it: a stream or
   event synchronize, a copy to pageable host memory, a read of a device scalar, an event
   query (which first runs a few queued operations, at random, so that polling ends). While
   one stream is waited for, the others advance too, in a seeded random order; an event
-  wait orders two streams. At every call a little queued work may run "in the background"
-  (``eager``), so that the interleavings vary with the seed.
+  wait orders two non-blocking streams (the legacy default stream and blocking streams
+  also order with each other, as CUDA's implicit synchronisation does). At every call a
+  little queued work may run "in the background" (``eager``), so that the interleavings
+  vary with the seed.
 - **Hazards** (:class:`DeviceHazard`, raised where they happen): a buffer handed to MPI at a
   host call (:func:`checked_comm`) while queued work still writes it (a send) or touches
   it (a receive); an operation that runs while an operation issued earlier on another
@@ -387,12 +390,29 @@ class FakeDevice:
             stream = stream or self.current_stream
             op = Op(next(self.seq), stream, kind, name, run, self._as_ranges(reads),
                     self._as_ranges(writes), start=start)
-            stream.queue.append(op)
+            self._append(stream, op)
             if count:
                 self._tell("launched", kind, name)
             self._background()
             self.last_call = time.monotonic()
             return op
+
+    def _append(self, stream: FakeStream, op: Op) -> None:
+        """Queue ``op`` on ``stream``. The legacy default stream (ptr 0) and the blocking
+        streams order with each other, as CUDA's implicit synchronisation has it: work on
+        one waits for what the others have queued; non-blocking streams order only by
+        events."""
+        if stream is self.null_stream:
+            after = [s.queue[-1] for s in self.streams
+                     if s is not stream and not s.non_blocking and s.queue]
+        elif not stream.non_blocking and self.null_stream.queue:
+            after = [self.null_stream.queue[-1]]
+        else:
+            after = []
+        for target in after:
+            stream.queue.append(Op(next(self.seq), stream, "wait", "legacy stream order",
+                                   target=target))
+        stream.queue.append(op)
 
     def _as_ranges(self, items) -> list[tuple[int, int]]:
         out = []
@@ -406,7 +426,7 @@ class FakeDevice:
     def enqueue_record(self, stream: FakeStream, event: FakeEvent) -> Op:
         with self.lock:
             op = Op(next(self.seq), stream, "record", "event record", event=event)
-            stream.queue.append(op)
+            self._append(stream, op)
             self.last_call = time.monotonic()
             return op
 
@@ -415,8 +435,8 @@ class FakeDevice:
         if event.record_op is None:
             return
         with self.lock:
-            stream.queue.append(Op(next(self.seq), stream, "wait", "event wait",
-                                   target=event.record_op))
+            self._append(stream, Op(next(self.seq), stream, "wait", "event wait",
+                                    target=event.record_op))
             self.last_call = time.monotonic()
 
     # --- running ------------------------------------------------------------------------
