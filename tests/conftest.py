@@ -11,6 +11,9 @@
   MPI call where no signal handler runs, so each rank's limit is a thread of its own here:
   it names the test and aborts every rank (a deadlock fails the suite with its name
   instead of stalling it until CI's limit).
+- ``fake_gpu``: the asynchronous fake CUDA device, active for one test; ``device``: (array
+  module, FusedKernels) for the kernel tests, on the fake device and, where a CUDA device
+  is usable, on the compiled kernels.
 """
 from __future__ import annotations
 
@@ -95,3 +98,29 @@ def pytest_timeout_cancel_timer(item):
         return None
     timer.cancel()
     return True
+@pytest.fixture
+def fake_gpu():
+    """The asynchronous fake CUDA device (tests/fakes/device.py), active for the test."""
+    from fakes.device import FakeDevice
+
+    with FakeDevice(seed=0) as device:
+        yield device
+
+
+@pytest.fixture(params=["fake", pytest.param("gpu", marks=pytest.mark.gpu)])
+def device(request):
+    """(array module, FusedKernels): the NumPy emulations behind the real launch code on
+    the fake device, and, where a CUDA device is usable, the compiled kernels."""
+    if request.param == "fake":
+        from fakes.cupy import FakeCupy
+        from fakes.kernels import make_fake_fused
+
+        request.getfixturevalue("fake_gpu")
+        return FakeCupy(), make_fake_fused()
+    import cupy
+
+    from spmd_moe.backend import kernels
+
+    loaded, reason = kernels.load_kernels()
+    assert loaded is not None, reason
+    return cupy, loaded

@@ -666,3 +666,11 @@ def test_an_export_ended_by_a_signal_leaves_nothing_and_can_be_rerun(tmp_path):
     again = spmd_moe("export", "--preset", "tiny", "--max-shard-size", "0.02", str(target))
     assert again.returncode == 0, again.stderr
     assert "config.json" in os.listdir(target) and len(os.listdir(target)) > 3
+def test_non_finite_router_logits_end_the_job_with_one_line(tmp_path):
+    out = tmp_path / "out.npz"
+    result = spmd_moe("run", "--preset", "tiny", "--output", str(out), ranks=2,
+                      env={"SPMD_MOE_FAULT": "1:2:nan"})
+    assert result.returncode == 1
+    assert ("spmd-moe: error: rank 1: layer 2: non-finite router logits (NaN, inf or no "
+            "finite value) for 1 token(s) of rank 1") in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

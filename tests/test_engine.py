@@ -164,3 +164,24 @@ def test_prefill_memory_is_bounded_by_the_chunk_not_the_batch():
         whole[size] = peak
     assert chunked[32] < 1.5 * chunked[8]
     assert whole[32] > 3 * whole[8] and whole[8] > 3 * chunked[8]
+
+
+@pytest.mark.parametrize("path", ["numpy", "fake gpu"])
+def test_non_finite_router_logits_stop_the_run_naming_the_layer(monkeypatch, path):
+    """A NaN in a token's router input (SPMD_MOE_FAULT's ``nan``) makes its logits
+    non-finite: the NumPy path and the GPU path (the fused router kernel's launch code on
+    the fake device) both refuse the layer before any row moves, with the same line."""
+    from fakes.engine import run_on_fake_gpu
+
+    from spmd_moe.core.errors import NumericalFault
+
+    monkeypatch.setenv("SPMD_MOE_FAULT", "0:2:nan")
+    config = build_run_config("tiny", sets=["dtype=float32"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    with pytest.raises(NumericalFault) as fault:
+        if path == "numpy":
+            run_layout(MPI.COMM_SELF, config, batch)
+        else:
+            run_on_fake_gpu(monkeypatch, MPI.COMM_SELF, config, batch)
+    assert str(fault.value) == ("layer 2: non-finite router logits (NaN, inf or no finite "
+                                "value) for 1 token(s) of rank 0")

@@ -1,5 +1,5 @@
-"""The CuPy backend on a real GPU (``@gpu``: skipped without a usable device), and, on the
-CPU, the cublasGemmEx call's layout against a column-major GEMM written in NumPy.
+"""The CuPy backend on a real GPU (``@gpu``: skipped without a usable device); the CPU
+versions run on the fake device (tests/test_backend.py, tests/mpi/test_fake_gpu.py).
 
 - bf16 operations: which CuPy supports (printed), and the backend's own paths (GemmEx with
   float32 output, the fused GELU, bit-level gathers and scatters) against NumPy;
@@ -22,116 +22,9 @@ from spmd_moe.engine.testing import (TOLERANCE, check_against_reference, referen
                                      relative_error)
 from spmd_moe.model.inputs import synthetic_input
 from spmd_moe.model.reference import reference_generate
-from spmd_moe.parallel.device import host_view
 from spmd_moe.parallel.transport import TransportChoice, mpi_library
 
 gpu = pytest.mark.gpu
-
-
-# --- on the CPU: the cublasGemmEx call, against a column-major GEMM in NumPy -------------
-
-class HostDeviceArray(np.ndarray):
-    """A host array with CuPy's ``.data.ptr`` (for the stand-in below)."""
-
-    @property
-    def data(self):
-        return type("Pointer", (), {"ptr": self.ctypes.data})()
-
-
-class ColumnMajorBlas:
-    """cuBLAS's gemmEx semantics on host pointers: column-major, leading dimensions, types
-    by CUDA enum. Records each call."""
-
-    CUBLAS_POINTER_MODE_HOST = 0
-    types = {0: np.dtype(np.float32), 14: BF16}
-
-    def __init__(self):
-        self.calls, self.mode = [], 1
-
-    def getPointerMode(self, handle):
-        return self.mode
-
-    def setPointerMode(self, handle, mode):
-        self.mode = mode
-
-    def matrix(self, ptr, dtype_code, rows, cols, ld):
-        dtype = self.types[dtype_code]
-        flat = host_view(ptr, ld * cols * dtype.itemsize).view(dtype)
-        return np.lib.stride_tricks.as_strided(flat, (rows, cols),
-                                               (dtype.itemsize, ld * dtype.itemsize))
-
-    def gemmEx(self, handle, transa, transb, m, n, k, alpha, a, atype, lda, b, btype, ldb,
-               beta, c, ctype, ldc, compute, algo):
-        assert self.mode == self.CUBLAS_POINTER_MODE_HOST and transa == transb == 0
-        assert compute == 68 and algo == -1                  # COMPUTE_32F, GEMM_DEFAULT
-        self.calls.append((m, n, k, atype, btype, ctype))
-        one = host_view(alpha, 4).view(np.float32)[0]
-        zero = host_view(beta, 4).view(np.float32)[0]
-        assert (one, zero) == (1.0, 0.0)
-        left = self.matrix(a, atype, m, k, lda).astype(np.float32)
-        right = self.matrix(b, btype, k, n, ldb).astype(np.float32)
-        self.matrix(c, ctype, m, n, ldc)[...] = (left @ right).astype(self.types[ctype])
-
-
-class FakeCupy:
-    """Just what CublasGemm touches of CuPy."""
-
-    def __init__(self):
-        self.blas = ColumnMajorBlas()
-        self.cuda = type("cuda", (), {"cublas": self.blas, "device": type(
-            "device", (), {"get_cublas_handle": staticmethod(lambda: 1)})})()
-
-    @staticmethod
-    def ascontiguousarray(a):
-        return np.ascontiguousarray(a).view(HostDeviceArray)
-
-    @staticmethod
-    def empty(shape, dtype):
-        return np.empty(shape, dtype=dtype).view(HostDeviceArray)
-
-
-@pytest.mark.parametrize("out_dtype", [F32, BF16])
-@pytest.mark.parametrize("m,k,n", [(5, 3, 7), (1, 8, 1), (16, 32, 4)])
-def test_gemm_ex_call_computes_the_row_major_product(out_dtype, m, k, n):
-    from spmd_moe.backend.array import CublasGemm
-
-    rng = np.random.default_rng(m * k * n)
-    a = rng.standard_normal((m, k), dtype=np.float32).astype(BF16)
-    b = rng.standard_normal((k, n), dtype=np.float32).astype(BF16)
-    fake = FakeCupy()
-    gemm = CublasGemm(fake)
-    got = gemm(a.view(HostDeviceArray), b[:, :].view(HostDeviceArray), out_dtype)
-    want = (a.astype(np.float32) @ b.astype(np.float32)).astype(out_dtype)
-    assert got.dtype == out_dtype and got.shape == (m, n)
-    # Same products, maybe another summation order: equal to float32 rounding.
-    assert np.allclose(np.asarray(got).astype(np.float32), want.astype(np.float32),
-                       rtol=1e-2 if out_dtype == BF16 else 1e-5, atol=1e-5)
-    assert fake.blas.calls == [(n, m, k, 14, 14, 0 if out_dtype == F32 else 14)]
-    assert fake.blas.mode == 1                        # the handle's pointer mode restored
-
-
-def test_gemm_ex_writes_into_a_given_output_block():
-    from spmd_moe.backend.array import CublasGemm
-
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((4, 6), dtype=np.float32).astype(BF16)
-    b = rng.standard_normal((6, 3), dtype=np.float32).astype(BF16)
-    whole = np.full((9, 3), np.nan, dtype=F32).view(HostDeviceArray)
-    got = CublasGemm(FakeCupy())(a.view(HostDeviceArray), b.view(HostDeviceArray), F32,
-                                 out=whole[2:6])
-    want = a.astype(np.float32) @ b.astype(np.float32)
-    assert np.allclose(np.asarray(whole[2:6]), want, rtol=1e-5, atol=1e-5)
-    assert np.isnan(np.asarray(whole[:2])).all() and np.isnan(np.asarray(whole[6:])).all()
-    assert np.shares_memory(np.asarray(got), np.asarray(whole))
-
-
-def test_gemm_ex_empty_products():
-    from spmd_moe.backend.array import CublasGemm
-
-    gemm = CublasGemm(FakeCupy())
-    assert gemm(np.zeros((0, 4), BF16), np.zeros((4, 3), BF16), F32).shape == (0, 3)
-    zero_k = gemm(np.zeros((2, 0), BF16), np.zeros((0, 3), BF16), F32)
-    assert zero_k.shape == (2, 3) and not np.asarray(zero_k).any()
 
 
 # --- on the GPU ------------------------------------------------------------------------------
@@ -407,15 +300,15 @@ def device_rows(bk, n, width, seed=0):
 
 
 def exercise_one_rank(bk, transport):
-    """alltoallv (growing, empty, shrinking), allreduce and p2p through ``transport``."""
+    """ialltoallv (growing, empty, shrinking) and iallreduce through ``transport``."""
     comm = MPI.COMM_SELF
     for n, width in ((5, 64), (0, 64), (300, 128), (7, 128)):
         host, send = device_rows(bk, n, width, n)
-        recv = transport.alltoallv(comm, send, np.array([n]), np.array([n]))
+        recv = transport.ialltoallv(comm, send, np.array([n]), np.array([n])).Wait()
         assert isinstance(recv, bk.xp.ndarray) and recv.dtype == BF16
         assert np.array_equal(bk.to_host(recv).view(np.uint16), host.view(np.uint16))
     partial = bk.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
-    assert transport.allreduce_sum(comm, partial) is partial
+    assert transport.iallreduce_sum(comm, partial).Wait() is partial
     assert bk.to_host(partial).ravel().tolist() == list(range(12))
     transport.free()
 
@@ -431,7 +324,7 @@ def test_pinned_host_transport_one_rank(cupy_backend):
     transport = make(TransportChoice("mpi-host", "test"), cupy_backend)
     host, hidden = device_rows(cupy_backend, 6, 32, 9)
     request = transport.isend(MPI.COMM_SELF, hidden, 0, tag=11)
-    got = transport.recv(MPI.COMM_SELF, (6, 32), BF16, 0, 11)
+    got = transport.irecv(MPI.COMM_SELF, (6, 32), BF16, 0, 11).Wait()
     request.Wait()
     assert np.array_equal(cupy_backend.to_host(got).view(np.uint16), host.view(np.uint16))
     transport.free()

@@ -171,6 +171,70 @@ def test_wheels_folder_without_mpich_stops_the_check(tmp_path):
     assert_no_traceback(output, out)
 
 
+def test_mpich_installed_under_a_distribution_python_s_scheme_is_found(tmp_path):
+    """A distribution's python3 (Debian's, pip 23) installs ``--prefix DIR`` under
+    DIR/local/{lib,bin} (its posix_local scheme): the check finds libmpi and the launcher
+    wherever the scheme put them. A stand-in pip lays the wheel out that way (this venv's
+    own libmpi, its libraries and Hydra, linked)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "mpich-5.0.2-py3-none-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    launcher = shutil.which("mpiexec")
+    libmpi = os.path.join(sys.prefix, "lib", "libmpi.so.12")
+    if launcher is None or not os.path.exists(libmpi):
+        pytest.skip("no venv-installed MPICH to lay out")
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+if [ "$1 $2 $3" = "-m pip install" ]; then
+    while [ $# -gt 0 ]; do [ "$1" = --prefix ] && prefix=$2; shift; done
+    mkdir -p "$prefix/local/lib" "$prefix/local/bin"
+    for lib in {os.path.dirname(libmpi)}/lib*.so* {os.path.dirname(libmpi)}/mpich; do
+        ln -s "$lib" "$prefix/local/lib/"
+    done
+    for tool in mpiexec hydra_pmi_proxy; do
+        ln -s "$(dirname {launcher})/$tool" "$prefix/local/bin/$tool"
+    done
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    status, output, out = gpu_check(tmp_path, "--cpu", "--wheels", str(wheels),
+                                    env={"PYTHON": str(python), "GPU_CHECK_ONLY": "compile"},
+                                    timeout=300)
+    assert status == 0, output[-3000:]
+    assert re.search(r"MPI4PY_LIBMPI=\S*/\.gpu-check\.\w+/mpi/local/lib/libmpi\.so\.12", output)
+    assert re.search(r"PATH starts \S*/mpi/local/bin", output)
+    assert "preflight: launcher ok" in output and "preflight: passed" in output
+
+
+def test_preflight_names_every_missing_package():
+    from spmd_moe.tools.gpucheck.preflight import check_python_packages
+
+    found = check_python_packages(lambda name: None if name in ("ml_dtypes", "safetensors")
+                                  else object())
+    assert not found.ok and found.detail.startswith(
+        "missing ml_dtypes (the backend's bfloat16), safetensors (the checkpoint tests)")
+    assert check_python_packages().ok
+
+
+def test_the_compile_stage_warms_cupy_s_own_kernels(monkeypatch, fake_gpu):
+    """What the later stages run, at tiny sizes, on the CuPy backend (here the fake
+    device's): CuPy compiles its elementwise and reduction kernels once, in this stage."""
+    from fakes.engine import fake_gpu_sessions
+
+    from spmd_moe.backend import array
+    from spmd_moe.backend.host import host_memory
+    from spmd_moe.tools.gpucheck.facts import warm_cupy_kernels
+
+    monkeypatch.setattr(array, "available_memory", lambda choice, ranks: host_memory(ranks))
+    with fake_gpu_sessions(monkeypatch, "mpi-host"):
+        ran = warm_cupy_kernels("cupy")
+    assert ran == ["bfloat16 prefill, decode and layer step",
+                   "float32 prefill, decode and layer step"]
+    assert fake_gpu.executed > 0 and len(fake_gpu.backends) == 2
+
+
 def test_a_rerun_of_some_stages(tmp_path):
     status, output, out = gpu_check(tmp_path, "--cpu", env={"GPU_CHECK_ONLY": "bench"})
     assert status == 0, output[-4000:]
@@ -279,12 +343,13 @@ def test_summary_of_gpu_results(tmp_path):
     out = tmp_path
     (out / "pytest-gpu.log").write_text("== 80 passed, 453 deselected in 40.0s ==\n")
     stat = lambda ms: {"mean": ms, "min": ms, "max": ms, "all": [ms]}  # noqa: E731
-    phases = {p: stat(1.0) for p in ("attn_qkv", "attn_core", "experts")}
+    phases = {p: stat(1.0) for p in ("attention", "router", "experts")}
     bench = {"shape": {"seqs": 8, "seq_len": 10000, "d_model": 4096, "heads": 32,
                        "d_ff": 16384, "expert_rows": 160000, "dtype": "bfloat16"},
              "iterations": 3, "warmup": 1, "peak": {"tflops": 780.0, "source": "measured"},
-             "phases_ms": phases, "attention_ms": stat(3.0), "step_ms": stat(90.0),
-             "tflops": {"step": 669.0}, "mfu": {"step": 0.86},
+             "phases_ms": phases, "attention_core_ms": stat(3.0), "step_ms": stat(90.0),
+             "tflops": {"step": 669.0, "attention_core": 500.0},
+             "mfu": {"step": 0.86, "attention_core": 0.64},
              "attention_tiles": {"available": True, "chosen": 128, "outputs_identical": True,
                                  "ms": {"64": stat(11.0), "128": stat(9.0)},
                                  "tflops": {"64": 595.0, "128": 728.0}},
@@ -307,5 +372,6 @@ def test_summary_of_gpu_results(tmp_path):
     assert "80 passed, 453 deselected" in text
     assert "64 queries 11.000 ms (595 TFLOP/s), 128 queries 9.000 ms (728 TFLOP/s)" in text
     assert "| attention, 128-query tiles vs SDPA | 9.000 | SDPA | 8.000 | 1.12x |" in text
+    assert "| attention core (alone) | 3.000 | 500 | 64.0% |" in text
     assert "measured / floor = **1.43x**" in text
     assert "CuPy against NumPy" in text and "not run" in text   # no compare.json given

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hf_fixtures as hf
 import numpy as np
 import pytest
+from fakes.mpi import checked_comm
 from launch_count import counting
 from mpi4py import MPI
 
@@ -30,7 +31,8 @@ def counted_run(monkeypatch, config, batch, decode_tokens):
     (bf16 through the fused kernels' launch code, no op left out of the computation)."""
     want = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=decode_tokens)
     with counting(monkeypatch) as counter:
-        outputs = run_layout(MPI.COMM_SELF, config, batch, decode_tokens=decode_tokens)
+        outputs = run_layout(checked_comm(MPI.COMM_SELF), config, batch,
+                             decode_tokens=decode_tokens)
     assert np.array_equal(outputs["tokens"], want["tokens"])
     return counter, outputs
 
@@ -39,7 +41,8 @@ def check_layer(counter, pass_index: int, layer: int, model, local_experts: int)
     counted = {phase: n for phase, n in counter.ops(pass_index, layer).items()
                if phase in COMPUTE}
     # The experts that got rows run (a decode step's few rows leave some idle).
-    ffn_calls = counter.detail(pass_index, layer, "experts")["kernel expert_ffn"]
+    ffn_calls = sum(n for name, n in counter.detail(pass_index, layer, "experts").items()
+                    if name.startswith(("gelu_", "swiglu_")))
     assert 1 <= ffn_calls <= local_experts
     want = compute.gpu_layer_ops(local_experts, model.activation == "swiglu", cached=True,
                                    with_rows=ffn_calls)
@@ -61,10 +64,9 @@ def check_run(counter, config, decode_tokens: int):
         first = counter.ops(p, 0)
         later = counter.ops(p, 1)
         assert first["attention"] - later["attention"] == 2            # tiles, combine lists
-    outside = sum(c["host->device"] for (_, _, phase), c in counter.counts.items()
-                  if phase is None)
-    # Each pass's positions; the embedding table and the RoPE frequencies once.
-    assert outside == passes + 2
+    outside = sum(c["host->device"] for (p, _, phase), c in counter.counts.items()
+                  if phase is None and p >= 0)
+    assert outside == passes                 # each pass's positions (weights come before)
     assert compute.GPU_OPS["pass"] == 2 + 1
 
 
@@ -107,3 +109,63 @@ def test_the_model_s_gpu_layer_is_the_counted_one():
     want = compute.gpu_layer_ops(shape.local_experts, False, cached=True)
     for phase in COMPUTE:
         assert phases[phase] == pytest.approx(want[phase] * rates.op_us * 1e-6), phase
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_the_bench_times_the_engine_s_device_calls(monkeypatch, chunk):
+    """The bench's layer step is the engine's layer (Engine.layer_steps through a loop-back
+    dispatcher): on the fake device its device calls per compute phase are the GPU op
+    table's for one expert per rank, the table the engine's own count matches (above); per
+    micro-batch when chunked (through the KV cache). Its loop-backs start no exchange."""
+    from fakes.device import FakeDevice
+    from fakes.engine import CHOICE
+    from launch_count import CountingBackend, CountingTimer, LaunchCounter
+
+    from spmd_moe.perf.bench_shapes import BenchShape
+    from spmd_moe.perf.layer_step import LayerStep
+
+    shape = BenchShape(seqs=2, seq_len=6, d_model=32, d_ff=40, heads=4, experts=4, top_k=2,
+                       chunk_tokens=chunk)
+    with FakeDevice(seed=0) as device:
+        counter = LaunchCounter()
+        device.listeners.append(counter)
+        monkeypatch.setattr(CountingTimer, "counter", counter)
+        bk = CountingBackend(CHOICE, "bfloat16")
+        step = LayerStep(bk, shape)
+        step.run(bk.timer())               # the attention schedules are uploaded once
+        counter.counts.clear()
+        counter.layer = 0
+        step.run(bk.timer())
+        device.synchronize()
+    micro = step.micro_batches
+    assert micro == (1 if chunk is None else 3)
+    want = compute.gpu_layer_ops(1, False, cached=chunk is not None)
+    counted = {phase: n for phase, n in counter.ops(-1, 0).items() if phase in COMPUTE}
+    assert counted == {phase: micro * n for phase, n in want.items()}, {
+        phase: dict(counter.detail(-1, 0, phase)) for phase in COMPUTE}
+    assert any(name.startswith("flash_attention_bf16")
+               for name in counter.detail(-1, 0, "attention"))
+    assert not any(name.startswith("nccl") for c in counter.counts.values() for name in c)
+
+
+@pytest.mark.parametrize("transport", ["nccl", "mpi-cuda", "mpi-host"])
+def test_no_layer_synchronises_the_device_and_waits_are_counted(monkeypatch, transport):
+    """Per layer the host never synchronises a stream or the device: it waits for the
+    expert counts' copy (an event) and, on the MPI transports, for one event per exchange
+    that hands MPI device or staging memory (compute.GPU_WAITS, which the cluster model
+    charges); NCCL waits for nothing else."""
+    config = build_run_config("tiny", sets=["n_layers=3", "n_experts=4", "top_k=2",
+                                            "batch_size=3", "seq_len=5"])
+    batch = synthetic_input(config.workload, config.model, config.seed)
+    with counting(monkeypatch, transport) as counter:
+        run_layout(checked_comm(MPI.COMM_SELF), config, batch)
+    passes = counter.pass_index + 1
+    assert passes >= 1
+    want = compute.gpu_layer_waits(transport)
+    for p in range(passes):
+        for layer in range(config.model.n_layers):
+            waits = counter.layer_waits(p, layer)
+            assert waits["stream"] == waits["device"] == waits["read"] == 0, waits
+            by_phase = {phase: c["event"] for (q, at, phase), c in counter.waits.items()
+                        if q == p and at == layer and c["event"]}
+            assert by_phase == want, (transport, p, layer, by_phase)

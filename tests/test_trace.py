@@ -163,7 +163,7 @@ def test_bench_traces_the_layer_step(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(trace.read_text())
     spans = check_chrome_trace(data)
-    assert {"step", "attn_core", "router", "experts"} <= {e["name"] for e in spans}
+    assert {"step", "attention", "router", "experts"} <= {e["name"] for e in spans}
     assert [e["name"] for e in spans if e["tid"] == 0] == ["iteration 1", "iteration 2"]
 
 

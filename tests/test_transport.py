@@ -1,6 +1,7 @@
 """Transport selection (pure), the CUDA-awareness query, and every transport's data paths
-on one rank. Device transports run here on host memory through device.HostArrayOps;
-the multi-rank versions are in tests/mpi/test_transport_mpi.py."""
+on one rank. Device transports run here on the asynchronous fake device (tests/fakes/): the
+transports' own code on CuPy's array module there, MPI buffers checked against the work
+still queued; the multi-rank versions are in tests/mpi/test_transport_mpi.py."""
 import ctypes
 import itertools
 import shutil
@@ -11,10 +12,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from fakes.cupy import DeviceArray
+from fakes.engine import CHOICE, FakeGpuBackend, make_fake_transport
+from fakes.mpi import checked_comm
+from fakes.nccl import FakeNccl
+
 from spmd_moe.backend.array import BF16, Backend, choose_backend
 from spmd_moe.core.errors import ConfigError
 from spmd_moe.parallel.connect import make_transport
-from spmd_moe.parallel.device import DeviceArray, HostArrayOps, PinnedStaging
+from spmd_moe.parallel.device import CupyOps, PinnedStaging
 from spmd_moe.parallel.mpi_device import (CudaAwareMpiTransport, DeviceTransport,
                                           PinnedHostMpiTransport)
 from spmd_moe.parallel.nccl import NcclTransport
@@ -188,110 +194,91 @@ def numpy_backend():
     return Backend(choose_backend("numpy"), "bfloat16")
 
 
+@pytest.fixture
+def gpu_backend(fake_gpu):
+    """The CuPy backend on the fake device."""
+    return FakeGpuBackend(CHOICE, "bfloat16", kernels=False)
+
+
 def test_numpy_backend_gets_the_host_transport(numpy_backend):
     transport = make_transport(TransportChoice("mpi-host", "r"), numpy_backend)
     assert type(transport) is HostMpiTransport and transport.reason == "r"
 
 
-def test_mpi_cuda_transport_refuses_an_unaware_library(numpy_backend):
+def test_mpi_cuda_transport_refuses_an_unaware_library(gpu_backend):
     with pytest.raises(AssertionError, match="not CUDA-aware"):
-        make_transport(TransportChoice("mpi-cuda", "r"), numpy_backend,
-                           ops=HostArrayOps(), library=UNAWARE)
+        make_transport(TransportChoice("mpi-cuda", "r"), gpu_backend, library=UNAWARE)
 
 
-def test_mpi_cuda_transport_checks_again_before_each_call(numpy_backend):
-    transport = make_transport(TransportChoice("mpi-cuda", "r"), numpy_backend,
-                                   ops=HostArrayOps(), library=AWARE)
+def test_mpi_cuda_transport_checks_again_before_each_call(gpu_backend):
+    transport = make_transport(TransportChoice("mpi-cuda", "r"), gpu_backend, library=AWARE)
     assert isinstance(transport, CudaAwareMpiTransport)
     transport.library = UNAWARE           # e.g. a library object replaced after the fact
-    send = HostArrayOps().empty((1, 4), BF16)
+    send = gpu_backend.xp.zeros((1, 4), BF16)
     with pytest.raises(AssertionError, match="not CUDA-aware"):
-        transport.alltoallv(MPI.COMM_SELF, send, np.array([1]), np.array([1]))
+        transport.ialltoallv(MPI.COMM_SELF, send, np.array([1]), np.array([1]))
 
 
-class EventLog(HostArrayOps):
-    """Host "device" ops that log stream synchronisations, beside a communicator that logs
-    what MPI is handed: the order says whether MPI could touch memory the stream uses."""
+class WaitLog:
+    """A fake-device listener: every host wait, by kind."""
 
     def __init__(self):
-        super().__init__()
-        self.events = []
+        self.waits = []
 
-    def synchronize(self):
-        self.events.append("synchronize")
+    def launched(self, kind, name):
+        pass
 
-    def comm(self):
-        log = self.events
-
-        class Comm:
-            def Recv(self, buf, source, tag):
-                log.append("Recv")
-
-            def Alltoallv(self, send, recv):
-                log.append("Alltoallv")
-
-        return Comm()
+    def waited(self, kind):
+        self.waits.append(kind)
 
 
-def test_mpi_cuda_synchronises_before_mpi_writes_fresh_device_memory(numpy_backend):
-    """A fresh buffer from CuPy's pool may still be read by queued kernels (its last user
-    was freed on the host, not on the stream): the stream is drained before MPI writes."""
-    ops = EventLog()
-    transport = CudaAwareMpiTransport(numpy_backend, "", AWARE, ops)
-    transport.recv(ops.comm(), (3, 4), BF16, source=0, tag=5)
-    assert ops.events == ["synchronize", "Recv"]
-    ops.events.clear()
-    send = ops.contiguous(np.zeros((2, 4), BF16))
-    transport.alltoallv(ops.comm(), send, np.array([2]), np.array([2]))
-    assert ops.events == ["synchronize", "Alltoallv"]
+@pytest.mark.parametrize("kind", ["mpi-cuda", "mpi-host"])
+def test_mpi_waits_for_queued_work_before_touching_device_memory(fake_gpu, gpu_backend, kind):
+    """A fresh buffer from CuPy's pool may still be used by queued kernels (its last user
+    was freed on the host, not on the stream), and a send buffer may still be written by
+    them: the host waits for the stream (one event, never a device synchronisation) before
+    MPI touches either. The fake device raises a DeviceHazard otherwise."""
+    fake_gpu.eager = 0
+    transport = make_fake_transport(TransportChoice(kind, ""), gpu_backend)
+    comm = checked_comm(MPI.COMM_SELF)
+    xp, log = gpu_backend.xp, WaitLog()
+    fake_gpu.listeners.append(log)
+    hidden = xp.asarray(np.ones((3, 4), BF16))
+    fake_gpu.synchronize()
+    queued = hidden * 2                            # still queued: reads hidden's block
+    del hidden                                     # ... which the pool hands out again
+    log.waits.clear()
+    sent = transport.isend(comm, queued, 0, tag=5)
+    received = transport.irecv(comm, (3, 4), BF16, source=0, tag=5)
+    assert log.waits == ["event", "event"]         # a fence each, no stream synchronise
+    got = received.Wait()
+    sent.Wait()
+    assert (got.get().astype(np.float32) == 2).all()
+    transport.free()
 
 
-def test_nccl_refuses_ranks_sharing_a_gpu(numpy_backend):
-    numpy_backend.choice.shared_device = True
+def test_nccl_refuses_ranks_sharing_a_gpu(gpu_backend):
+    gpu_backend.choice.shared_device = True
     with pytest.raises(ConfigError, match="duplicate devices"):
-        make_transport(TransportChoice("nccl", "r"), numpy_backend, ops=HostArrayOps(),
-                           nccl=object())
+        make_transport(TransportChoice("nccl", "r"), gpu_backend, nccl=object())
+    gpu_backend.choice.shared_device = False
 
 
-def test_make_kinds(numpy_backend):
-    ops = HostArrayOps()
-    assert isinstance(make_transport(TransportChoice("mpi-host", ""), numpy_backend,
-                                         ops=ops), PinnedHostMpiTransport)
-    assert isinstance(make_transport(TransportChoice("nccl", ""), numpy_backend, ops=ops,
-                                         nccl=object()), NcclTransport)
+def test_make_kinds(gpu_backend):
+    assert isinstance(make_transport(TransportChoice("mpi-host", ""), gpu_backend),
+                      PinnedHostMpiTransport)
+    assert isinstance(make_transport(TransportChoice("nccl", ""), gpu_backend, nccl=object()),
+                      NcclTransport)
     with pytest.raises(ValueError):
-        make_transport(TransportChoice("ucx", ""), numpy_backend, ops=ops)
+        make_transport(TransportChoice("ucx", ""), gpu_backend)
 
 
 # --- one-rank data paths ----------------------------------------------------------------
 
-class SelfNccl:
-    """NCCL on a one-rank communicator: nothing is sent, allreduce is the identity."""
-
-    NCCL_UINT8, NCCL_FLOAT32, NCCL_SUM = 1, 7, 0
-
-    def __init__(self):
-        self.made = []
-
-    def get_unique_id(self):
-        return tuple(range(128))
-
-    def groupStart(self):
-        raise AssertionError("a one-rank alltoallv must not call NCCL")
-
-    groupEnd = groupStart
-
-    def NcclCommunicator(self, size, unique_id, rank):
-        self.made.append((size, unique_id, rank))
-        return self
-
-
 def device_transports(backend):
-    """(name, transport) for every device transport over host memory."""
-    ops = HostArrayOps()
-    return [("mpi-host", PinnedHostMpiTransport(backend, "", ops)),
-            ("mpi-cuda", CudaAwareMpiTransport(backend, "", AWARE, ops)),
-            ("nccl", NcclTransport(backend, "", ops, SelfNccl()))]
+    """(name, transport) for every device transport on the fake device."""
+    return [(name, make_fake_transport(TransportChoice(name, ""), backend))
+            for name in ("mpi-host", "mpi-cuda", "nccl")]
 
 
 def bf16_rows(rng, n, width):
@@ -299,50 +286,51 @@ def bf16_rows(rng, n, width):
 
 
 @pytest.mark.parametrize("index", range(3))
-def test_device_transport_one_rank(numpy_backend, index):
-    name, transport = device_transports(numpy_backend)[index]
-    ops = transport.ops
+def test_device_transport_one_rank(gpu_backend, index):
+    name, transport = device_transports(gpu_backend)[index]
+    xp, comm = gpu_backend.xp, checked_comm(MPI.COMM_SELF)
     rng = np.random.default_rng(index)
     for rows in (5, 0, 12):                 # grows, shrinks to nothing, grows again
         host = bf16_rows(rng, rows, 7)
-        send = ops.contiguous(host)
         counts = np.array([rows])
-        recv = transport.alltoallv(MPI.COMM_SELF, send, counts, counts)
-        assert ops.is_device(recv) and recv.dtype == BF16 and recv.shape == (rows, 7)
-        assert np.array_equal(np.asarray(recv).view(np.uint16), host.view(np.uint16))
-    partial = ops.contiguous(rng.standard_normal((3, 4), dtype=np.float32))
-    want = np.asarray(partial).copy()
-    assert transport.allreduce_sum(MPI.COMM_SELF, partial) is partial
-    assert np.array_equal(np.asarray(partial), want)
-    assert transport.alltoall_counts(MPI.COMM_SELF, np.array([[3, 4]])).tolist() == [[3, 4]]
+        recv = transport.ialltoallv(comm, xp.asarray(host), counts, counts).Wait()
+        assert isinstance(recv, DeviceArray) and recv.dtype == BF16 and recv.shape == (rows, 7)
+        assert np.array_equal(recv.get().view(np.uint16), host.view(np.uint16))
+    host = rng.standard_normal((3, 4), dtype=np.float32)
+    partial = xp.asarray(host)
+    assert transport.iallreduce_sum(comm, partial).Wait() is partial
+    assert np.array_equal(partial.get(), host)
+    counts = transport.ialltoall_counts(comm, np.array([[3, 4]])).Wait()
+    assert counts.tolist() == [[3, 4]]
     transport.free()
 
 
 @pytest.mark.parametrize("index", range(2))
-def test_device_transport_send_to_self(numpy_backend, index):
-    """isend/recv with device rows (bf16) and host token ids on one communicator."""
-    name, transport = device_transports(numpy_backend)[index]
-    ops = transport.ops
-    hidden = ops.contiguous(bf16_rows(np.random.default_rng(1), 4, 6))
+def test_device_transport_send_to_self(gpu_backend, index):
+    """isend/irecv with device rows (bf16) and host token ids on one communicator (not NCCL:
+    a send to oneself and its receive on one stream wait for each other there too)."""
+    name, transport = device_transports(gpu_backend)[index]
+    xp, comm = gpu_backend.xp, checked_comm(MPI.COMM_SELF)
+    host = bf16_rows(np.random.default_rng(1), 4, 6)
     tokens = np.array([[3], [-1], [7]], dtype=np.int64)
-    first = transport.isend(MPI.COMM_SELF, hidden, 0, tag=11)
-    second = transport.isend(MPI.COMM_SELF, tokens, 0, tag=12)
-    got_tokens = transport.recv(MPI.COMM_SELF, (3, 1), np.int64, 0, 12)
-    got_hidden = transport.recv(MPI.COMM_SELF, (4, 6), BF16, 0, 11)
+    first = transport.isend(comm, xp.asarray(host), 0, tag=11)
+    second = transport.isend(comm, tokens, 0, tag=12)
+    got_tokens = transport.irecv(comm, (3, 1), np.int64, 0, 12).Wait()
+    got_hidden = transport.irecv(comm, (4, 6), BF16, 0, 11).Wait()
     first.Wait()
     second.Wait()
     assert type(got_tokens) is np.ndarray and np.array_equal(got_tokens, tokens)
-    assert ops.is_device(got_hidden)
-    assert np.array_equal(np.asarray(got_hidden).view(np.uint16),
-                          np.asarray(hidden).view(np.uint16))
+    assert isinstance(got_hidden, DeviceArray)
+    assert np.array_equal(got_hidden.get().view(np.uint16), host.view(np.uint16))
     transport.free()
 
 
-def test_host_arrays_take_the_host_path_on_device_transports(numpy_backend):
-    for name, transport in device_transports(numpy_backend):
+def test_host_arrays_take_the_host_path_on_device_transports(gpu_backend):
+    for name, transport in device_transports(gpu_backend):
         send = np.arange(6, dtype=np.float32).reshape(3, 2)
-        recv = transport.alltoallv(MPI.COMM_SELF, send, np.array([3]), np.array([3]))
+        recv = transport.ialltoallv(MPI.COMM_SELF, send, np.array([3]), np.array([3])).Wait()
         assert type(recv) is np.ndarray and np.array_equal(recv, send), name
+        transport.free()
 
 
 def test_recv_places_by_dtype():
@@ -353,40 +341,48 @@ def test_recv_places_by_dtype():
     assert not on_host(np.int64, False) and on_host(np.float32, True)
 
 
-def test_nccl_communicator_is_made_once_per_mpi_communicator(numpy_backend):
-    nccl = SelfNccl()
-    transport = NcclTransport(numpy_backend, "", HostArrayOps(), nccl)
+def test_nccl_communicator_is_made_once_per_mpi_communicator(gpu_backend):
+    nccl = FakeNccl()
+    transport = NcclTransport(gpu_backend, "", nccl=nccl, communicator_factory=nccl.communicator)
     comm = MPI.COMM_SELF.Dup()
-    partial = HostArrayOps().contiguous(np.ones((2, 2), dtype=np.float32))
-    transport.allreduce_sum(comm, partial)             # size 1: no communicator needed
+    partial = gpu_backend.xp.ones((2, 2), dtype=np.float32)
+    transport.iallreduce_sum(comm, partial).Wait()     # size 1: no communicator needed
     assert nccl.made == []
     assert transport.communicator(comm) is transport.communicator(comm)
-    assert nccl.made == [(1, tuple(range(128)), 0)]
+    assert len(nccl.made) == 1
+    transport.free()
     comm.Free()
 
 
 # --- staging buffers ----------------------------------------------------------------------
 
-class CountingOps(HostArrayOps):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
+class CountingOps(CupyOps):
+    """CuPy's device ops on the fake device, counting pinned allocations and fences."""
 
-    def synchronize(self):
-        self.syncs += 1
+    def __init__(self, cupy):
+        super().__init__(cupy)
+        self.allocated, self.fences = [], 0
+
+    def pinned(self, nbytes: int):
+        self.allocated.append(nbytes)
+        return super().pinned(nbytes)
+
+    def fence(self):
+        self.fences += 1
+        super().fence()
 
 
-def test_staging_reuses_and_grows_geometrically():
-    ops = CountingOps()
+def test_staging_reuses_and_grows_geometrically(gpu_backend):
+    ops = CountingOps(gpu_backend.xp)
     staging = PinnedStaging(ops)
     assert staging.get("send", 0).nbytes == 0 and ops.allocated == []
     first = staging.get("send", 100)
     assert first.nbytes == 100 and ops.allocated == [100]
     assert staging.get("send", 80).nbytes == 80 and ops.allocated == [100]   # reused
-    assert ops.syncs == 0
+    assert ops.fences == 0
     assert staging.get("send", 120).nbytes == 120
     assert ops.allocated == [100, 150]             # at least 1.5x: growth stays rare
-    assert ops.syncs == 1                          # an async copy may read the old buffer
+    assert ops.fences == 1                         # an async copy may read the old buffer
     staging.get("recv", 10)
     assert ops.allocated == [100, 150, 10]         # roles are separate buffers
     staging.free()
@@ -408,7 +404,6 @@ def test_rows_travel_as_rows_not_bytes():
 def test_host_transport_words_are_16_bit_for_bf16():
     x = np.zeros((2, 3), dtype=BF16)
     assert HostMpiTransport.words(x).dtype == np.uint16
-    assert isinstance(HostArrayOps().empty((1,), BF16), DeviceArray)
 
 
 def test_one_function_chooses_backend_and_transport():

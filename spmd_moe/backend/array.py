@@ -163,9 +163,28 @@ class Backend:
 
     def to_host(self, arr) -> np.ndarray:
         """Backend (or host) array -> host array; synchronises the device when it copies."""
-        if isinstance(arr, np.ndarray) or not self.on_gpu:
+        if not self.on_gpu or not isinstance(arr, self.xp.ndarray):
             return np.asarray(arr)
         return arr.get()
+
+    def to_host_async(self, arr) -> "HostCopy":
+        """Start copying a small contiguous device array to the host without waiting: on
+        the GPU an asynchronous copy into pinned memory on the compute stream and an event
+        after it; :meth:`HostCopy.wait` waits for that event only (not for the work queued
+        since, e.g. the other micro-batch's). On NumPy a copy that is already done."""
+        if not self.on_gpu or not isinstance(arr, self.xp.ndarray):
+            return HostCopy(np.array(arr))
+        cuda = self.xp.cuda
+        assert arr.flags.c_contiguous, "to_host_async copies contiguous arrays"
+        memory = cuda.alloc_pinned_memory(max(1, arr.nbytes))
+        host = np.frombuffer(memory, dtype=arr.dtype, count=arr.size).reshape(arr.shape)
+        stream = cuda.get_current_stream()
+        if arr.nbytes:
+            cuda.runtime.memcpyAsync(host.ctypes.data, arr.data.ptr, arr.nbytes,
+                                     cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        event = cuda.Event()
+        event.record(stream)
+        return HostCopy(host, event, memory)
 
     def param(self, host: np.ndarray):
         """A weight in its compute form: bf16 on the GPU; on NumPy float32 holding the same
@@ -282,6 +301,22 @@ class Backend:
 
     def timer(self) -> "PhaseTimer":
         return PhaseTimer(self)
+
+
+class HostCopy:
+    """A device array on its way to the host (Backend.to_host_async): ``wait()`` returns it
+    as a host array once the copy's event has passed (the host waits for that event only);
+    ``event`` is None for a copy that was done at once."""
+
+    def __init__(self, host: np.ndarray, event=None, memory=None):
+        self.host, self.event, self.memory = host, event, memory
+
+    def wait(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+            # The pinned block goes back to its pool: the caller gets its own copy.
+            self.host, self.event, self.memory = np.array(self.host), None, None
+        return self.host
 
 
 # cuBLAS / CUDA library enum values (cublas_api.h, library_types.h): part of the C ABI.

@@ -18,21 +18,6 @@ from ..perf.layer_step import run_layer_step
 from ..perf.transport_bench import run_transport
 
 
-# --- shapes and FLOPs ------------------------------------------------------------------
-
-
-# --- timing ------------------------------------------------------------------------------
-
-
-# --- the layer step ------------------------------------------------------------------------
-
-
-# --- the PyTorch peer -----------------------------------------------------------------------
-
-
-# --- dispatch + combine against a raw Alltoallv ----------------------------------------------
-
-
 # --- printing --------------------------------------------------------------------------
 
 def format_layer(result: dict) -> str:
@@ -48,16 +33,22 @@ def format_layer(result: dict) -> str:
         f"  peak {result['peak']['tflops']:.4g} TFLOP/s ({result['peak']['source']}); "
         f"step {result['flops']['step'] / 1e12:.4g} TFLOP, floor "
         f"{result['floor_ms']:.4g} ms" if result["floor_ms"] else "  peak unknown",
-        f"  {'phase':<12}{'mean ms':>11}{'min ms':>11}{'GFLOP':>12}{'TFLOP/s':>10}{'MFU':>8}",
+        f"  {'phase':<15}{'mean ms':>8}{'min ms':>11}{'GFLOP':>12}{'TFLOP/s':>10}{'MFU':>8}",
     ]
     rows = [(p, result["phases_ms"][p]) for p in LAYER_PHASES] + [
-        ("attention", result["attention_ms"]), ("step", result["step_ms"])]
+        ("step", result["step_ms"])]
+    if "attention_core_ms" in result:
+        rows.append(("attention_core", result["attention_core_ms"]))
     for name, st in rows:
         fl = result["flops"].get(name, 0.0)
         tf = result["tflops"].get(name)
         mfu = result["mfu"].get(name)
-        lines.append(f"  {name:<12}{st['mean']:>11.3f}{st['min']:>11.3f}{fl / 1e9:>12.5g}"
+        lines.append(f"  {name:<15}{st['mean']:>8.3f}{st['min']:>11.3f}{fl / 1e9:>12.5g}"
                      + (f"{tf:>10.4g}{mfu * 100:>7.1f}%" if tf is not None else ""))
+    lines.append("  (the engine's layer; attention_core: the attention core alone, inside "
+                 "attention;")
+    lines.append("   the exchanges looped back, not in the step: " + ", ".join(
+        f"{p} {st['mean']:.3f} ms" for p, st in result["loopback_ms"].items()) + ")")
     lines.append(f"  step wall (events around the step) {result['step_wall_ms']['mean']:.3f} ms")
     tiles = result.get("attention_tiles", {})
     if tiles.get("available"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from . import bench, compare, generate, plan, plot
-from ..core.errors import ConfigError, SpmdMoeError, collective
+from ..core.errors import ConfigError, NumericalFault, SpmdMoeError, collective
 from .options import (ArgumentParser, abort_job, add_config_arguments, add_execution_arguments,
                       config_from_args, end_interrupted, gather_trace, load_batch,
                       memory_limit_bytes, on_rank_0, plan_workload, positive_finite,
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except SpmdMoeError as exc:
         code = report_error(exc, uses_mpi)
+    except NumericalFault as exc:
+        return abort_job(args.watchdog, exc)
     except Exception:
         return abort_job(args.watchdog)
     except BaseException as exc:      # KeyboardInterrupt, SystemExit: never a silent exit

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..core.config import PRESETS, RunConfig, build_run_config
 from ..core.costs import GIB
-from ..core.errors import ConfigError, InputError, SpmdMoeError, collective, say
+from ..core.errors import (ConfigError, InputError, NumericalFault, SpmdMoeError, collective,
+                           say)
 from ..parallel.watchdog import DEFAULT_STALL_TIMEOUT, Watchdog
 
 
@@ -213,12 +214,15 @@ def report_error(exc: SpmdMoeError, uses_mpi: bool) -> int:
     return 2
 
 
-def abort_job(watchdog) -> int:
-    """A fault: this rank's traceback, then the whole job down (exit 1)."""
+def abort_job(watchdog, fault: NumericalFault | None = None) -> int:
+    """A fault: this rank's traceback (a NumericalFault: its one line), then the whole job
+    down (exit 1)."""
     from ..parallel.watchdog import abort
 
     world = watchdog.world if watchdog is not None else None
     rank = world.Get_rank() if world is not None else 0
+    if fault is not None:
+        abort(world, 1, f"spmd-moe: error: rank {rank}: {fault}")
     abort(world, 1, f"spmd-moe: rank {rank} failed:\n{traceback.format_exc()}")
     return 1
 

@@ -2,8 +2,10 @@
 
 Every error a user can cause (a bad config field, a bad input file, a layout that cannot
 work) is a :class:`SpmdMoeError` whose message is one line naming the field and the allowed
-values. The CLI prints it once, on rank 0, and every rank exits with status 2. Anything else
-is a bug or a fault and brings the whole job down (``MPI.Abort``) with its traceback.
+values. The CLI prints it once, on rank 0, and every rank exits with status 2. A run that
+meets numbers it cannot go on with (:class:`NumericalFault`: non-finite router logits)
+brings the whole job down (exit 1) with one line naming the rank and the layer. Anything
+else is a bug or a fault and brings the whole job down (``MPI.Abort``) with its traceback.
 """
 
 import sys
@@ -77,3 +79,8 @@ class InputError(SpmdMoeError):
 
 class OutputError(SpmdMoeError):
     """An output file that cannot be written (a full disk, a vanished directory)."""
+
+
+class NumericalFault(RuntimeError):
+    """A run met numbers it cannot go on with (non-finite router logits), found on one
+    rank mid-run: the job ends (exit 1) with this one line, naming where."""

@@ -44,7 +44,7 @@ from ..backend import kernels
 from ..backend.array import F32, Backend, PhaseTimer
 from ..core.chunks import MicroBatch, Schedule, overlap_enabled, prefill_schedule
 from ..core.config import RunConfig
-from ..core.errors import ConfigError, say
+from ..core.errors import ConfigError, NumericalFault, say
 from ..core.topology import Topology
 from ..model import mla
 from ..model.blocks import (Packed, Rope, add_rms_norm, causal_attention, embed, linear, lm_head,
@@ -62,7 +62,7 @@ HIDDEN_TAG, TOKENS_TAG = 11, 12   # MPI keeps order per (source, tag): no per-st
 FAULT_ENV = "SPMD_MOE_FAULT"
 
 
-FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm")
+FAULT_KINDS = ("raise", "interrupt", "exit", "sleep", "stop", "sigint", "sigterm", "nan")
 MAX_FAULT_SECONDS = 86400.0   # a day: time.sleep(1e300) raises OverflowError
 
 
@@ -72,8 +72,10 @@ class Fault:
     layer LAYER, does KIND: ``raise`` (a RuntimeError, the default), ``interrupt``
     (KeyboardInterrupt), ``exit`` (SystemExit), ``sleep`` SECONDS (a stall with the rank's
     watchdog alive), ``stop`` (SIGSTOP to itself: a hung GPU or a dead link), ``sigint`` or
-    ``sigterm`` (to itself). How the tests prove that a rank failing, interrupted or stalled
-    mid-run takes the job down instead of deadlocking it."""
+    ``sigterm`` (to itself), ``nan`` (the rank's first token at that layer gets NaN router
+    input: non-finite router logits, which the run refuses naming the layer). How the
+    tests prove that a rank failing, interrupted or stalled mid-run takes the job down
+    instead of deadlocking it."""
 
     rank: int
     layer: int
@@ -178,7 +180,9 @@ class Engine:
     """One rank's share of the model and the loop that runs it."""
 
     def __init__(self, config: RunConfig, topo: Topology, bk: Backend, transport,
-                 weights: ModelWeights | None = None):
+                 weights: ModelWeights | None = None, dispatchers: list | None = None):
+        """``dispatchers``: one per slot of micro-batches in flight (default: the layout's,
+        each on its stage communicator; the bench's layer step passes a loop-back)."""
         self.config, self.model, self.topo, self.bk = config, config.model, topo, bk
         self.transport = transport
         fit_kernels_to_family(bk, self.model)
@@ -186,8 +190,9 @@ class Engine:
             topo, bk, config.seed, config.init)
         kind = AllreduceDispatcher if topo.layout.tp > 1 else AlltoallDispatcher
         # One dispatcher per slot of micro-batches in flight, each on its own communicator.
-        self.dispatchers = [kind(bk, comm, transport, self.model.n_experts, self.model.top_k,
-                                 topo.experts) for comm in topo.stage_comms]
+        self.dispatchers = dispatchers or [
+            kind(bk, comm, transport, self.model.n_experts, self.model.top_k, topo.experts)
+            for comm in topo.stage_comms]
         self.heads = len(topo.heads)
         self.kv_heads = len(topo.kv_heads)
         # Under TP with more ranks than K/V heads each K/V head sits on tp/H_kv ranks: a sum
@@ -199,6 +204,7 @@ class Engine:
         self.inv_freq = bk.asarray(self.rope.inv_freq)    # on the device once
         fault = injected_fault(topo.size, self.model.n_layers)
         self.fault = fault if fault is not None and fault.rank == topo.rank else None
+        self.poisoned_layer: int | None = None    # the ``nan`` fault's layer, while it runs
         self.pending: list = []   # sends to the next stage started by the current pass
 
     # --- one layer ---------------------------------------------------------------------
@@ -270,12 +276,18 @@ class Engine:
         with timer.phase("router"):
             # The residual add and the MoE norm: one kernel with the fused kernels.
             h, b = add_rms_norm(bk, x, att, lw.moe_norm, self.model.norm_eps)
+            if self.poisoned_layer == layer and b.shape[0]:
+                b[0] = np.nan                             # SPMD_MOE_FAULT's ``nan``
+                self.poisoned_layer = None
         if self.model.is_dense(layer):
             moe, tokens_per_expert = yield from dense_steps(
                 self.dispatchers[slot], b, lw, self.model.n_experts, timer, flight)
         else:
-            moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
-                                                          self.model, timer, flight)
+            try:
+                moe, tokens_per_expert = yield from moe_steps(self.dispatchers[slot], b, lw,
+                                                              self.model, timer, flight)
+            except NumericalFault as fault:
+                raise NumericalFault(f"layer {layer}: {fault}") from None
         if self.topo.writes_outputs:
             counts[layer] += tokens_per_expert
         with timer.phase("residual"):
@@ -290,7 +302,10 @@ class Engine:
             timer.count("stage_passes", 1)
         if self.fault is not None and layer == self.fault.layer:
             fault, self.fault = self.fault, None          # once
-            fault.trigger()
+            if fault.kind == "nan":
+                self.poisoned_layer = layer
+            else:
+                fault.trigger()
 
     # --- a pass of new tokens through this rank's stage ---------------------------------
 

@@ -15,6 +15,12 @@ of experts (a group's score: the sum of its two best biased scores); weights fro
 unbiased ``s``, divided by their sum (plus 1e-20, as transformers) when renormalised,
 times ``routed_scaling_factor``. Groups and experts are picked by the same argmax rounds.
 
+
+A token whose logits have no finite maximum (a NaN, +inf, or every one -inf) has no
+softmax: on both paths it is routed to the sentinel expert ``E`` with weight 0, which the
+dispatcher counts (its last bin) and refuses with the layer named (dispatcher.py), before
+any row moves; nothing is gathered from outside the rows.
+
 Notation: T tokens, d width, E experts, k top-k, G groups.
 """
 from __future__ import annotations
@@ -56,7 +62,8 @@ def route_sigmoid(bk: Backend, b, w_router, bias, top_k: int, n_group: int, topk
     or None -> ``experts`` int32 [T, k] (best first by biased score) and ``weights``
     float32 [T, k] (their unbiased sigmoid scores, renormalised and scaled)."""
     xp = bk.xp
-    scores = sigmoid(bk, bk.matmul(b, w_router, out_dtype=F32))       # [T, E]
+    logits = bk.matmul(b, w_router, out_dtype=F32)                    # [T, E]
+    scores = sigmoid(bk, logits)
     choice = scores if bias is None else scores + bias
     n_tokens, n_experts = choice.shape
     if n_group > 1 and n_tokens:
@@ -70,18 +77,30 @@ def route_sigmoid(bk: Backend, b, w_router, bias, top_k: int, n_group: int, topk
     weights = xp.take_along_axis(scores, experts.astype(np.int64), axis=1)
     if renormalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
-    return experts, (weights * np.float32(scale)).astype(F32)
+    bad = ~xp.isfinite(logits.max(axis=-1, keepdims=True))           # [T, 1]: the sentinel
+    return (xp.where(bad, np.int32(n_experts), experts).astype(np.int32, copy=False),
+            xp.where(bad, np.float32(0.0), weights * np.float32(scale)).astype(F32))
 
 
 def route(bk: Backend, b, w_router, top_k: int, renormalize: bool = True):
     """b: [T, d] (storage dtype), w_router: [d, E] ->
     ``experts`` int32 [T, k] (best first) and ``weights`` float32 [T, k]: the winners'
-    probabilities, divided by their sum when ``renormalize``."""
-    xp = bk.xp
+    probabilities, divided by their sum when ``renormalize``; a token with non-finite
+    logits gets expert ``E`` (the sentinel) and weight 0 (module docstring)."""
     logits = bk.matmul(b, w_router, out_dtype=F32)                    # [T, E]
     if bk.kernels is not None and bk.kernels.fuses("router"):
         return bk.kernels.route(logits, top_k, renormalize)           # one launch
-    probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+    return select(bk, logits, top_k, renormalize)
+
+
+def select(bk: Backend, logits, top_k: int, renormalize: bool = True):
+    """What the router does after its GEMM, in array code: logits float32 [T, E] -> the
+    ``experts`` int32 [T, k] and ``weights`` float32 [T, k] of :func:`route` (the fused
+    router kernel's contract too)."""
+    xp = bk.xp
+    n_experts = logits.shape[1]
+    top = logits.max(axis=-1, keepdims=True)                          # [T, 1]
+    probs = xp.exp(logits - top)
     probs /= probs.sum(axis=-1, keepdims=True)
     n_tokens = probs.shape[0]
     rows = xp.arange(n_tokens)
@@ -93,6 +112,8 @@ def route(bk: Backend, b, w_router, top_k: int, renormalize: bool = True):
         experts[:, j] = best
         chosen[:, j] = probs[rows, best]
         remaining[rows, best] = -np.inf
-    if not renormalize:
-        return experts, chosen
-    return experts, chosen / chosen.sum(axis=-1, keepdims=True)
+    if renormalize:
+        chosen = chosen / chosen.sum(axis=-1, keepdims=True)
+    bad = ~xp.isfinite(top)                                           # [T, 1]
+    return (xp.where(bad, np.int32(n_experts), experts).astype(np.int32, copy=False),
+            xp.where(bad, np.float32(0.0), chosen))

@@ -1,19 +1,19 @@
 """Opening the backend and transport of a run: both chosen on every rank at once
 (:func:`choose_backend_and_transport`), then the transport built (:func:`make_transport`):
-the host transport on NumPy, and on CuPy the device transport the choice names (``mpi-cuda``: mpi_device.py's
-CudaAwareMpiTransport; ``mpi-host``: its PinnedHostMpiTransport; ``nccl``: nccl.py).
+the host transport on NumPy, and on CuPy the device transport the choice names
+(``mpi-cuda``: mpi_device.py's CudaAwareMpiTransport; ``mpi-host``: its
+PinnedHostMpiTransport; ``nccl``: nccl.py).
 
 Every transport has :class:`~.transport.HostMpiTransport`'s methods and contracts (counts
-and displacements in rows; ``alltoall_counts`` always on the host), device transports
+and displacements in rows; ``ialltoall_counts`` always on the host), device transports
 taking and returning device arrays where the host transport takes host arrays. Host arrays
-(the decode path's int64 token ids) go over plain host MPI on every transport; ``recv``
-returns a host array for integer and bool dtypes and a device array for every float dtype.
+(the decode path's int64 token ids) go over plain host MPI on every transport; ``irecv``
+gives a host array for integer and bool dtypes and a device array for every float dtype.
 """
 from __future__ import annotations
 
 from ..backend.array import Backend, BackendChoice, choose_backend
 from ..core.errors import ConfigError, collective
-from .device import DeviceOps
 from .mpi_device import CudaAwareMpiTransport, PinnedHostMpiTransport
 from .nccl import NcclTransport
 from .transport import (HostMpiTransport, MpiLibrary, TransportChoice, choose_transport,
@@ -33,22 +33,22 @@ def choose_backend_and_transport(comm, backend: str, transport: str, node_rank: 
     return choice, library, transport_choice
 
 
-def make_transport(choice: TransportChoice, backend: Backend, ops: DeviceOps | None = None,
-                   library: MpiLibrary | None = None, nccl=None):
+def make_transport(choice: TransportChoice, backend: Backend, library: MpiLibrary | None = None,
+                   nccl=None):
     """The transport object for ``choice``: the host transport on NumPy, the device
-    transport it names on a device backend. ``ops``, ``library`` and ``nccl`` are for
-    tests (``ops`` plays the device on a NumPy backend)."""
-    if not backend.on_gpu and ops is None:
+    transport it names on a device backend. ``library`` and ``nccl`` (the MPI library's
+    description, CuPy's NCCL module) are looked up unless given (tests give them)."""
+    if not backend.on_gpu:
         return HostMpiTransport(backend, choice.reason)
     if choice.name == "mpi-cuda":
         return CudaAwareMpiTransport(backend, choice.reason,
-                                     library if library is not None else mpi_library(), ops)
+                                     library if library is not None else mpi_library())
     if choice.name == "mpi-host":
-        return PinnedHostMpiTransport(backend, choice.reason, ops)
+        return PinnedHostMpiTransport(backend, choice.reason)
     if choice.name == "nccl":
         if backend.choice.shared_device:
             raise ConfigError("transport", "nccl cannot put several ranks on one GPU (NCCL "
                                            "refuses duplicate devices in a communicator); "
                                            "use mpi-host, or one rank per GPU")
-        return NcclTransport(backend, choice.reason, ops, nccl)
+        return NcclTransport(backend, choice.reason, nccl=nccl)
     raise ValueError(f"no device transport named {choice.name!r}")

@@ -1,11 +1,10 @@
-"""Device primitives the device transports use, behind one interface (:class:`DeviceOps`):
-streams, events, copies between device and pinned host memory, raw pointers.
-:class:`CupyOps` on a GPU; :class:`HostArrayOps` plays the device with host memory, so that
-the CPU tests run every transport's MPI logic (offsets, staging, buffer growth and
-lifetimes) under ``mpiexec``. :class:`PinnedStaging` keeps a transport's pinned buffers."""
+"""Device primitives the device transports use, behind one interface (:class:`DeviceOps`,
+:class:`CupyOps` on CuPy): streams, events, copies between device and pinned host memory,
+raw pointers, and :meth:`DeviceOps.fence`, the host's one way to wait for the device before
+MPI touches device or staging memory. :class:`PinnedStaging` keeps a transport's pinned
+buffers. The CPU tests run them on CuPy's array module on a fake device (tests/fakes/)."""
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,13 @@ class DeviceOps:
     def h2d(self, src: np.ndarray, dst) -> None: ...
     def copy(self, src, dst) -> None: ...
     def synchronize(self) -> None: ...
+    def fence(self) -> None: ...
     def stream_ptr(self, stream=None) -> int: ...
     # Streams and events, for exchanges that run beside the compute stream (NCCL).
     def side_stream(self): ...
     def record_event(self, stream=None): ...
     def wait_event(self, event, stream=None) -> None: ...
+    def wait_host(self, event) -> None: ...
     def event_done(self, event) -> bool: ...
     def elapsed(self, start, stop) -> float: ...
 
@@ -81,7 +82,16 @@ class CupyOps(DeviceOps):
                                              self.stream_ptr())
 
     def synchronize(self) -> None:
+        """The whole compute stream (transports only when they free their buffers)."""
         self.cp.cuda.get_current_stream().synchronize()
+
+    def fence(self) -> None:
+        """Wait on the host for the work queued so far on the compute stream: an event
+        recorded now, waited for. Before MPI reads or writes memory outside the stream (a
+        send buffer a kernel or copy fills, a fresh pool block whose last user's kernels
+        may still be queued, a staging buffer a copy still reads): one event wait per
+        exchange, never a device synchronisation."""
+        self.wait_host(self.record_event())
 
     def stream_ptr(self, stream=None) -> int:
         return int((stream or self.cp.cuda.get_current_stream()).ptr)
@@ -101,6 +111,10 @@ class CupyOps(DeviceOps):
         host does not."""
         (stream or self.cp.cuda.get_current_stream()).wait_event(event)
 
+    def wait_host(self, event) -> None:
+        """The host waits for ``event`` (the work queued before it on its stream)."""
+        event.synchronize()
+
     def event_done(self, event) -> bool:
         return bool(event.done)
 
@@ -110,86 +124,12 @@ class CupyOps(DeviceOps):
         return self.cp.cuda.get_elapsed_time(start, stop) / 1e3
 
 
-class DeviceArray(np.ndarray):
-    """A host array that :class:`HostArrayOps` treats as device memory."""
-
-
-class HostArrayOps(DeviceOps):
-    """Host memory playing the device, for testing the transports' MPI logic on CPUs:
-    "device" arrays are :class:`DeviceArray` views, copies are immediate."""
-
-    def __init__(self):
-        self.allocated: list[int] = []      # sizes of the pinned buffers made (for tests)
-
-    def is_device(self, arr) -> bool:
-        return isinstance(arr, DeviceArray)
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype=dtype).view(DeviceArray)
-
-    def contiguous(self, arr):
-        return np.ascontiguousarray(arr).view(DeviceArray)
-
-    def ptr(self, arr) -> int:
-        return int(arr.ctypes.data)
-
-    def pinned(self, nbytes: int):
-        self.allocated.append(nbytes)
-        buf = np.empty(nbytes, dtype=np.uint8)
-        return buf, buf
-
-    def d2h(self, src, dst: np.ndarray) -> None:
-        assert src.flags.c_contiguous and src.nbytes <= dst.nbytes
-        dst[:src.nbytes] = np.asarray(src).reshape(-1).view(np.uint8)
-
-    def h2d(self, src: np.ndarray, dst) -> None:
-        assert dst.flags.c_contiguous and dst.nbytes <= src.nbytes
-        np.asarray(dst).reshape(-1).view(np.uint8)[:] = src[:dst.nbytes]
-
-    def copy(self, src, dst) -> None:
-        dst[...] = src
-
-    def synchronize(self) -> None:
-        pass
-
-    def stream_ptr(self, stream=None) -> int:
-        return 0 if stream is None else stream.ptr
-
-    def side_stream(self):
-        return HostStream(1)
-
-    def record_event(self, stream=None):
-        return HostEvent(stream)
-
-    def wait_event(self, event, stream=None) -> None:
-        pass
-
-    def event_done(self, event) -> bool:
-        return True
-
-    def elapsed(self, start, stop) -> float:
-        return 0.0
-
-
-class HostStream:
-    """A stand-in stream (``ptr`` as NCCL sees it): copies on the host are immediate."""
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-
-class HostEvent:
-    """A stand-in event: what it was recorded on (test stand-ins look at it)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream
-
-
 class PinnedStaging:
     """Grow-only pinned host buffers, one per role ("send", "recv", ...).
 
     Growing drops the old buffer, which an asynchronous copy may still be reading, so the
-    stream is synchronised first; sizes grow by at least 1.5x so that this is rare.
+    host waits for the stream first (a fence); sizes grow by at least 1.5x so that this is
+    rare.
     """
 
     def __init__(self, ops: DeviceOps):
@@ -203,7 +143,7 @@ class PinnedStaging:
         view = self.buffers.get(role, (None, None))[0]
         if view is None or view.nbytes < nbytes:
             if view is not None:
-                self.ops.synchronize()
+                self.ops.fence()
             size = max(nbytes, int(1.5 * view.nbytes) if view is not None else 0)
             self.buffers[role] = self.ops.pinned(size)
             view = self.buffers[role][0]
@@ -217,10 +157,3 @@ class PinnedStaging:
 
 def word_dtype(itemsize: int) -> np.dtype:
     return np.dtype(f"u{itemsize}")
-
-
-def host_view(ptr: int, nbytes: int) -> np.ndarray:
-    """uint8 array over host memory at ``ptr`` (for the CPU stand-in of NCCL in tests)."""
-    if nbytes == 0:
-        return np.empty(0, dtype=np.uint8)
-    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))

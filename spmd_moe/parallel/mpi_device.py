@@ -1,19 +1,22 @@
 """MPI transports for device (CuPy) arrays.
 
-- :class:`CudaAwareMpiTransport` (``mpi-cuda``): drain the compute stream, then hand the
-  CuPy arrays to MPI (mpi4py reads ``__cuda_array_interface__``). Built only when the MPI
-  library says it is CUDA-aware, and asserted again before every call: a device pointer
-  given to an MPI that is not CUDA-aware segfaults (Debian's Open MPI 4.1). Non-blocking
-  exchanges are one ``Isend``/``Irecv`` per peer on the device buffers (point-to-point is
-  the part of CUDA-awareness every MPI has); the allreduce stays blocking on the device.
+- :class:`CudaAwareMpiTransport` (``mpi-cuda``): the host waits for the work a buffer
+  depends on (DeviceOps.fence), then hands the CuPy arrays to MPI (mpi4py reads
+  ``__cuda_array_interface__``). Built only when the MPI library says it is CUDA-aware,
+  and asserted again before every call: a device pointer given to an MPI that is not
+  CUDA-aware segfaults (Debian's Open MPI 4.1). Exchanges are one ``Isend``/``Irecv`` per
+  peer on the device buffers (point-to-point is the part of CUDA-awareness every MPI has);
+  the allreduce stays blocking on the device (Open MPI's non-blocking collectives copy and
+  reduce on the host, which a device pointer would crash).
 - :class:`PinnedHostMpiTransport` (``mpi-host``): rows copied device -> pinned host buffers
-  on the compute stream, MPI on the host, received rows copied back asynchronously; the
-  buffers are kept and grown. Non-blocking exchanges stage through pinned buffers of their
-  own (one set per exchange in flight), ``MPI_Ialltoallv``/``MPI_Iallreduce`` on them,
-  copied back in ``Wait``.
+  on the compute stream, MPI on the host, received rows copied back asynchronously in
+  ``Wait``; each exchange in flight stages through a set of pinned buffers of its own,
+  kept and grown.
 
 A stage's receive (``irecv``) is an ``Irecv`` into the device buffer (mpi-cuda) or into
-pinned buffers of its own, copied in ``Wait`` (mpi-host).
+pinned buffers of its own, copied in ``Wait`` (mpi-host). Host arrays (token ids) take
+the host path on every transport. Each exchange costs the host one event wait (a fence:
+MPI reads and writes memory outside the stream); none synchronises the device.
 
 Notation: P peers in the communicator, R rows, d words per row.
 """
@@ -25,8 +28,8 @@ from ..backend.array import Backend
 from .device import CupyOps, DeviceOps, PinnedStaging, word_dtype
 from .transport import HostMpiTransport, MpiLibrary, PendingExchange, PendingSend, displacements
 
-# mpi-cuda's non-blocking exchanges: tags EXCHANGE_TAG_BASE + (n mod EXCHANGE_TAGS), above
-# the engine's pipeline tags and within every MPI's guaranteed tag range (32767).
+# mpi-cuda's exchanges: tags EXCHANGE_TAG_BASE + (n mod EXCHANGE_TAGS), above the engine's
+# pipeline tags and within every MPI's guaranteed tag range (32767).
 EXCHANGE_TAG_BASE, EXCHANGE_TAGS = 1000, 16384
 
 
@@ -43,36 +46,21 @@ class DeviceTransport(HostMpiTransport):
         # ml_dtypes types are not numpy.floating subtypes) is device data.
         return np.dtype(dtype).kind in "iub" if host is None else host
 
-    def alltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
-        """send: [R, d] rows grouped by destination peer (device) -> [sum(recv_counts), d]
-        grouped by source peer (device). Counts are rows, host int64 [P]."""
-        if not self.ops.is_device(send):
-            return super().alltoallv(comm, send, send_counts, recv_counts)
-        return self._alltoallv_device(comm, *self._device_rows(send, send_counts, recv_counts))
-
-    def allreduce_sum(self, comm, arr):
-        """In-place sum over ranks of a float32 array (device or host); returns it."""
-        if not self.ops.is_device(arr):
-            return super().allreduce_sum(comm, arr)
-        assert arr.flags.c_contiguous, "allreduce works in place on contiguous arrays"
-        return self._allreduce_device(comm, arr)
-
     def ialltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
-        """Start :meth:`alltoallv`; ``Wait()`` returns the received rows (device)."""
+        """send: [R, d] rows grouped by destination peer (device), counts host int64 [P]
+        in rows. Starts the exchange; ``Wait()`` returns [sum(recv_counts), d] grouped by
+        source peer (device)."""
         if not self.ops.is_device(send):
             return super().ialltoallv(comm, send, send_counts, recv_counts)
-        return self._ialltoallv_device(comm, *self._device_rows(send, send_counts, recv_counts))
-
-    def _device_rows(self, send, send_counts, recv_counts):
-        """An all-to-all's device arguments, checked: contiguous [R, d] rows (R the sum of
-        ``send_counts``) and the counts as host int64."""
         assert send.ndim == 2 and int(send_counts.sum()) == send.shape[0], (
             send.shape, send_counts)
-        return (self.ops.contiguous(send), np.asarray(send_counts, dtype=np.int64),
-                np.asarray(recv_counts, dtype=np.int64))
+        return self._ialltoallv_device(comm, self.ops.contiguous(send),
+                                       np.asarray(send_counts, dtype=np.int64),
+                                       np.asarray(recv_counts, dtype=np.int64))
 
     def iallreduce_sum(self, comm, arr):
-        """Start :meth:`allreduce_sum`; ``Wait()`` returns ``arr``, summed."""
+        """Start the in-place sum over ranks of a float32 array (device or host);
+        ``Wait()`` returns ``arr``, summed."""
         if not self.ops.is_device(arr):
             return super().iallreduce_sum(comm, arr)
         assert arr.flags.c_contiguous, "allreduce works in place on contiguous arrays"
@@ -84,37 +72,21 @@ class DeviceTransport(HostMpiTransport):
             return super().isend(comm, arr, dest, tag)
         return self._isend_device(comm, self.ops.contiguous(arr), dest, tag)
 
-    def recv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int,
-             host: bool | None = None):
-        """Receive an array of ``shape``: on the host for integer and bool dtypes (token
-        ids), on the device for float dtypes, unless ``host`` says otherwise."""
-        if self._recv_on_host(dtype, host):
-            return super().recv(comm, shape, dtype, source, tag)
-        out = self.ops.empty(tuple(shape), np.dtype(dtype))
-        self._recv_device(comm, out, source, tag)
-        return out
-
     def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int,
               host: bool | None = None):
-        """Start :meth:`recv`; ``Wait()`` returns the array (host or device as ``recv``)."""
+        """Start receiving an array of ``shape``: on the host for integer and bool dtypes
+        (token ids), on the device for float dtypes, unless ``host`` says otherwise;
+        ``Wait()`` returns it."""
         if self._recv_on_host(dtype, host):
             return super().irecv(comm, shape, dtype, source, tag)
         out = self.ops.empty(tuple(shape), np.dtype(dtype))
         return self._irecv_device(comm, out, source, tag)
 
-    def _irecv_device(self, comm, out, source, tag):
-        """A receive into device memory, already complete: the transports that can start
-        one without blocking override this."""
-        self._recv_device(comm, out, source, tag)
-        return PendingExchange([], out)
-
     # Subclasses implement these on device arrays.
-    def _alltoallv_device(self, comm, send, send_counts, recv_counts): ...
-    def _allreduce_device(self, comm, arr): ...
     def _ialltoallv_device(self, comm, send, send_counts, recv_counts): ...
     def _iallreduce_device(self, comm, arr): ...
     def _isend_device(self, comm, arr, dest, tag): ...
-    def _recv_device(self, comm, out, source, tag) -> None: ...
+    def _irecv_device(self, comm, out, source, tag): ...
 
 
 class CudaAwareMpiTransport(DeviceTransport):
@@ -135,28 +107,6 @@ class CudaAwareMpiTransport(DeviceTransport):
     def _check(self) -> None:
         assert self.library.cuda_aware, "device buffer for an MPI that is not CUDA-aware"
 
-    def _alltoallv_device(self, comm, send, send_counts, recv_counts):
-        self._check()
-        width, item = send.shape[1], send.dtype.itemsize
-        recv = self.ops.empty((int(recv_counts.sum()), width), send.dtype)
-        rows = self.row_type(item, width)
-        # MPI reads device memory directly, outside the stream: the kernels that wrote
-        # ``send`` must have finished.
-        self.ops.synchronize()
-        comm.Alltoallv([send.view(word_dtype(item)), (send_counts, displacements(send_counts)),
-                        rows],
-                       [recv.view(word_dtype(item)), (recv_counts, displacements(recv_counts)),
-                        rows])
-        return recv
-
-    def _allreduce_device(self, comm, arr):
-        from mpi4py import MPI
-
-        self._check()
-        self.ops.synchronize()
-        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-        return arr
-
     def _ialltoallv_device(self, comm, send, send_counts, recv_counts):
         """One Isend/Irecv per peer on device memory (see the module docstring), under a tag
         of its own: every rank of ``comm`` counts its exchanges in the same order."""
@@ -170,7 +120,9 @@ class CudaAwareMpiTransport(DeviceTransport):
             self.ops.copy(send[s0:s0 + n], recv[r0:r0 + n])
         rows = self.row_type(item, width)
         tag = self._exchange_tag(comm)
-        self.ops.synchronize()      # MPI reads ``send`` outside the stream
+        # MPI reads ``send`` and writes ``recv`` (a fresh pool block, whose last user's
+        # kernels may still be queued) outside the stream.
+        self.ops.fence()
         requests = []
         for peer in range(comm.Get_size()):
             if peer == me:
@@ -187,8 +139,12 @@ class CudaAwareMpiTransport(DeviceTransport):
 
     def _irecv_device(self, comm, out, source, tag):
         self._check()
-        return PendingExchange([comm.Irecv(out.view(word_dtype(out.dtype.itemsize)), source=source,
-                                           tag=tag)], out)
+        # ``out`` is fresh from CuPy's pool, which hands back a block as soon as its last
+        # user was freed on the host: kernels still queued may use it, and MPI writes it
+        # from outside the stream.
+        self.ops.fence()
+        return PendingExchange([comm.Irecv(out.view(word_dtype(out.dtype.itemsize)),
+                                           source=source, tag=tag)], out)
 
     def _exchange_tag(self, comm) -> int:
         key = comm.py2f()
@@ -196,22 +152,19 @@ class CudaAwareMpiTransport(DeviceTransport):
         return EXCHANGE_TAG_BASE + self._tags[key]
 
     def _iallreduce_device(self, comm, arr):
-        # Blocking on the device: see the module docstring.
-        return PendingExchange([], self._allreduce_device(comm, arr))
+        """Blocking on the device (module docstring), returned as a completed request."""
+        from mpi4py import MPI
+
+        self._check()
+        self.ops.fence()
+        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+        return PendingExchange([], arr)
 
     def _isend_device(self, comm, arr, dest, tag):
         self._check()
-        self.ops.synchronize()
+        self.ops.fence()
         return PendingSend(comm.Isend(arr.view(word_dtype(arr.dtype.itemsize)), dest=dest,
                                       tag=tag), arr)
-
-    def _recv_device(self, comm, out, source, tag) -> None:
-        self._check()
-        # ``out`` is fresh from CuPy's pool, which hands back a block as soon as its last
-        # user was freed on the host: kernels still queued on the stream may read it. MPI
-        # writes it from outside the stream, so the stream must be drained first.
-        self.ops.synchronize()
-        comm.Recv(out.view(word_dtype(out.dtype.itemsize)), source=source, tag=tag)
 
 
 class PinnedHostMpiTransport(DeviceTransport):
@@ -221,7 +174,6 @@ class PinnedHostMpiTransport(DeviceTransport):
 
     def __init__(self, backend: Backend, reason: str = "", ops: DeviceOps | None = None):
         super().__init__(backend, reason, ops)
-        self.staging = PinnedStaging(self.ops)
         # Staging for exchanges in flight: a set of buffers each, back to the pool on Wait.
         self.exchange_staging: list[PinnedStaging] = []
         self._free_staging: list[PinnedStaging] = []
@@ -232,6 +184,18 @@ class PinnedHostMpiTransport(DeviceTransport):
             return self.exchange_staging[-1]
         return self._free_staging.pop()
 
+    def _staged(self, request, staging: PinnedStaging, host: np.ndarray, shape, dtype,
+                out=None) -> PendingExchange:
+        """``request`` fills ``host``; ``Wait`` copies it to ``out`` (or a new device array
+        of ``shape``) on the compute stream and hands the staging set back."""
+        def finish(_):
+            result = out if out is not None else self.ops.empty(shape, dtype)
+            self.ops.h2d(host, result)       # queued on the compute stream
+            self._free_staging.append(staging)
+            return result
+
+        return PendingExchange([request], None, finish=finish)
+
     def _ialltoallv_device(self, comm, send, send_counts, recv_counts):
         width, dtype = send.shape[1], send.dtype
         item = dtype.itemsize
@@ -241,35 +205,21 @@ class PinnedHostMpiTransport(DeviceTransport):
         recv_host = staging.get("recv", n_recv * width * item)
         self.ops.d2h(send, send_host)
         # MPI reads the host copy, and writes a buffer whose last host->device copy (an
-        # earlier exchange's) may still be queued: both need the stream drained.
-        self.ops.synchronize()
+        # earlier exchange's) may still be queued.
+        self.ops.fence()
         rows = self.row_type(item, width)
         request = comm.Ialltoallv([send_host.view(word_dtype(item)),
                                    (send_counts, displacements(send_counts)), rows],
                                   [recv_host.view(word_dtype(item)),
                                    (recv_counts, displacements(recv_counts)), rows])
-
-        def finish(_):
-            recv = self.ops.empty((n_recv, width), dtype)
-            self.ops.h2d(recv_host, recv)     # queued on the compute stream
-            self._free_staging.append(staging)
-            return recv
-
-        return PendingExchange([request], None, hold=(send,), finish=finish)
+        return self._staged(request, staging, recv_host, (n_recv, width), dtype)
 
     def _irecv_device(self, comm, out, source, tag):
         staging = self._take_staging()
         host = staging.get("p2p", out.nbytes)
-        # The buffer's last host->device copy (an earlier exchange's) may still be queued.
-        self.ops.synchronize()
+        self.ops.fence()         # the buffer's last host->device copy may still be queued
         request = comm.Irecv(host.view(word_dtype(out.dtype.itemsize)), source=source, tag=tag)
-
-        def finish(result):
-            self.ops.h2d(host, result)
-            self._free_staging.append(staging)
-            return result
-
-        return PendingExchange([request], out, finish=finish)
+        return self._staged(request, staging, host, out.shape, out.dtype, out)
 
     def _iallreduce_device(self, comm, arr):
         from mpi4py import MPI
@@ -277,63 +227,20 @@ class PinnedHostMpiTransport(DeviceTransport):
         staging = self._take_staging()
         host = staging.get("allreduce", arr.nbytes)
         self.ops.d2h(arr, host)
-        self.ops.synchronize()
+        self.ops.fence()
         request = comm.Iallreduce(MPI.IN_PLACE, host.view(arr.dtype), op=MPI.SUM)
-
-        def finish(result):
-            self.ops.h2d(host, result)
-            self._free_staging.append(staging)
-            return result
-
-        return PendingExchange([request], arr, finish=finish)
-
-    def _alltoallv_device(self, comm, send, send_counts, recv_counts):
-        width, dtype = send.shape[1], send.dtype
-        item = dtype.itemsize
-        n_recv = int(recv_counts.sum())
-        send_host = self.staging.get("send", send.nbytes)
-        recv_host = self.staging.get("recv", n_recv * width * item)
-        self.ops.d2h(send, send_host)
-        # MPI reads the host copy (and overwrites the receive buffer, which the previous
-        # call's host->device copy may still be reading): both need the stream drained.
-        self.ops.synchronize()
-        rows = self.row_type(item, width)
-        comm.Alltoallv([send_host.view(word_dtype(item)),
-                        (send_counts, displacements(send_counts)), rows],
-                       [recv_host.view(word_dtype(item)),
-                        (recv_counts, displacements(recv_counts)), rows])
-        recv = self.ops.empty((n_recv, width), dtype)
-        self.ops.h2d(recv_host, recv)      # async: the next compute kernels queue behind it
-        return recv
-
-    def _allreduce_device(self, comm, arr):
-        from mpi4py import MPI
-
-        host = self.staging.get("allreduce", arr.nbytes)
-        self.ops.d2h(arr, host)
-        self.ops.synchronize()
-        comm.Allreduce(MPI.IN_PLACE, host.view(arr.dtype), op=MPI.SUM)
-        self.ops.h2d(host, arr)
-        return arr
+        return self._staged(request, staging, host, arr.shape, arr.dtype, arr)
 
     def _isend_device(self, comm, arr, dest, tag):
         # A buffer of its own: several sends may be in flight (pipeline micro-batches).
         host, owner = self.ops.pinned(max(1, arr.nbytes))
         host = host[:arr.nbytes]
         self.ops.d2h(arr, host)
-        self.ops.synchronize()
+        self.ops.fence()
         request = comm.Isend(host.view(word_dtype(arr.dtype.itemsize)), dest=dest, tag=tag)
         return PendingSend(request, owner)
 
-    def _recv_device(self, comm, out, source, tag) -> None:
-        host = self.staging.get("p2p", out.nbytes)
-        comm.Recv(host.view(word_dtype(out.dtype.itemsize)), source=source, tag=tag)
-        self.ops.h2d(host, out)
-        # The staging buffer is reused by the next receive, which MPI writes from the host.
-        self.ops.synchronize()
-
     def free(self) -> None:
-        self.staging.free()
         for staging in self.exchange_staging:
             staging.free()
         self.exchange_staging.clear()

@@ -1,14 +1,18 @@
 """The ``nccl`` transport: one NCCL communicator per MPI communicator, made on first use
 from a unique id that rank 0 draws and broadcasts over that communicator.
 
-- Alltoallv: a group of send/recv per peer, all on the compute stream (no host sync).
-- Non-blocking exchanges (``ialltoallv``, ``iallreduce_sum``): the grouped send/recv (or
-  the allreduce) on a side stream that waits for an event recorded on the compute stream;
-  ``Wait`` makes the compute stream wait for the side stream's done event, so the host
-  never blocks. :meth:`NcclPending.device_times` gives the side stream's time in flight
-  and the compute stream's stall.
-- A stage's receive from the previous stage stays the compute stream's ``recv`` (one
-  communicator used from two streams is not something NCCL promises to order).
+- Exchanges (``ialltoallv``, ``iallreduce_sum``): the grouped send/recv per peer (or
+  the allreduce) on a side stream of the communicator's own that waits for an event
+  recorded on the compute stream; ``Wait`` makes the compute stream wait for the side
+  stream's done event, so the host never blocks. :meth:`NcclExchange.device_times` gives
+  the side stream's time in flight and the compute stream's stall. One side stream per
+  communicator (each slot of micro-batches in flight has its own): ranks may start the
+  two slots' exchanges in different orders (overlap.run_passes goes on with whichever
+  completes first), and one stream would serialise them into a cross-rank deadlock.
+- A stage's receive from the previous stage and its send to the next stay on the compute
+  stream (one communicator used from two streams is not something NCCL promises to
+  order); a send's ``Wait`` waits on the host for an event recorded after it. The host
+  never synchronises the device.
 """
 from __future__ import annotations
 
@@ -27,13 +31,13 @@ NCCL_UINT8, NCCL_FLOAT32, NCCL_SUM = 1, 7, 0
 
 
 class NcclPending:
-    """A send enqueued on the stream: done once the stream has passed it."""
+    """A send enqueued on the compute stream: done once the stream has passed ``done``."""
 
-    def __init__(self, ops: DeviceOps, buffer):
-        self.ops, self.buffer = ops, buffer
+    def __init__(self, ops: DeviceOps, buffer, done):
+        self.ops, self.buffer, self.done = ops, buffer, done
 
     def Wait(self) -> None:
-        self.ops.synchronize()
+        self.ops.wait_host(self.done)
         self.buffer = None
 
 
@@ -67,7 +71,7 @@ class NcclExchange:
 
 
 class NcclTransport(DeviceTransport):
-    """``nccl``: CuPy's NCCL, one communicator per MPI communicator, on the compute stream.
+    """``nccl``: CuPy's NCCL, one communicator per MPI communicator.
 
     NCCL has no tags: messages between two ranks arrive in the order sent, which is the
     order the engine relies on (it uses one tag per stream of messages).
@@ -86,7 +90,7 @@ class NcclTransport(DeviceTransport):
         self.nccl = nccl
         self._factory = communicator_factory or self._new_communicator
         self._communicators: dict[int, Any] = {}
-        self._side = None
+        self._sides: dict[int, Any] = {}
         self.uint8 = getattr(nccl, "NCCL_UINT8", NCCL_UINT8)
         self.float32 = getattr(nccl, "NCCL_FLOAT32", NCCL_FLOAT32)
         self.sum = getattr(nccl, "NCCL_SUM", NCCL_SUM)
@@ -107,48 +111,20 @@ class NcclTransport(DeviceTransport):
             self._communicators[key] = self._factory(comm)
         return self._communicators[key]
 
-    def _alltoallv_device(self, comm, send, send_counts, recv_counts):
-        width, dtype = send.shape[1], send.dtype
-        row_bytes = width * dtype.itemsize
-        recv = self.ops.empty((int(recv_counts.sum()), width), dtype)
-        send_starts, recv_starts = displacements(send_counts), displacements(recv_counts)
-        me, peers = comm.Get_rank(), comm.Get_size()
-        # Rows kept on this rank: a device copy, not a message to oneself.
-        if send_counts[me]:
-            s0, r0, n = int(send_starts[me]), int(recv_starts[me]), int(send_counts[me])
-            self.ops.copy(send[s0:s0 + n], recv[r0:r0 + n])
-        if peers == 1:
-            return recv
-        nccl_comm = self.communicator(comm)
-        stream = self.ops.stream_ptr()
-        send_ptr, recv_ptr = self.ops.ptr(send), self.ops.ptr(recv)
-        # Byte counts are size_t in NCCL: no int32 limit on a peer's share.
-        self.nccl.groupStart()
-        try:
-            for peer in range(peers):
-                if peer == me:
-                    continue
-                if send_counts[peer]:
-                    nccl_comm.send(send_ptr + int(send_starts[peer]) * row_bytes,
-                                   int(send_counts[peer]) * row_bytes, self.uint8, peer, stream)
-                if recv_counts[peer]:
-                    nccl_comm.recv(recv_ptr + int(recv_starts[peer]) * row_bytes,
-                                   int(recv_counts[peer]) * row_bytes, self.uint8, peer, stream)
-        finally:
-            self.nccl.groupEnd()
-        return recv
-
-    def side_stream(self):
-        """The stream non-blocking exchanges run on, beside the compute stream."""
-        if self._side is None:
-            self._side = self.ops.side_stream()
-        return self._side
+    def side_stream(self, comm):
+        """The stream ``comm``'s non-blocking exchanges run on, beside the compute stream:
+        one per communicator, so that exchanges of two slots in flight never queue behind
+        each other (module docstring)."""
+        key = comm.py2f()
+        if key not in self._sides:
+            self._sides[key] = self.ops.side_stream()
+        return self._sides[key]
 
     def _on_side_stream(self, comm, enqueue, result, hold: tuple):
-        """Enqueue ``enqueue(nccl_comm, stream_ptr)`` on the side stream once the compute
-        stream has produced its inputs; a :class:`NcclExchange` for it."""
+        """Enqueue ``enqueue(nccl_comm, stream_ptr)`` on ``comm``'s side stream once the
+        compute stream has produced its inputs; a :class:`NcclExchange` for it."""
         nccl_comm = self.communicator(comm)
-        side = self.side_stream()
+        side = self.side_stream(comm)
         self.ops.wait_event(self.ops.record_event(), side)
         start = self.ops.record_event(side)
         enqueue(nccl_comm, self.ops.stream_ptr(side))
@@ -196,22 +172,16 @@ class NcclTransport(DeviceTransport):
                                                                 self.float32, self.sum, stream),
             arr, ())
 
-    def _allreduce_device(self, comm, arr):
-        assert arr.dtype == np.float32, arr.dtype
-        if comm.Get_size() > 1:
-            ptr = self.ops.ptr(arr)
-            self.communicator(comm).allReduce(ptr, ptr, arr.size, self.float32, self.sum,
-                                              self.ops.stream_ptr())
-        return arr
-
     def _isend_device(self, comm, arr, dest, tag):
         self.communicator(comm).send(self.ops.ptr(arr), arr.nbytes, self.uint8, dest,
                                      self.ops.stream_ptr())
-        return NcclPending(self.ops, arr)
+        return NcclPending(self.ops, arr, self.ops.record_event())
 
-    def _recv_device(self, comm, out, source, tag) -> None:
+    def _irecv_device(self, comm, out, source, tag):
+        """On the compute stream: the kernels queued after it read ``out`` in order."""
         self.communicator(comm).recv(self.ops.ptr(out), out.nbytes, self.uint8, source,
                                      self.ops.stream_ptr())
+        return PendingExchange([], out)
 
     def free(self) -> None:
         if self._communicators:

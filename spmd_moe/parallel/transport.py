@@ -5,14 +5,17 @@ Transports (SPEC §3), chosen by :func:`choose_transport`:
 
 - ``mpi-host``: MPI on host memory. On the NumPy backend arrays already live there; on CuPy
   rows are staged through pinned host buffers with asynchronous copies.
-- ``mpi-cuda``: device buffers handed straight to a CUDA-aware MPI, after the compute stream
-  is synchronised. Only when the loaded MPI library *says* it is CUDA-aware: handing a
-  device pointer to one that is not crashes the process (Debian's Open MPI 4.1 segfaults).
+- ``mpi-cuda``: device buffers handed straight to a CUDA-aware MPI, after the host has
+  waited for the work they depend on. Only when the loaded MPI library *says* it is
+  CUDA-aware: handing a device pointer to one that is not crashes the process (Debian's
+  Open MPI 4.1 segfaults).
 - ``nccl``: CuPy's NCCL communicators, built from a unique id broadcast over MPI; grouped
   send/recv per peer.
 
-Rows travel as rows: a contiguous MPI datatype of ``d`` words, so counts and displacements
-are row counts (byte counts overflow a C int at paper size), and bf16 goes as 16-bit words.
+Every exchange is started and returns a request (``Test()``, ``Wait()``): blocking is
+``start(...).Wait()``, one spelling (overlap.py runs them). Rows travel as rows: a
+contiguous MPI datatype of ``d`` words, so counts and displacements are row counts (byte
+counts overflow a C int at paper size), and bf16 goes as 16-bit words.
 
 Notation: P peers in the communicator, R rows, d words per row.
 """
@@ -204,8 +207,8 @@ class PendingSend:
 
 
 class HostMpiTransport:
-    """MPI on host arrays (the NumPy backend). Subclasses for the GPU override the four
-    data movers; the count exchange is always on the host (counts drive host decisions)."""
+    """MPI on host arrays (the NumPy backend). Subclasses for the GPU move device arrays;
+    the count exchange is always on the host (counts drive host decisions)."""
 
     name = "mpi-host"
 
@@ -229,42 +232,18 @@ class HostMpiTransport:
         """The same memory as unsigned words (bf16 goes as 16-bit words)."""
         return arr.view(np.dtype(f"u{arr.dtype.itemsize}"))
 
-    def alltoall_counts(self, comm, send_host: np.ndarray) -> np.ndarray:
-        """send_host: int64 [P, n] (row p goes to peer p) -> int64 [P, n] from each peer."""
-        send = np.ascontiguousarray(send_host, dtype=np.int64)
-        recv = np.empty_like(send)
-        comm.Alltoall(send, recv)
-        return recv
-
     def ialltoall_counts(self, comm, send_host: np.ndarray) -> PendingExchange:
-        """Start :meth:`alltoall_counts` (``MPI_Ialltoall``, host memory on every
-        transport); ``Wait()`` returns the int64 [P, n] counts from each peer."""
+        """send_host: int64 [P, n] (row p goes to peer p). Starts ``MPI_Ialltoall`` (host
+        memory on every transport); ``Wait()`` returns the int64 [P, n] from each peer."""
         send = np.ascontiguousarray(send_host, dtype=np.int64)
         recv = np.empty_like(send)
         return PendingExchange([comm.Ialltoall(send, recv)], recv, hold=(send,))
 
-    def alltoallv(self, comm, send, send_counts: np.ndarray, recv_counts: np.ndarray):
-        """send: [R, d] rows grouped by destination peer, ``send_counts[p]`` rows each ->
-        [sum(recv_counts), d] grouped by source peer."""
-        width = send.shape[1]
-        recv = np.empty((int(recv_counts.sum()), width), dtype=send.dtype)
-        rows = self.row_type(send.dtype.itemsize, width)
-        comm.Alltoallv([self.words(np.ascontiguousarray(send)),
-                        (send_counts, displacements(send_counts)), rows],
-                       [self.words(recv), (recv_counts, displacements(recv_counts)), rows])
-        return recv
-
-    def allreduce_sum(self, comm, arr):
-        """In-place sum over ranks of a float32 array."""
-        from mpi4py import MPI
-
-        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-        return arr
-
     def ialltoallv(self, comm, send, send_counts: np.ndarray,
                    recv_counts: np.ndarray) -> PendingExchange:
-        """Start :meth:`alltoallv` (``MPI_Ialltoallv``); ``Wait()`` returns the received
-        rows [sum(recv_counts), d], grouped by source peer. Every rank of ``comm`` starts its
+        """send: [R, d] rows grouped by destination peer, ``send_counts[p]`` rows each.
+        Starts ``MPI_Ialltoallv``; ``Wait()`` returns the received rows
+        [sum(recv_counts), d], grouped by source peer. Every rank of ``comm`` starts its
         exchanges on it in the same order (MPI matches non-blocking collectives in order)."""
         width = send.shape[1]
         send = np.ascontiguousarray(send)
@@ -276,7 +255,7 @@ class HostMpiTransport:
         return PendingExchange([request], recv, hold=(send,))
 
     def iallreduce_sum(self, comm, arr) -> PendingExchange:
-        """Start the in-place float32 sum of :meth:`allreduce_sum` (``MPI_Iallreduce``);
+        """Start the in-place sum over ranks of a float32 array (``MPI_Iallreduce``);
         ``Wait()`` returns ``arr``, summed. Overlap on and off both use it, so their sums
         are the same bits."""
         from mpi4py import MPI
@@ -288,15 +267,10 @@ class HostMpiTransport:
         arr = np.ascontiguousarray(arr)
         return PendingSend(comm.Isend(self.words(arr), dest=dest, tag=tag), arr)
 
-    def recv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int):
-        arr = np.empty(shape, dtype=dtype)
-        comm.Recv(self.words(arr), source=source, tag=tag)
-        return arr
-
     def irecv(self, comm, shape: tuple[int, ...], dtype: np.dtype, source: int,
               tag: int) -> PendingExchange:
-        """Start :meth:`recv`; ``Wait()`` returns the array. Receives from one source and
-        tag match in the order they are started."""
+        """Start receiving an array of ``shape``; ``Wait()`` returns it. Receives from one
+        source and tag match in the order they are started."""
         arr = np.empty(shape, dtype=dtype)
         return PendingExchange([comm.Irecv(self.words(arr), source=source, tag=tag)], arr)
 

@@ -1,5 +1,6 @@
 """The shapes a bench run measures (:class:`BenchShape`, the paper's by default: one rank of
-16), the FLOPs and bytes of its layer step, SPEC §7's targets and the phases reported.
+16), the FLOPs and bytes of its layer step, SPEC §7's targets and the phases reported: the
+engine's own (core/phases.py), since the bench runs the engine's layer.
 
 Notation: B sequences, L tokens per sequence, T = B*L tokens, d width, H heads, Dh = d/H,
 F expert hidden width, E experts, k top-k, R = T*k routed rows, P ranks.
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.costs import layer_flops
 from ..core.errors import ConfigError
+from ..core.phases import LAYER_COMPUTE_PHASES
 
 
 # SPEC §7, for the report (the measured numbers sit beside them; nothing is asserted).
@@ -26,11 +29,10 @@ SPEC_TARGETS = {
 }
 
 
-LAYER_PHASES = ("attn_qkv", "attn_rope", "attn_core", "attn_out", "router", "permute",
-                "experts", "unpermute", "residual")
-
-
-ATTENTION_PHASES = ("attn_qkv", "attn_rope", "attn_core", "attn_out")
+# The layer step's phases: the engine's compute phases of a layer (its step is their sum);
+# the loop-back's stand-ins for the exchanges are reported beside them, not in the step.
+LAYER_PHASES = LAYER_COMPUTE_PHASES
+LOOPBACK_PHASES = ("count_exchange", "dispatch", "combine")
 
 
 TRANSPORT_PHASES = ("permute", "count_exchange", "dispatch", "combine", "unpermute")
@@ -119,25 +121,19 @@ class BenchShape:
                            max_seq_len=self.seq_len).validate()
 
 
-def layer_flops(shape: BenchShape) -> dict[str, float]:
-    """FLOPs of each layer-step phase (multiply-add = 2; elementwise work not counted).
-
-    The engine's own count (costs.layer_flops), with the projections split into Q/K/V and
-    output (``d x H*Dh``: 1/4 of them for SPEC §1's model). Paper shapes: 60.2 TFLOP, as
-    SPEC §7 counts them.
-    """
-    from ..core.costs import layer_flops as rank_layer_flops
-
+def bench_flops(shape: BenchShape) -> dict[str, float]:
+    """FLOPs of each layer-step phase (multiply-add = 2; elementwise work not counted), and
+    of the attention core alone (``attention_core``, inside ``attention``): the engine's
+    own count (costs.layer_flops). Paper shapes: 60.2 TFLOP, as SPEC §7 counts them."""
     model = shape.model()
     lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
-    part = rank_layer_flops(model, shape.tokens, lengths, model.n_heads, shape.expert_rows,
-                            model.d_ff, model.kv_heads)
+    part = layer_flops(model, shape.tokens, lengths, model.n_heads, shape.expert_rows,
+                       model.d_ff, model.kv_heads)
     flops = {phase: 0.0 for phase in LAYER_PHASES}
-    flops["attn_out"] = 2.0 * shape.tokens * model.d_model * model.q_width
-    flops["attn_qkv"] = part["attention_proj"] - flops["attn_out"]
-    flops["attn_core"] = part["attention_core"]
+    flops["attention"] = part["attention_proj"] + part["attention_core"]
     flops["router"] = part["router"]
     flops["experts"] = part["experts"]
+    flops["attention_core"] = part["attention_core"]
     return flops
 
 

@@ -65,6 +65,29 @@ GPU_OPS = {
 }
 
 
+# Host waits for the device per layer on the GPU path, by phase and transport: the expert
+# counts' copy (an event, waited at the count exchange: under TP, where none is exchanged,
+# in permute) on every transport, and one fence (an event recorded and waited) per exchange
+# that hands MPI device or staging memory on the MPI transports; no device or stream
+# synchronisation anywhere. Counted on the engine by tests/test_launch_count.py. The cluster
+# model (perfmodel) charges the MPI transports' (mpi-cuda on a CUDA-aware cluster).
+GPU_WAITS = {
+    "nccl": {"count_exchange": 1},
+    "mpi-cuda": {"count_exchange": 1, "dispatch": 1, "combine": 1},
+    "mpi-host": {"count_exchange": 1, "dispatch": 1, "combine": 1},
+}
+MODEL_TRANSPORT = "mpi-cuda"
+
+
+def gpu_layer_waits(transport: str, tp: int = 1) -> dict[str, int]:
+    """Host waits per phase of one layer on the GPU path (:data:`GPU_WAITS`); under TP the
+    counts' wait is in permute, and the MPI transports fence the two allreduces."""
+    if tp == 1:
+        return dict(GPU_WAITS[transport])
+    mpi = transport != "nccl"
+    return {"permute": 1, **({"attn_allreduce": 1, "combine": 1} if mpi else {})}
+
+
 def gpu_layer_ops(local_experts: int, swiglu: bool, cached: bool,
                   with_rows: int | None = None, tp: int = 1) -> dict[str, int]:
     """Device calls per compute phase of one layer on the GPU path (:data:`GPU_OPS`):

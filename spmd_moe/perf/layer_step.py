@@ -1,11 +1,16 @@
-"""One rank's layer step, timed phase by phase (``spmd-moe bench``'s main measurement).
+"""One rank's layer step, timed phase by phase (``spmd-moe bench``'s main measurement): the
+engine's own layer (Engine.layer_steps), so the bench times the code a run executes.
 
-:func:`run_layer_step` builds a :class:`LayerStep` on a real backend: attention over
-``shape.seqs`` sequences, the router, the permutation of the T*k routed rows, ``shape.rows``
-rows through one expert, un-permutation and the residual (the Alltoallv in between is
-transport_bench's). Per-phase times come from the backend's PhaseTimer (CUDA events on a
-GPU, the host clock on NumPy); the result holds means, the FLOPs, the matmul floor and,
-when ``import torch`` works, the PyTorch peer (torch_peer.py) with SPEC §7's targets.
+:class:`LayerStep` is rank 0 of an expert-parallel layout of ``shape.experts`` ranks, alone
+(:class:`OneRankShare`): attention over ``shape.seqs`` sequences, the router, the sort and
+gather of the T*k routed rows, ``shape.rows`` rows through its one expert, the weighted
+un-permutation and the residual, through a :class:`LoopbackDispatcher` that stands in for
+the exchanges (transport_bench.py times those). :func:`run_layer_step` times it with the
+backend's PhaseTimer (CUDA events on a GPU, the host clock on NumPy) in the engine's phases
+(core/phases.py), the attention core alone (the engine's ``causal_attention`` on the same
+shapes) and both attention tile heights; the result holds means, the FLOPs, the matmul
+floor and, when ``import torch`` works, the PyTorch peer (torch_peer.py) with SPEC §7's
+targets.
 """
 from __future__ import annotations
 
@@ -15,68 +20,118 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ..core.config import Layout, RunConfig, WorkloadConfig
 from ..core.errors import ConfigError
-from .bench_shapes import (ATTENTION_PHASES, LAYER_PHASES, SPEC_TARGETS, BenchShape,
-                           estimate_bytes, layer_flops, stats)
+from ..core.topology import Grid
+from ..moe.dispatcher import DispatchPlan, Dispatcher
+from ..parallel.overlap import CHECKPOINT
+from .bench_shapes import (LAYER_PHASES, LOOPBACK_PHASES, SPEC_TARGETS, BenchShape, bench_flops,
+                           estimate_bytes, stats)
 from .torch_peer import torch_peer
 
 
+class OneRankShare(Grid):
+    """Rank 0 of an expert-parallel layout of ``experts`` ranks and one stage, alone: its
+    layers, its one expert of each, all the attention; communicators of one rank (its
+    dispatcher loops back)."""
+
+    def __init__(self, model, experts: int):
+        from mpi4py import MPI
+
+        super().__init__(Layout(ep=experts, tp=1, pp=1), model, 0)
+        for name, value in (("size", 1), ("stage_comms", (MPI.COMM_SELF, MPI.COMM_SELF)),
+                            ("pipe_comm", MPI.COMM_SELF)):
+            object.__setattr__(self, name, value)
+
+
+class LoopbackDispatcher(Dispatcher):
+    """One rank's share of dispatch and combine without the exchanges: the rank's own routed
+    rows stand for what its peers send its expert (balanced routing), so the sort, the
+    gather, the counts' copy, the experts and the weighted un-permutation are the engine's
+    (Dispatcher's), and the count exchange, dispatch and combine are loop-backs: its rows,
+    cycled to ``expert_rows * R / routed_rows`` rows when the bench asks for another
+    number of expert rows (``--rows``), and cycled back."""
+
+    def __init__(self, bk, model, shape: BenchShape):
+        from mpi4py import MPI
+
+        super().__init__(bk, MPI.COMM_SELF, None, model.n_experts, model.top_k, range(1))
+        self.shape = shape
+        self._cycles: dict[int, tuple] = {}
+
+    def _cycle(self, routed: int):
+        """(to the expert, back) index arrays for ``routed`` rows, or None: the same."""
+        if routed not in self._cycles:
+            rows = max(1, round(self.shape.expert_rows * routed / self.shape.routed_rows))
+            self._cycles[routed] = (None if rows == routed or not routed else (
+                self.bk.asarray(np.arange(rows) % routed),
+                self.bk.asarray(np.arange(routed) % rows)), rows if routed else 0)
+        return self._cycles[routed]
+
+    def dispatch_steps(self, b, top_experts, timer, flight, meanwhile=None):
+        routing, send = self._sorted_rows(b, top_experts, timer)
+        yield CHECKPOINT
+        if meanwhile is not None:
+            meanwhile()
+        with timer.phase("count_exchange"):
+            tokens = self.tokens_per_expert(routing)
+        cycle, rows = self._cycle(send.shape[0])
+        with timer.phase("dispatch"):
+            received = send if cycle is None else self.bk.take_rows(send, cycle[0])
+        return received, DispatchPlan(routing.order, tokens, np.array([rows]))
+
+    def combine_steps(self, rows, plan: DispatchPlan, weights, timer, flight):
+        yield from ()
+        cycle, _ = self._cycle(plan.order.shape[0])
+        with timer.phase("combine"):
+            returned = rows if cycle is None else self.bk.take_rows(rows, cycle[1])
+        with timer.phase("unpermute"):
+            return self.unpermute(returned, plan.order, weights)
+
+
 class LayerStep:
-    """One layer of one rank (expert 0 of a ``shape.experts``-rank expert-parallel layout)
-    with its inputs, built on ``bk``; :meth:`run` does one step under a PhaseTimer.
+    """One layer of one rank (module docstring) with its inputs, built on ``bk``; :meth:`run`
+    does one step under a PhaseTimer.
 
     With ``shape.chunk_tokens`` the step is the engine's chunked prefill of the same work:
     the sequences cut into micro-batches of that many tokens (chunks.chunked), each chunk's
-    attention reading its sequence's earlier keys from a KV cache, each micro-batch's share
-    of the expert rows through the expert; the phases add up over the micro-batches."""
+    attention reading its sequence's earlier keys from the KV cache; the phases add up over
+    the micro-batches."""
 
     def __init__(self, bk, shape: BenchShape, seed: int = 0):
-        from mpi4py import MPI
-
         from ..core.chunks import chunked
-        from ..core.config import Layout
-        from ..moe.dispatcher import Dispatcher
-        from ..engine.engine import fit_kernels_to_family
+        from ..engine.engine import Engine
+        from ..model.blocks import Rope, pack
         from ..model.kv_cache import KVCache
-        from ..model.blocks import pack, rope_spec, rope_tables
-        from ..core.topology import Grid
-        from ..model.weights import build_weights
 
         self.bk, self.shape = bk, shape
         model = shape.model()
         self.model = model
-        fit_kernels_to_family(bk, model)     # says so when a family's piece is not fused
-        grid = Grid(Layout(ep=shape.experts, tp=1, pp=1), model, 0)
-        weights = build_weights(grid, bk, seed, init="device")
-        self.lw = weights.layers[0]
-        self.w1, self.w2, *self.w3 = self.lw.experts[0]      # w3: SwiGLU's up projection
-        xp = bk.xp
-        rng = xp.random.default_rng(seed + 1)
+        loopback = LoopbackDispatcher(bk, model, shape)
+        config = RunConfig(model, WorkloadConfig(batch_size=shape.seqs, seq_len=shape.seq_len),
+                           seed=seed, init="device")
+        self.engine = Engine(config, OneRankShare(model, shape.experts), bk, None,
+                             dispatchers=[loopback, loopback])
+        rng = bk.xp.random.default_rng(seed + 1)
         self.x = rng.standard_normal((shape.tokens, shape.d_model),
                                      dtype=np.float32).astype(bk.dtype)       # [T, d]
-        self.scale = float(model.head_dim) ** -0.5
-        self.dispatcher = Dispatcher(bk, MPI.COMM_SELF, None, model.n_experts, model.top_k,
-                                     grid.experts)
+        self.counts = np.zeros((1, model.n_experts), dtype=np.int64)
         lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
         budget = shape.chunk_tokens or shape.tokens
         self.cache = None
         if budget < shape.tokens:
             self.cache = KVCache(bk, range(1), 0, shape.seqs, shape.seq_len, model.kv_heads,
                                  model.head_dim)
-        # Per micro-batch: packed chunks, their rows of x, RoPE tables, and the glue that
-        # makes its share of the expert rows (--rows) from its permuted rows (untimed).
+        # Per micro-batch: packed chunks, their rows of x (untimed glue), RoPE.
         self.micro = []
         for mb in chunked(range(shape.seqs), lengths, budget):
             packed = pack(bk, mb.seqs, mb.lengths, mb.starts)
             rows_of_x = np.concatenate([np.arange(a, a + n) + s * shape.seq_len for s, a, n in
                                         zip(mb.seqs, mb.starts, mb.lengths)])
-            routed = mb.n_tokens * model.top_k
-            rows = max(1, round(shape.expert_rows * mb.n_tokens / shape.tokens))
-            self.micro.append((
-                packed, None if budget >= shape.tokens else bk.asarray(rows_of_x),
-                rope_tables(bk, packed.positions, rope_spec(model)),
-                None if rows == routed else bk.asarray(np.arange(rows) % routed),
-                None if rows == routed else bk.asarray(np.arange(routed) % rows)))
+            self.micro.append((packed, None if budget >= shape.tokens
+                               else bk.asarray(rows_of_x),
+                               Rope(bk, packed.positions, self.engine.rope,
+                                    self.engine.inv_freq)))
 
     @property
     def micro_batches(self) -> int:
@@ -84,53 +139,16 @@ class LayerStep:
 
     def run(self, timer):
         """One step; returns the layer output [T, d] (storage dtype)."""
-        outs = [self._micro_batch(timer, *parts) for parts in self.micro]
-        return outs[0] if len(outs) == 1 else self.bk.xp.concatenate(outs)
+        from ..parallel.overlap import Flight, run_pass
 
-    def _micro_batch(self, timer, packed, rows_of_x, rope, to_expert, from_expert):
-        from ..backend.array import F32
-        from ..moe.experts import expert_ffn
-        from ..model.blocks import apply_rope, causal_attention, qk_norm, rms_norm
-        from ..moe.router import route
-
-        bk, lw, model, cache = self.bk, self.lw, self.model, self.cache
-        x = self.x if rows_of_x is None else bk.take_rows(self.x, rows_of_x)  # untimed glue
-        n, heads, kv_heads, dh = x.shape[0], model.n_heads, model.kv_heads, model.head_dim
-        with timer.phase("attn_qkv"):
-            a = rms_norm(bk, x, lw.attn_norm, model.norm_eps)
-            q = bk.matmul(a, lw.wq).reshape(n, heads, dh)                       # [t, H, Dh]
-            k = bk.matmul(a, lw.wk).reshape(n, kv_heads, dh)                    # [t, Hk, Dh]
-            v = bk.matmul(a, lw.wv).reshape(n, kv_heads, dh)
-            q, k = qk_norm(bk, model.qk_norm, q, k, lw.q_norm, lw.k_norm, model.norm_eps,
-                           model.q_width, model.kv_width)
-        with timer.phase("attn_rope"):
-            q, k = apply_rope(bk, q, *rope), apply_rope(bk, k, *rope)
-        with timer.phase("attn_core"):
-            if cache is None:
-                keys, values = k, v
-                k_starts, k_lengths = packed.starts_host, packed.lengths_host
-            else:
-                cache.write(0, packed, k, v)
-                keys, values, k_starts, k_lengths = cache.view(0, packed)
-            att = causal_attention(bk, q, packed.starts_host, packed.lengths_host, keys,
-                                   values, k_starts, k_lengths, self.scale)      # [t, d]
-        with timer.phase("attn_out"):
-            h = bk.store(x.astype(F32) + bk.matmul(att, lw.wo).astype(F32))
-        with timer.phase("router"):
-            b = rms_norm(bk, h, lw.moe_norm, model.norm_eps)
-            top_experts, weights = route(bk, b, lw.router, model.top_k,
-                                         model.router_renorm)                   # [t, k]
-        with timer.phase("permute"):
-            plan = self.dispatcher.dispatch_preprocess(top_experts)
-            send = self.dispatcher.permute(b, plan)                             # [R, d]
-        rows = send if to_expert is None else send[to_expert]
-        with timer.phase("experts"):
-            out = expert_ffn(bk, rows, self.w1, self.w2, None, *self.w3)        # [rows, d]
-        returned = out if from_expert is None else out[from_expert]
-        with timer.phase("unpermute"):
-            moe = self.dispatcher.combine_postprocess(returned, plan, weights)   # [t, d] f32
-        with timer.phase("residual"):
-            return bk.store(h.astype(F32) + moe)
+        flight, bk, outs = Flight(timer), self.bk, []
+        for packed, rows_of_x, rope in self.micro:
+            x = self.x if rows_of_x is None else bk.take_rows(self.x, rows_of_x)
+            outs.append(run_pass(self.engine.layer_steps(0, x, packed, rope, timer, flight,
+                                                         self.cache, self.counts), flight))
+            if self.cache is not None:
+                self.cache.advance(packed)
+        return outs[0] if len(outs) == 1 else bk.xp.concatenate(outs)
 
 
 def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed: int = 0,
@@ -154,7 +172,8 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     peak, peak_source = measure_peak(bk)
     say("building weights and inputs")
     step = LayerStep(bk, shape, seed)
-    phases: dict[str, list[float]] = {p: [] for p in LAYER_PHASES}
+    timed = LAYER_PHASES + LOOPBACK_PHASES
+    phases: dict[str, list[float]] = {p: [] for p in timed}
     walls: list[float] = []
     for i in range(warmup + iters):
         timer = bk.timer()
@@ -171,16 +190,23 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
             f": {wall:.1f} ms")
         if i >= warmup:
             walls.append(wall)
-            for p in LAYER_PHASES:
+            for p in timed:
                 phases[p].append(seconds.get(p, 0.0) * 1e3)
     finite = bool(np.isfinite(bk.to_host(out[:4].astype(np.float32))).all())
-    flops = layer_flops(shape)
+    flops = bench_flops(shape)
     result = _layer_result(bk, shape, iters, warmup, phases, walls, flops, peak, peak_source)
     result["micro_batches"] = step.micro_batches
     result["output_finite"] = finite
     del step, out
     if bk.on_gpu:
         bk.xp.get_default_memory_pool().free_all_blocks()
+    say("timing the attention core")
+    result["attention_core_ms"] = time_attention_core(bk, shape, iters, warmup, seed)
+    core = result["attention_core_ms"]["mean"]
+    if core > 0:
+        result["tflops"]["attention_core"] = flops["attention_core"] / (core / 1e3) / 1e12
+        result["mfu"]["attention_core"] = (result["tflops"]["attention_core"] * 1e12 / peak
+                                           if peak else 0.0)
     say("timing the attention tile heights")
     result["attention_tiles"] = time_attention_tiles(bk, shape, iters, warmup, seed)
     if bk.on_gpu:
@@ -198,6 +224,36 @@ def run_layer_step(bk, shape: BenchShape, iters: int = 3, warmup: int = 1, seed:
     return result
 
 
+def _attention_inputs(bk, shape: BenchShape, seed: int):
+    """Random q [T, H, Dh], k and v [T, Hk, Dh] of the step's shapes; sequence starts and
+    lengths (host int64 [B])."""
+    n, heads, kv_heads, dh = shape.tokens, shape.heads, shape.model().kv_heads, shape.head_dim
+    rng = bk.xp.random.default_rng(seed + 2)
+    q, k, v = (rng.standard_normal((n, h, dh), dtype=np.float32).astype(bk.dtype)
+               for h in (heads, kv_heads, kv_heads))
+    starts = np.arange(shape.seqs, dtype=np.int64) * shape.seq_len
+    lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
+    return q, k, v, starts, lengths
+
+
+def time_attention_core(bk, shape: BenchShape, iters: int, warmup: int, seed: int = 0) -> dict:
+    """The attention core alone, as the engine calls it (model.blocks.causal_attention: the
+    fused kernel where the backend has it), on random q, k, v of the step's shapes, timed
+    as the step's phases are: what SPEC §7 compares with PyTorch's SDPA."""
+    from ..model.blocks import causal_attention
+
+    q, k, v, starts, lengths = _attention_inputs(bk, shape, seed)
+    times = []
+    for i in range(warmup + iters):
+        timer = bk.timer()
+        with timer.phase("attention_core"):
+            causal_attention(bk, q, starts, lengths, k, v, starts, lengths,
+                             shape.head_dim ** -0.5)                            # [T, d]
+        if i >= warmup:
+            times.append(timer.totals()["attention_core"] * 1e3)
+    return stats(times)
+
+
 def time_attention_tiles(bk, shape: BenchShape, iters: int, warmup: int, seed: int = 0) -> dict:
     """The layer step's attention core (``seqs`` causal sequences of ``seq_len``) on the
     fused kernel with each tile height, on the same random q, k, v, timed as the step's
@@ -211,25 +267,21 @@ def time_attention_tiles(bk, shape: BenchShape, iters: int, warmup: int, seed: i
         return {"available": False, "reason": "float32 attention has 64-query tiles only"}
     from ..backend.kernels.schedule import TILE_ROWS, tile_rows
 
-    n, heads, kv_heads, dh = shape.tokens, shape.heads, shape.model().kv_heads, shape.head_dim
-    rng = bk.xp.random.default_rng(seed + 2)
-    q, k, v = (rng.standard_normal((n, h, dh), dtype=np.float32).astype(bk.dtype)
-               for h in (heads, kv_heads, kv_heads))                   # [T, H | Hk, Dh]
-    starts = np.arange(shape.seqs, dtype=np.int64) * shape.seq_len
-    lengths = np.full(shape.seqs, shape.seq_len, dtype=np.int64)
+    q, k, v, starts, lengths = _attention_inputs(bk, shape, seed)
+    heads, dh = shape.heads, shape.head_dim
     result = {"available": True, "chosen": tile_rows(lengths, heads, bk.kernels.n_sm,
                                                      shape.dtype),
-              "flops": layer_flops(shape)["attn_core"], "ms": {}, "tflops": {}}
+              "flops": bench_flops(shape)["attention_core"], "ms": {}, "tflops": {}}
     outputs = {}
     for rows in TILE_ROWS:
         times = []
         for i in range(warmup + iters):
             timer = bk.timer()
-            with timer.phase("attn_core"):
+            with timer.phase("attention_core"):
                 out = bk.kernels.attention(q, starts, lengths, k, v, starts, lengths,
                                            dh ** -0.5, tile_rows=rows)          # [T, d]
             if i >= warmup:
-                times.append(timer.totals()["attn_core"] * 1e3)
+                times.append(timer.totals()["attention_core"] * 1e3)
         result["ms"][str(rows)] = stats(times)
         result["tflops"][str(rows)] = result["flops"] / (result["ms"][str(rows)]["mean"]
                                                           / 1e3) / 1e12
@@ -249,15 +301,11 @@ def time_attention_tiles(bk, shape: BenchShape, iters: int, warmup: int, seed: i
 
 def _layer_result(bk, shape, iters, warmup, phases, walls, flops, peak, peak_source) -> dict:
     per_iter_step = [sum(phases[p][i] for p in LAYER_PHASES) for i in range(iters)]
-    per_iter_attention = [sum(phases[p][i] for p in ATTENTION_PHASES) for i in range(iters)]
     phase_stats = {p: stats(phases[p]) for p in LAYER_PHASES}
-    total_flops = sum(flops.values())
     flops_out = dict(flops)
-    flops_out["attention"] = sum(flops[p] for p in ATTENTION_PHASES)
-    flops_out["step"] = total_flops
+    flops_out["step"] = sum(flops[p] for p in LAYER_PHASES)
     tflops, mfu = {}, {}
     for name, ms in list(((p, phase_stats[p]["mean"]) for p in LAYER_PHASES)) + [
-            ("attention", float(np.mean(per_iter_attention))),
             ("step", float(np.mean(per_iter_step)))]:
         if flops_out[name] and ms > 0:
             tflops[name] = flops_out[name] / (ms / 1e3) / 1e12
@@ -271,14 +319,14 @@ def _layer_result(bk, shape, iters, warmup, phases, walls, flops, peak, peak_sou
         "iterations": iters,
         "warmup": warmup,
         "phases_ms": phase_stats,
-        "attention_ms": stats(per_iter_attention),
+        "loopback_ms": {p: stats(phases[p]) for p in LOOPBACK_PHASES},
         "step_ms": stats(per_iter_step),
         "step_wall_ms": stats(walls),
         "flops": flops_out,
         "tflops": tflops,
         "peak": {"tflops": peak / 1e12, "source": peak_source},
         "mfu": mfu,
-        "floor_ms": total_flops / peak * 1e3 if peak else None,
+        "floor_ms": flops_out["step"] / peak * 1e3 if peak else None,
         "spec": SPEC_TARGETS,
     }
 
@@ -325,7 +373,8 @@ def layer_targets(result: dict) -> list[dict]:
         _target("whole step vs PyTorch eager", result["step_ms"]["mean"],
                 peer_ms.get("eager_step"), "PyTorch eager step (same run)",
                 "step_vs_pytorch_eager"),
-        _target("attention vs SDPA", ours["attn_core"]["mean"], peer_ms.get("sdpa"),
+        _target("attention vs SDPA", result.get("attention_core_ms", {}).get("mean"),
+                peer_ms.get("sdpa"),
                 "torch scaled_dot_product_attention, causal (same run)", "attention_vs_sdpa"),
         *by_tile,
         _target("expert FFN vs two GEMMs", ours["experts"]["mean"], peer_ms.get("ffn_gemms"),

@@ -30,7 +30,8 @@ from ..core.phases import LAYER_COMM_PHASES, LAYER_COMPUTE_PHASES, LAYER_PHASES
 from ..core.topology import Grid
 from .cluster import RATE_KEYS, Cluster, Rates, cluster_to_dict
 from .comm import allreduce_time, alltoallv_time, p2p_time
-from .compute import GPU_OPS, OPS, embed_time, layer_compute, lm_head_time, rank_shape
+from .compute import (GPU_OPS, MODEL_TRANSPORT, OPS, embed_time, gpu_layer_waits, layer_compute,
+                      lm_head_time, rank_shape)
 
 # --- the prediction --------------------------------------------------------------------
 
@@ -202,6 +203,14 @@ def _stage_pass(config: RunConfig, layout: Layout, cluster: Cluster, rates: Rate
     op = rates.op_us * 1e-6
     for name in comm:
         comm[name] += op * OPS.get(name, 2)
+    if backend != "numpy":
+        # A host wait for the device idles it while the host queues the next kernel.
+        for name, waits in gpu_layer_waits(MODEL_TRANSPORT, layout.tp).items():
+            if name in comm:
+                comm[name] += op * waits
+            else:
+                for phases in per_rank:
+                    phases[name] += op * waits
     layer = {name: max(p[name] for p in per_rank) for name in LAYER_COMPUTE_PHASES}
     layer.update(comm)
     exposed = exposed_comm(layer, backend == "numpy") if overlap else dict(comm)

@@ -1,7 +1,8 @@
 """The transport measurement of ``spmd-moe bench --transport-only`` (under ``mpiexec -n P``):
 the engine's dispatch and combine of ``seqs x seq_len`` tokens per rank through the chosen
-transport, against a raw host ``Alltoallv`` of the same bytes in the same job; checks that
-every row came back.
+transport (the dispatcher's own steps, their exchanges started and waited as a pass does:
+overlap.run_pass), against a raw host ``Alltoallv`` of the same bytes in the same job;
+checks that every row came back.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup
     Collective; the result on rank 0, None elsewhere."""
     from mpi4py import MPI
 
-    from ..moe.dispatcher import AlltoallDispatcher
     from ..core.topology import block_range
+    from ..moe.dispatcher import AlltoallDispatcher
+    from ..parallel.overlap import Flight, run_pass
 
     say = progress or (lambda text: None)
     rank, peers = comm.Get_rank(), comm.Get_size()
@@ -38,9 +40,16 @@ def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup
     x_host = rng.standard_normal((shape.tokens, shape.d_model),
                                  dtype=np.float32).astype(bk.dtype)              # [T, d]
     x = bk.asarray(x_host)
+
+    def round_trip(timer, flight):
+        """Dispatch and combine, the received rows standing for the experts' outputs."""
+        grouped, plan = yield from dispatcher.dispatch_steps(x, top_experts, timer, flight)
+        moe = yield from dispatcher.combine_steps(grouped, plan, weights, timer, flight)
+        return moe, plan
+
     phases: dict[str, list[float]] = {p: [] for p in TRANSPORT_PHASES}
     ours, raw = [], []
-    moe = None
+    moe = plan = None
     for i in range(warmup + iters):
         timer = bk.timer()
         bk.synchronize()
@@ -48,21 +57,8 @@ def run_transport(comm, bk, transport, shape: BenchShape, iters: int = 3, warmup
         if tracer is not None:
             tracer.arm(timer, bk)
         t0 = time.perf_counter()
-        with timer.phase("permute"):
-            plan = dispatcher.dispatch_preprocess(top_experts)
-            send = dispatcher.permute(x, plan)                                   # [R, d]
-        with timer.phase("count_exchange"):
-            dispatcher.exchange_counts(plan)
-        with timer.phase("dispatch"):
-            received = dispatcher.token_dispatch(send, plan)                    # [Rr, d]
-        with timer.phase("permute"):
-            grouped = dispatcher.dispatch_postprocess(received, plan)
-        with timer.phase("unpermute"):
-            back = dispatcher.combine_preprocess(grouped, plan)
-        with timer.phase("combine"):
-            returned = dispatcher.token_combine(back, plan)                     # [R, d]
-        with timer.phase("unpermute"):
-            moe = dispatcher.combine_postprocess(returned, plan, weights)      # [T, d] f32
+        flight = Flight(timer)
+        moe, plan = run_pass(round_trip(timer, flight), flight)              # [T, d] f32
         bk.synchronize()
         elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
         seconds = timer.totals()

@@ -3,11 +3,12 @@
 
 Each method has the signature and semantics of the generic array code it replaces
 (model.causal_attention, experts.expert_ffn, Dispatcher.permute and
-Dispatcher.combine_postprocess; model.rms_norm, model.add_rms_norm, model.qk_norm_rope,
-router.route and Dispatcher.dispatch_preprocess for the row-wise kernels); inputs are CuPy arrays on the current device, ``*_host``
-arguments NumPy int64 arrays. Kernels run on CuPy's current stream (RawKernel launches
-and cupy.matmul both use it), so they order with the rest of the backend's work and
-nothing here synchronises the host.
+Dispatcher.unpermute; model.rms_norm, model.add_rms_norm, model.qk_norm_rope,
+router.route and Dispatcher.sort for the row-wise kernels); inputs are
+CuPy arrays on the current device, ``*_host`` arguments NumPy int64 arrays. Kernels and
+GEMMs (the backend's cublasGemmEx for bf16, cupy.matmul for float32) run on CuPy's
+current stream, so they order with the rest of the backend's work and nothing here
+synchronises the host.
 
 Notation: Tq/Tk query/key rows, h query heads, hk key/value heads (g = h/hk), D head dim,
 T tokens, k top-k, R = T*k routed rows, d width, F expert hidden width.
@@ -54,14 +55,14 @@ def _dtype_name(dtype) -> str:
     raise AssertionError(f"fused kernels take bfloat16 or float32 arrays, not {dtype}")
 
 
-def cublas_gemm_to_f32(a, b, out) -> None:
-    """out[M, N] float32 = a[M, K] @ b[K, N] for bf16 a, b: the backend's one cublasGemmEx
-    (float32 accumulation and output; cupy.matmul would round to bf16)."""
+def cublas_gemm(a, b, out) -> None:
+    """out[M, N] = a[M, K] @ b[K, N] for bf16 a, b: the backend's one cublasGemmEx (float32
+    accumulation; out bf16 or float32), the call every bf16 GEMM of the engine makes."""
     import cupy
 
     from ..array import CublasGemm
 
-    CublasGemm(cupy)(a, b, F32, out=out)
+    CublasGemm(cupy)(a, b, out.dtype, out=out)
 
 
 def _output(cp, out, shape: tuple, dtype):
@@ -91,14 +92,15 @@ class FusedKernels:
 
     ``cp`` is the array module (CuPy); ``load(source name)`` gives a module whose
     ``get_function(name)`` returns launchable kernels (compile.load_module: a
-    cupy.RawModule); ``gemm_to_f32(a, b, out)`` writes a bf16 product as float32
-    (:func:`cublas_gemm_to_f32`; by default an upcast matmul). Build it with
+    cupy.RawModule); ``gemm(a, b, out)`` writes a bf16 product into ``out``, bf16 or float32,
+    with float32 accumulation (:func:`cublas_gemm`; by default a matmul of float32 copies).
+    Build it with
     :meth:`for_current_device`; the tests hand in a NumPy stand-in to run this launch code
     without a GPU.
     """
 
     def __init__(self, cp, arch: str, n_sm: int, shared_limit: int, load=load_module,
-                 gemm_to_f32=None):
+                 gemm=None):
         if int(arch) < 80:
             # bf16 mma.sync, ldmatrix and cp.async are sm_80 instructions.
             raise RuntimeError(f"device is sm_{arch}; the fused kernels need sm_80 or newer")
@@ -111,7 +113,7 @@ class FusedKernels:
         self.ffn_workspace_bytes = int(float(os.environ.get(FFN_WORKSPACE_ENV, 0)) * 2**20) \
             or FFN_WORKSPACE_BYTES
         self.attention_tile = _attention_tile_setting()
-        self.gemm_to_f32 = gemm_to_f32 or self._upcast_gemm_to_f32
+        self.gemm = gemm or self._upcast_gemm
         # None while attention is fused; else why a model's attention takes the generic
         # array code (without_attention), the FFN and permutation staying fused.
         self.attention_off: str | None = None
@@ -134,10 +136,11 @@ class FusedKernels:
         return cls(cupy, str(device.compute_capability),
                    int(device.attributes["MultiProcessorCount"]),
                    int(device.attributes["MaxSharedMemoryPerBlockOptin"]),
-                   gemm_to_f32=cublas_gemm_to_f32)
+                   gemm=cublas_gemm)
 
-    def _upcast_gemm_to_f32(self, a, b, out):
-        self.cp.matmul(a.astype(F32), b.astype(F32), out=out)
+    def _upcast_gemm(self, a, b, out):
+        product = self.cp.matmul(a.astype(F32), b.astype(F32))
+        out[...] = product if out.dtype == F32 else product.astype(out.dtype)
 
     @property
     def fused_attention(self) -> bool:
@@ -353,13 +356,14 @@ class FusedKernels:
                                                   (gate, up, out, np.int64(n)))
         return out
 
-    def _gemm_f32(self, a, b, out) -> None:
-        """out float32 [M, N] = a @ b with float32 accumulation, never rounded: cuBLAS's
-        float32 output for bf16 operands, a float32 GEMM for float32 ones."""
+    def _gemm(self, a, b, out) -> None:
+        """out [M, N] = a @ b with float32 accumulation, rounded once to out's dtype: a
+        float32 GEMM for float32 operands, the backend's cublasGemmEx for bf16 ones (never
+        cupy.matmul, whose bf16 path is not that call)."""
         if a.dtype == F32:
             self.cp.matmul(a, b, out=out)
         else:
-            self.gemm_to_f32(a, b, out)
+            self.gemm(a, b, out)
 
     def expert_ffn(self, x, w1, w2, out_dtype=None, *, w3=None, out=None):
         """``GELU(x W1) W2``, or with ``w3`` SwiGLU ``(silu(x W1) * x W3) W2``: x [R, d],
@@ -404,17 +408,14 @@ class FusedKernels:
             r1 = min(n_rows, r0 + chunk)
             hidden = hidden_buffer[:r1 - r0]                                 # [rows, F]
             if w3 is None:
-                cp.matmul(x[r0:r1], w1, out=hidden)
+                self._gemm(x[r0:r1], w1, hidden)
                 self.gelu_(hidden)
             else:
                 gate, up = gate_buffer[:r1 - r0], up_buffer[:r1 - r0]       # float32 [rows, F]
-                self._gemm_f32(x[r0:r1], w1, gate)
-                self._gemm_f32(x[r0:r1], w3, up)
+                self._gemm(x[r0:r1], w1, gate)
+                self._gemm(x[r0:r1], w3, up)
                 self.swiglu(gate, up, hidden)
-            if out_dtype == x.dtype:
-                cp.matmul(hidden, w2, out=out[r0:r1])
-            else:
-                self.gemm_to_f32(hidden, w2, out[r0:r1])
+            self._gemm(hidden, w2, out[r0:r1])
         return out
 
     # --- permutation ---------------------------------------------------------------------
@@ -600,8 +601,9 @@ class FusedKernels:
     def route(self, logits, top_k: int, renormalize: bool):
         """router.route after its GEMM: logits float32 [T, E] -> ``experts`` int32 [T, k]
         (best first, ties to the lower expert) and ``weights`` float32 [T, k] (the
-        winners' softmax probabilities, divided by their sum when ``renormalize``); one
-        launch, E <= MAX_ROUTER_EXPERTS."""
+        winners' softmax probabilities, divided by their sum when ``renormalize``); a token
+        with non-finite logits gets the sentinel expert E and weight 0, as on the generic
+        path. One launch, E <= MAX_ROUTER_EXPERTS."""
         cp = self.cp
         n, n_experts = logits.shape
         assert logits.dtype == F32 and 1 <= top_k <= n_experts <= MAX_ROUTER_EXPERTS, \
@@ -654,16 +656,17 @@ class FusedKernels:
         return out
 
     def expert_order(self, top_experts, n_experts: int):
-        """Dispatcher.dispatch_preprocess's sort: top_experts int32 [T, k] -> ``order``
-        int64 [R] (pair indices t*k + j stably sorted by expert) and ``counts`` int64 [E]
-        on the device; one launch (block e writes expert e's run)."""
+        """Dispatcher.sort's sort: top_experts int32 [T, k] (experts 0..E-1, or the
+        router's sentinel E) -> ``order`` int64 [R] (pair indices t*k + j stably sorted by
+        expert, the sentinel's last) and ``counts`` int64 [E + 1] (the last: sentinel
+        pairs) on the device; one launch (block e writes expert e's run)."""
         cp = self.cp
         assert top_experts.dtype == np.int32, top_experts.dtype
         flat = self._rows(top_experts, "experts").reshape(-1)                     # [R]
-        n_pairs = flat.shape[0]
+        n_pairs, bins = flat.shape[0], n_experts + 1
         order = _output(cp, None, (n_pairs,), np.dtype(np.int64))                 # [R]
-        counts = _output(cp, None, (n_experts,), np.dtype(np.int64))              # [E]
+        counts = _output(cp, None, (bins,), np.dtype(np.int64))                   # [E + 1]
         self._function(self.rowwise_module, "expert_order")(
-            (n_experts,), (ORDER_THREADS,),
-            (flat, order, counts, np.int64(n_pairs), np.int32(n_experts)))
+            (bins,), (ORDER_THREADS,),
+            (flat, order, counts, np.int64(n_pairs), np.int32(bins)))
         return order, counts

@@ -291,6 +291,21 @@ router_topk(const float* __restrict__ logits, int* __restrict__ experts,
             sum = __fadd_rn(sum, p[s]);
         }
         sum = warp_sum(sum);
+        // No finite maximum (a NaN, +inf, or every logit -inf): no softmax. The token goes
+        // to the sentinel expert n_experts with weight 0; expert_order counts it in its
+        // last bin and the host refuses the layer before any row moves (router.py).
+        bool has_nan = false;
+#pragma unroll
+        for (int s = 0; s < MAX_EXPERTS_PER_LANE; ++s)
+            has_nan |= s * 32 + lane < n_experts && isnan(row[s * 32 + lane]);
+        if (__any_sync(0xffffffffu, has_nan) || !isfinite(best)) {
+            if (lane == 0)
+                for (int j = 0; j < top_k; ++j) {
+                    experts[t * top_k + j] = n_experts;
+                    weights[t * top_k + j] = 0.0f;
+                }
+            continue;
+        }
         float removed[MAX_EXPERTS_PER_LANE];
 #pragma unroll
         for (int s = 0; s < MAX_EXPERTS_PER_LANE; ++s) {
@@ -331,7 +346,9 @@ router_topk(const float* __restrict__ logits, int* __restrict__ experts,
 // --- expert order ---------------------------------------------------------------------
 
 // Block e: the pairs routed to expert e, in pair order, at rows offset(e) = (pairs routed
-// to experts < e) onwards of `order`, and counts[e]. Two passes over the R pairs.
+// to experts < e) onwards of `order`, and counts[e]. Two passes over the R pairs. Launched
+// with one block more than there are experts: the last places (and counts) the router's
+// sentinel pairs, so that every row of `order` is written.
 extern "C" __global__ void __launch_bounds__(ORDER_THREADS)
 expert_order(const int* __restrict__ experts, long long* __restrict__ order,
              long long* __restrict__ counts, long long n_pairs, int n_experts) {

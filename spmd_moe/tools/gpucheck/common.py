@@ -22,7 +22,7 @@ LAUNCH_ENV = "GPU_CHECK_LAUNCH"
 
 
 # Seconds for `mpiexec -n 2 python -c ...` in the preflight (three times that with --cpu,
-# which runs on busy 2-core machines: the preflight's own limit is 15 s, or 45 s there).
+# which runs on busy 2-core machines: the preflight's own limit is 20 s, or 45 s there).
 LAUNCH_TIMEOUT = 10.0
 
 

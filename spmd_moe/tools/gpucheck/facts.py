@@ -1,6 +1,6 @@
-"""``compile MODE`` (every kernel source into the on-disk cache, so later stages load
-cubins) and ``facts BACKEND FACTS_JSON`` (versions, the device, the bf16 census, the MPI
-library)."""
+"""``compile MODE`` (every kernel source into the on-disk cache, and CuPy's own kernels warmed
+into its cache, so later stages load instead of compiling) and ``facts BACKEND FACTS_JSON``
+(versions, the device, the bf16 census, the MPI library)."""
 from __future__ import annotations
 
 import platform
@@ -25,8 +25,48 @@ def compile_kernels(mode: str) -> int:
     if mode == "gpu":
         kernels, reason = load_kernels()
         print(f"on the GPU: {reason}")
-        return 0 if kernels is not None else 1
+        if kernels is None:
+            return 1
+        warm_cupy_kernels("cupy")
+        return 0
+    print("CuPy's own kernels: not warmed (--cpu: no device)")
     return 0
+
+
+def warm_cupy_kernels(backend: str) -> list[str]:
+    """CuPy compiles its own elementwise and reduction kernels on first use (NVRTC, seconds
+    each on a cold cache) and keeps them in its on-disk cache: run what the later stages
+    run, at tiny sizes (the engine's prefill and decode in bf16 and float32, the bench's
+    layer step), so that their processes load them instead of spending their time limits
+    compiling. Returns what ran, each printed with its seconds."""
+    import time
+
+    from mpi4py import MPI
+
+    from ...core.config import build_run_config
+    from ...engine.runner import open_session, run_decode
+    from ...model.inputs import synthetic_input
+    from ...perf.bench_shapes import BenchShape
+    from ...perf.layer_step import run_layer_step
+
+    ran = []
+    for dtype in ("bfloat16", "float32"):
+        began = time.monotonic()
+        config = build_run_config("tiny", sets=[f"dtype={dtype}", "workload=decode",
+                                                "new_tokens=2", "chunk_tokens=4"])
+        batch = synthetic_input(config.workload, config.model, config.seed)
+        session = open_session(config, MPI.COMM_SELF, batch, backend=backend, new_tokens=2)
+        try:
+            run_decode(session, batch, 2)
+            shape = BenchShape(seqs=2, seq_len=32, d_model=64, d_ff=128, heads=4, experts=4,
+                               dtype=dtype)
+            run_layer_step(session.backend, shape, iters=1, warmup=0, peer="none")
+        finally:
+            session.close()
+        ran.append(f"{dtype} prefill, decode and layer step")
+        print(f"CuPy's own kernels warmed: {ran[-1]} in {time.monotonic() - began:.1f} s",
+              flush=True)
+    return ran
 
 
 def facts(backend_name: str, facts_json: str) -> int:

@@ -1,8 +1,11 @@
-"""``preflight MODE``: the few seconds before anything costly. Each check (the MPI library
-loads, a launcher starts 2 ranks that see each other, CuPy sees the GPU, NVRTC compiles
-one kernel) is a :class:`Check`; the first failure is one line naming what is missing."""
+"""``preflight MODE``: the few seconds before anything costly. Each check (the Python
+packages the check imports are there, the MPI library loads, a launcher starts 2 ranks that
+see each other, CuPy sees the GPU, NVRTC compiles one kernel) is a :class:`Check`, timed;
+any failure is one line naming everything missing. Nothing here imports a package before
+the packages check has found it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -40,6 +43,24 @@ def python_line() -> str:
     return "; ".join(found)
 
 
+# What the check's steps import (beyond mpi4py, checked on its own), and what needs it. The
+# GPU image has them (docs/GPU.md lists its packages); elsewhere their wheels travel.
+PACKAGES = (("numpy", "every step"), ("ml_dtypes", "the backend's bfloat16"),
+            ("pytest", "the gpu tests stage"), ("safetensors", "the checkpoint tests"),
+            ("tokenizers", "the tokenizer tests"))
+
+
+def check_python_packages(find_spec=importlib.util.find_spec) -> Check:
+    """The packages of :data:`PACKAGES` are importable (found, not imported)."""
+    missing = [f"{name} ({why})" for name, why in PACKAGES if find_spec(name) is None]
+    if missing:
+        return Check("Python packages", False,
+                     f"missing {', '.join(missing)}: carry their wheels (--wheels, docs/GPU.md)")
+    return Check("Python packages", True, ", ".join(
+        f"{name} {distribution_version(name.replace('_', '-')) or distribution_version(name)}"
+        for name, _ in PACKAGES))
+
+
 def check_mpi_library() -> Check:
     """mpi4py loads a libmpi (without initialising MPI in this process)."""
     try:
@@ -60,10 +81,13 @@ def check_mpi_library() -> Check:
                      f"mpi4py {mpi4py.__version__} cannot load libmpi ({first_lines(exc, 3)}; "
                      f"{searched}); carry the mpich wheel: bin/gpu-check --wheels .whl "
                      "(docs/GPU.md)")
-    from ...parallel.transport import loaded_libmpi_path
+    try:
+        from ...parallel.transport import loaded_libmpi_path
 
-    return Check("MPI library", True, f"{version} ({loaded_libmpi_path() or 'path unknown'}, "
-                                      f"mpi4py {mpi4py.__version__})")
+        where = loaded_libmpi_path() or "path unknown"
+    except ImportError:                  # a missing package: the packages check names it
+        where = "path not asked"
+    return Check("MPI library", True, f"{version} ({where}, mpi4py {mpi4py.__version__})")
 
 
 def start_launcher_probe(launch: list[str]):
@@ -155,15 +179,25 @@ def check_nvrtc(mode: str, compute_capability: str | None) -> Check:
                                 f"{time.monotonic() - began:.1f} s")
 
 
+def timed(check, *args):
+    """``check(*args)``, its seconds added to its detail (what a preflight cap needs)."""
+    began = time.monotonic()
+    result = check(*args)
+    found = result[0] if isinstance(result, tuple) else result
+    found.detail += f" [{time.monotonic() - began:.1f} s]"
+    return result
+
+
 def preflight(mode: str) -> int:
     """Every check, the launcher's running while CuPy and NVRTC are tried; ok lines, then
     one line naming everything missing (exit 3) or the time it took (exit 0)."""
     began = time.monotonic()
     print(f"preflight: {python_line()}", flush=True)
     launch = launch_prefix()
-    checks = [check_mpi_library()]
+    packages = timed(check_python_packages)
+    checks = [packages, timed(check_mpi_library)]
     probe = None
-    if checks[0].ok:
+    if checks[1].ok:
         started = start_launcher_probe(launch)
         if isinstance(started, Check):
             checks.append(started)
@@ -171,13 +205,14 @@ def preflight(mode: str) -> int:
             probe = started
     elif not launch:
         checks.append(Check("launcher", False, "no mpiexec or mpirun on PATH"))
-    gpu, compute_capability = check_gpu(mode)
-    checks.append(gpu)
-    if gpu.ok:
-        checks.append(check_nvrtc(mode, compute_capability))
+    if packages.ok:
+        gpu, compute_capability = timed(check_gpu, mode)
+        checks.append(gpu)
+        if gpu.ok:
+            checks.append(timed(check_nvrtc, mode, compute_capability))
     if probe is not None:
         limit = LAUNCH_TIMEOUT * (3 if mode == "cpu" else 1)
-        checks.insert(1, finish_launcher_probe(probe, launch, began, limit))
+        checks.insert(2, finish_launcher_probe(probe, launch, began, limit))
     for check in checks:
         if check.ok:
             print(f"preflight: {check.name} ok: {check.detail}", flush=True)

@@ -160,10 +160,13 @@ def _bench_lines(bench_result: dict) -> list[str]:
              f"TFLOP/s ({bench_result['peak']['source']}).", "",
              "| phase | ms | TFLOP/s | MFU |", "|---|---|---|---|"]
     rows = [(p, st) for p, st in bench_result["phases_ms"].items()] + [
-        ("attention", bench_result["attention_ms"]), ("step", bench_result["step_ms"])]
+        ("step", bench_result["step_ms"])]
+    if "attention_core_ms" in bench_result:
+        rows.append(("attention core (alone)", bench_result["attention_core_ms"]))
     for name, st in rows:
-        tflops = bench_result["tflops"].get(name)
-        mfu = bench_result["mfu"].get(name)
+        key = "attention_core" if name.startswith("attention core") else name
+        tflops = bench_result["tflops"].get(key)
+        mfu = bench_result["mfu"].get(key)
         lines.append(f"| {name} | {_ms(st['mean'])} | "
                      + (f"{tflops:.4g} | {mfu * 100:.1f}% |" if tflops is not None else "- | - |"))
     tiles = bench_result.get("attention_tiles", {})
